@@ -1,0 +1,122 @@
+//! `splitserve generate`: one prompt through the engine, text streamed to stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, Event, Model, Request, SamplingParams};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (greedy when not given or 0).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Kernel threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value = "f16")]
+    kv_cache_dtype: splitserve_engine::KvDtype,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let path = crate::model_path(&a.model)?;
+    let t_load = Instant::now();
+    let model = Arc::new(Model::load(&path)?);
+    tracing::info!(
+        model = %path.display(),
+        load_ms = t_load.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let text = if a.chat {
+        model
+            .tokenizer
+            .apply_chat_template(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: a.prompt.clone(),
+                }],
+                true,
+            )
+            .map_err(anyhow::Error::msg)?
+    } else {
+        a.prompt.clone()
+    };
+    let prompt = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
+    let n_prompt = prompt.len();
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            threads: a.threads,
+            kv_dtype: a.kv_cache_dtype,
+            ..EngineConfig::default()
+        },
+        None,
+    )?;
+    let params = SamplingParams {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        ..SamplingParams::default()
+    };
+    let t0 = Instant::now();
+    let mut rx = engine.submit(Request {
+        id: "generate-0".into(),
+        prompt,
+        params,
+        return_logits: false,
+    })?;
+    let mut out = std::io::stdout().lock();
+    let mut first = None;
+    let mut n_out = 0usize;
+    let mut reason = None;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(t) => {
+                first.get_or_insert_with(Instant::now);
+                n_out += 1;
+                out.write_all(t.text.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Finished(f) => {
+                if let Some(e) = f.error {
+                    return Err(e).context("generation failed");
+                }
+                reason = Some(f.reason);
+                break;
+            }
+        }
+    }
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    let ttft = first.duration_since(t0);
+    let decode = end.duration_since(first).as_secs_f64();
+    let tps = if n_out > 1 && decode > 0.0 { (n_out - 1) as f64 / decode } else { 0.0 };
+    writeln!(out)?;
+    writeln!(
+        out,
+        "[prompt tokens: {n_prompt}, output tokens: {n_out}, finish: {}, TTFT: {:.1} ms, decode: {tps:.1} tok/s]",
+        reason.map(|r| r.as_str()).unwrap_or("?"),
+        ttft.as_secs_f64() * 1e3
+    )?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `splitserve`: the one binary. Subcommands wire the layers together; errors end here.
+
+mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "splitserve", version, about = "Disaggregated prefill/decode LLM serving")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache and verify it.
+    FetchModel,
+    /// Generate text for one prompt, streamed to stdout.
+    Generate(generate::GenerateArgs),
+}
+
+/// The model path given, or the default model (fetched on first use).
+pub(crate) fn model_path(given: &Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.clone()),
+        None => Ok(splitserve_engine::model_file::default_model(true)?),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::FetchModel => {
+            let path = splitserve_engine::model_file::default_model(true)?;
+            let sha = splitserve_engine::model_file::sha256_file(&path, true)?;
+            anyhow::ensure!(
+                sha == splitserve_engine::model_file::DEFAULT_MODEL_SHA256,
+                "{}: sha256 {sha} does not match; delete it and fetch again",
+                path.display()
+            );
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Generate(a) => generate::run(a),
+    }
+}

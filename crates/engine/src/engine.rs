@@ -1,0 +1,620 @@
+//! The engine: a thread that owns the model and the KV cache and runs the step loop; a
+//! cloneable handle to submit requests, abort them and read counters.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::error::EngineError;
+use crate::kv_cache::{KvCache, KvDtype, KvLayout};
+use crate::model::{Model, SeqChunk};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{schedule, RequestState, Schedulable, SchedulerConfig};
+use crate::tokenizer::IncrementalDecoder;
+
+/// Engine settings (vLLM flag names in the CLI).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub kv_dtype: KvDtype,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_chunked_prefill: bool,
+    /// `None`: the model's context length, capped by the pool's capacity.
+    pub max_model_len: Option<usize>,
+    /// Requests allowed to wait before new ones are refused as overloaded.
+    pub max_waiting: usize,
+    /// Worker threads for this engine's kernels (`None`: rayon's default).
+    pub threads: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: 2048,
+            kv_dtype: KvDtype::F16,
+            max_num_seqs: 16,
+            max_num_batched_tokens: 512,
+            enable_chunked_prefill: true,
+            max_model_len: None,
+            max_waiting: 256,
+            threads: None,
+        }
+    }
+}
+
+/// A request for the engine: token ids in, tokens out.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Return the full logits vector with every token (tests of the invariance).
+    pub return_logits: bool,
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct TokenOut {
+    pub token: u32,
+    /// New text (may be empty while a multi-byte character is incomplete).
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub top_logprobs: Vec<(u32, f32)>,
+    pub logits: Option<Vec<f32>>,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Time spent waiting before the first step that computed it.
+    pub queue_time: Duration,
+    /// Set when the engine failed (the reason is then `Abort`).
+    pub error: Option<EngineError>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token(TokenOut),
+    Finished(Finished),
+}
+
+/// Counters shared with the handle (read by metrics and the router).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub free_blocks: AtomicUsize,
+    pub total_blocks: AtomicUsize,
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub prompt_tokens_computed: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+}
+
+/// A point-in-time copy of [`EngineStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    pub running: usize,
+    pub waiting: usize,
+    pub prompt_tokens_computed: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+/// Timing of one step, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    pub duration: Duration,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
+pub type StepHook = Arc<dyn Fn(StepInfo) + Send + Sync>;
+
+enum Command {
+    Add(Box<Seq>),
+    Abort(String),
+}
+
+/// A cloneable handle to a running engine; the engine stops when every handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    model: Arc<Model>,
+    max_model_len: usize,
+    max_waiting: usize,
+    layout: KvLayout,
+}
+
+struct Seq {
+    id: String,
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    num_computed: usize,
+    blocks: Vec<u32>,
+    params: SamplingParams,
+    sampler: Sampler,
+    return_logits: bool,
+    state: RequestState,
+    tx: UnboundedSender<Event>,
+    detok: IncrementalDecoder,
+    text: String,
+    sent: usize,
+    arrived: Instant,
+    first_scheduled: Option<Instant>,
+}
+
+impl Schedulable for Seq {
+    fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    fn num_computed(&self) -> usize {
+        self.num_computed
+    }
+    fn blocks(&mut self) -> &mut Vec<u32> {
+        &mut self.blocks
+    }
+    fn set_state(&mut self, s: RequestState) {
+        self.state = s;
+    }
+    fn reset_computed(&mut self) {
+        self.num_computed = 0;
+    }
+}
+
+impl Seq {
+    fn completion_tokens(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+static SEED_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ SEED_COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl Engine {
+    /// Starts the engine thread.
+    pub fn start(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        on_step: Option<StepHook>,
+    ) -> Result<Self, EngineError> {
+        let capacity = cfg.num_blocks * cfg.block_size;
+        let max_model_len = cfg
+            .max_model_len
+            .unwrap_or_else(|| model.config.context_length.min(capacity));
+        let bad = |param, reason: String| Err(EngineError::BadParam { param, reason });
+        if cfg.block_size == 0 || cfg.num_blocks == 0 {
+            return bad("block_size", "block size and pool size must be positive".into());
+        }
+        if max_model_len > model.max_positions() {
+            return bad(
+                "max_model_len",
+                format!("{max_model_len} exceeds the model's context length {}", model.max_positions()),
+            );
+        }
+        if max_model_len > capacity {
+            return bad(
+                "max_model_len",
+                format!("{max_model_len} tokens do not fit in the KV pool ({} blocks of {} = {capacity} tokens)", cfg.num_blocks, cfg.block_size),
+            );
+        }
+        if cfg.max_num_batched_tokens == 0 || cfg.max_num_seqs == 0 {
+            return bad("max_num_batched_tokens", "budget and max_num_seqs must be positive".into());
+        }
+        let c = &model.config;
+        let layout = KvLayout {
+            n_layer: c.n_layer,
+            n_kv_head: c.n_head_kv,
+            head_dim: c.head_dim,
+            block_size: cfg.block_size,
+            dtype: cfg.kv_dtype,
+        };
+        let stats = Arc::new(EngineStats::default());
+        stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
+        stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let pool = match cfg.threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| EngineError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut core = Core {
+            model: model.clone(),
+            cache: KvCache::new(layout, cfg.num_blocks),
+            sched: SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                enable_chunked_prefill: cfg.enable_chunked_prefill,
+                block_size: cfg.block_size,
+            },
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            stats: stats.clone(),
+            max_model_len,
+            on_step,
+        };
+        std::thread::Builder::new()
+            .name("splitserve-engine".into())
+            .spawn(move || match pool {
+                Some(p) => p.install(|| core.run(rx)),
+                None => core.run(rx),
+            })
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(Self {
+            tx,
+            stats,
+            model,
+            max_model_len,
+            max_waiting: cfg.max_waiting,
+            layout,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Checks a request without submitting it.
+    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        params.validate()?;
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadTokenId { id, vocab });
+        }
+        if prompt.len() + params.max_tokens > self.max_model_len {
+            return Err(EngineError::TooLong {
+                prompt_tokens: prompt.len(),
+                max_tokens: params.max_tokens,
+                max_model_len: self.max_model_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a request; its tokens arrive on the returned channel. Dropping the receiver
+    /// aborts the request and frees its blocks.
+    pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, EngineError> {
+        self.validate(&req.prompt, &req.params)?;
+        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        if waiting >= self.max_waiting {
+            return Err(EngineError::Overloaded { waiting });
+        }
+        let (tx, rx) = unbounded_channel();
+        let seed = req.params.seed.unwrap_or_else(fresh_seed);
+        let seq = Seq {
+            id: req.id,
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            num_computed: 0,
+            blocks: Vec::new(),
+            sampler: Sampler::new(seed),
+            params: req.params,
+            return_logits: req.return_logits,
+            state: RequestState::Waiting,
+            tx,
+            detok: IncrementalDecoder::default(),
+            text: String::new(),
+            sent: 0,
+            arrived: Instant::now(),
+            first_scheduled: None,
+        };
+        // Counted here so that a burst of submissions sees the queue grow at once.
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Command::Add(Box::new(seq)))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    pub fn abort(&self, id: &str) {
+        let _ = self.tx.send(Command::Abort(id.to_string()));
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        StatsSnapshot {
+            free_blocks: s.free_blocks.load(Ordering::Relaxed),
+            total_blocks: s.total_blocks.load(Ordering::Relaxed),
+            running: s.running.load(Ordering::Relaxed),
+            waiting: s.waiting.load(Ordering::Relaxed),
+            prompt_tokens_computed: s.prompt_tokens_computed.load(Ordering::Relaxed),
+            generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
+            steps: s.steps.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Core {
+    model: Arc<Model>,
+    cache: KvCache,
+    sched: SchedulerConfig,
+    running: Vec<Seq>,
+    waiting: VecDeque<Seq>,
+    stats: Arc<EngineStats>,
+    max_model_len: usize,
+    on_step: Option<StepHook>,
+}
+
+impl Core {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.running.is_empty() && self.waiting.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_disconnected();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.free_blocks.store(self.cache.num_free(), Ordering::Relaxed);
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add(seq) => {
+                self.waiting.push_back(*seq);
+            }
+            Command::Abort(id) => {
+                if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                    let s = self.running.remove(i);
+                    self.finish(s, FinishReason::Abort, None);
+                } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+                    if let Some(s) = self.waiting.remove(i) {
+                        self.finish(s, FinishReason::Abort, None);
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn drop_disconnected(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let s = self.running.remove(i);
+                tracing::debug!(id = %s.id, "client went away; aborting");
+                self.finish(s, FinishReason::Abort, None);
+            } else {
+                i += 1;
+            }
+        }
+        let mut keep = VecDeque::with_capacity(self.waiting.len());
+        while let Some(s) = self.waiting.pop_front() {
+            if s.tx.is_closed() {
+                self.finish(s, FinishReason::Abort, None);
+            } else {
+                keep.push_back(s);
+            }
+        }
+        self.waiting = keep;
+    }
+
+    fn finish(&mut self, mut s: Seq, reason: FinishReason, error: Option<EngineError>) {
+        self.cache.release(&mut s.blocks);
+        let queue_time = s
+            .first_scheduled
+            .map(|t| t.duration_since(s.arrived))
+            .unwrap_or_default();
+        let _ = s.tx.send(Event::Finished(Finished {
+            reason,
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.completion_tokens(),
+            queue_time,
+            error,
+        }));
+    }
+
+    fn step(&mut self) {
+        let plan = schedule(&self.sched, &mut self.cache, &mut self.running, &mut self.waiting);
+        self.stats
+            .preemptions
+            .fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        if plan.items.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let (mut prefill_tokens, mut decode_tokens) = (0, 0);
+        let mut prompt_computed = 0u64;
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .items
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let start = s.num_computed;
+                prompt_computed += s.prompt_len.saturating_sub(start).min(n) as u64;
+                if n == 1 && start >= s.prompt_len {
+                    decode_tokens += 1;
+                } else {
+                    prefill_tokens += n;
+                }
+                SeqChunk {
+                    tokens: &s.tokens[start..start + n],
+                    start,
+                    prompt_len: s.prompt_len,
+                    table: &s.blocks,
+                    logits: start + n == s.tokens.len(),
+                }
+            })
+            .collect();
+        let result = self.model.forward(&mut self.cache, &chunks);
+        drop(chunks);
+        let now = Instant::now();
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens_computed
+            .fetch_add(prompt_computed, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "step failed; aborting its requests");
+                let mut idx: Vec<usize> = plan.items.iter().map(|&(i, _)| i).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let s = self.running.remove(i);
+                    self.finish(s, FinishReason::Abort, Some(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut done = Vec::new();
+        for (&(i, n), lg) in plan.items.iter().zip(logits) {
+            let s = &mut self.running[i];
+            s.first_scheduled.get_or_insert(now);
+            s.num_computed += n;
+            let Some(lg) = lg else { continue };
+            if let Some(reason) = self.sample_into(i, lg) {
+                done.push((i, reason));
+            }
+        }
+        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in done {
+            let s = self.running.remove(i);
+            self.finish(s, reason, None);
+        }
+        if let Some(hook) = &self.on_step {
+            hook(StepInfo {
+                duration: t0.elapsed(),
+                prefill_tokens,
+                decode_tokens,
+            });
+        }
+    }
+
+    /// Samples the next token of running request `i`; returns a finish reason if it ended.
+    fn sample_into(&mut self, i: usize, logits: Vec<f32>) -> Option<FinishReason> {
+        let tok = &self.model.tokenizer;
+        let eos = tok.eos_id();
+        let s = &mut self.running[i];
+        let mut banned = Vec::new();
+        if s.completion_tokens() < s.params.min_tokens {
+            banned.extend(eos.filter(|_| !s.params.ignore_eos));
+            banned.extend_from_slice(&s.params.stop_token_ids);
+        }
+        let sampled = s.sampler.sample(&logits, &s.params, &banned);
+        let t = sampled.token;
+        s.tokens.push(t);
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let is_eos = Some(t) == eos && !s.params.ignore_eos;
+        let is_stop_id = s.params.stop_token_ids.contains(&t);
+        let mut reason = None;
+        let mut text = String::new();
+        if is_eos || is_stop_id {
+            reason = Some(FinishReason::Stop);
+        } else {
+            let delta = s.detok.step(tok, &s.tokens[s.prompt_len..]);
+            s.text.push_str(&delta);
+            // A stop string ends the text just before it (OpenAI semantics).
+            let from = s.sent.saturating_sub(s.params.stop.iter().map(|x| x.len()).max().unwrap_or(0));
+            let hit = s
+                .params
+                .stop
+                .iter()
+                .filter(|x| !x.is_empty())
+                .filter_map(|x| s.text[from..].find(x.as_str()).map(|p| p + from))
+                .min();
+            let end = match hit {
+                Some(p) => {
+                    reason = Some(FinishReason::Stop);
+                    p.max(s.sent)
+                }
+                None => s.text.len(),
+            };
+            text = s.text[s.sent..end].to_string();
+            s.sent = end;
+        }
+        if reason.is_none()
+            && (s.completion_tokens() >= s.params.max_tokens || s.tokens.len() >= self.max_model_len)
+        {
+            reason = Some(FinishReason::Length);
+        }
+        let out = TokenOut {
+            token: t,
+            text,
+            logprob: s.params.logprobs.map(|_| sampled.logprob),
+            top_logprobs: sampled.top,
+            logits: s.return_logits.then_some(logits),
+        };
+        let _ = s.tx.send(Event::Token(out));
+        reason
+    }
+}

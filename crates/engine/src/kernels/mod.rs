@@ -1,0 +1,91 @@
+//! CPU kernels of our own: quantized mat-vec for the decode path, f32 helpers shared by both
+//! paths, and the paged attention.
+//!
+//! Every reduction here has a fixed order that does not depend on how many rows are in the
+//! batch, which thread runs them, or which SIMD level the CPU has: that is what keeps a
+//! request's logits bit-identical across batching, chunking and machines.
+
+pub(crate) mod attention;
+pub(crate) mod quant;
+
+/// Sum of `a[i] * b[i]` with 8 interleaved accumulators reduced in a fixed tree.
+#[inline]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    for i in chunks * 8..a.len() {
+        acc[i % 8] += a[i] * b[i];
+    }
+    reduce8(&acc)
+}
+
+#[inline]
+pub(crate) fn reduce8(acc: &[f32; 8]) -> f32 {
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// RMS norm of one row into `out`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = dot_f32(x, x);
+    let scale = 1.0 / ((ss / x.len() as f32) + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = (xi * scale) * wi;
+    }
+}
+
+/// `silu(gate) * up` for one row whose first half is gate and second half up.
+pub(crate) fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let (g, u) = gate_up.split_at(n);
+    for i in 0..n {
+        let s = g[i] / (1.0 + (-g[i]).exp());
+        out[i] = s * u[i];
+    }
+}
+
+/// Rotary embedding table, pairs interleaved as GGML's "normal" RoPE (llama GGUFs).
+pub(crate) struct Rope {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, base: f32, max_pos: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for i in 0..half {
+                let theta = (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                let a = p as f64 * theta;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    pub fn max_pos(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates every head in `x` (`n_heads * head_dim` values) in place for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let c = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let s = &self.sin[pos * self.half..(pos + 1) * self.half];
+        for head in x.chunks_exact_mut(self.half * 2) {
+            for i in 0..self.half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * c[i] - b * s[i];
+                head[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! splitserve's engine: a Llama-family GGUF model over a paged KV cache, with continuous
+//! batching and chunked prefill, batch- and chunk-invariant to the bit.
+//!
+//! Public surface: load a [`Model`], start an [`Engine`], submit [`Request`]s and read
+//! [`Event`]s. Everything else is private.
+
+mod engine;
+mod error;
+mod gguf;
+mod kernels;
+mod kv_cache;
+mod model;
+pub mod model_file;
+mod sampler;
+mod scheduler;
+pub mod synthetic;
+mod tokenizer;
+
+pub use engine::{
+    Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, Request, StatsSnapshot,
+    StepHook, StepInfo, TokenOut,
+};
+pub use error::{EngineError, FetchError, GgufError};
+pub use gguf::ModelConfig;
+pub use kv_cache::{KvDtype, KvLayout};
+pub use model::Model;
+pub use sampler::{argmax, Sampler, SamplingParams};
+pub use scheduler::RequestState;
+pub use tokenizer::{load_tokenizer, ChatMessage, IncrementalDecoder, Tokenizer};

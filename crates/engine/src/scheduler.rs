@@ -1,0 +1,225 @@
+//! Continuous batching: which requests run in the next step, and how many tokens each.
+//!
+//! Policy (vLLM v1-like): running requests first, in arrival order, one token each when
+//! decoding or a chunk of their remaining prompt when prefilling; then waiting requests,
+//! first come first served, while the token budget, `max_num_seqs` and free blocks allow.
+//! When blocks run out for a running request, the newest running request is preempted by
+//! recompute: its blocks are freed and it goes back to the head of the queue, never aborted.
+
+use std::collections::VecDeque;
+
+use crate::kv_cache::KvCache;
+
+/// Request lifecycle states (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestState {
+    Waiting,
+    WaitingForRemoteKvs,
+    Running,
+    Preempted,
+}
+
+/// What the scheduler needs to know of a request.
+pub(crate) trait Schedulable {
+    /// Tokens known so far (prompt plus generated).
+    fn num_tokens(&self) -> usize;
+    /// Tokens whose KV is in the cache.
+    fn num_computed(&self) -> usize;
+    fn blocks(&mut self) -> &mut Vec<u32>;
+    fn set_state(&mut self, s: RequestState);
+    /// Forget computed KV (preemption by recompute).
+    fn reset_computed(&mut self);
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_chunked_prefill: bool,
+    pub block_size: usize,
+}
+
+/// The plan of one step: indices into `running` with the number of tokens to compute.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub items: Vec<(usize, usize)>,
+    pub preempted: usize,
+}
+
+pub(crate) fn schedule<S: Schedulable>(
+    cfg: &SchedulerConfig,
+    cache: &mut KvCache,
+    running: &mut Vec<S>,
+    waiting: &mut VecDeque<S>,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut budget = cfg.max_num_batched_tokens;
+    let blocks_for = |tokens: usize| tokens.div_ceil(cfg.block_size);
+    let mut i = 0;
+    while i < running.len() && budget > 0 {
+        let (total, done) = (running[i].num_tokens(), running[i].num_computed());
+        let remaining = total - done;
+        let n = if cfg.enable_chunked_prefill {
+            remaining.min(budget)
+        } else if remaining <= budget {
+            remaining
+        } else {
+            i += 1;
+            continue;
+        };
+        let need = blocks_for(done + n).saturating_sub(running[i].blocks().len());
+        let mut self_preempted = false;
+        while cache.num_free() < need {
+            let victim = running.len() - 1;
+            let mut v = running.remove(victim);
+            cache.release(v.blocks());
+            v.reset_computed();
+            v.set_state(RequestState::Preempted);
+            waiting.push_front(v);
+            plan.preempted += 1;
+            if victim == i {
+                self_preempted = true;
+                break;
+            }
+        }
+        if self_preempted {
+            break;
+        }
+        if let Some(mut got) = cache.allocate(need) {
+            running[i].blocks().append(&mut got);
+        }
+        plan.items.push((i, n));
+        budget -= n;
+        i += 1;
+    }
+    if plan.preempted > 0 {
+        return plan;
+    }
+    while budget > 0 && running.len() < cfg.max_num_seqs {
+        let Some(front) = waiting.front_mut() else {
+            break;
+        };
+        let (total, done) = (front.num_tokens(), front.num_computed());
+        let remaining = total - done;
+        let n = if cfg.enable_chunked_prefill {
+            remaining.min(budget)
+        } else if remaining <= budget || (plan.items.is_empty() && budget == cfg.max_num_batched_tokens) {
+            // Without chunking, a prompt longer than the budget runs alone in its own step.
+            remaining
+        } else {
+            break;
+        };
+        let need = blocks_for(done + n).saturating_sub(front.blocks().len());
+        let Some(mut got) = cache.allocate(need) else {
+            break;
+        };
+        let mut s = waiting.pop_front().expect("front exists");
+        s.blocks().append(&mut got);
+        s.set_state(RequestState::Running);
+        running.push(s);
+        plan.items.push((running.len() - 1, n));
+        budget = budget.saturating_sub(n);
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::{KvDtype, KvLayout};
+
+    struct S {
+        total: usize,
+        done: usize,
+        blocks: Vec<u32>,
+        state: RequestState,
+    }
+    impl Schedulable for S {
+        fn num_tokens(&self) -> usize {
+            self.total
+        }
+        fn num_computed(&self) -> usize {
+            self.done
+        }
+        fn blocks(&mut self) -> &mut Vec<u32> {
+            &mut self.blocks
+        }
+        fn set_state(&mut self, s: RequestState) {
+            self.state = s;
+        }
+        fn reset_computed(&mut self) {
+            self.done = 0;
+        }
+    }
+    fn cache(n: usize) -> KvCache {
+        KvCache::new(
+            KvLayout {
+                n_layer: 1,
+                n_kv_head: 1,
+                head_dim: 2,
+                block_size: 4,
+                dtype: KvDtype::F32,
+            },
+            n,
+        )
+    }
+    fn s(total: usize) -> S {
+        S {
+            total,
+            done: 0,
+            blocks: vec![],
+            state: RequestState::Waiting,
+        }
+    }
+    fn cfg(budget: usize, chunked: bool) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: budget,
+            enable_chunked_prefill: chunked,
+            block_size: 4,
+        }
+    }
+
+    #[test]
+    fn chunks_prompts_to_the_budget() {
+        let mut c = cache(100);
+        let mut running = vec![];
+        let mut waiting: VecDeque<S> = [s(10), s(3)].into_iter().collect();
+        let p = schedule(&cfg(6, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 6)]);
+        assert_eq!(c.num_free(), 98);
+        running[0].done = 6;
+        let p = schedule(&cfg(6, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 4), (1, 2)]);
+        assert_eq!(c.num_free(), 96);
+    }
+
+    #[test]
+    fn preempts_newest_when_blocks_run_out() {
+        let mut c = cache(3);
+        let mut running = vec![];
+        let mut waiting: VecDeque<S> = [s(4), s(4)].into_iter().collect();
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 4), (1, 4)]);
+        assert_eq!(c.num_free(), 1);
+        for r in running.iter_mut() {
+            r.done = 4;
+            r.total = 5;
+        }
+        // Each needs a second block and one is free: the first gets it, the newest is
+        // preempted (its block returns to the pool) rather than aborted.
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 1)]);
+        assert_eq!(p.preempted, 1);
+        assert_eq!(running.len(), 1);
+        assert_eq!(waiting[0].state, RequestState::Preempted);
+        assert_eq!(waiting[0].done, 0);
+        assert_eq!(c.num_free(), 1);
+        // The preempted one needs two blocks to recompute; only one is free: it waits.
+        running[0].done = 5;
+        running[0].total = 6;
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 1)]);
+        assert_eq!(waiting.len(), 1);
+    }
+}

@@ -1,0 +1,251 @@
+//! The tokenizer and chat template, built from the GGUF's own `tokenizer.*` metadata.
+//!
+//! Candle's `TokenizerFromGguf` is not used: it does not know the `smollm` pre-tokenizer and
+//! adds a prefix space. We assemble a byte-level BPE with the `tokenizers` crate ourselves.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::AddedToken;
+
+use crate::error::GgufError;
+use crate::gguf::GgufFile;
+
+// GGUF token types (llama.cpp's llama_token_type).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// One chat message as the OpenAI API sends it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Byte-level BPE tokenizer plus the model's chat template and special ids.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    add_bos: bool,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    bos_text: String,
+    eos_text: String,
+    chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+fn strings(v: Option<&Value>) -> Option<Vec<String>> {
+    v?.to_vec()
+        .ok()?
+        .iter()
+        .map(|x| x.to_string().ok().cloned())
+        .collect()
+}
+
+impl Tokenizer {
+    pub(crate) fn from_gguf(g: &GgufFile) -> Result<Self, GgufError> {
+        let err = |reason: String| GgufError::Tokenizer {
+            path: g.path.clone(),
+            reason,
+        };
+        let model = g.meta_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model is {model:?}; only byte-level BPE (\"gpt2\") is supported"
+            )));
+        }
+        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+        let tokens = strings(g.metadata.get("tokenizer.ggml.tokens"))
+            .ok_or_else(|| err("missing tokenizer.ggml.tokens".into()))?;
+        let merges = strings(g.metadata.get("tokenizer.ggml.merges"))
+            .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
+        let types: Vec<i32> = g
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let id = |key: &str| g.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let add_bos = g
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("merge {m:?} has no space")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, false, true);
+        // llama.cpp's `smollm` (like `starcoder`, `refact`) splits every digit on its own
+        // before the GPT-2 regex; the default pre-tokenizer is the GPT-2 regex alone.
+        let pre_tok: PreTokenizerWrapper = match pre {
+            "smollm" | "starcoder" | "refact" | "codeshell" => Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])
+            .into(),
+            "default" | "gpt-2" | "gpt2" => byte_level.into(),
+            other => {
+                return Err(err(format!(
+                    "pre-tokenizer {other:?} is not supported (known: smollm, starcoder, refact, codeshell, gpt-2, default)"
+                )))
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(s, &t)| AddedToken::from(s.clone(), t == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| err(e.to_string()))?;
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            bos_text: text_of(bos_id),
+            eos_text: text_of(eos_id),
+            inner,
+            add_bos,
+            bos_id,
+            eos_id,
+            chat_template: g.meta_str("tokenizer.chat_template").map(str::to_string),
+        })
+    }
+
+    /// Token ids of `text`; special tokens written in the text become their single ids.
+    /// A BOS is prepended only when the GGUF says `add_bos_token`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        let enc = self.inner.encode(text, false).map_err(|e| e.to_string())?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            if let Some(b) = self.bos_id {
+                if !text.starts_with(&self.bos_text) || self.bos_text.is_empty() {
+                    ids.push(b);
+                }
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
+        self.inner.decode(ids, skip_special).map_err(|e| e.to_string())
+    }
+
+    /// The text of one token as the vocabulary holds it, bytes decoded.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders `messages` with the GGUF's chat template (ChatML when it has none).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        let source = self.chat_template.as_deref().unwrap_or(CHATML);
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", source)
+            .map_err(|e| format!("chat template: {e}"))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| format!("chat template: {e}"))?;
+        tmpl.render(minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_text,
+            eos_token => &self.eos_text,
+        })
+        .map_err(|e| format!("chat template: {e}"))
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without splitting a UTF-8 character
+/// (a multi-byte character may span tokens; hold it back until it is whole).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IncrementalDecoder {
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Returns the new text after `ids` grew by one or more tokens.
+    pub fn step(&mut self, tok: &Tokenizer, ids: &[u32]) -> String {
+        let prefix = tok
+            .decode(&ids[self.prefix_offset..self.read_offset], true)
+            .unwrap_or_default();
+        let full = tok
+            .decode(&ids[self.prefix_offset..], true)
+            .unwrap_or_default();
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix)
+        {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+            delta
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Loads only the tokenizer of a GGUF file (reads the whole file once).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, GgufError> {
+    let g = GgufFile::open(path)?;
+    Tokenizer::from_gguf(&g)
+}

@@ -1,0 +1,104 @@
+#![allow(dead_code)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use splitserve_engine::{Engine, EngineConfig, Event, FinishReason, Model, Request, SamplingParams};
+
+/// The real default model, loaded once per test binary (fetched if not cached).
+pub fn real_model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = splitserve_engine::model_file::default_model(false).expect("default model");
+        Arc::new(Model::load(&path).expect("load default model"))
+    })
+    .clone()
+}
+
+pub fn tiny_model_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("splitserve-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = dir.join(name);
+    splitserve_engine::synthetic::write_tiny_model(&p, &Default::default()).expect("write tiny model");
+    p
+}
+
+/// What one request produced: tokens, a hash of each step's logits bits, finish reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub tokens: Vec<u32>,
+    pub logit_hashes: Vec<u64>,
+    pub text: String,
+    pub reason: FinishReason,
+}
+
+pub fn hash_bits(v: &[f32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for x in v {
+        x.to_bits().hash(&mut h);
+    }
+    h.finish()
+}
+
+pub fn submit(engine: &Engine, id: &str, prompt: Vec<u32>, params: SamplingParams) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    engine
+        .submit(Request {
+            id: id.into(),
+            prompt,
+            params,
+            return_logits: true,
+        })
+        .expect("submit")
+}
+
+pub fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
+    let mut out = Output {
+        tokens: vec![],
+        logit_hashes: vec![],
+        text: String::new(),
+        reason: FinishReason::Abort,
+    };
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(t) => {
+                out.tokens.push(t.token);
+                out.text.push_str(&t.text);
+                if let Some(l) = t.logits {
+                    out.logit_hashes.push(hash_bits(&l));
+                }
+            }
+            Event::Finished(f) => {
+                assert!(f.error.is_none(), "engine error: {:?}", f.error);
+                out.reason = f.reason;
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Runs all prompts at once on a fresh engine with `cfg`; outputs in prompt order.
+pub fn run_all(model: &Arc<Model>, cfg: EngineConfig, prompts: &[Vec<u32>], params: &SamplingParams) -> (Vec<Output>, Engine) {
+    let engine = Engine::start(model.clone(), cfg, None).expect("engine");
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(&engine, &format!("r{i}"), p.clone(), params.clone()))
+        .collect();
+    let outs = rxs.into_iter().map(collect).collect();
+    (outs, engine)
+}
+
+/// Waits (bounded) until the engine's free-block count is back to its total.
+pub fn wait_all_free(engine: &Engine) -> splitserve_engine::StatsSnapshot {
+    for _ in 0..200 {
+        let s = engine.stats();
+        if s.free_blocks == s.total_blocks && s.running == 0 && s.waiting == 0 {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    engine.stats()
+}
