@@ -1,5 +1,6 @@
 //! `splitserve`: the one binary. Subcommands wire the layers together; errors end here.
 
+mod bench_engine;
 mod generate;
 
 use std::path::PathBuf;
@@ -20,6 +21,15 @@ enum Command {
     FetchModel,
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Engine alone: prefill tok/s for one prompt, decode tok/s per batch size and thread count.
+    Engine(bench_engine::BenchEngineArgs),
 }
 
 /// The model path given, or the default model (fetched on first use).
@@ -52,5 +62,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate::run(a),
+        Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
     }
 }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::error::{EngineError, GgufError};
 use crate::gguf::{GgufFile, ModelConfig, RawTensor};
 use crate::kernels::attention::{attend_row, Scratch};
-use crate::kernels::quant::{quantize_row, BlockQ8, QKind, QMatrix};
+use crate::kernels::quant::{quantize_row, QKind, QMatrix, QRow};
 use crate::kernels::{rms_norm, silu_mul, Rope};
 use crate::kv_cache::KvCache;
 use crate::tokenizer::Tokenizer;
@@ -77,8 +77,8 @@ fn dense_of(path: &Path, t: &RawTensor) -> Result<Tensor, GgufError> {
 fn quant_of(path: &Path, t: RawTensor, dense: &Tensor) -> Result<QMatrix, GgufError> {
     let (rows, cols) = (t.dims[0], t.dims[1]);
     Ok(match t.dtype {
-        GgmlDType::Q4_1 => QMatrix::new(QKind::Q4_1, rows, cols, t.data),
-        GgmlDType::Q8_0 => QMatrix::new(QKind::Q8_0, rows, cols, t.data),
+        GgmlDType::Q4_1 => QMatrix::from_gguf(QKind::Q4_1, rows, cols, &t.data),
+        GgmlDType::Q8_0 => QMatrix::from_gguf(QKind::Q8_0, rows, cols, &t.data),
         _ => QMatrix::from_f32(
             rows,
             cols,
@@ -352,16 +352,19 @@ impl Model {
         if !quant_rows.is_empty() {
             let m = quant_rows.len();
             let mut xf = Vec::new();
-            let mut xq: Vec<Vec<BlockQ8>> = Vec::with_capacity(m);
+            let mut xq: Vec<QRow> = Vec::with_capacity(m);
             for &r in &quant_rows {
                 let row = &x[r * k..(r + 1) * k];
                 if lin.quant.kind == QKind::F32 {
                     xf.extend_from_slice(row);
                 } else {
-                    let mut q = Vec::new();
-                    quantize_row(row, &mut q);
-                    xq.push(q);
+                    xq.push(quantize_row(row));
                 }
+            }
+            if m == n {
+                // Decode-only step: rows are already in order, write in place.
+                lin.quant.matvec(&xf, &xq, m, &mut y);
+                return Ok(y);
             }
             let mut res = vec![0f32; m * n_out];
             lin.quant.matvec(&xf, &xq, m, &mut res);

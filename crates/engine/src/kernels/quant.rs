@@ -10,41 +10,45 @@ use rayon::prelude::*;
 
 pub(crate) const QK: usize = 32;
 
-/// One quantized block of activations.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BlockQ8 {
-    pub d: f32,
-    /// `d * sum(qs)`, for the Q4_1 offset term.
-    pub s: f32,
-    pub qs: [i8; QK],
+/// One row of activations quantized per 32 values to 8 bits: scales, `d * sum(q)` per block
+/// (for the Q4_1 offset term), and the quants.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QRow {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub qs: Vec<i8>,
 }
 
-pub(crate) fn quantize_row(x: &[f32], out: &mut Vec<BlockQ8>) {
-    out.clear();
+pub(crate) fn quantize_row(x: &[f32]) -> QRow {
+    let nb = x.len() / QK;
+    let mut r = QRow {
+        d: Vec::with_capacity(nb),
+        s: Vec::with_capacity(nb),
+        qs: Vec::with_capacity(x.len()),
+    };
     for chunk in x.chunks_exact(QK) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut b = BlockQ8 {
-            d,
-            ..Default::default()
-        };
         let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
+        for &v in chunk {
+            let q = (v * id).round() as i8;
+            sum += q as i32;
+            r.qs.push(q);
         }
-        b.s = d * sum as f32;
-        out.push(b);
+        r.d.push(d);
+        r.s.push(d * sum as f32);
     }
+    r
 }
 
 /// Weight storage kinds the decode path runs on directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum QKind {
-    /// 20-byte blocks: f16 d, f16 m, 16 bytes of nibbles (low = 0..16, high = 16..32).
+    /// GGUF Q4_1, repacked per row as `[d: f32; nb][m: f32; nb][nibbles: 16 bytes; nb]`
+    /// (low nibbles are values 0..16 of a block, high nibbles 16..32).
     Q4_1,
-    /// 34-byte blocks: f16 d, 32 i8.
+    /// GGUF Q8_0, repacked per row as `[d: f32; nb][q: i8; 32 * nb]`.
     Q8_0,
     /// Plain f32 rows (fallback for any other GGUF type, dequantized at load).
     F32,
@@ -52,10 +56,11 @@ pub(crate) enum QKind {
 
 impl QKind {
     fn row_bytes(self, cols: usize) -> usize {
+        let nb = cols / QK;
         match self {
-            QKind::Q4_1 => cols / QK * 20,
-            QKind::Q8_0 => cols / QK * 34,
-            QKind::F32 => cols * 4,
+            QKind::Q4_1 => nb * (8 + 16),
+            QKind::Q8_0 => nb * (4 + 32),
+            QKind::F32 => 0,
         }
     }
 }
@@ -70,9 +75,44 @@ pub(crate) struct QMatrix {
     dataf: Vec<f32>,
 }
 
+/// A view of one repacked row.
+struct RowQ<'a> {
+    d: &'a [u8],
+    m: &'a [u8],
+    q: &'a [u8],
+}
+
+#[inline(always)]
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[4 * i..4 * i + 4]);
+    f32::from_le_bytes(x)
+}
+
 impl QMatrix {
-    pub fn new(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Self {
-        debug_assert!(kind != QKind::F32);
+    /// Takes GGUF blocks (Q4_1: 20-byte blocks, Q8_0: 34-byte blocks) and repacks them.
+    pub fn from_gguf(kind: QKind, rows: usize, cols: usize, gguf: &[u8]) -> Self {
+        let nb = cols / QK;
+        let mut data = Vec::with_capacity(rows * kind.row_bytes(cols));
+        let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
+        for row in gguf.chunks_exact(nb * bsz).take(rows) {
+            let blocks: Vec<&[u8]> = row.chunks_exact(bsz).collect();
+            for b in &blocks {
+                data.extend_from_slice(&f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes());
+            }
+            if kind == QKind::Q4_1 {
+                for b in &blocks {
+                    data.extend_from_slice(&f16::from_le_bytes([b[2], b[3]]).to_f32().to_le_bytes());
+                }
+                for b in &blocks {
+                    data.extend_from_slice(&b[4..20]);
+                }
+            } else {
+                for b in &blocks {
+                    data.extend_from_slice(&b[2..34]);
+                }
+            }
+        }
         debug_assert_eq!(data.len(), rows * kind.row_bytes(cols));
         Self {
             kind,
@@ -124,9 +164,22 @@ impl QMatrix {
         &self.dataf[r * self.cols..(r + 1) * self.cols]
     }
 
-    fn row(&self, r: usize) -> &[u8] {
+    fn row(&self, r: usize) -> RowQ<'_> {
+        let nb = self.cols / QK;
         let rb = self.kind.row_bytes(self.cols);
-        &self.data[r * rb..(r + 1) * rb]
+        let row = &self.data[r * rb..(r + 1) * rb];
+        match self.kind {
+            QKind::Q4_1 => RowQ {
+                d: &row[..4 * nb],
+                m: &row[4 * nb..8 * nb],
+                q: &row[8 * nb..],
+            },
+            _ => RowQ {
+                d: &row[..4 * nb],
+                m: &[],
+                q: &row[4 * nb..],
+            },
+        }
     }
 
     /// One row dequantized (used for the embedding lookup).
@@ -135,59 +188,105 @@ impl QMatrix {
             out.copy_from_slice(self.row_f32(r));
             return;
         }
-        let row = self.row(r);
-        match self.kind {
-            QKind::Q4_1 => {
-                for (b, blk) in row.chunks_exact(20).enumerate() {
-                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                    let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+        let w = self.row(r);
+        for b in 0..self.cols / QK {
+            let d = f32_at(w.d, b);
+            match self.kind {
+                QKind::Q4_1 => {
+                    let m = f32_at(w.m, b);
+                    let q = &w.q[b * 16..b * 16 + 16];
                     for j in 0..16 {
-                        out[b * QK + j] = d * (blk[4 + j] & 0x0f) as f32 + m;
-                        out[b * QK + 16 + j] = d * (blk[4 + j] >> 4) as f32 + m;
+                        out[b * QK + j] = d * (q[j] & 0x0f) as f32 + m;
+                        out[b * QK + 16 + j] = d * (q[j] >> 4) as f32 + m;
                     }
                 }
-            }
-            QKind::Q8_0 => {
-                for (b, blk) in row.chunks_exact(34).enumerate() {
-                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                _ => {
                     for j in 0..QK {
-                        out[b * QK + j] = d * (blk[2 + j] as i8) as f32;
+                        out[b * QK + j] = d * (w.q[b * QK + j] as i8) as f32;
                     }
                 }
             }
-            QKind::F32 => {}
         }
     }
 
     /// `out[b][r] = dot(W[r], x[b])` for every batch row `b`; `out` is `batch × rows`.
-    /// Quantized kinds take `xq` (each row quantized with [`quantize_row`]), F32 takes `xf`.
-    pub fn matvec(&self, xf: &[f32], xq: &[Vec<BlockQ8>], batch: usize, out: &mut [f32]) {
-        const CHUNK: usize = 32;
+    /// Quantized kinds take `xq` (rows quantized with [`quantize_row`]), F32 takes `xf`.
+    pub fn matvec(&self, xf: &[f32], xq: &[QRow], batch: usize, out: &mut [f32]) {
+        const CHUNK: usize = 64;
         let simd = Simd::detect();
-        // Feature-major scratch so that each parallel task owns a contiguous slice.
-        let mut tmp = vec![0f32; self.rows * batch];
-        tmp.par_chunks_mut(CHUNK * batch)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                let r0 = c * CHUNK;
-                for (i, o) in dst.chunks_exact_mut(batch).enumerate() {
-                    match self.kind {
-                        QKind::Q4_1 => dot_q4_1_rows(simd, self.row(r0 + i), xq, o),
-                        QKind::Q8_0 => dot_q8_0_rows(simd, self.row(r0 + i), xq, o),
-                        QKind::F32 => {
-                            let wf = self.row_f32(r0 + i);
-                            for (b, ob) in o.iter_mut().enumerate() {
-                                *ob = super::dot_f32(wf, &xf[b * self.cols..(b + 1) * self.cols]);
+        let rows = self.rows;
+        let ptr = SyncPtr(out.as_mut_ptr());
+        let n_chunks = rows.div_ceil(CHUNK);
+        (0..n_chunks).into_par_iter().for_each(|c| {
+            let mut o = [0f32; 8];
+            let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(rows));
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx512Vnni && self.kind != QKind::F32 && (r1 - r0) % 4 == 0 {
+                for r in (r0..r1).step_by(4) {
+                    let w = [self.row(r), self.row(r + 1), self.row(r + 2), self.row(r + 3)];
+                    for b0 in (0..batch).step_by(4) {
+                        let x = &xq[b0..(b0 + 4).min(batch)];
+                        let mut t = [[0f32; 4]; 4];
+                        // SAFETY: the CPU has AVX-512 VNNI (checked by `Simd::detect`).
+                        unsafe {
+                            match x.len() {
+                                1 => tile_into::<1>(self.kind, &w, x, &mut t),
+                                2 => tile_into::<2>(self.kind, &w, x, &mut t),
+                                3 => tile_into::<3>(self.kind, &w, x, &mut t),
+                                _ => tile_into::<4>(self.kind, &w, x, &mut t),
+                            }
+                        }
+                        for (i, row) in t.iter().enumerate() {
+                            for (a, &v) in row[..x.len()].iter().enumerate() {
+                                // SAFETY: as below, one writer per cell.
+                                unsafe { *ptr.get().add((b0 + a) * rows + r + i) = v };
                             }
                         }
                     }
                 }
-            });
-        for b in 0..batch {
-            for r in 0..self.rows {
-                out[b * self.rows + r] = tmp[r * batch + b];
+                return;
             }
-        }
+            for r in r0..r1 {
+                for b0 in (0..batch).step_by(8) {
+                    let n = (batch - b0).min(8);
+                    match self.kind {
+                        QKind::F32 => {
+                            let wf = self.row_f32(r);
+                            for (b, ob) in o[..n].iter_mut().enumerate() {
+                                let x = &xf[(b0 + b) * self.cols..(b0 + b + 1) * self.cols];
+                                *ob = super::dot_f32(wf, x);
+                            }
+                        }
+                        kind => dot_rows(simd, kind, &self.row(r), &xq[b0..b0 + n], &mut o[..n]),
+                    }
+                    for (b, &v) in o[..n].iter().enumerate() {
+                        // SAFETY: each (batch row, weight row) cell is written by exactly one
+                        // task (the one owning weight row `r`), and `out` outlives the loop.
+                        unsafe { *ptr.get().add((b0 + b) * rows + r) = v };
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn tile_into<const NA: usize>(kind: QKind, w: &[RowQ<'_>; 4], x: &[QRow], t: &mut [[f32; 4]; 4]) {
+    let mut o = [[0f32; NA]; 4];
+    avx512::tile::<4, NA>(kind, w, x, &mut o);
+    for i in 0..4 {
+        t[i][..NA].copy_from_slice(&o[i]);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -196,161 +295,320 @@ pub(crate) enum Simd {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl Simd {
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("SPLITSERVE_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
+        use std::sync::OnceLock;
+        static S: OnceLock<Simd> = OnceLock::new();
+        *S.get_or_init(|| {
+            let level = std::env::var("SPLITSERVE_SIMD").unwrap_or_default();
+            #[cfg(target_arch = "x86_64")]
             {
-                return Simd::Avx2;
+                if level != "portable" && level != "avx2" && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return Simd::Avx512Vnni;
+                }
+                if level != "portable" && is_x86_feature_detected!("avx2") {
+                    return Simd::Avx2;
+                }
             }
-        }
-        Simd::Portable
+            let _ = level;
+            Simd::Portable
+        })
     }
 }
 
-#[inline]
-fn half_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-pub(crate) fn dot_q4_1_rows(simd: Simd, w: &[u8], xq: &[Vec<BlockQ8>], out: &mut [f32]) {
+/// Canonical float order, shared by every implementation: per activation row, 16
+/// accumulators; block `b`'s 8 lane sums (lane `j` = products of values `4j..4j+4`) go to
+/// `acc[(b % 2) * 8 + j] += (d_w * d_x) * lane`; the result is
+/// `reduce8(acc[..8]) + reduce8(acc[8..])`, plus, for Q4_1, `dot_f32(m_w, s_x)`.
+fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
     match simd {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q4_1_rows(w, xq, out) },
-        Simd::Portable => {
-            for (o, x) in out.iter_mut().zip(xq) {
-                *o = dot_q4_1_portable(w, x);
-            }
-        }
-    }
-}
-
-pub(crate) fn dot_q8_0_rows(simd: Simd, w: &[u8], xq: &[Vec<BlockQ8>], out: &mut [f32]) {
-    match simd {
+        Simd::Avx512Vnni => unsafe { avx512::dot_rows(kind, w, xq, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q8_0_rows(w, xq, out) },
+        Simd::Avx2 => unsafe { avx2::dot_rows(kind, w, xq, out) },
         Simd::Portable => {
             for (o, x) in out.iter_mut().zip(xq) {
-                *o = dot_q8_0_portable(w, x);
+                *o = dot_portable(kind, w, x);
             }
         }
     }
 }
 
-fn dot_q4_1_portable(w: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut sm = 0f32;
-    for (blk, a) in w.chunks_exact(20).zip(x) {
-        let dd = half_at(blk, 0) * a.d;
-        let m = half_at(blk, 2);
-        let q = &blk[4..20];
-        for (j, accj) in acc.iter_mut().enumerate() {
-            let mut lane = 0i32;
-            for e in 4 * j..4 * j + 4 {
-                let wq = if e < 16 { q[e] & 0x0f } else { q[e - 16] >> 4 };
-                lane += wq as i32 * a.qs[e] as i32;
-            }
-            *accj += dd * lane as f32;
+fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
+    let mut lo = [0f32; 8];
+    let mut hi = [0f32; 8];
+    lo.copy_from_slice(&acc[..8]);
+    hi.copy_from_slice(&acc[8..]);
+    let main = super::reduce8(&lo) + super::reduce8(&hi);
+    if kind == QKind::Q4_1 {
+        // Same accumulation order as `dot_f32` (acc[i % 8], then the fixed tree).
+        let mut acc8 = [0f32; 8];
+        for (i, &sx) in x.s.iter().enumerate() {
+            acc8[i % 8] += f32_at(w.m, i) * sx;
         }
-        sm += m * a.s;
+        main + super::reduce8(&acc8)
+    } else {
+        main
     }
-    super::reduce8(&acc) + sm
 }
 
-fn dot_q8_0_portable(w: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (blk, a) in w.chunks_exact(34).zip(x) {
-        let dd = half_at(blk, 0) * a.d;
-        for (j, accj) in acc.iter_mut().enumerate() {
+fn dot_portable(kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
+    let mut acc = [0f32; 16];
+    for b in 0..x.d.len() {
+        let dd = f32_at(w.d, b) * x.d[b];
+        let a = &x.qs[b * QK..(b + 1) * QK];
+        for j in 0..8 {
             let mut lane = 0i32;
             for e in 4 * j..4 * j + 4 {
-                lane += (blk[2 + e] as i8) as i32 * a.qs[e] as i32;
+                let wq = match kind {
+                    QKind::Q4_1 => {
+                        let q = &w.q[b * 16..b * 16 + 16];
+                        (if e < 16 { q[e] & 0x0f } else { q[e - 16] >> 4 }) as i32
+                    }
+                    _ => (w.q[b * QK + e] as i8) as i32,
+                };
+                lane += wq * a[e] as i32;
             }
-            *accj += dd * lane as f32;
+            acc[(b % 2) * 8 + j] += dd * lane as f32;
         }
     }
-    super::reduce8(&acc)
+    finish(&acc, kind, w, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{half_at, BlockQ8};
+    use super::{f32_at, QKind, QRow, RowQ, QK};
     use std::arch::x86_64::*;
 
+    /// [`super::finish`] with the offset term's 8 lanes in one register: per lane the same
+    /// multiply-then-add sequence, so the same bits.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn reduce(acc: __m256) -> f32 {
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
+        let mut lo = [0f32; 8];
+        let mut hi = [0f32; 8];
+        lo.copy_from_slice(&acc[..8]);
+        hi.copy_from_slice(&acc[8..]);
+        let main = super::super::reduce8(&lo) + super::super::reduce8(&hi);
+        if kind != QKind::Q4_1 {
+            return main;
+        }
+        let n = x.s.len();
+        let chunks = n / 8;
+        let mut v = _mm256_setzero_ps();
+        for c in 0..chunks {
+            let mv = _mm256_loadu_ps(w.m.as_ptr().add(32 * c) as *const f32);
+            let sv = _mm256_loadu_ps(x.s.as_ptr().add(8 * c));
+            v = _mm256_add_ps(v, _mm256_mul_ps(mv, sv));
+        }
         let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), acc);
-        super::super::reduce8(&a)
+        _mm256_storeu_ps(a.as_mut_ptr(), v);
+        for i in chunks * 8..n {
+            a[i % 8] += f32_at(w.m, i) * x.s[i];
+        }
+        main + super::super::reduce8(&a)
     }
 
-    /// Rows of activations are processed four at a time so the unpacked weight block is
-    /// reused from registers; per row the float order is that of the portable path.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1_rows(w: &[u8], xq: &[Vec<BlockQ8>], out: &mut [f32]) {
+    /// Up to 8 activation rows per weight row, so each unpacked weight block is reused.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_rows(kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
         let mask = _mm_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
-        let nb = w.len() / 20;
-        for (og, xg) in out.chunks_mut(4).zip(xq.chunks(4)) {
-            let n = xg.len();
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut sm = [0f32; 4];
-            for b in 0..nb {
-                let blk = &w[b * 20..b * 20 + 20];
-                let d = half_at(blk, 0);
-                let m = half_at(blk, 2);
-                let raw = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-                let lo = _mm_and_si128(raw, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                let wv = _mm256_set_m128i(hi, lo);
-                for r in 0..n {
-                    let a = &xg[r][b];
-                    let av = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
-                    let dd = _mm256_set1_ps(d * a.d);
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(lanes)));
-                    sm[r] += m * a.s;
+        let nb = w.d.len() / 4;
+        let n = xq.len();
+        let mut acc = [[_mm256_setzero_ps(); 2]; 8];
+        for b in 0..nb {
+            let d = f32_at(w.d, b);
+            let (wu, wsigned) = match kind {
+                QKind::Q4_1 => {
+                    let raw = _mm_loadu_si128(w.q.as_ptr().add(b * 16) as *const __m128i);
+                    let lo = _mm_and_si128(raw, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                    (_mm256_set_m128i(hi, lo), None)
+                }
+                _ => {
+                    let wv = _mm256_loadu_si256(w.q.as_ptr().add(b * QK) as *const __m256i);
+                    (_mm256_sign_epi8(wv, wv), Some(wv))
+                }
+            };
+            for r in 0..n {
+                let x = &xq[r];
+                let mut av = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
+                if let Some(wv) = wsigned {
+                    // maddubs wants its first operand unsigned: |w| times a with w's sign.
+                    av = _mm256_sign_epi8(av, wv);
+                }
+                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, av), ones);
+                let dd = _mm256_set1_ps(d * x.d[b]);
+                let a = &mut acc[r][b % 2];
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(lanes)));
+            }
+        }
+        for r in 0..n {
+            let mut a = [0f32; 16];
+            _mm256_storeu_ps(a.as_mut_ptr(), acc[r][0]);
+            _mm256_storeu_ps(a.as_mut_ptr().add(8), acc[r][1]);
+            out[r] = finish(&a, kind, w, &xq[r]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::finish;
+    use super::{f32_at, QKind, QRow, RowQ, QK};
+    use std::arch::x86_64::*;
+
+    /// A tile of `NW` weight rows by `NA` activation rows: each activation block is loaded
+    /// once per tile and the `NW × NA` accumulator chains are independent.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    pub unsafe fn tile<const NW: usize, const NA: usize>(
+        kind: QKind,
+        w: &[RowQ<'_>; NW],
+        x: &[QRow],
+        out: &mut [[f32; NA]; NW],
+    ) {
+        let nb = w[0].d.len() / 4;
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = [[_mm512_setzero_ps(); NA]; NW];
+        for p in 0..nb / 2 {
+            let b = 2 * p;
+            let mut av = [_mm512_setzero_si512(); NA];
+            let mut dx = [(0f32, 0f32); NA];
+            for a in 0..NA {
+                av[a] = _mm512_loadu_si512(x[a].qs.as_ptr().add(b * QK) as *const __m512i);
+                dx[a] = (*x[a].d.get_unchecked(b), *x[a].d.get_unchecked(b + 1));
+            }
+            for i in 0..NW {
+                let wd = w[i].d.as_ptr() as *const f32;
+                let (d0, d1) = (wd.add(b).read_unaligned(), wd.add(b + 1).read_unaligned());
+                let (wu, neg) = if kind == QKind::Q4_1 {
+                    let raw = _mm256_loadu_si256(w[i].q.as_ptr().add(b * 16) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    let cat = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    (_mm512_shuffle_i64x2(cat, cat, 0b11_01_10_00), 0)
+                } else {
+                    let wv = _mm512_loadu_si512(w[i].q.as_ptr().add(b * QK) as *const __m512i);
+                    (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
+                };
+                for a in 0..NA {
+                    let xa = if kind == QKind::Q4_1 {
+                        av[a]
+                    } else {
+                        _mm512_mask_sub_epi8(av[a], neg, _mm512_setzero_si512(), av[a])
+                    };
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xa);
+                    let dd = _mm512_mask_blend_ps(
+                        0xff00,
+                        _mm512_set1_ps(d0 * dx[a].0),
+                        _mm512_set1_ps(d1 * dx[a].1),
+                    );
+                    acc[i][a] = _mm512_add_ps(acc[i][a], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(lanes)));
                 }
             }
-            for r in 0..n {
-                og[r] = reduce(acc[r]) + sm[r];
+        }
+        for i in 0..NW {
+            for a in 0..NA {
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][a]);
+                if nb % 2 == 1 {
+                    let rest = super::dot_portable_block(kind, &w[i], &x[a], nb - 1);
+                    for j in 0..8 {
+                        lanes[j] += rest[j];
+                    }
+                }
+                out[i][a] = finish(&lanes, kind, &w[i], &x[a]);
             }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_rows(w: &[u8], xq: &[Vec<BlockQ8>], out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        let nb = w.len() / 34;
-        for (og, xg) in out.chunks_mut(4).zip(xq.chunks(4)) {
-            let n = xg.len();
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..nb {
-                let blk = &w[b * 34..b * 34 + 34];
-                let d = half_at(blk, 0);
-                let wv = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
-                let wabs = _mm256_sign_epi8(wv, wv);
-                for r in 0..n {
-                    let a = &xg[r][b];
-                    let av = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                    // |w| * (a with w's sign): maddubs needs its first operand unsigned.
-                    let sa = _mm256_sign_epi8(av, wv);
-                    let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, sa), ones);
-                    let dd = _mm256_set1_ps(d * a.d);
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(lanes)));
+    /// Two blocks per step: `vpdpbusd` yields exactly the canonical lane sums, low 8 lanes
+    /// for the even block and high 8 for the odd one, which are the 16 accumulators.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    pub unsafe fn dot_rows(kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
+        let nb = w.d.len() / 4;
+        let n = xq.len();
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let pairs = nb / 2;
+        for p in 0..pairs {
+            let b = 2 * p;
+            let (d0, d1) = (f32_at(w.d, b), f32_at(w.d, b + 1));
+            let (wu, neg) = match kind {
+                QKind::Q4_1 => {
+                    let raw = _mm256_loadu_si256(w.q.as_ptr().add(b * 16) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    // [lo0 lo1 | hi0 hi1] -> [lo0 hi0 lo1 hi1] (128-bit lanes 0, 2, 1, 3).
+                    let cat = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    (_mm512_shuffle_i64x2(cat, cat, 0b11_01_10_00), 0)
                 }
-            }
+                _ => {
+                    let wv = _mm512_loadu_si512(w.q.as_ptr().add(b * QK) as *const __m512i);
+                    (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
+                }
+            };
             for r in 0..n {
-                og[r] = reduce(acc[r]);
+                let x = &xq[r];
+                let mut av = _mm512_loadu_si512(x.qs.as_ptr().add(b * QK) as *const __m512i);
+                if kind != QKind::Q4_1 {
+                    av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
+                }
+                let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, av);
+                let dd = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0 * x.d[b]))),
+                    _mm256_castps_si256(_mm256_set1_ps(d1 * x.d[b + 1])),
+                    1,
+                );
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_castsi512_ps(dd), _mm512_cvtepi32_ps(lanes)));
             }
         }
+        for r in 0..n {
+            let mut a = [0f32; 16];
+            _mm512_storeu_ps(a.as_mut_ptr(), acc[r]);
+            if nb % 2 == 1 {
+                // Odd tail block: canonical slot is the even half.
+                let b = nb - 1;
+                let x = &xq[r];
+                let rest = super::dot_portable_block(kind, w, x, b);
+                for j in 0..8 {
+                    a[j] += rest[j];
+                }
+            }
+            out[r] = finish(&a, kind, w, &xq[r]);
+        }
     }
+}
+
+/// The 8 products `(d_w * d_x) * lane_j` of one block (tail handling for SIMD paths).
+#[cfg(target_arch = "x86_64")]
+fn dot_portable_block(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> [f32; 8] {
+    let dd = f32_at(w.d, b) * x.d[b];
+    let a = &x.qs[b * QK..(b + 1) * QK];
+    let mut out = [0f32; 8];
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut lane = 0i32;
+        for e in 4 * j..4 * j + 4 {
+            let wq = match kind {
+                QKind::Q4_1 => {
+                    let q = &w.q[b * 16..b * 16 + 16];
+                    (if e < 16 { q[e] & 0x0f } else { q[e - 16] >> 4 }) as i32
+                }
+                _ => (w.q[b * QK + e] as i8) as i32,
+            };
+            lane += wq * a[e] as i32;
+        }
+        *o = dd * lane as f32;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -368,63 +626,71 @@ mod tests {
     }
 
     fn weights(kind: QKind, rows: usize, cols: usize) -> QMatrix {
-        let rb = kind.row_bytes(cols);
-        let mut data = random_bytes(rows * rb, 7);
         let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
+        let mut data = random_bytes(rows * cols / QK * bsz, 7);
         // Sane f16 scales (random bytes could make NaN/inf).
-        for blk in data.chunks_exact_mut(bsz) {
-            blk[0..2].copy_from_slice(&f16::from_f32(0.013).to_le_bytes());
+        for (i, blk) in data.chunks_exact_mut(bsz).enumerate() {
+            blk[0..2].copy_from_slice(&f16::from_f32(0.013 + i as f32 * 1e-4).to_le_bytes());
             if kind == QKind::Q4_1 {
                 blk[2..4].copy_from_slice(&f16::from_f32(-0.1).to_le_bytes());
             }
         }
-        QMatrix::new(kind, rows, cols, data)
+        QMatrix::from_gguf(kind, rows, cols, &data)
     }
 
-    /// The SIMD and portable kernels must agree bit for bit, so that engines on CPUs with
-    /// different instruction sets compute the same logits.
+    fn acts(batch: usize, cols: usize) -> (Vec<Vec<f32>>, Vec<QRow>) {
+        let xs: Vec<Vec<f32>> = (0..batch)
+            .map(|b| (0..cols).map(|i| ((i * 31 + b * 17) % 97) as f32 / 13.0 - 3.5).collect())
+            .collect();
+        let xq = xs.iter().map(|x| quantize_row(x)).collect();
+        (xs, xq)
+    }
+
+    /// Every SIMD level and the portable path agree bit for bit (odd block counts included),
+    /// so that engines on CPUs with different instruction sets compute the same logits.
     #[test]
     fn simd_and_portable_agree_bitwise() {
-        let cols = 576;
-        let xs: Vec<Vec<f32>> = (0..7)
-            .map(|b| {
-                (0..cols)
-                    .map(|i| ((i * 31 + b * 17) % 97) as f32 / 13.0 - 3.5)
-                    .collect()
-            })
-            .collect();
-        let xq: Vec<Vec<BlockQ8>> = xs
-            .iter()
-            .map(|x| {
-                let mut q = Vec::new();
-                quantize_row(x, &mut q);
-                q
-            })
-            .collect();
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            let w = weights(kind, 5, cols);
-            for r in 0..5 {
-                let row = w.row(r);
-                let mut simd = vec![0f32; 7];
-                let mut port = vec![0f32; 7];
-                match kind {
-                    QKind::Q4_1 => {
-                        dot_q4_1_rows(Simd::detect(), row, &xq, &mut simd);
-                        dot_q4_1_rows(Simd::Portable, row, &xq, &mut port);
+        let mut levels = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                levels.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
+                levels.push(Simd::Avx512Vnni);
+            }
+        }
+        for cols in [576, 1536, 96] {
+            let (xs, xq) = acts(11, cols);
+            for kind in [QKind::Q4_1, QKind::Q8_0] {
+                let w = weights(kind, 5, cols);
+                for r in 0..5 {
+                    let mut results = Vec::new();
+                    for &lv in &levels {
+                        let mut o = vec![0f32; 11];
+                        for (og, xg) in o.chunks_mut(8).zip(xq.chunks(8)) {
+                            dot_rows(lv, kind, &w.row(r), xg, og);
+                        }
+                        results.push(o.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
                     }
-                    _ => {
-                        dot_q8_0_rows(Simd::detect(), row, &xq, &mut simd);
-                        dot_q8_0_rows(Simd::Portable, row, &xq, &mut port);
+                    #[cfg(target_arch = "x86_64")]
+                    if levels.contains(&Simd::Avx512Vnni) && r + 4 <= 5 {
+                        let ws = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
+                        let mut t = [[0f32; 4]; 4];
+                        unsafe { tile_into::<3>(kind, &ws, &xq[..3], &mut t) };
+                        let tile_bits: Vec<u32> = t[0][..3].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(tile_bits, results[0][..3].to_vec(), "tile {kind:?} cols {cols}");
                     }
+                    for (lv, res) in levels.iter().zip(&results) {
+                        assert_eq!(res, &results[0], "{kind:?} cols {cols} row {r} {lv:?}");
+                    }
+                    // And the quantized dot is close to the exact one.
+                    let mut deq = vec![0f32; cols];
+                    w.dequantize_row(r, &mut deq);
+                    let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
+                    let got = f32::from_bits(results[0][0]);
+                    assert!((exact - got).abs() < 0.05 * exact.abs().max(1.0), "{exact} vs {got}");
                 }
-                let sb: Vec<u32> = simd.iter().map(|v| v.to_bits()).collect();
-                let pb: Vec<u32> = port.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(sb, pb, "{kind:?} row {r}");
-                // And the quantized dot is close to the exact one.
-                let mut deq = vec![0f32; cols];
-                w.dequantize_row(r, &mut deq);
-                let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
-                assert!((exact - port[0]).abs() < 0.05 * exact.abs().max(1.0));
             }
         }
     }
@@ -433,27 +699,14 @@ mod tests {
     fn matvec_is_batch_invariant() {
         let cols = 64;
         let w = weights(QKind::Q4_1, 70, cols);
-        let rows: Vec<Vec<f32>> = (0..9)
-            .map(|b| (0..cols).map(|i| ((i + b) as f32).sin()).collect())
-            .collect();
-        let q = |x: &Vec<f32>| {
-            let mut v = Vec::new();
-            quantize_row(x, &mut v);
-            v
-        };
-        let all: Vec<Vec<BlockQ8>> = rows.iter().map(q).collect();
+        let (_, all) = acts(9, cols);
         let mut batched = vec![0f32; 9 * 70];
         w.matvec(&[], &all, 9, &mut batched);
         for b in 0..9 {
             let mut one = vec![0f32; 70];
             w.matvec(&[], &all[b..b + 1], 1, &mut one);
-            assert_eq!(
-                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                batched[b * 70..(b + 1) * 70]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&batched[b * 70..(b + 1) * 70]));
         }
     }
 }

@@ -1,0 +1,132 @@
+//! `splitserve bench engine`: prefill and decode throughput of the engine alone, per thread
+//! count, release build. Prints a table and writes JSON.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use splitserve_engine::{Engine, EngineConfig, Event, Model, Request, SamplingParams, StepInfo};
+
+#[derive(clap::Args)]
+pub struct BenchEngineArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens generated per stream in the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Thread counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Decode batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch: Vec<usize>,
+    /// Repetitions of the prefill measurement (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    threads: usize,
+    prefill_tokens: usize,
+    prefill_tok_s: f64,
+    decode: Vec<(usize, f64)>,
+}
+
+fn run_one(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, id: String) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>> {
+    Ok(engine.submit(Request {
+        id,
+        prompt,
+        params: SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(max_tokens)
+        },
+        return_logits: false,
+    })?)
+}
+
+fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    while let Some(ev) = rx.blocking_recv() {
+        if matches!(ev, Event::Finished(_)) {
+            break;
+        }
+    }
+}
+
+pub fn run(a: BenchEngineArgs) -> Result<()> {
+    let path = crate::model_path(&a.model)?;
+    let model = Arc::new(Model::load(&path)?);
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(a.prompt_len / 5 + 10);
+    let mut ids = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
+    ids.truncate(a.prompt_len);
+    anyhow::ensure!(ids.len() == a.prompt_len, "could not build a {}-token prompt", a.prompt_len);
+    let steps: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
+    let mut rows = Vec::new();
+    println!("{:>7} | {:>16} | {}", "threads", "prefill tok/s", a.batch.iter().map(|b| format!("decode b={b} tok/s")).collect::<Vec<_>>().join(" | "));
+    for &t in &a.threads {
+        // candle's matmul reads this on every call; our kernels run in the engine's pool.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        let s2 = steps.clone();
+        let engine = Engine::start(
+            model.clone(),
+            EngineConfig {
+                threads: Some(t),
+                max_num_batched_tokens: a.prompt_len.max(512),
+                ..EngineConfig::default()
+            },
+            Some(Arc::new(move |s| s2.lock().map(|mut v| v.push(s)).unwrap_or(()))),
+        )?;
+        let mut best = Duration::MAX;
+        for r in 0..a.reps.max(1) {
+            let t0 = Instant::now();
+            let rx = run_one(&engine, ids.clone(), 1, format!("p{r}"))?;
+            drain(rx);
+            best = best.min(t0.elapsed());
+        }
+        let prefill = a.prompt_len as f64 / best.as_secs_f64();
+        let mut decode = Vec::new();
+        for &b in &a.batch {
+            steps.lock().map(|mut v| v.clear()).ok().context("lock")?;
+            let rxs = (0..b)
+                .map(|i| run_one(&engine, ids[..16 + i].to_vec(), a.decode_tokens, format!("d{b}-{i}")))
+                .collect::<Result<Vec<_>>>()?;
+            rxs.into_iter().for_each(drain);
+            let v = steps.lock().ok().context("lock")?;
+            let full: Vec<&StepInfo> = v.iter().filter(|s| s.prefill_tokens == 0 && s.decode_tokens == b).collect();
+            let secs: f64 = full.iter().map(|s| s.duration.as_secs_f64()).sum();
+            decode.push((b, (full.len() * b) as f64 / secs.max(1e-9)));
+        }
+        println!(
+            "{t:>7} | {prefill:>16.1} | {}",
+            decode.iter().map(|(b, x)| format!("{:>width$.1}", x, width = format!("decode b={b} tok/s").len())).collect::<Vec<_>>().join(" | ")
+        );
+        rows.push(Row {
+            threads: t,
+            prefill_tokens: a.prompt_len,
+            prefill_tok_s: prefill,
+            decode,
+        });
+    }
+    if let Some(rss) = peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    if let Some(p) = a.json {
+        std::fs::write(&p, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// VmHWM from /proc (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
