@@ -2,6 +2,7 @@
 
 mod bench_engine;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,8 @@ enum Command {
     FetchModel,
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
     }
 }

@@ -510,7 +510,6 @@ impl Core {
                 SeqChunk {
                     tokens: &s.tokens[start..start + n],
                     start,
-                    prompt_len: s.prompt_len,
                     table: &s.blocks,
                     logits: start + n == s.tokens.len(),
                 }

@@ -1,19 +1,23 @@
 //! The Llama forward pass over the paged KV cache.
 //!
-//! Two paths, chosen per token by its phase and never by what else is in the step:
-//! - prompt tokens take the *dense* path: f32 weights (dequantized at load) through candle's
-//!   matmul, which gives bit-identical rows for any row count ≥ 2 at any offset (a lone row
-//!   is padded to two, since m = 1 takes another kernel);
-//! - generated tokens take the *quantized* path: our own mat-vec over the GGUF blocks, which
-//!   reads 4–8× fewer bytes per token (decode is memory-bound).
+//! Every token, prompt or generated, takes one path: activations quantized per 32 values to
+//! 8 bits, times the GGUF's quantized weights in our own kernels (one output row at a time,
+//! fixed reduction order). Nothing in that path depends on how many rows share the step, so
+//! a request's logits are bit-identical alone, batched, chunked or resumed elsewhere.
 //!
-//! Everything else (norms, RoPE, attention) is per row in a fixed order.
+//! Why not dense f32 weights through a GEMM for prompts, as DESIGN.md suggests: measured
+//! here, the GEMM's per-call cost (packing ~540 MB of weights) made small prefill chunks
+//! cost 100+ ms (a 1-token prompt: 142 ms against 18 ms on this path, 2 threads), which is
+//! exactly what hurts inter-token latency when prompts share steps with decodes; and the
+//! dense copy held 650 MB more memory. A 512-token prefill is ~15% slower on this path.
+//!
+//! Norms, RoPE and attention are per row in a fixed order.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, GgufError};
@@ -24,37 +28,23 @@ use crate::kernels::{rms_norm, silu_mul, Rope};
 use crate::kv_cache::KvCache;
 use crate::tokenizer::Tokenizer;
 
-type CResult<T> = Result<T, candle_core::Error>;
-
-/// A linear layer in both forms: dense for the prompt path, quantized for the decode path.
-struct Linear {
-    dense: Tensor,
-    quant: QMatrix,
-}
-
-impl Linear {
-    fn out_dim(&self) -> usize {
-        self.quant.rows
-    }
-}
-
 struct Layer {
     attn_norm: Vec<f32>,
-    wqkv: Linear,
-    wo: Linear,
+    wqkv: QMatrix,
+    wo: QMatrix,
     ffn_norm: Vec<f32>,
-    w_gate_up: Linear,
-    w_down: Linear,
+    w_gate_up: QMatrix,
+    w_down: QMatrix,
 }
 
-/// A loaded model: config, tokenizer, weights in the forms the two paths need.
+/// A loaded model: config, tokenizer, weights in the form our kernels run on.
 pub struct Model {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     path: PathBuf,
     embd: QMatrix,
     output_norm: Vec<f32>,
-    lm_head: Linear,
+    lm_head: Option<QMatrix>,
     layers: Vec<Layer>,
     rope: Rope,
     weight_bytes: usize,
@@ -67,81 +57,44 @@ fn load_err(path: &Path, e: candle_core::Error) -> GgufError {
     }
 }
 
-fn dense_of(path: &Path, t: &RawTensor) -> Result<Tensor, GgufError> {
+/// Any GGUF type, dequantized by candle to f32 values.
+fn vec_of(path: &Path, t: &RawTensor) -> Result<Vec<f32>, GgufError> {
     let storage = QStorage::from_data(Cow::Borrowed(&t.data), &Device::Cpu, t.dtype)
         .map_err(|e| load_err(path, e))?;
     let q = QTensor::new(storage, t.dims.clone()).map_err(|e| load_err(path, e))?;
-    q.dequantize(&Device::Cpu).map_err(|e| load_err(path, e))
-}
-
-fn quant_of(path: &Path, t: RawTensor, dense: &Tensor) -> Result<QMatrix, GgufError> {
-    let (rows, cols) = (t.dims[0], t.dims[1]);
-    Ok(match t.dtype {
-        GgmlDType::Q4_1 => QMatrix::from_gguf(QKind::Q4_1, rows, cols, &t.data),
-        GgmlDType::Q8_0 => QMatrix::from_gguf(QKind::Q8_0, rows, cols, &t.data),
-        _ => QMatrix::from_f32(
-            rows,
-            cols,
-            dense
-                .flatten_all()
-                .and_then(|d| d.to_vec1::<f32>())
-                .map_err(|e| load_err(path, e))?,
-        ),
-    })
-}
-
-fn vec_of(path: &Path, t: &RawTensor) -> Result<Vec<f32>, GgufError> {
-    dense_of(path, t)?
-        .flatten_all()
+    q.dequantize(&Device::Cpu)
+        .and_then(|d| d.flatten_all())
         .and_then(|d| d.to_vec1::<f32>())
         .map_err(|e| load_err(path, e))
 }
 
-/// Loads several tensors as one linear layer stacked along output rows.
-fn linear(g: &mut GgufFile, names: &[String], cols: usize, rows: &[usize]) -> Result<Linear, GgufError> {
-    let path = g.path.clone();
-    let mut denses = Vec::new();
-    let mut quants = Vec::new();
-    for (name, &r) in names.iter().zip(rows) {
-        let t = g.take(name, &[r, cols])?;
-        let d = dense_of(&path, &t)?;
-        quants.push(quant_of(&path, t, &d)?);
-        denses.push(d);
-    }
-    let dense = Tensor::cat(&denses, 0).map_err(|e| load_err(&path, e))?;
-    let quant = match QMatrix::concat(quants) {
-        Some(q) => q,
-        // Mixed types: fall back to f32 rows for the decode path.
-        None => QMatrix::from_f32(
-            rows.iter().sum(),
-            cols,
-            dense
-                .flatten_all()
-                .and_then(|d| d.to_vec1::<f32>())
-                .map_err(|e| load_err(&path, e))?,
-        ),
-    };
-    // Transposed once, contiguous, so the prompt path's matmul reads `x · Wᵀ` directly.
-    let dense = dense
-        .t()
-        .and_then(|t| t.contiguous())
-        .map_err(|e| load_err(&path, e))?;
-    Ok(Linear { dense, quant })
+/// Q4_1 and Q8_0 run as they are; other types become f32 rows.
+fn quant_of(path: &Path, t: &RawTensor) -> Result<QMatrix, GgufError> {
+    let (rows, cols) = (t.dims[0], t.dims[1]);
+    Ok(match t.dtype {
+        GgmlDType::Q4_1 => QMatrix::from_gguf(QKind::Q4_1, rows, cols, &t.data),
+        GgmlDType::Q8_0 => QMatrix::from_gguf(QKind::Q8_0, rows, cols, &t.data),
+        _ => QMatrix::from_f32(rows, cols, vec_of(path, t)?),
+    })
 }
 
-/// Which path a token takes.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Path2 {
-    Dense,
-    Quant,
+/// Loads several tensors as one matrix stacked along output rows (one kernel call).
+fn load_linear(g: &mut GgufFile, names: &[String], cols: usize, rows: &[usize]) -> Result<QMatrix, GgufError> {
+    let path = g.path.clone();
+    let mut parts = Vec::new();
+    for (name, &r) in names.iter().zip(rows) {
+        parts.push(quant_of(&path, &g.take(name, &[r, cols])?)?);
+    }
+    QMatrix::concat(parts).ok_or_else(|| GgufError::Malformed {
+        path,
+        reason: format!("cannot stack {names:?}"),
+    })
 }
 
 /// One request's slice of a step: `tokens` at positions `start..`, written into `table`.
 pub(crate) struct SeqChunk<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
-    /// Positions below this are prompt tokens (dense path); the rest were generated.
-    pub prompt_len: usize,
     pub table: &'a [u32],
     /// Whether to return logits for the last token of the chunk.
     pub logits: bool,
@@ -150,7 +103,6 @@ pub(crate) struct SeqChunk<'a> {
 struct Row {
     seq: usize,
     pos: usize,
-    path: Path2,
 }
 
 impl Model {
@@ -159,42 +111,31 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(&g)?;
         let c = g.config.clone();
         let (d, kvd, ff) = (c.n_embd, c.n_head_kv * c.head_dim, c.n_ff);
-        let embd_raw = g.take("token_embd.weight", &[c.vocab_size, d])?;
-        let embd_dense = dense_of(path, &embd_raw)?;
+        let embd = quant_of(path, &g.take("token_embd.weight", &[c.vocab_size, d])?)?;
+        // No `output.weight`: the output head is tied to the embedding.
         let lm_head = if g.tensors.contains_key("output.weight") {
-            linear(&mut g, &["output.weight".into()], d, &[c.vocab_size])?
+            Some(load_linear(&mut g, &["output.weight".into()], d, &[c.vocab_size])?)
         } else {
-            // Tied output head: the same matrix in both forms.
-            let q = quant_of(path, RawTensor { dtype: embd_raw.dtype, dims: embd_raw.dims.clone(), data: embd_raw.data.clone() }, &embd_dense)?;
-            Linear {
-                dense: embd_dense
-                    .t()
-                    .and_then(|t| t.contiguous())
-                    .map_err(|e| load_err(path, e))?,
-                quant: q,
-            }
+            None
         };
-        let embd = quant_of(path, embd_raw, &embd_dense)?;
-        drop(embd_dense);
         let output_norm = vec_of(path, &g.take("output_norm.weight", &[d])?)?;
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 attn_norm: vec_of(path, &g.take(&n("attn_norm"), &[d])?)?,
-                wqkv: linear(&mut g, &[n("attn_q"), n("attn_k"), n("attn_v")], d, &[d, kvd, kvd])?,
-                wo: linear(&mut g, &[n("attn_output")], d, &[d])?,
+                wqkv: load_linear(&mut g, &[n("attn_q"), n("attn_k"), n("attn_v")], d, &[d, kvd, kvd])?,
+                wo: load_linear(&mut g, &[n("attn_output")], d, &[d])?,
                 ffn_norm: vec_of(path, &g.take(&n("ffn_norm"), &[d])?)?,
-                w_gate_up: linear(&mut g, &[n("ffn_gate"), n("ffn_up")], d, &[ff, ff])?,
-                w_down: linear(&mut g, &[n("ffn_down")], ff, &[d])?,
+                w_gate_up: load_linear(&mut g, &[n("ffn_gate"), n("ffn_up")], d, &[ff, ff])?,
+                w_down: load_linear(&mut g, &[n("ffn_down")], ff, &[d])?,
             });
         }
-        let lin_bytes = |l: &Linear| l.quant.bytes() + l.dense.elem_count() * 4;
         let weight_bytes = embd.bytes()
-            + lin_bytes(&lm_head)
+            + lm_head.as_ref().map_or(0, |m| m.bytes())
             + layers
                 .iter()
-                .map(|l| lin_bytes(&l.wqkv) + lin_bytes(&l.wo) + lin_bytes(&l.w_gate_up) + lin_bytes(&l.w_down))
+                .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
                 .sum::<usize>();
         Ok(Self {
             rope: Rope::new(c.head_dim, c.rope_base, c.context_length),
@@ -213,7 +154,7 @@ impl Model {
         &self.path
     }
 
-    /// Bytes held by weights in both forms.
+    /// Bytes held by weights.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
     }
@@ -229,15 +170,6 @@ impl Model {
         cache: &mut KvCache,
         chunks: &[SeqChunk<'_>],
     ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
-        self.forward_inner(cache, chunks)
-            .map_err(|e| EngineError::Internal(e.to_string()))
-    }
-
-    fn forward_inner(
-        &self,
-        cache: &mut KvCache,
-        chunks: &[SeqChunk<'_>],
-    ) -> CResult<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         let (d, hd, nh, nkv) = (c.n_embd, c.head_dim, c.n_head, c.n_head_kv);
         let kvd = nkv * hd;
@@ -246,18 +178,13 @@ impl Model {
         for (si, ch) in chunks.iter().enumerate() {
             for (i, &tok) in ch.tokens.iter().enumerate() {
                 let pos = ch.start + i;
-                rows.push(Row {
-                    seq: si,
-                    pos,
-                    path: if pos < ch.prompt_len { Path2::Dense } else { Path2::Quant },
-                });
+                rows.push(Row { seq: si, pos });
                 let at = h.len();
                 h.resize(at + d, 0.0);
                 self.embd.dequantize_row(tok as usize, &mut h[at..]);
             }
         }
         let n = rows.len();
-        let paths: Vec<Path2> = rows.iter().map(|r| r.path).collect();
         let mut xn = vec![0f32; n * d];
         let mut att = vec![0f32; n * d];
         let mut act = vec![0f32; n * c.n_ff];
@@ -265,7 +192,7 @@ impl Model {
             for r in 0..n {
                 rms_norm(&h[r * d..(r + 1) * d], &layer.attn_norm, c.rms_eps, &mut xn[r * d..(r + 1) * d]);
             }
-            let mut qkv = self.linear(&layer.wqkv, &xn, d, &paths)?;
+            let mut qkv = linear(&layer.wqkv, &xn, n);
             let w = d + 2 * kvd;
             for (r, row) in rows.iter().enumerate() {
                 let x = &mut qkv[r * w..(r + 1) * w];
@@ -281,18 +208,18 @@ impl Model {
                     let q = &qkv[r * w..r * w + d];
                     attend_row(cache_ref, li, chunks[row.seq].table, row.pos + 1, q, nh, out, s);
                 });
-            let o = self.linear(&layer.wo, &att, d, &paths)?;
+            let o = linear(&layer.wo, &att, n);
             for (hv, ov) in h.iter_mut().zip(&o) {
                 *hv += ov;
             }
             for r in 0..n {
                 rms_norm(&h[r * d..(r + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[r * d..(r + 1) * d]);
             }
-            let gu = self.linear(&layer.w_gate_up, &xn, d, &paths)?;
+            let gu = linear(&layer.w_gate_up, &xn, n);
             for r in 0..n {
                 silu_mul(&gu[r * 2 * c.n_ff..(r + 1) * 2 * c.n_ff], &mut act[r * c.n_ff..(r + 1) * c.n_ff]);
             }
-            let down = self.linear(&layer.w_down, &act, c.n_ff, &paths)?;
+            let down = linear(&layer.w_down, &act, n);
             for (hv, dv) in h.iter_mut().zip(&down) {
                 *hv += dv;
             }
@@ -312,66 +239,28 @@ impl Model {
             return Ok(out);
         }
         let mut xl = vec![0f32; want.len() * d];
-        let mut lpaths = Vec::with_capacity(want.len());
         for (i, &(_, r)) in want.iter().enumerate() {
             rms_norm(&h[r * d..(r + 1) * d], &self.output_norm, c.rms_eps, &mut xl[i * d..(i + 1) * d]);
-            lpaths.push(paths[r]);
         }
-        let logits = self.linear(&self.lm_head, &xl, d, &lpaths)?;
-        let v = self.lm_head.out_dim();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embd);
+        let logits = linear(head, &xl, want.len());
+        let v = head.rows;
         for (i, &(si, _)) in want.iter().enumerate() {
             out[si] = Some(logits[i * v..(i + 1) * v].to_vec());
         }
         Ok(out)
     }
+}
 
-    /// `x · Wᵀ` for every row, each row through its own path.
-    fn linear(&self, lin: &Linear, x: &[f32], k: usize, paths: &[Path2]) -> CResult<Vec<f32>> {
-        let n_out = lin.out_dim();
-        let n = paths.len();
-        let mut y = vec![0f32; n * n_out];
-        let dense_rows: Vec<usize> = (0..n).filter(|&r| paths[r] == Path2::Dense).collect();
-        let quant_rows: Vec<usize> = (0..n).filter(|&r| paths[r] == Path2::Quant).collect();
-        if !dense_rows.is_empty() {
-            let m = dense_rows.len();
-            // A lone row is padded to two: candle's m = 1 kernel gives other bits.
-            let m_eff = m.max(2);
-            let mut buf = Vec::with_capacity(m_eff * k);
-            for &r in &dense_rows {
-                buf.extend_from_slice(&x[r * k..(r + 1) * k]);
-            }
-            if m == 1 {
-                buf.extend_from_slice(&x[dense_rows[0] * k..(dense_rows[0] + 1) * k]);
-            }
-            let xt = Tensor::from_vec(buf, (m_eff, k), &Device::Cpu)?;
-            let res = xt.matmul(&lin.dense)?.flatten_all()?.to_vec1::<f32>()?;
-            for (i, &r) in dense_rows.iter().enumerate() {
-                y[r * n_out..(r + 1) * n_out].copy_from_slice(&res[i * n_out..(i + 1) * n_out]);
-            }
-        }
-        if !quant_rows.is_empty() {
-            let m = quant_rows.len();
-            let mut xf = Vec::new();
-            let mut xq: Vec<QRow> = Vec::with_capacity(m);
-            for &r in &quant_rows {
-                let row = &x[r * k..(r + 1) * k];
-                if lin.quant.kind == QKind::F32 {
-                    xf.extend_from_slice(row);
-                } else {
-                    xq.push(quantize_row(row));
-                }
-            }
-            if m == n {
-                // Decode-only step: rows are already in order, write in place.
-                lin.quant.matvec(&xf, &xq, m, &mut y);
-                return Ok(y);
-            }
-            let mut res = vec![0f32; m * n_out];
-            lin.quant.matvec(&xf, &xq, m, &mut res);
-            for (i, &r) in quant_rows.iter().enumerate() {
-                y[r * n_out..(r + 1) * n_out].copy_from_slice(&res[i * n_out..(i + 1) * n_out]);
-            }
-        }
-        Ok(y)
+/// `x · Wᵀ` for `n` rows of `x`.
+fn linear(w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let k = w.cols;
+    let mut y = vec![0f32; n * w.rows];
+    if w.kind == QKind::F32 {
+        w.matvec(x, &[], n, &mut y);
+    } else {
+        let xq: Vec<QRow> = x.par_chunks_exact(k).map(quantize_row).collect();
+        w.matvec(&[], &xq, n, &mut y);
     }
+    y
 }

@@ -133,12 +133,24 @@ impl QMatrix {
         }
     }
 
-    /// Stacks matrices of one kind and width along rows.
+    /// The same matrix as f32 rows.
+    pub fn to_f32(&self) -> QMatrix {
+        let mut v = vec![0f32; self.rows * self.cols];
+        for (r, out) in v.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, out);
+        }
+        QMatrix::from_f32(self.rows, self.cols, v)
+    }
+
+    /// Stacks matrices of one width along rows (as f32 rows if their kinds differ).
     pub fn concat(parts: Vec<QMatrix>) -> Option<QMatrix> {
         let kind = parts.first()?.kind;
         let cols = parts[0].cols;
-        if parts.iter().any(|p| p.kind != kind || p.cols != cols) {
+        if parts.iter().any(|p| p.cols != cols) {
             return None;
+        }
+        if parts.iter().any(|p| p.kind != kind) {
+            return Self::concat(parts.iter().map(|p| p.to_f32()).collect());
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         let mut data = Vec::new();

@@ -1,0 +1,111 @@
+//! `splitserve serve`: the engine behind the OpenAI-compatible HTTP API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use splitserve_engine::{EngineConfig, KvDtype, Model};
+use splitserve_server::AppState;
+
+/// Engine flags, named as vLLM names them.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Model name served in the API (default: the file name without extension).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV cache blocks in the pool (vLLM: --num-gpu-blocks-override).
+    #[arg(long, alias = "num-gpu-blocks-override", default_value_t = 2048)]
+    pub num_kv_blocks: usize,
+    /// Requests in the running batch at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_num_seqs: usize,
+    /// Token budget of one step (prompt chunk tokens plus one per decoding request).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Context length served (default: the model's, capped by the KV pool).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Split long prompts into chunks of the step budget.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_chunked_prefill: bool,
+    /// KV cache storage type: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: KvDtype,
+    /// Kernel threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Requests allowed to wait; beyond this new requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting_requests: usize,
+}
+
+impl EngineArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            num_blocks: self.num_kv_blocks,
+            kv_dtype: self.kv_cache_dtype,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_chunked_prefill: self.enable_chunked_prefill,
+            max_model_len: self.max_model_len,
+            max_waiting: self.max_waiting_requests,
+            threads: self.threads,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if let Some(t) = a.engine.threads {
+        // candle's matmul reads this; set before any worker thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let path = crate::model_path(&a.engine.model)?;
+    let model = Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let name = a.engine.served_model_name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let cfg = a.engine.engine_config();
+    let state = AppState::start(model, cfg.clone(), name.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(
+            model = %name,
+            addr = %listener.local_addr()?,
+            block_size = cfg.block_size,
+            num_kv_blocks = cfg.num_blocks,
+            max_model_len = state.engine().max_model_len(),
+            "serving OpenAI-compatible API"
+        );
+        splitserve_server::serve(listener, state, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,323 @@
+//! splitserve's OpenAI-compatible HTTP server: the engine behind `/v1/completions`,
+//! `/v1/chat/completions` (streaming and not), `/v1/models`, `/health`, `/metrics`,
+//! `/tokenize` and `/detokenize`.
+
+mod error;
+mod generation;
+mod metrics;
+mod openai;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, Model};
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+use generation::{Kind, PromptJob, Spec};
+use openai::{ChatRequest, CompletionRequest, ContentInput, PromptInput};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+struct Inner {
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    model_name: String,
+    counter: AtomicU64,
+}
+
+/// Shared state of one server: its engine, metrics and served model name.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    /// Starts an engine for `model` with metrics wired to its steps.
+    pub fn start(model: Arc<Model>, cfg: EngineConfig, model_name: String) -> Result<Self, splitserve_engine::EngineError> {
+        let metrics = Arc::new(Metrics::new());
+        let m = metrics.clone();
+        let engine = Engine::start(model, cfg, Some(Arc::new(move |s| m.observe_step(s))))?;
+        Ok(Self(Arc::new(Inner {
+            engine,
+            metrics,
+            model_name,
+            counter: AtomicU64::new(0),
+        })))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.0.engine
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+}
+
+/// All routes of the OpenAI-compatible server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() { "malformed JSON" } else { "invalid request" };
+        ApiError::bad(format!("{what}: {e}"), None)
+    })
+}
+
+fn request_id(state: &AppState, headers: &HeaderMap, prefix: &str) -> (String, Option<HeaderValue>) {
+    match headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty() && s.len() <= 256) {
+        Some(s) => (s.to_string(), HeaderValue::from_str(s).ok()),
+        None => {
+            let n = state.0.counter.fetch_add(1, Ordering::Relaxed);
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0);
+            let id = format!("{prefix}-{t:x}{n:04x}");
+            let hv = HeaderValue::from_str(&id).ok();
+            (id, hv)
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn check_model(state: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != &state.0.model_name => Err(ApiError::ModelNotFound(m.clone())),
+        _ => Ok(()),
+    }
+}
+
+fn with_id(resp: Response, id: Option<HeaderValue>) -> Response {
+    let mut resp = resp;
+    if let Some(v) = id {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (id, hv) = request_id(&state, &headers, "cmpl");
+    let r = completions_inner(&state, id, body).await;
+    with_id(r.unwrap_or_else(|e| e.into_response()), hv)
+}
+
+async fn completions_inner(state: &AppState, id: String, body: Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    check_model(state, &req.common.model)?;
+    let engine = &state.0.engine;
+    let tok = &engine.model().tokenizer;
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        PromptInput::Text(s) => vec![tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt")))?],
+        PromptInput::Texts(v) => v
+            .iter()
+            .map(|s| tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt"))))
+            .collect::<Result<_, _>>()?,
+        PromptInput::Ids(ids) => vec![ids.clone()],
+        PromptInput::IdLists(v) => v.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::bad("prompt must not be empty", Some("prompt")));
+    }
+    let mut jobs = Vec::new();
+    for ids in prompts {
+        let echo = if req.echo {
+            Some(tok.decode(&ids, false).map_err(|e| ApiError::bad(e, Some("prompt")))?)
+        } else {
+            None
+        };
+        jobs.push(PromptJob { ids, echo });
+    }
+    run(state, Kind::Completion, id, jobs, &req.common, req.common.max_tokens, req.logprobs).await
+}
+
+async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (id, hv) = request_id(&state, &headers, "chatcmpl");
+    let r = chat_inner(&state, id, body).await;
+    with_id(r.unwrap_or_else(|e| e.into_response()), hv)
+}
+
+async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    check_model(state, &req.common.model)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty", Some("messages")));
+    }
+    let messages: Vec<ChatMessage> = req
+        .messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: match &m.content {
+                None => String::new(),
+                Some(ContentInput::Text(s)) => s.clone(),
+                Some(ContentInput::Parts(p)) => p
+                    .iter()
+                    .filter(|x| x.kind == "text")
+                    .filter_map(|x| x.text.clone())
+                    .collect::<Vec<_>>()
+                    .join(""),
+            },
+        })
+        .collect();
+    let tok = &state.0.engine.model().tokenizer;
+    let text = tok
+        .apply_chat_template(&messages, req.add_generation_prompt.unwrap_or(true))
+        .map_err(|e| ApiError::bad(e, Some("messages")))?;
+    let ids = tok.encode(&text).map_err(|e| ApiError::bad(e, Some("messages")))?;
+    let logprobs = if req.logprobs { Some(req.top_logprobs.unwrap_or(0)) } else { None };
+    let max = req.max_completion_tokens.or(req.common.max_tokens);
+    run(state, Kind::Chat, id, vec![PromptJob { ids, echo: None }], &req.common, max, logprobs).await
+}
+
+async fn run(
+    state: &AppState,
+    kind: Kind,
+    id: String,
+    jobs: Vec<PromptJob>,
+    common: &openai::CommonParams,
+    max_tokens: Option<i64>,
+    logprobs: Option<i64>,
+) -> Result<Response, ApiError> {
+    let engine = &state.0.engine;
+    let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
+    let max_len = engine.max_model_len();
+    if longest >= max_len {
+        return Err(ApiError::bad(
+            format!("This model's maximum context length is {max_len} tokens, but the prompt has {longest} tokens."),
+            Some("prompt"),
+        ));
+    }
+    let params = common.sampling(max_tokens, max_len - longest, logprobs)?;
+    let spec = Spec {
+        kind,
+        id: id.clone(),
+        model: state.0.model_name.clone(),
+        created: now_secs(),
+        include_usage: common.include_usage(),
+        return_token_ids: common.return_token_ids,
+        logprobs: params.logprobs.is_some(),
+        extra: None,
+    };
+    let events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params)?;
+    if common.stream {
+        Ok(generation::stream_sse(engine.clone(), spec, jobs, events).into_response())
+    } else {
+        let v = generation::collect(engine, &spec, &jobs, events).await?;
+        Ok(Json(v).into_response())
+    }
+}
+
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.0.model_name,
+            "object": "model",
+            "created": now_secs(),
+            "owned_by": "splitserve",
+            "max_model_len": state.0.engine.max_model_len(),
+        }]
+    }))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let s = state.0.engine.stats();
+    (StatusCode::OK, Json(json!({"status": "ok", "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.0.metrics.render(&state.0.engine),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizeRequest {
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default = "yes")]
+    add_generation_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    let r = (|| -> Result<Value, ApiError> {
+        let req: TokenizeRequest = parse(&body)?;
+        let tok = &state.0.engine.model().tokenizer;
+        let text = match (req.prompt, req.messages) {
+            (Some(p), None) => p,
+            (None, Some(m)) => tok
+                .apply_chat_template(&m, req.add_generation_prompt)
+                .map_err(|e| ApiError::bad(e, Some("messages")))?,
+            _ => return Err(ApiError::bad("give exactly one of prompt or messages", Some("prompt"))),
+        };
+        let ids = tok.encode(&text).map_err(|e| ApiError::bad(e, Some("prompt")))?;
+        Ok(json!({"count": ids.len(), "max_model_len": state.0.engine.max_model_len(), "tokens": ids}))
+    })();
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DetokenizeRequest {
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    let r = (|| -> Result<Value, ApiError> {
+        let req: DetokenizeRequest = parse(&body)?;
+        let tok = &state.0.engine.model().tokenizer;
+        let vocab = state.0.engine.model().config.vocab_size;
+        if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::bad(format!("token id {t} is outside the vocabulary (size {vocab})"), Some("tokens")));
+        }
+        Ok(json!({"prompt": tok.decode(&req.tokens, false).map_err(|e| ApiError::bad(e, Some("tokens")))?}))
+    })();
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics, named in vLLM's style with our own prefix.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use splitserve_engine::{Engine, StepInfo};
+
+pub const PREFIX: &str = "splitserve:";
+
+pub struct Metrics {
+    registry: Registry,
+    running: IntGauge,
+    waiting: IntGauge,
+    free_blocks: IntGauge,
+    total_blocks: IntGauge,
+    usage: prometheus::Gauge,
+    prompt_tokens_computed: IntGauge,
+    preemptions: IntGauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub request_success: IntCounterVec,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub queue: Histogram,
+    pub prefill_step: Histogram,
+    pub decode_step: Histogram,
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(format!("{PREFIX}{name}"), help).buckets(buckets.to_vec()))
+        .expect("valid histogram")
+}
+
+const LAT: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let g = |n: &str, h: &str| IntGauge::new(format!("{PREFIX}{n}"), h).expect("valid gauge");
+        let c = |n: &str, h: &str| IntCounter::new(format!("{PREFIX}{n}"), h).expect("valid counter");
+        let m = Self {
+            registry: Registry::new(),
+            running: g("num_requests_running", "Requests in the running batch."),
+            waiting: g("num_requests_waiting", "Requests waiting to be scheduled."),
+            free_blocks: g("kv_cache_free_blocks", "Free KV cache blocks."),
+            total_blocks: g("kv_cache_total_blocks", "KV cache blocks in the pool."),
+            usage: prometheus::Gauge::new(format!("{PREFIX}kv_cache_usage_perc"), "KV cache usage fraction (1 = full).")
+                .expect("valid gauge"),
+            prompt_tokens_computed: g("prompt_tokens_computed", "Prompt tokens this engine computed itself (not pulled from a peer)."),
+            preemptions: g("num_preemptions", "Requests preempted so far."),
+            prompt_tokens: c("prompt_tokens_total", "Prompt tokens of requests received."),
+            generation_tokens: c("generation_tokens_total", "Tokens generated."),
+            request_success: IntCounterVec::new(
+                Opts::new(format!("{PREFIX}request_success_total"), "Finished requests by finish reason."),
+                &["finished_reason"],
+            )
+            .expect("valid counter"),
+            ttft: hist("time_to_first_token_seconds", "Time to first token.", LAT),
+            itl: hist("inter_token_latency_seconds", "Time between consecutive output tokens.", LAT),
+            e2e: hist("e2e_request_latency_seconds", "End-to-end request latency.", LAT),
+            queue: hist("request_queue_time_seconds", "Time waiting before the first step.", LAT),
+            prefill_step: hist("prefill_step_seconds", "Duration of steps that computed prompt tokens.", LAT),
+            decode_step: hist("decode_step_seconds", "Duration of decode-only steps.", LAT),
+        };
+        let r = &m.registry;
+        let _ = r.register(Box::new(m.running.clone()));
+        let _ = r.register(Box::new(m.waiting.clone()));
+        let _ = r.register(Box::new(m.free_blocks.clone()));
+        let _ = r.register(Box::new(m.total_blocks.clone()));
+        let _ = r.register(Box::new(m.usage.clone()));
+        let _ = r.register(Box::new(m.prompt_tokens_computed.clone()));
+        let _ = r.register(Box::new(m.preemptions.clone()));
+        let _ = r.register(Box::new(m.prompt_tokens.clone()));
+        let _ = r.register(Box::new(m.generation_tokens.clone()));
+        let _ = r.register(Box::new(m.request_success.clone()));
+        for h in [&m.ttft, &m.itl, &m.e2e, &m.queue, &m.prefill_step, &m.decode_step] {
+            let _ = r.register(Box::new(h.clone()));
+        }
+        m
+    }
+
+    /// Registers an extra collector (e.g. a KV connector's counters).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        let _ = self.registry.register(c);
+    }
+
+    pub fn observe_step(&self, s: StepInfo) {
+        let secs = s.duration.as_secs_f64();
+        if s.prefill_tokens > 0 {
+            self.prefill_step.observe(secs);
+        } else {
+            self.decode_step.observe(secs);
+        }
+    }
+
+    /// Prometheus text format, gauges refreshed from the engine.
+    pub fn render(&self, engine: &Engine) -> String {
+        let s = engine.stats();
+        self.running.set(s.running as i64);
+        self.waiting.set(s.waiting as i64);
+        self.free_blocks.set(s.free_blocks as i64);
+        self.total_blocks.set(s.total_blocks as i64);
+        self.usage
+            .set(1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64);
+        self.prompt_tokens_computed.set(s.prompt_tokens_computed as i64);
+        self.preemptions.set(s.preemptions as i64);
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
