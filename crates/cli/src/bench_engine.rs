@@ -40,7 +40,12 @@ struct Row {
     decode: Vec<(usize, f64)>,
 }
 
-fn run_one(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, id: String) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>> {
+fn run_one(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    id: String,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>> {
     Ok(engine.submit(Request {
         id,
         prompt,
@@ -66,10 +71,23 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(a.prompt_len / 5 + 10);
     let mut ids = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
     ids.truncate(a.prompt_len);
-    anyhow::ensure!(ids.len() == a.prompt_len, "could not build a {}-token prompt", a.prompt_len);
+    anyhow::ensure!(
+        ids.len() == a.prompt_len,
+        "could not build a {}-token prompt",
+        a.prompt_len
+    );
     let steps: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
     let mut rows = Vec::new();
-    println!("{:>7} | {:>16} | {}", "threads", "prefill tok/s", a.batch.iter().map(|b| format!("decode b={b} tok/s")).collect::<Vec<_>>().join(" | "));
+    println!(
+        "{:>7} | {:>16} | {}",
+        "threads",
+        "prefill tok/s",
+        a.batch
+            .iter()
+            .map(|b| format!("decode b={b} tok/s"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     for &t in &a.threads {
         // candle's matmul reads this on every call; our kernels run in the engine's pool.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -81,7 +99,9 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 max_num_batched_tokens: a.prompt_len.max(512),
                 ..EngineConfig::default()
             },
-            Some(Arc::new(move |s| s2.lock().map(|mut v| v.push(s)).unwrap_or(()))),
+            Some(Arc::new(move |s| {
+                s2.lock().map(|mut v| v.push(s)).unwrap_or(())
+            })),
         )?;
         let mut best = Duration::MAX;
         for r in 0..a.reps.max(1) {
@@ -95,17 +115,35 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
         for &b in &a.batch {
             steps.lock().map(|mut v| v.clear()).ok().context("lock")?;
             let rxs = (0..b)
-                .map(|i| run_one(&engine, ids[..16 + i].to_vec(), a.decode_tokens, format!("d{b}-{i}")))
+                .map(|i| {
+                    run_one(
+                        &engine,
+                        ids[..16 + i].to_vec(),
+                        a.decode_tokens,
+                        format!("d{b}-{i}"),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             rxs.into_iter().for_each(drain);
             let v = steps.lock().ok().context("lock")?;
-            let full: Vec<&StepInfo> = v.iter().filter(|s| s.prefill_tokens == 0 && s.decode_tokens == b).collect();
+            let full: Vec<&StepInfo> = v
+                .iter()
+                .filter(|s| s.prefill_tokens == 0 && s.decode_tokens == b)
+                .collect();
             let secs: f64 = full.iter().map(|s| s.duration.as_secs_f64()).sum();
             decode.push((b, (full.len() * b) as f64 / secs.max(1e-9)));
         }
         println!(
             "{t:>7} | {prefill:>16.1} | {}",
-            decode.iter().map(|(b, x)| format!("{:>width$.1}", x, width = format!("decode b={b} tok/s").len())).collect::<Vec<_>>().join(" | ")
+            decode
+                .iter()
+                .map(|(b, x)| format!(
+                    "{:>width$.1}",
+                    x,
+                    width = format!("decode b={b} tok/s").len()
+                ))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
         rows.push(Row {
             threads: t,

@@ -110,7 +110,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let first = first.unwrap_or(end);
     let ttft = first.duration_since(t0);
     let decode = end.duration_since(first).as_secs_f64();
-    let tps = if n_out > 1 && decode > 0.0 { (n_out - 1) as f64 / decode } else { 0.0 };
+    let tps = if n_out > 1 && decode > 0.0 {
+        (n_out - 1) as f64 / decode
+    } else {
+        0.0
+    };
     writeln!(out)?;
     writeln!(
         out,

@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "splitserve", version, about = "Disaggregated prefill/decode LLM serving")]
+#[command(
+    name = "splitserve",
+    version,
+    about = "Disaggregated prefill/decode LLM serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +37,8 @@ enum Command {
 enum BenchCommand {
     /// Engine alone: prefill tok/s for one prompt, decode tok/s per batch size and thread count.
     Engine(bench_engine::BenchEngineArgs),
+    /// Load any OpenAI-compatible server: TTFT, ITL, E2E percentiles, throughput, goodput.
+    Serve(splitserve_bench::load::ServeBenchArgs),
 }
 
 /// The model path given, or the default model (fetched on first use).
@@ -41,6 +47,20 @@ pub(crate) fn model_path(given: &Option<PathBuf>) -> Result<PathBuf> {
         Some(p) => Ok(p.clone()),
         None => Ok(splitserve_engine::model_file::default_model(true)?),
     }
+}
+
+fn bench_serve(a: splitserve_bench::load::ServeBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(splitserve_bench::load::run(&a, serde_json::Value::Null))?;
+    print!("{}", report.table());
+    if let Some(p) = &a.result_json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -67,5 +87,6 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
     }
 }

@@ -77,7 +77,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let path = crate::model_path(&a.engine.model)?;
-    let model = Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let model =
+        Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
     let name = a.engine.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())

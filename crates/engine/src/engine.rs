@@ -227,12 +227,18 @@ impl Engine {
             .unwrap_or_else(|| model.config.context_length.min(capacity));
         let bad = |param, reason: String| Err(EngineError::BadParam { param, reason });
         if cfg.block_size == 0 || cfg.num_blocks == 0 {
-            return bad("block_size", "block size and pool size must be positive".into());
+            return bad(
+                "block_size",
+                "block size and pool size must be positive".into(),
+            );
         }
         if max_model_len > model.max_positions() {
             return bad(
                 "max_model_len",
-                format!("{max_model_len} exceeds the model's context length {}", model.max_positions()),
+                format!(
+                    "{max_model_len} exceeds the model's context length {}",
+                    model.max_positions()
+                ),
             );
         }
         if max_model_len > capacity {
@@ -242,7 +248,10 @@ impl Engine {
             );
         }
         if cfg.max_num_batched_tokens == 0 || cfg.max_num_seqs == 0 {
-            return bad("max_num_batched_tokens", "budget and max_num_seqs must be positive".into());
+            return bad(
+                "max_num_batched_tokens",
+                "budget and max_num_seqs must be positive".into(),
+            );
         }
         let c = &model.config;
         let layout = KvLayout {
@@ -423,7 +432,8 @@ impl Core {
 
     fn publish(&self) {
         let s = &self.stats;
-        s.free_blocks.store(self.cache.num_free(), Ordering::Relaxed);
+        s.free_blocks
+            .store(self.cache.num_free(), Ordering::Relaxed);
         s.running.store(self.running.len(), Ordering::Relaxed);
         s.waiting.store(self.waiting.len(), Ordering::Relaxed);
     }
@@ -485,7 +495,12 @@ impl Core {
     }
 
     fn step(&mut self) {
-        let plan = schedule(&self.sched, &mut self.cache, &mut self.running, &mut self.waiting);
+        let plan = schedule(
+            &self.sched,
+            &mut self.cache,
+            &mut self.running,
+            &mut self.waiting,
+        );
         self.stats
             .preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
@@ -545,7 +560,7 @@ impl Core {
                 done.push((i, reason));
             }
         }
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let s = self.running.remove(i);
             self.finish(s, reason, None);
@@ -583,7 +598,9 @@ impl Core {
             let delta = s.detok.step(tok, &s.tokens[s.prompt_len..]);
             s.text.push_str(&delta);
             // A stop string ends the text just before it (OpenAI semantics).
-            let from = s.sent.saturating_sub(s.params.stop.iter().map(|x| x.len()).max().unwrap_or(0));
+            let from = s
+                .sent
+                .saturating_sub(s.params.stop.iter().map(|x| x.len()).max().unwrap_or(0));
             let hit = s
                 .params
                 .stop
@@ -602,7 +619,8 @@ impl Core {
             s.sent = end;
         }
         if reason.is_none()
-            && (s.completion_tokens() >= s.params.max_tokens || s.tokens.len() >= self.max_model_len)
+            && (s.completion_tokens() >= s.params.max_tokens
+                || s.tokens.len() >= self.max_model_len)
         {
             reason = Some(FinishReason::Length);
         }

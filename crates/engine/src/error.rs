@@ -29,7 +29,9 @@ pub enum GgufError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("{path} is truncated: tensor {name} needs bytes up to offset {needed}, file has {size}")]
+    #[error(
+        "{path} is truncated: tensor {name} needs bytes up to offset {needed}, file has {size}"
+    )]
     Truncated {
         path: PathBuf,
         name: String,

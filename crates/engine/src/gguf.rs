@@ -92,7 +92,9 @@ impl GgufFile {
             if elems % bs != 0 {
                 return Err(GgufError::Malformed {
                     path: p(),
-                    reason: format!("tensor {name} has {elems} elements, not a multiple of its block size {bs}"),
+                    reason: format!(
+                        "tensor {name} has {elems} elements, not a multiple of its block size {bs}"
+                    ),
                 });
             }
             let len = (elems / bs * info.ggml_dtype.type_size()) as u64;
@@ -217,7 +219,10 @@ fn read_config(
     }
     let head_dim = n_embd / n_head;
     if head_dim % 2 != 0 {
-        return Err(bad(k("embedding_length"), format!("odd head dim {head_dim}")));
+        return Err(bad(
+            k("embedding_length"),
+            format!("odd head dim {head_dim}"),
+        ));
     }
     let vocab_size = tensors
         .get("token_embd.weight")

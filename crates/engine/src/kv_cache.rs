@@ -31,7 +31,9 @@ impl std::str::FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f16" | "fp16" | "float16" | "auto" => Ok(KvDtype::F16),
             "f32" | "fp32" | "float32" => Ok(KvDtype::F32),
-            other => Err(format!("unknown KV cache dtype {other:?} (expected f16 or f32)")),
+            other => Err(format!(
+                "unknown KV cache dtype {other:?} (expected f16 or f32)"
+            )),
         }
     }
 }
@@ -71,32 +73,6 @@ impl Region {
             Region::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
         }
     }
-
-    fn bytes_of(&self, at: usize, n: usize, out: &mut Vec<u8>) {
-        match self {
-            Region::F16(v) => v[at..at + n]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Region::F32(v) => v[at..at + n]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        }
-    }
-
-    fn set_bytes(&mut self, at: usize, src: &[u8]) {
-        match self {
-            Region::F16(v) => {
-                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(2)) {
-                    *d = f16::from_le_bytes([c[0], c[1]]);
-                }
-            }
-            Region::F32(v) => {
-                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-        }
-    }
 }
 
 /// Geometry of the cache, the part a peer must agree on before KV crosses.
@@ -123,7 +99,6 @@ impl KvLayout {
 
 pub(crate) struct KvCache {
     pub layout: KvLayout,
-    pub num_blocks: usize,
     pub k: Vec<Region>,
     pub v: Vec<Region>,
     free: Vec<u32>,
@@ -142,7 +117,6 @@ impl KvCache {
             // Pop from the end: low ids first, which keeps runs reproducible.
             free: (0..num_blocks as u32).rev().collect(),
             layout,
-            num_blocks,
         }
     }
 
@@ -176,23 +150,6 @@ impl KvCache {
         let at = self.offset(table, pos);
         self.k[layer].write(at, k);
         self.v[layer].write(at, v);
-    }
-
-    /// The K then V bytes of one block in one layer (little-endian, storage dtype).
-    pub fn block_bytes(&self, layer: usize, block: u32, out: &mut Vec<u8>) {
-        let n = self.layout.block_values();
-        let at = block as usize * n;
-        self.k[layer].bytes_of(at, n, out);
-        self.v[layer].bytes_of(at, n, out);
-    }
-
-    /// Writes K then V bytes of one block in one layer, as [`Self::block_bytes`] produced them.
-    pub fn set_block_bytes(&mut self, layer: usize, block: u32, src: &[u8]) {
-        let n = self.layout.block_values();
-        let half = n * self.layout.dtype.bytes();
-        let at = block as usize * n;
-        self.k[layer].set_bytes(at, &src[..half]);
-        self.v[layer].set_bytes(at, &src[half..2 * half]);
     }
 }
 

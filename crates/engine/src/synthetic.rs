@@ -38,7 +38,8 @@ fn byte_chars() -> Vec<char> {
     let mut n = 0u32;
     (0u32..256)
         .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             if printable {
                 char::from_u32(b).unwrap_or('?')
             } else {
@@ -66,7 +67,11 @@ fn random(shape: (usize, usize), seed: u64, scale: f32) -> Vec<f32> {
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), String> {
     let e = |x: candle_core::Error| x.to_string();
     let chars = byte_chars();
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3i32, 3, 3];
     for c in &chars {
         tokens.push(c.to_string());
@@ -86,9 +91,18 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), String> {
     let kvd = s.n_head_kv * head_dim;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut seed = s.seed;
-    let mut add = |name: String, rows: usize, cols: usize, dtype: GgmlDType, scale: f32| -> Result<(), String> {
+    let mut add = |name: String,
+                   rows: usize,
+                   cols: usize,
+                   dtype: GgmlDType,
+                   scale: f32|
+     -> Result<(), String> {
         seed += 1;
-        let data = if rows == 1 { vec![1.0f32; cols] } else { random((rows, cols), seed, scale) };
+        let data = if rows == 1 {
+            vec![1.0f32; cols]
+        } else {
+            random((rows, cols), seed, scale)
+        };
         let t = if rows == 1 {
             Tensor::from_vec(data, cols, &Device::Cpu).map_err(e)?
         } else {
@@ -97,8 +111,20 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), String> {
         tensors.push((name, QTensor::quantize(&t, dtype).map_err(e)?));
         Ok(())
     };
-    add("token_embd.weight".into(), vocab, s.n_embd, GgmlDType::Q8_0, 1.0)?;
-    add("output_norm.weight".into(), 1, s.n_embd, GgmlDType::F32, 1.0)?;
+    add(
+        "token_embd.weight".into(),
+        vocab,
+        s.n_embd,
+        GgmlDType::Q8_0,
+        1.0,
+    )?;
+    add(
+        "output_norm.weight".into(),
+        1,
+        s.n_embd,
+        GgmlDType::F32,
+        1.0,
+    )?;
     for i in 0..s.n_layer {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         let w = 1.0 / (s.n_embd as f32).sqrt();
@@ -110,7 +136,13 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), String> {
         add(n("ffn_norm"), 1, s.n_embd, GgmlDType::F32, 1.0)?;
         add(n("ffn_gate"), s.n_ff, s.n_embd, GgmlDType::Q4_1, w)?;
         add(n("ffn_up"), s.n_ff, s.n_embd, GgmlDType::Q4_1, w)?;
-        add(n("ffn_down"), s.n_embd, s.n_ff, GgmlDType::Q4_1, 1.0 / (s.n_ff as f32).sqrt())?;
+        add(
+            n("ffn_down"),
+            s.n_embd,
+            s.n_ff,
+            GgmlDType::Q4_1,
+            1.0 / (s.n_ff as f32).sqrt(),
+        )?;
     }
     let u32v = |x: usize| Value::U32(x as u32);
     let md: Vec<(&str, Value)> = vec![
@@ -126,9 +158,18 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), String> {
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("smollm".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges", Value::Array(merges.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),

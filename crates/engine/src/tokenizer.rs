@@ -166,7 +166,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
-        self.inner.decode(ids, skip_special).map_err(|e| e.to_string())
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| e.to_string())
     }
 
     /// The text of one token as the vocabulary holds it, bytes decoded.
@@ -232,8 +234,7 @@ impl IncrementalDecoder {
         let full = tok
             .decode(&ids[self.prefix_offset..], true)
             .unwrap_or_default();
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix)
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = ids.len();

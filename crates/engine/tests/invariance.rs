@@ -11,11 +11,21 @@ const N_TOKENS: usize = 64;
 
 fn prompts(n: usize) -> Vec<Vec<u32>> {
     let m = common::real_model();
-    let base = "Disaggregated serving splits prefill and decode across engines so that long prompts \
+    let base =
+        "Disaggregated serving splits prefill and decode across engines so that long prompts \
                 do not stall running streams. The KV cache of each prompt crosses a link. ";
     (0..n)
         .map(|i| {
-            let text = format!("{} Question {i}: {}", base.repeat(i % 5), ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "def fibonacci(n):"][i % 4]);
+            let text = format!(
+                "{} Question {i}: {}",
+                base.repeat(i % 5),
+                [
+                    "What is 2+2?",
+                    "Name a color.",
+                    "Write a haiku about the sea.",
+                    "def fibonacci(n):"
+                ][i % 4]
+            );
             m.tokenizer.encode(&text).expect("encode")
         })
         .collect()
@@ -25,14 +35,21 @@ fn solo(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
     let m = common::real_model();
     prompts
         .iter()
-        .map(|p| run_all(&m, EngineConfig::default(), std::slice::from_ref(p), params).0.remove(0))
+        .map(|p| {
+            run_all(&m, EngineConfig::default(), std::slice::from_ref(p), params)
+                .0
+                .remove(0)
+        })
         .collect()
 }
 
 fn assert_same(reference: &[Output], got: &[Output], what: &str) {
     for (i, (a, b)) in reference.iter().zip(got).enumerate() {
         assert_eq!(a.tokens, b.tokens, "{what}: tokens of request {i}");
-        assert_eq!(a.logit_hashes, b.logit_hashes, "{what}: logits bits of request {i}");
+        assert_eq!(
+            a.logit_hashes, b.logit_hashes,
+            "{what}: logits bits of request {i}"
+        );
     }
 }
 
@@ -41,7 +58,10 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
     let m = common::real_model();
     let ps = prompts(16);
     let lens: Vec<usize> = ps.iter().map(|p| p.len()).collect();
-    assert!(lens.iter().max() > lens.iter().min(), "prompts of different lengths: {lens:?}");
+    assert!(
+        lens.iter().max() > lens.iter().min(),
+        "prompts of different lengths: {lens:?}"
+    );
     let greedy = SamplingParams {
         ignore_eos: true,
         ..SamplingParams::greedy(N_TOKENS)
@@ -80,7 +100,10 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
     assert_same(&reference[4..8], &got, "unchunked");
 
     // A pool too small for all of them: requests are preempted and recomputed.
-    let need: usize = ps[8..16].iter().map(|p| (p.len() + N_TOKENS).div_ceil(16)).sum();
+    let need: usize = ps[8..16]
+        .iter()
+        .map(|p| (p.len() + N_TOKENS).div_ceil(16))
+        .sum();
     let cfg = EngineConfig {
         num_blocks: need / 2,
         max_model_len: Some(256),
@@ -89,7 +112,10 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
     let (got, e) = run_all(&m, cfg, &ps[8..16], &greedy);
     assert_same(&reference[8..16], &got, "preempted");
     let s = wait_all_free(&e);
-    assert!(s.preemptions > 0, "the small pool must force preemption: {s:?}");
+    assert!(
+        s.preemptions > 0,
+        "the small pool must force preemption: {s:?}"
+    );
     assert_eq!(s.free_blocks, s.total_blocks);
 }
 
@@ -115,13 +141,24 @@ fn seeded_sampling_is_reproducible_batched_or_not() {
         ..params.clone()
     };
     let c = solo(&ps[..1], &other);
-    assert_ne!(a[0].tokens, c[0].tokens, "another seed gives another sample");
+    assert_ne!(
+        a[0].tokens, c[0].tokens,
+        "another seed gives another sample"
+    );
 }
 
 #[test]
 fn greedy_continuation_names_paris() {
     let m = common::real_model();
-    let p = m.tokenizer.encode("The capital of France is").expect("encode");
-    let (out, _) = run_all(&m, EngineConfig::default(), &[p], &SamplingParams::greedy(8));
+    let p = m
+        .tokenizer
+        .encode("The capital of France is")
+        .expect("encode");
+    let (out, _) = run_all(
+        &m,
+        EngineConfig::default(),
+        &[p],
+        &SamplingParams::greedy(8),
+    );
     assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
 }

@@ -24,7 +24,10 @@ fn matches_llama_cpp_reference_ids() {
         let ids = model.tokenizer.encode(&case.text).expect("encode");
         assert_eq!(ids, case.ids, "text {:?}", case.text);
         // Decoding without skipping specials gives the text back.
-        assert_eq!(model.tokenizer.decode(&ids, false).expect("decode"), case.text);
+        assert_eq!(
+            model.tokenizer.decode(&ids, false).expect("decode"),
+            case.text
+        );
     }
 }
 
@@ -52,7 +55,12 @@ fn chat_template_from_gguf() {
         .expect("template");
     // SmolLM2's template adds its default system prompt when none is given.
     assert!(text.starts_with("<|im_start|>system\n"), "{text}");
-    assert!(text.ends_with("<|im_start|>user\nWhat is the KV cache?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+    assert!(
+        text.ends_with(
+            "<|im_start|>user\nWhat is the KV cache?<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "{text}"
+    );
     let ids = t.encode(&text).expect("encode");
     assert_eq!(
         &ids[ids.len() - 16..],

@@ -82,8 +82,15 @@ impl Tracker {
             .request_success
             .with_label_values(&[f.reason.as_str()])
             .inc();
-        let ttft_ms = self.first.map(|t| (t - self.start).as_secs_f64() * 1e3).unwrap_or(0.0);
-        let mean_itl_ms = if self.tokens > 1 { self.itl_sum / (self.tokens - 1) as f64 * 1e3 } else { 0.0 };
+        let ttft_ms = self
+            .first
+            .map(|t| (t - self.start).as_secs_f64() * 1e3)
+            .unwrap_or(0.0);
+        let mean_itl_ms = if self.tokens > 1 {
+            self.itl_sum / (self.tokens - 1) as f64 * 1e3
+        } else {
+            0.0
+        };
         tracing::info!(
             id = %self.id,
             prompt_tokens = f.prompt_tokens,
@@ -99,7 +106,10 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         if !self.done {
-            self.metrics.request_success.with_label_values(&["abort"]).inc();
+            self.metrics
+                .request_success
+                .with_label_values(&["abort"])
+                .inc();
             tracing::info!(id = %self.id, output_tokens = self.tokens, finish_reason = "abort", "request finished (client went away)");
         }
     }
@@ -137,31 +147,37 @@ pub fn submit_all(
             itl_sum: 0.0,
             done: false,
         };
-        streams.push(Box::pin(stream::unfold((rx, tracker, false), move |(mut rx, mut t, ended)| async move {
-            if ended {
-                return None;
-            }
-            match rx.recv().await? {
-                Event::Token(tok) => {
-                    t.token();
-                    Some((Out::Token(i, tok), (rx, t, false)))
+        streams.push(Box::pin(stream::unfold(
+            (rx, tracker, false),
+            move |(mut rx, mut t, ended)| async move {
+                if ended {
+                    return None;
                 }
-                Event::Finished(f) => {
-                    t.finish(&f);
-                    Some((Out::Done(i, f), (rx, t, true)))
+                match rx.recv().await? {
+                    Event::Token(tok) => {
+                        t.token();
+                        Some((Out::Token(i, tok), (rx, t, false)))
+                    }
+                    Event::Finished(f) => {
+                        t.finish(&f);
+                        Some((Out::Done(i, f), (rx, t, true)))
+                    }
                 }
-            }
-        })));
+            },
+        )));
     }
     Ok(stream::select_all(streams))
 }
+
+/// A sampled token, its log-probability and the top alternatives.
+type TokenLogprob = (u32, f32, Vec<(u32, f32)>);
 
 /// Accumulated output of one choice.
 #[derive(Default)]
 struct Choice {
     text: String,
     token_ids: Vec<u32>,
-    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    logprobs: Vec<TokenLogprob>,
     finish: Option<Finished>,
 }
 
@@ -169,7 +185,7 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn completion_logprobs(engine: &Engine, lp: &[(u32, f32, Vec<(u32, f32)>)], text_start: usize) -> Value {
+fn completion_logprobs(engine: &Engine, lp: &[TokenLogprob], text_start: usize) -> Value {
     let tok = &engine.model().tokenizer;
     let mut offset = text_start;
     let mut tokens = Vec::new();
@@ -182,13 +198,16 @@ fn completion_logprobs(engine: &Engine, lp: &[(u32, f32, Vec<(u32, f32)>)], text
         offset += t.len();
         tokens.push(t);
         token_logprobs.push(*l);
-        let m: serde_json::Map<String, Value> = alts.iter().map(|(a, v)| (tok.token_text(*a), json!(v))).collect();
+        let m: serde_json::Map<String, Value> = alts
+            .iter()
+            .map(|(a, v)| (tok.token_text(*a), json!(v)))
+            .collect();
         top.push(Value::Object(m));
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
-fn chat_logprobs(engine: &Engine, lp: &[(u32, f32, Vec<(u32, f32)>)]) -> Value {
+fn chat_logprobs(engine: &Engine, lp: &[TokenLogprob]) -> Value {
     let tok = &engine.model().tokenizer;
     let entry = |id: u32, l: f32| {
         let t = tok.token_text(id);
@@ -316,9 +335,13 @@ pub fn stream_sse(
         // Opening chunks: the role (chat) or the echoed prompt (completions).
         for (i, job) in jobs.iter().enumerate() {
             let first = match spec.kind {
-                Kind::Chat => json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                Kind::Chat => {
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])
+                }
                 Kind::Completion => match &job.echo {
-                    Some(e) => json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]),
+                    Some(e) => {
+                        json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}])
+                    }
                     None => continue,
                 },
             };
@@ -334,7 +357,9 @@ pub fn stream_sse(
                     if spec.return_token_ids {
                         ids = Some(json!([t.token]));
                     }
-                    let lp = t.logprob.map(|l| vec![(t.token, l, t.top_logprobs.clone())]);
+                    let lp = t
+                        .logprob
+                        .map(|l| vec![(t.token, l, t.top_logprobs.clone())]);
                     let mut ch = match spec.kind {
                         Kind::Chat => json!({"index": i, "delta": {"content": t.text},
                             "logprobs": lp.map(|l| chat_logprobs(&engine, &l)), "finish_reason": null}),
@@ -354,8 +379,12 @@ pub fn stream_sse(
                     p += f.prompt_tokens;
                     c += f.completion_tokens;
                     let ch = match spec.kind {
-                        Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": f.reason.as_str()}),
-                        Kind::Completion => json!({"index": i, "text": "", "logprobs": null, "finish_reason": f.reason.as_str()}),
+                        Kind::Chat => {
+                            json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": f.reason.as_str()})
+                        }
+                        Kind::Completion => {
+                            json!({"index": i, "text": "", "logprobs": null, "finish_reason": f.reason.as_str()})
+                        }
                     };
                     let mut v = chunk(&spec, json!([ch]), None);
                     if let Some(Value::Object(extra)) = &spec.extra {

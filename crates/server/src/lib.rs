@@ -41,7 +41,11 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     /// Starts an engine for `model` with metrics wired to its steps.
-    pub fn start(model: Arc<Model>, cfg: EngineConfig, model_name: String) -> Result<Self, splitserve_engine::EngineError> {
+    pub fn start(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        model_name: String,
+    ) -> Result<Self, splitserve_engine::EngineError> {
         let metrics = Arc::new(Metrics::new());
         let m = metrics.clone();
         let engine = Engine::start(model, cfg, Some(Arc::new(move |s| m.observe_step(s))))?;
@@ -88,13 +92,25 @@ pub async fn serve(
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() { "malformed JSON" } else { "invalid request" };
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
         ApiError::bad(format!("{what}: {e}"), None)
     })
 }
 
-fn request_id(state: &AppState, headers: &HeaderMap, prefix: &str) -> (String, Option<HeaderValue>) {
-    match headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty() && s.len() <= 256) {
+fn request_id(
+    state: &AppState,
+    headers: &HeaderMap,
+    prefix: &str,
+) -> (String, Option<HeaderValue>) {
+    match headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 256)
+    {
         Some(s) => (s.to_string(), HeaderValue::from_str(s).ok()),
         None => {
             let n = state.0.counter.fetch_add(1, Ordering::Relaxed);
@@ -137,13 +153,19 @@ async fn completions(State(state): State<AppState>, headers: HeaderMap, body: By
     with_id(r.unwrap_or_else(|e| e.into_response()), hv)
 }
 
-async fn completions_inner(state: &AppState, id: String, body: Bytes) -> Result<Response, ApiError> {
+async fn completions_inner(
+    state: &AppState,
+    id: String,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
     check_model(state, &req.common.model)?;
     let engine = &state.0.engine;
     let tok = &engine.model().tokenizer;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
-        PromptInput::Text(s) => vec![tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt")))?],
+        PromptInput::Text(s) => vec![tok
+            .encode(s)
+            .map_err(|e| ApiError::bad(e, Some("prompt")))?],
         PromptInput::Texts(v) => v
             .iter()
             .map(|s| tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt"))))
@@ -157,16 +179,32 @@ async fn completions_inner(state: &AppState, id: String, body: Bytes) -> Result<
     let mut jobs = Vec::new();
     for ids in prompts {
         let echo = if req.echo {
-            Some(tok.decode(&ids, false).map_err(|e| ApiError::bad(e, Some("prompt")))?)
+            Some(
+                tok.decode(&ids, false)
+                    .map_err(|e| ApiError::bad(e, Some("prompt")))?,
+            )
         } else {
             None
         };
         jobs.push(PromptJob { ids, echo });
     }
-    run(state, Kind::Completion, id, jobs, &req.common, req.common.max_tokens, req.logprobs).await
+    run(
+        state,
+        Kind::Completion,
+        id,
+        jobs,
+        &req.common,
+        req.common.max_tokens,
+        req.logprobs,
+    )
+    .await
 }
 
-async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (id, hv) = request_id(&state, &headers, "chatcmpl");
     let r = chat_inner(&state, id, body).await;
     with_id(r.unwrap_or_else(|e| e.into_response()), hv)
@@ -176,7 +214,10 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
     let req: ChatRequest = parse(&body)?;
     check_model(state, &req.common.model)?;
     if req.messages.is_empty() {
-        return Err(ApiError::bad("messages must not be empty", Some("messages")));
+        return Err(ApiError::bad(
+            "messages must not be empty",
+            Some("messages"),
+        ));
     }
     let messages: Vec<ChatMessage> = req
         .messages
@@ -199,10 +240,25 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
     let text = tok
         .apply_chat_template(&messages, req.add_generation_prompt.unwrap_or(true))
         .map_err(|e| ApiError::bad(e, Some("messages")))?;
-    let ids = tok.encode(&text).map_err(|e| ApiError::bad(e, Some("messages")))?;
-    let logprobs = if req.logprobs { Some(req.top_logprobs.unwrap_or(0)) } else { None };
+    let ids = tok
+        .encode(&text)
+        .map_err(|e| ApiError::bad(e, Some("messages")))?;
+    let logprobs = if req.logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
     let max = req.max_completion_tokens.or(req.common.max_tokens);
-    run(state, Kind::Chat, id, vec![PromptJob { ids, echo: None }], &req.common, max, logprobs).await
+    run(
+        state,
+        Kind::Chat,
+        id,
+        vec![PromptJob { ids, echo: None }],
+        &req.common,
+        max,
+        logprobs,
+    )
+    .await
 }
 
 async fn run(
@@ -214,6 +270,12 @@ async fn run(
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
 ) -> Result<Response, ApiError> {
+    if common.kv_transfer_params.is_some() {
+        return Err(ApiError::bad(
+            "kv_transfer_params given, but this server runs without --kv-transfer-config",
+            Some("kv_transfer_params"),
+        ));
+    }
     let engine = &state.0.engine;
     let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
     let max_len = engine.max_model_len();
@@ -263,7 +325,10 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.0.metrics.render(&state.0.engine),
     )
         .into_response()
@@ -290,10 +355,19 @@ async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
             (None, Some(m)) => tok
                 .apply_chat_template(&m, req.add_generation_prompt)
                 .map_err(|e| ApiError::bad(e, Some("messages")))?,
-            _ => return Err(ApiError::bad("give exactly one of prompt or messages", Some("prompt"))),
+            _ => {
+                return Err(ApiError::bad(
+                    "give exactly one of prompt or messages",
+                    Some("prompt"),
+                ))
+            }
         };
-        let ids = tok.encode(&text).map_err(|e| ApiError::bad(e, Some("prompt")))?;
-        Ok(json!({"count": ids.len(), "max_model_len": state.0.engine.max_model_len(), "tokens": ids}))
+        let ids = tok
+            .encode(&text)
+            .map_err(|e| ApiError::bad(e, Some("prompt")))?;
+        Ok(
+            json!({"count": ids.len(), "max_model_len": state.0.engine.max_model_len(), "tokens": ids}),
+        )
     })();
     match r {
         Ok(v) => Json(v).into_response(),
@@ -312,9 +386,14 @@ async fn detokenize(State(state): State<AppState>, body: Bytes) -> Response {
         let tok = &state.0.engine.model().tokenizer;
         let vocab = state.0.engine.model().config.vocab_size;
         if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::bad(format!("token id {t} is outside the vocabulary (size {vocab})"), Some("tokens")));
+            return Err(ApiError::bad(
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+                Some("tokens"),
+            ));
         }
-        Ok(json!({"prompt": tok.decode(&req.tokens, false).map_err(|e| ApiError::bad(e, Some("tokens")))?}))
+        Ok(
+            json!({"prompt": tok.decode(&req.tokens, false).map_err(|e| ApiError::bad(e, Some("tokens")))?}),
+        )
     })();
     match r {
         Ok(v) => Json(v).into_response(),

@@ -29,8 +29,10 @@ pub struct Metrics {
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    Histogram::with_opts(HistogramOpts::new(format!("{PREFIX}{name}"), help).buckets(buckets.to_vec()))
-        .expect("valid histogram")
+    Histogram::with_opts(
+        HistogramOpts::new(format!("{PREFIX}{name}"), help).buckets(buckets.to_vec()),
+    )
+    .expect("valid histogram")
 }
 
 const LAT: &[f64] = &[
@@ -41,29 +43,55 @@ const LAT: &[f64] = &[
 impl Metrics {
     pub fn new() -> Self {
         let g = |n: &str, h: &str| IntGauge::new(format!("{PREFIX}{n}"), h).expect("valid gauge");
-        let c = |n: &str, h: &str| IntCounter::new(format!("{PREFIX}{n}"), h).expect("valid counter");
+        let c =
+            |n: &str, h: &str| IntCounter::new(format!("{PREFIX}{n}"), h).expect("valid counter");
         let m = Self {
             registry: Registry::new(),
             running: g("num_requests_running", "Requests in the running batch."),
             waiting: g("num_requests_waiting", "Requests waiting to be scheduled."),
             free_blocks: g("kv_cache_free_blocks", "Free KV cache blocks."),
             total_blocks: g("kv_cache_total_blocks", "KV cache blocks in the pool."),
-            usage: prometheus::Gauge::new(format!("{PREFIX}kv_cache_usage_perc"), "KV cache usage fraction (1 = full).")
-                .expect("valid gauge"),
-            prompt_tokens_computed: g("prompt_tokens_computed", "Prompt tokens this engine computed itself (not pulled from a peer)."),
+            usage: prometheus::Gauge::new(
+                format!("{PREFIX}kv_cache_usage_perc"),
+                "KV cache usage fraction (1 = full).",
+            )
+            .expect("valid gauge"),
+            prompt_tokens_computed: g(
+                "prompt_tokens_computed",
+                "Prompt tokens this engine computed itself (not pulled from a peer).",
+            ),
             preemptions: g("num_preemptions", "Requests preempted so far."),
             prompt_tokens: c("prompt_tokens_total", "Prompt tokens of requests received."),
             generation_tokens: c("generation_tokens_total", "Tokens generated."),
             request_success: IntCounterVec::new(
-                Opts::new(format!("{PREFIX}request_success_total"), "Finished requests by finish reason."),
+                Opts::new(
+                    format!("{PREFIX}request_success_total"),
+                    "Finished requests by finish reason.",
+                ),
                 &["finished_reason"],
             )
             .expect("valid counter"),
             ttft: hist("time_to_first_token_seconds", "Time to first token.", LAT),
-            itl: hist("inter_token_latency_seconds", "Time between consecutive output tokens.", LAT),
-            e2e: hist("e2e_request_latency_seconds", "End-to-end request latency.", LAT),
-            queue: hist("request_queue_time_seconds", "Time waiting before the first step.", LAT),
-            prefill_step: hist("prefill_step_seconds", "Duration of steps that computed prompt tokens.", LAT),
+            itl: hist(
+                "inter_token_latency_seconds",
+                "Time between consecutive output tokens.",
+                LAT,
+            ),
+            e2e: hist(
+                "e2e_request_latency_seconds",
+                "End-to-end request latency.",
+                LAT,
+            ),
+            queue: hist(
+                "request_queue_time_seconds",
+                "Time waiting before the first step.",
+                LAT,
+            ),
+            prefill_step: hist(
+                "prefill_step_seconds",
+                "Duration of steps that computed prompt tokens.",
+                LAT,
+            ),
             decode_step: hist("decode_step_seconds", "Duration of decode-only steps.", LAT),
         };
         let r = &m.registry;
@@ -77,7 +105,14 @@ impl Metrics {
         let _ = r.register(Box::new(m.prompt_tokens.clone()));
         let _ = r.register(Box::new(m.generation_tokens.clone()));
         let _ = r.register(Box::new(m.request_success.clone()));
-        for h in [&m.ttft, &m.itl, &m.e2e, &m.queue, &m.prefill_step, &m.decode_step] {
+        for h in [
+            &m.ttft,
+            &m.itl,
+            &m.e2e,
+            &m.queue,
+            &m.prefill_step,
+            &m.decode_step,
+        ] {
             let _ = r.register(Box::new(h.clone()));
         }
         m
@@ -106,7 +141,8 @@ impl Metrics {
         self.total_blocks.set(s.total_blocks as i64);
         self.usage
             .set(1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64);
-        self.prompt_tokens_computed.set(s.prompt_tokens_computed as i64);
+        self.prompt_tokens_computed
+            .set(s.prompt_tokens_computed as i64);
         self.preemptions.set(s.preemptions as i64);
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -112,35 +112,53 @@ impl CommonParams {
                 ));
             }
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if v.is_some_and(|x| x != 0.0) {
-                return Err(ApiError::bad(format!("{name} is not supported (must be 0)"), None));
+                return Err(ApiError::bad(
+                    format!("{name} is not supported (must be 0)"),
+                    None,
+                ));
             }
         }
         let max_tokens = match max_tokens {
             None => default_max.max(1),
             Some(m) if m < 1 => {
-                return Err(ApiError::bad(format!("max_tokens must be at least 1, got {m}"), Some("max_tokens")))
+                return Err(ApiError::bad(
+                    format!("max_tokens must be at least 1, got {m}"),
+                    Some("max_tokens"),
+                ))
             }
             Some(m) => m as usize,
         };
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k < 0 => {
-                return Err(ApiError::bad(format!("top_k must be -1 (disabled) or at least 1, got {k}"), Some("top_k")))
+                return Err(ApiError::bad(
+                    format!("top_k must be -1 (disabled) or at least 1, got {k}"),
+                    Some("top_k"),
+                ))
             }
             Some(k) => k as usize,
         };
         let logprobs = match logprobs {
             None => None,
             Some(n) if !(0..=20).contains(&n) => {
-                return Err(ApiError::bad(format!("logprobs must be between 0 and 20, got {n}"), Some("logprobs")))
+                return Err(ApiError::bad(
+                    format!("logprobs must be between 0 and 20, got {n}"),
+                    Some("logprobs"),
+                ))
             }
             Some(n) => Some(n as usize),
         };
         if let Some(t) = self.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(ApiError::bad(format!("temperature must be between 0 and 2, got {t}"), Some("temperature")));
+                return Err(ApiError::bad(
+                    format!("temperature must be between 0 and 2, got {t}"),
+                    Some("temperature"),
+                ));
             }
         }
         Ok(SamplingParams {
@@ -163,6 +181,8 @@ impl CommonParams {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }

@@ -24,9 +24,15 @@ struct Server {
 
 async fn start(cfg: EngineConfig) -> Server {
     let state = AppState::start(model(), cfg, "smol".into()).expect("engine");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(splitserve_server::serve(listener, state, std::future::pending()));
+    tokio::spawn(splitserve_server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
     Server {
         url,
         client: reqwest::Client::new(),
@@ -35,18 +41,37 @@ async fn start(cfg: EngineConfig) -> Server {
 
 impl Server {
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.client.post(format!("{}{path}", self.url)).json(&body).send().await.expect("send");
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         let status = r.status().as_u16();
         (status, r.json().await.expect("json body"))
     }
 
     async fn get_json(&self, path: &str) -> Value {
-        self.client.get(format!("{}{path}", self.url)).send().await.expect("send").json().await.expect("json")
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
     }
 
     /// Streams a request; returns the `data:` payloads (without `[DONE]`) and whether `[DONE]` came.
     async fn stream(&self, path: &str, body: Value) -> (Vec<Value>, bool) {
-        let r = self.client.post(format!("{}{path}", self.url)).json(&body).send().await.expect("send");
+        let r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status().as_u16(), 200);
         let mut buf = String::new();
         let mut s = r.bytes_stream();
@@ -88,9 +113,14 @@ fn greedy(prompt: &str, n: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_and_whole_completions_agree() {
     let s = start(EngineConfig::default()).await;
-    let (st, whole) = s.post("/v1/completions", greedy("The capital of France is", 24)).await;
+    let (st, whole) = s
+        .post("/v1/completions", greedy("The capital of France is", 24))
+        .await;
     assert_eq!(st, 200, "{whole}");
-    let text = whole["choices"][0]["text"].as_str().expect("text").to_string();
+    let text = whole["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
     assert!(text.contains("Paris"), "{text}");
     assert_eq!(whole["usage"]["completion_tokens"], 24);
     assert_eq!(whole["usage"]["prompt_tokens"], 5);
@@ -100,7 +130,10 @@ async fn streamed_and_whole_completions_agree() {
     body["stream_options"] = json!({"include_usage": true});
     let (chunks, done) = s.stream("/v1/completions", body).await;
     assert!(done, "stream ends with [DONE]");
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
     let ids: Vec<u64> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["token_ids"].as_array())
@@ -109,11 +142,19 @@ async fn streamed_and_whole_completions_agree() {
         .collect();
     assert_eq!(streamed, text);
     assert_eq!(ids.len(), 24);
-    let whole_ids: Vec<u64> = whole["choices"][0]["token_ids"].as_array().expect("ids").iter().filter_map(|v| v.as_u64()).collect();
+    let whole_ids: Vec<u64> = whole["choices"][0]["token_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
     assert_eq!(ids, whole_ids);
     let last = chunks.last().expect("usage chunk");
     assert_eq!(last["usage"]["completion_tokens"], 24);
-    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
     s.idle().await;
 }
 
@@ -124,26 +165,42 @@ async fn chat_completion_uses_the_template() {
     let (st, tok) = s.post("/tokenize", json!({"messages": msgs})).await;
     assert_eq!(st, 200);
     let (st, r) = s
-        .post("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 16, "temperature": 0}))
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": 16, "temperature": 0}),
+        )
         .await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["object"], "chat.completion");
     assert_eq!(r["choices"][0]["message"]["role"], "assistant");
-    let content = r["choices"][0]["message"]["content"].as_str().expect("content");
+    let content = r["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
     assert!(!content.is_empty());
     assert_eq!(r["usage"]["completion_tokens"], 16);
     assert_eq!(r["usage"]["prompt_tokens"], tok["count"]);
     // Streaming chat: role first, then content deltas, then the finish reason.
     let (chunks, done) = s
-        .stream("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 16, "temperature": 0, "stream": true}))
+        .stream(
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": 16, "temperature": 0, "stream": true}),
+        )
         .await;
     assert!(done);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(streamed, content);
     // Detokenize round trip.
-    let (_, d) = s.post("/detokenize", json!({"tokens": tok["tokens"]})).await;
-    assert!(d["prompt"].as_str().expect("text").ends_with("<|im_start|>assistant\n"));
+    let (_, d) = s
+        .post("/detokenize", json!({"tokens": tok["tokens"]}))
+        .await;
+    assert!(d["prompt"]
+        .as_str()
+        .expect("text")
+        .ends_with("<|im_start|>assistant\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +208,12 @@ async fn sixteen_concurrent_streams_match_solo_runs() {
     let s = Arc::new(start(EngineConfig::default()).await);
     let start_free = s.idle().await["free_blocks"].clone();
     let prompts: Vec<String> = (0..16)
-        .map(|i| format!("Story {i}: {}", "Once upon a time in a land far away, ".repeat(1 + i % 4)))
+        .map(|i| {
+            format!(
+                "Story {i}: {}",
+                "Once upon a time in a land far away, ".repeat(1 + i % 4)
+            )
+        })
         .collect();
     let mut solo = Vec::new();
     for p in &prompts {
@@ -190,7 +252,13 @@ async fn client_disconnect_aborts_and_frees_blocks() {
     let s = start(EngineConfig::default()).await;
     let mut body = greedy("Tell me a very long story.", 4000);
     body["stream"] = json!(true);
-    let r = s.client.post(format!("{}/v1/completions", s.url)).json(&body).send().await.expect("send");
+    let r = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
     let mut stream = r.bytes_stream();
     let mut seen = 0;
     while seen < 3 {
@@ -203,8 +271,19 @@ async fn client_disconnect_aborts_and_frees_blocks() {
     drop(stream);
     let h = s.idle().await;
     assert_eq!(h["free_blocks"], h["total_blocks"]);
-    let m = s.client.get(format!("{}/metrics", s.url)).send().await.expect("m").text().await.expect("t");
-    assert!(m.contains("splitserve:request_success_total{finished_reason=\"abort\"} 1"), "{m}");
+    let m = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        m.contains("splitserve:request_success_total{finished_reason=\"abort\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,21 +304,36 @@ async fn bad_input_gets_openai_errors() {
     assert_eq!(raw.status().as_u16(), 400);
     let e: Value = raw.json().await.expect("json");
     assert_eq!(e["error"]["type"], "invalid_request_error");
-    assert!(e["error"]["message"].as_str().expect("msg").contains("malformed JSON"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("malformed JSON"),
+        "{e}"
+    );
 
-    let (st, e) = s.post("/v1/completions", json!({"model": "gpt-4", "prompt": "hi"})).await;
+    let (st, e) = s
+        .post("/v1/completions", json!({"model": "gpt-4", "prompt": "hi"}))
+        .await;
     assert_eq!(st, 404);
     assert_eq!(e["error"]["code"], "model_not_found");
 
     let long = "word ".repeat(100);
     let (_, t) = s.post("/tokenize", json!({"prompt": long})).await;
     let n = t["count"].as_u64().expect("count");
-    let (st, e) = s.post("/v1/completions", json!({"prompt": long, "max_tokens": 4})).await;
+    let (st, e) = s
+        .post("/v1/completions", json!({"prompt": long, "max_tokens": 4}))
+        .await;
     assert_eq!(st, 400);
     let msg = e["error"]["message"].as_str().expect("msg");
-    assert!(msg.contains("64") && msg.contains(&n.to_string()), "names both numbers: {msg}");
+    assert!(
+        msg.contains("64") && msg.contains(&n.to_string()),
+        "names both numbers: {msg}"
+    );
 
-    let (st, e) = s.post("/v1/completions", json!({"prompt": "hi", "max_tokens": 70})).await;
+    let (st, e) = s
+        .post("/v1/completions", json!({"prompt": "hi", "max_tokens": 70}))
+        .await;
     assert_eq!(st, 400, "prompt + max_tokens over the context: {e}");
     assert!(e["error"]["message"].as_str().expect("msg").contains("64"));
 
@@ -258,7 +352,9 @@ async fn bad_input_gets_openai_errors() {
         assert_eq!(e["error"]["param"], param, "{body} -> {e}");
         assert_eq!(e["error"]["type"], "invalid_request_error");
     }
-    let (st, _) = s.post("/v1/chat/completions", json!({"messages": []})).await;
+    let (st, _) = s
+        .post("/v1/chat/completions", json!({"messages": []}))
+        .await;
     assert_eq!(st, 400);
     s.idle().await;
 }
@@ -276,18 +372,39 @@ async fn overload_is_503_with_retry_after() {
         b["stream"] = json!(true);
         b
     };
-    let a = s.client.post(format!("{}/v1/completions", s.url)).json(&long("a")).send().await.expect("a");
+    let a = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&long("a"))
+        .send()
+        .await
+        .expect("a");
     for _ in 0..300 {
         if s.get_json("/health").await["running"] == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let b = s.client.post(format!("{}/v1/completions", s.url)).json(&long("b")).send().await.expect("b");
+    let b = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&long("b"))
+        .send()
+        .await
+        .expect("b");
     assert_eq!(s.get_json("/health").await["waiting"], 1);
-    let c = s.client.post(format!("{}/v1/completions", s.url)).json(&greedy("c", 4)).send().await.expect("c");
+    let c = s
+        .client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&greedy("c", 4))
+        .send()
+        .await
+        .expect("c");
     assert_eq!(c.status().as_u16(), 503);
-    assert_eq!(c.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(
+        c.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
     let e: Value = c.json().await.expect("json");
     assert_eq!(e["error"]["code"], "overloaded");
     drop(a);
@@ -308,11 +425,17 @@ async fn metrics_parse_and_move_and_request_id_is_echoed() {
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .map(|l| {
                 let (name, value) = l.rsplit_once(' ').expect("name value");
-                (name.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("not a number: {l}")))
+                (
+                    name.to_string(),
+                    value
+                        .parse::<f64>()
+                        .unwrap_or_else(|_| panic!("not a number: {l}")),
+                )
             })
             .collect()
     };
-    let get = |m: &[(String, f64)], n: &str| m.iter().find(|(k, _)| k == n).map(|x| x.1).unwrap_or(-1.0);
+    let get =
+        |m: &[(String, f64)], n: &str| m.iter().find(|(k, _)| k == n).map(|x| x.1).unwrap_or(-1.0);
     let before = parse(&scrape(&s).await);
     assert_eq!(get(&before, "splitserve:generation_tokens_total"), 0.0);
     assert!(get(&before, "splitserve:kv_cache_total_blocks") > 0.0);
@@ -324,13 +447,30 @@ async fn metrics_parse_and_move_and_request_id_is_echoed() {
         .send()
         .await
         .expect("send");
-    assert_eq!(r.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("my-req-42"));
+    assert_eq!(
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("my-req-42")
+    );
     let after = parse(&scrape(&s).await);
     assert_eq!(get(&after, "splitserve:generation_tokens_total"), 5.0);
     assert_eq!(get(&after, "splitserve:prompt_tokens_total"), 1.0);
-    assert_eq!(get(&after, "splitserve:time_to_first_token_seconds_count"), 1.0);
-    assert_eq!(get(&after, "splitserve:inter_token_latency_seconds_count"), 4.0);
-    assert_eq!(get(&after, "splitserve:request_success_total{finished_reason=\"length\"}"), 1.0);
+    assert_eq!(
+        get(&after, "splitserve:time_to_first_token_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        get(&after, "splitserve:inter_token_latency_seconds_count"),
+        4.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "splitserve:request_success_total{finished_reason=\"length\"}"
+        ),
+        1.0
+    );
     let models = s.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "smol");
 }

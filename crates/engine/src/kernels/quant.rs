@@ -102,7 +102,9 @@ impl QMatrix {
             }
             if kind == QKind::Q4_1 {
                 for b in &blocks {
-                    data.extend_from_slice(&f16::from_le_bytes([b[2], b[3]]).to_f32().to_le_bytes());
+                    data.extend_from_slice(
+                        &f16::from_le_bytes([b[2], b[3]]).to_f32().to_le_bytes(),
+                    );
                 }
                 for b in &blocks {
                     data.extend_from_slice(&b[4..20]);
@@ -235,7 +237,12 @@ impl QMatrix {
             #[cfg(target_arch = "x86_64")]
             if simd == Simd::Avx512Vnni && self.kind != QKind::F32 && (r1 - r0) % 4 == 0 {
                 for r in (r0..r1).step_by(4) {
-                    let w = [self.row(r), self.row(r + 1), self.row(r + 2), self.row(r + 3)];
+                    let w = [
+                        self.row(r),
+                        self.row(r + 1),
+                        self.row(r + 2),
+                        self.row(r + 3),
+                    ];
                     for b0 in (0..batch).step_by(4) {
                         let x = &xq[b0..(b0 + 4).min(batch)];
                         let mut t = [[0f32; 4]; 4];
@@ -284,7 +291,12 @@ impl QMatrix {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-unsafe fn tile_into<const NA: usize>(kind: QKind, w: &[RowQ<'_>; 4], x: &[QRow], t: &mut [[f32; 4]; 4]) {
+unsafe fn tile_into<const NA: usize>(
+    kind: QKind,
+    w: &[RowQ<'_>; 4],
+    x: &[QRow],
+    t: &mut [[f32; 4]; 4],
+) {
     let mut o = [[0f32; NA]; 4];
     avx512::tile::<4, NA>(kind, w, x, &mut o);
     for i in 0..4 {
@@ -319,7 +331,9 @@ impl Simd {
             let level = std::env::var("SPLITSERVE_SIMD").unwrap_or_default();
             #[cfg(target_arch = "x86_64")]
             {
-                if level != "portable" && level != "avx2" && is_x86_feature_detected!("avx512f")
+                if level != "portable"
+                    && level != "avx2"
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
                 {
@@ -523,7 +537,8 @@ mod avx512 {
                         _mm512_set1_ps(d0 * dx[a].0),
                         _mm512_set1_ps(d1 * dx[a].1),
                     );
-                    acc[i][a] = _mm512_add_ps(acc[i][a], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(lanes)));
+                    acc[i][a] =
+                        _mm512_add_ps(acc[i][a], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(lanes)));
                 }
             }
         }
@@ -580,7 +595,10 @@ mod avx512 {
                     _mm256_castps_si256(_mm256_set1_ps(d1 * x.d[b + 1])),
                     1,
                 );
-                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_castsi512_ps(dd), _mm512_cvtepi32_ps(lanes)));
+                acc[r] = _mm512_add_ps(
+                    acc[r],
+                    _mm512_mul_ps(_mm512_castsi512_ps(dd), _mm512_cvtepi32_ps(lanes)),
+                );
             }
         }
         for r in 0..n {
@@ -631,7 +649,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 33) as u8
             })
             .collect()
@@ -652,7 +672,11 @@ mod tests {
 
     fn acts(batch: usize, cols: usize) -> (Vec<Vec<f32>>, Vec<QRow>) {
         let xs: Vec<Vec<f32>> = (0..batch)
-            .map(|b| (0..cols).map(|i| ((i * 31 + b * 17) % 97) as f32 / 13.0 - 3.5).collect())
+            .map(|b| {
+                (0..cols)
+                    .map(|i| ((i * 31 + b * 17) % 97) as f32 / 13.0 - 3.5)
+                    .collect()
+            })
             .collect();
         let xq = xs.iter().map(|x| quantize_row(x)).collect();
         (xs, xq)
@@ -679,7 +703,7 @@ mod tests {
                 for r in 0..5 {
                     let mut results = Vec::new();
                     for &lv in &levels {
-                        let mut o = vec![0f32; 11];
+                        let mut o = [0f32; 11];
                         for (og, xg) in o.chunks_mut(8).zip(xq.chunks(8)) {
                             dot_rows(lv, kind, &w.row(r), xg, og);
                         }
@@ -691,7 +715,11 @@ mod tests {
                         let mut t = [[0f32; 4]; 4];
                         unsafe { tile_into::<3>(kind, &ws, &xq[..3], &mut t) };
                         let tile_bits: Vec<u32> = t[0][..3].iter().map(|v| v.to_bits()).collect();
-                        assert_eq!(tile_bits, results[0][..3].to_vec(), "tile {kind:?} cols {cols}");
+                        assert_eq!(
+                            tile_bits,
+                            results[0][..3].to_vec(),
+                            "tile {kind:?} cols {cols}"
+                        );
                     }
                     for (lv, res) in levels.iter().zip(&results) {
                         assert_eq!(res, &results[0], "{kind:?} cols {cols} row {r} {lv:?}");
@@ -701,7 +729,10 @@ mod tests {
                     w.dequantize_row(r, &mut deq);
                     let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
                     let got = f32::from_bits(results[0][0]);
-                    assert!((exact - got).abs() < 0.05 * exact.abs().max(1.0), "{exact} vs {got}");
+                    assert!(
+                        (exact - got).abs() < 0.05 * exact.abs().max(1.0),
+                        "{exact} vs {got}"
+                    );
                 }
             }
         }

@@ -5,7 +5,9 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use splitserve_engine::{Engine, EngineConfig, Event, FinishReason, Model, Request, SamplingParams};
+use splitserve_engine::{
+    Engine, EngineConfig, Event, FinishReason, Model, Request, SamplingParams,
+};
 
 /// The real default model, loaded once per test binary (fetched if not cached).
 pub fn real_model() -> Arc<Model> {
@@ -17,11 +19,15 @@ pub fn real_model() -> Arc<Model> {
     .clone()
 }
 
+/// Writes a fresh tiny model under a unique name (tests run in parallel).
 pub fn tiny_model_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("splitserve-test-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("splitserve-test-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let p = dir.join(name);
-    splitserve_engine::synthetic::write_tiny_model(&p, &Default::default()).expect("write tiny model");
+    splitserve_engine::synthetic::write_tiny_model(&p, &Default::default())
+        .expect("write tiny model");
     p
 }
 
@@ -42,7 +48,12 @@ pub fn hash_bits(v: &[f32]) -> u64 {
     h.finish()
 }
 
-pub fn submit(engine: &Engine, id: &str, prompt: Vec<u32>, params: SamplingParams) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+pub fn submit(
+    engine: &Engine,
+    id: &str,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
     engine
         .submit(Request {
             id: id.into(),
@@ -80,7 +91,12 @@ pub fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
 }
 
 /// Runs all prompts at once on a fresh engine with `cfg`; outputs in prompt order.
-pub fn run_all(model: &Arc<Model>, cfg: EngineConfig, prompts: &[Vec<u32>], params: &SamplingParams) -> (Vec<Output>, Engine) {
+pub fn run_all(
+    model: &Arc<Model>,
+    cfg: EngineConfig,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> (Vec<Output>, Engine) {
     let engine = Engine::start(model.clone(), cfg, None).expect("engine");
     let rxs: Vec<_> = prompts
         .iter()
@@ -101,4 +117,16 @@ pub fn wait_all_free(engine: &Engine) -> splitserve_engine::StatsSnapshot {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     engine.stats()
+}
+
+/// Counts tokens until the request finishes.
+pub fn collect_plain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> usize {
+    let mut n = 0;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(_) => n += 1,
+            Event::Finished(_) => break,
+        }
+    }
+    n
 }

@@ -1,0 +1,124 @@
+//! Broken model files give a clear error naming the file and the problem, never a panic.
+
+mod common;
+
+use splitserve_engine::{GgufError, Model};
+
+fn tiny_bytes() -> (std::path::PathBuf, Vec<u8>) {
+    let p = common::tiny_model_path("ok.gguf");
+    let b = std::fs::read(&p).expect("read");
+    (p, b)
+}
+
+fn write(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = common::tiny_model_path("scratch.gguf").with_file_name(name);
+    std::fs::write(&p, bytes).expect("write");
+    p
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present")
+}
+
+fn load_err(p: &std::path::Path) -> GgufError {
+    match Model::load(p) {
+        Ok(_) => panic!("{} loaded but should not", p.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn tiny_model_loads() {
+    let (p, _) = tiny_bytes();
+    let m = Model::load(&p).expect("tiny model loads");
+    assert_eq!(m.config.n_layer, 2);
+    assert_eq!(m.config.n_head_kv, 2);
+    assert_eq!(m.config.head_dim, 16);
+    assert_eq!(
+        m.tokenizer.encode("<|im_start|> the").expect("encode")[0],
+        1
+    );
+}
+
+#[test]
+fn missing_file() {
+    let e = load_err(std::path::Path::new("/nonexistent/model.gguf"));
+    assert!(matches!(e, GgufError::Open { .. }), "{e}");
+    assert!(e.to_string().contains("/nonexistent/model.gguf"));
+}
+
+#[test]
+fn wrong_magic_and_empty_file() {
+    let (_, mut b) = tiny_bytes();
+    b[..4].copy_from_slice(b"GGML");
+    let p = write("magic.gguf", &b);
+    let e = load_err(&p);
+    assert!(matches!(e, GgufError::BadMagic { .. }), "{e}");
+    assert!(
+        e.to_string().contains("magic.gguf") && e.to_string().contains("not a GGUF file"),
+        "{e}"
+    );
+    let p = write("empty.gguf", &[]);
+    assert!(matches!(load_err(&p), GgufError::BadMagic { .. }));
+}
+
+#[test]
+fn truncated_file_names_a_tensor() {
+    let (_, b) = tiny_bytes();
+    let p = write("cut.gguf", &b[..b.len() - 100]);
+    let e = load_err(&p);
+    match &e {
+        GgufError::Truncated {
+            name, needed, size, ..
+        } => {
+            assert!(!name.is_empty());
+            assert!(needed > size);
+            assert_eq!(*size as usize, b.len() - 100);
+        }
+        other => panic!("expected Truncated, got {other}"),
+    }
+    // Cut inside the header: a malformed-header error, not a panic.
+    let p = write("cut-header.gguf", &b[..200]);
+    let e = load_err(&p);
+    assert!(matches!(e, GgufError::Malformed { .. }), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_, mut b) = tiny_bytes();
+    let at = find(&b, b"blk.1.ffn_up.weight");
+    b[at..at + 19].copy_from_slice(b"blk.1.ffn_XX.weight");
+    let e = load_err(&write("missing.gguf", &b));
+    match &e {
+        GgufError::MissingTensor { name, .. } => assert_eq!(name, "blk.1.ffn_up.weight"),
+        other => panic!("expected MissingTensor, got {other}"),
+    }
+}
+
+#[test]
+fn unsupported_tensor_type_is_named() {
+    let (_, mut b) = tiny_bytes();
+    let name = b"blk.0.ffn_up.weight";
+    let at = find(&b, name) + name.len();
+    // GGUF v2 tensor info: name, u32 n_dims (2), 2 x u64 dims, u32 type.
+    let ty = at + 4 + 16;
+    b[ty..ty + 4].copy_from_slice(&99u32.to_le_bytes());
+    let e = load_err(&write("type.gguf", &b));
+    assert!(matches!(e, GgufError::UnsupportedTensorType { .. }), "{e}");
+    assert!(e.to_string().contains("99"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let (_, mut b) = tiny_bytes();
+    let key = find(&b, b"general.architecture");
+    let at = key + find(&b[key..], b"llama");
+    b[at..at + 5].copy_from_slice(b"mamba");
+    let e = load_err(&write("arch.gguf", &b));
+    match &e {
+        GgufError::UnsupportedArchitecture { arch, .. } => assert_eq!(arch, "mamba"),
+        other => panic!("expected UnsupportedArchitecture, got {other}"),
+    }
+}
