@@ -98,7 +98,9 @@ pub fn make_jobs(a: &ServeBenchArgs) -> Result<Vec<Job>, BenchError> {
     let rate: Option<f64> = match a.request_rate.as_str() {
         "inf" => None,
         s => Some(s.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(|| {
-            BenchError::Config(format!("--request-rate must be a positive number or inf, got {s:?}"))
+            BenchError::Config(format!(
+                "--request-rate must be a positive number or inf, got {s:?}"
+            ))
         })?),
     };
     let mut prompts: Vec<(Value, usize)> = Vec::new();
@@ -202,16 +204,20 @@ pub async fn send(
                 if data == "[DONE]" {
                     continue;
                 }
-                let v: Value = serde_json::from_str(&data).map_err(|e| format!("bad chunk {data:?}: {e}"))?;
+                let v: Value =
+                    serde_json::from_str(&data).map_err(|e| format!("bad chunk {data:?}: {e}"))?;
                 if let Some(e) = v.get("error") {
                     return Err(format!("server error mid-stream: {e}"));
                 }
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n as usize);
                 }
-                let has_token = v["choices"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty()) || c["token_ids"].is_array()));
+                let has_token = v["choices"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["text"].as_str().is_some_and(|t| !t.is_empty())
+                            || c["token_ids"].is_array()
+                    })
+                });
                 if has_token {
                     arrivals.push(now);
                 }
@@ -230,7 +236,10 @@ pub async fn send(
             res.output_tokens = usage.unwrap_or(arrivals.len());
             res.ttft_ms = arrivals.first().map_or(f64::NAN, |t| t * 1e3);
             res.e2e_ms = start.elapsed().as_secs_f64() * 1e3;
-            res.itl_ms = inter_token_gaps(&arrivals).iter().map(|g| g * 1e3).collect();
+            res.itl_ms = inter_token_gaps(&arrivals)
+                .iter()
+                .map(|g| g * 1e3)
+                .collect();
         }
     }
     res
@@ -264,13 +273,17 @@ pub async fn run(a: &ServeBenchArgs, extra: Value) -> Result<Report, BenchError>
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new(jobs.len() as u64);
-        if let Ok(s) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} requests ({elapsed})") {
+        if let Ok(s) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} requests ({elapsed})",
+        ) {
             b.set_style(s.progress_chars("=> "));
         }
         b.set_message("bench serve");
         b
     };
-    let sem = Arc::new(Semaphore::new(a.max_concurrency.unwrap_or(usize::MAX >> 4).max(1)));
+    let sem = Arc::new(Semaphore::new(
+        a.max_concurrency.unwrap_or(usize::MAX >> 4).max(1),
+    ));
     let t0 = Instant::now();
     let timeout = Duration::from_secs_f64(a.timeout_s);
     let mut handles = Vec::new();
@@ -279,8 +292,18 @@ pub async fn run(a: &ServeBenchArgs, extra: Value) -> Result<Report, BenchError>
             let due = t0 + Duration::from_secs_f64(at);
             tokio::time::sleep_until(due.into()).await;
         }
-        let permit = sem.clone().acquire_owned().await.map_err(|e| BenchError::Http(e.to_string()))?;
-        let (client, url, model, bar, extra) = (client.clone(), a.base_url.clone(), model.clone(), bar.clone(), extra.clone());
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| BenchError::Http(e.to_string()))?;
+        let (client, url, model, bar, extra) = (
+            client.clone(),
+            a.base_url.clone(),
+            model.clone(),
+            bar.clone(),
+            extra.clone(),
+        );
         handles.push(tokio::spawn(async move {
             let r = send(&client, &url, &model, &job, t0, timeout, &extra).await;
             drop(permit);
@@ -324,14 +347,20 @@ impl Report {
     /// The table printed on stdout.
     pub fn table(&self) -> String {
         let row = |name: &str, s: &Summary| {
-            format!("{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n", s.mean, s.p50, s.p90, s.p99, s.max)
+            format!(
+                "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
+                s.mean, s.p50, s.p90, s.p99, s.max
+            )
         };
         let mut t = format!(
             "requests: {} completed, {} failed in {:.2} s\nthroughput: {:.2} req/s, {:.1} output tok/s\ngoodput (TTFT <= {} ms, ITL <= {} ms): {:.2} req/s ({:.0}% of requests)\n",
             self.completed, self.failed, self.duration_s, self.request_throughput, self.output_throughput,
             self.config.slo_ttft_ms, self.config.slo_itl_ms, self.goodput, self.slo_attainment * 100.0
         );
-        t.push_str(&format!("{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}\n", "ms", "mean", "p50", "p90", "p99", "max"));
+        t.push_str(&format!(
+            "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "ms", "mean", "p50", "p90", "p99", "max"
+        ));
         t.push_str(&row("TTFT", &self.ttft_ms));
         t.push_str(&row("ITL", &self.itl_ms));
         t.push_str(&row("E2E", &self.e2e_ms));

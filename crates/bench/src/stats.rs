@@ -27,7 +27,11 @@ impl Summary {
     pub fn of(values: &[f64]) -> Self {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         v.sort_by(|a, b| a.total_cmp(b));
-        let mean = if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+        let mean = if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        };
         Self {
             count: v.len(),
             mean,
@@ -60,14 +64,23 @@ pub struct RequestResult {
 /// DistServe's goodput: completed requests meeting both the TTFT and the ITL SLO, per second.
 /// A request meets the ITL SLO when its mean inter-token latency is within it (vLLM's
 /// convention for `--goodput tpot:...`). Returns (share meeting, goodput req/s).
-pub fn goodput(results: &[RequestResult], slo_ttft_ms: f64, slo_itl_ms: f64, duration_s: f64) -> (f64, f64) {
+pub fn goodput(
+    results: &[RequestResult],
+    slo_ttft_ms: f64,
+    slo_itl_ms: f64,
+    duration_s: f64,
+) -> (f64, f64) {
     if results.is_empty() || duration_s <= 0.0 {
         return (0.0, 0.0);
     }
     let good = results
         .iter()
         .filter(|r| {
-            let mean_itl = if r.itl_ms.is_empty() { 0.0 } else { r.itl_ms.iter().sum::<f64>() / r.itl_ms.len() as f64 };
+            let mean_itl = if r.itl_ms.is_empty() {
+                0.0
+            } else {
+                r.itl_ms.iter().sum::<f64>() / r.itl_ms.len() as f64
+            };
             r.ok && r.ttft_ms <= slo_ttft_ms && mean_itl <= slo_itl_ms
         })
         .count();
@@ -156,7 +169,10 @@ mod tests {
         got = p.push(b":2}\n\n: keep-alive\n\ndata: [DONE]\n\n");
         assert_eq!(got, vec!["{\"a\":2}".to_string(), "[DONE]".to_string()]);
         let arrivals = [0.100, 0.120, 0.150, 0.151];
-        let gaps: Vec<f64> = inter_token_gaps(&arrivals).iter().map(|g| (g * 1000.0f64).round()).collect();
+        let gaps: Vec<f64> = inter_token_gaps(&arrivals)
+            .iter()
+            .map(|g| (g * 1000.0f64).round())
+            .collect();
         assert_eq!(gaps, vec![20.0, 30.0, 1.0]);
         assert!(inter_token_gaps(&[1.0]).is_empty());
     }

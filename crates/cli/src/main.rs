@@ -1,6 +1,7 @@
 //! `splitserve`: the one binary. Subcommands wire the layers together; errors end here.
 
 mod bench_engine;
+mod econ;
 mod generate;
 mod serve;
 
@@ -28,6 +29,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Disaggregation economics: KV freight, link time, does it pay, xPyD sizing.
+    Econ(splitserve_econ::EconArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         }
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Econ(a) => econ::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
     }

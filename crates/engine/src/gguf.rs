@@ -245,3 +245,14 @@ fn read_config(
         architecture: arch,
     })
 }
+
+/// Reads a GGUF's model shape and parameter count without building the model.
+pub fn inspect(path: &Path) -> Result<(ModelConfig, u64), GgufError> {
+    let g = GgufFile::open(path)?;
+    let params = g
+        .tensors
+        .values()
+        .map(|t| t.dims.iter().product::<usize>() as u64)
+        .sum();
+    Ok((g.config, params))
+}

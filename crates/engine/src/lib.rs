@@ -21,7 +21,7 @@ pub use engine::{
     StepHook, StepInfo, TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
-pub use gguf::ModelConfig;
+pub use gguf::{inspect, ModelConfig};
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model::Model;
 pub use sampler::{argmax, Sampler, SamplingParams};

@@ -1,0 +1,349 @@
+//! `splitserve econ`: the command line over the library, text tables or `--json`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::decision::{plan, DefaultPolicy, DisaggPolicy, PrefillRate, Scenario, Workload};
+use crate::link::{self, Link};
+use crate::shape::{self, freight, ModelShape, MIB};
+use crate::EconError;
+
+/// What the binary provides: reading a GGUF and running the local engine.
+pub trait EconHooks {
+    fn shape_from_gguf(&self, path: &Path) -> Result<ModelShape, String>;
+    fn calibrate_prefill_tok_s(&self, model: Option<&Path>) -> Result<f64, String>;
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A named shape: SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B, Llama-3.1-70B.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Read the shape from a GGUF file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long)]
+    pub layers: Option<u64>,
+    #[arg(long)]
+    pub kv_heads: Option<u64>,
+    #[arg(long)]
+    pub head_dim: Option<u64>,
+    /// Query heads (default: the KV heads).
+    #[arg(long)]
+    pub heads: Option<u64>,
+    /// Total parameters (for the FLOPs estimate).
+    #[arg(long)]
+    pub params: Option<u64>,
+    /// KV dtype: f32, f16/bf16, fp8.
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: String,
+    #[arg(long, default_value_t = 2048)]
+    pub prompt_tokens: u64,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LinkArgs {
+    /// nvlink, ib-400, ib-200, 100gbe, 25gbe, 10gbe, pcie, or loopback (measured now).
+    #[arg(long, default_value = "10gbe")]
+    pub link: String,
+    /// A custom link bandwidth in GB/s (overrides --link).
+    #[arg(long)]
+    pub link_gbps: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub link_latency_us: f64,
+    /// Share of the nominal bandwidth a transfer achieves.
+    #[arg(long, default_value_t = 1.0)]
+    pub efficiency: f64,
+    /// Stream KV layer by layer behind the prefill.
+    #[arg(long)]
+    pub overlap: bool,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum EconCommand {
+    /// KV bytes per token and a prompt's freight, with its transfer time over every link.
+    Freight {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 1.0)]
+        efficiency: f64,
+    },
+    /// Does disaggregation pay for this request on this link?
+    Decide {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        link: LinkArgs,
+        #[arg(long, default_value_t = 256)]
+        output_tokens: u64,
+        /// Compute rate for the FLOPs model of prefill, TFLOP/s (peak × MFU).
+        #[arg(long, default_value_t = 400.0)]
+        tflops: f64,
+        /// Measured prefill rate instead of the FLOPs model.
+        #[arg(long)]
+        prefill_tok_s: Option<f64>,
+        /// Measure the prefill rate with the local engine (on --model or the default model).
+        #[arg(long)]
+        calibrate: bool,
+        #[arg(long, default_value_t = 15.0)]
+        decode_step_ms: f64,
+        #[arg(long, default_value_t = 2048)]
+        chunk_tokens: u64,
+        #[arg(long, default_value_t = 30.0)]
+        itl_slo_ms: f64,
+        #[arg(long, default_value_t = 1_000_000)]
+        decode_free_blocks: u64,
+    },
+    /// Colocated or xPyD, and the ratio, for a workload.
+    Plan {
+        #[arg(long)]
+        request_rate: f64,
+        #[arg(long)]
+        input_tokens: f64,
+        #[arg(long)]
+        output_tokens: f64,
+        #[arg(long, default_value_t = 1000.0)]
+        ttft_slo_ms: f64,
+        #[arg(long, default_value_t = 50.0)]
+        itl_slo_ms: f64,
+        #[arg(long)]
+        prefill_tok_s: f64,
+        #[arg(long)]
+        decode_tok_s: f64,
+        #[arg(long, default_value_t = 20.0)]
+        decode_step_ms: f64,
+        #[arg(long, default_value_t = 512.0)]
+        chunk_tokens: f64,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EconArgs {
+    #[command(subcommand)]
+    pub command: EconCommand,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+fn shape_of(m: &ModelArgs, hooks: &dyn EconHooks) -> Result<ModelShape, EconError> {
+    let mut s = match (&m.preset, &m.model) {
+        (Some(p), _) => shape::preset(p).ok_or_else(|| EconError::UnknownPreset {
+            kind: "model",
+            name: p.clone(),
+            known: shape::presets()
+                .iter()
+                .map(|x| x.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?,
+        (None, Some(path)) => hooks.shape_from_gguf(path).map_err(EconError::Hook)?,
+        (None, None) => ModelShape {
+            name: "custom".into(),
+            layers: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            heads: 0,
+            params: 0,
+        },
+    };
+    s.heads = m.heads.unwrap_or(s.heads);
+    s.layers = m.layers.unwrap_or(s.layers);
+    s.kv_heads = m.kv_heads.unwrap_or(s.kv_heads);
+    s.head_dim = m.head_dim.unwrap_or(s.head_dim);
+    s.params = m.params.unwrap_or(s.params);
+    if s.heads == 0 {
+        s.heads = s.kv_heads;
+    }
+    if s.layers == 0 || s.kv_heads == 0 || s.head_dim == 0 {
+        return Err(EconError::Missing(
+            "a model: --preset NAME, --model FILE.gguf, or --layers/--kv-heads/--head-dim",
+        ));
+    }
+    Ok(s)
+}
+
+fn dtype(m: &ModelArgs) -> Result<u64, EconError> {
+    shape::dtype_bytes(&m.kv_dtype).ok_or_else(|| EconError::UnknownPreset {
+        kind: "KV dtype",
+        name: m.kv_dtype.clone(),
+        known: "f32, f16, bf16, fp8".into(),
+    })
+}
+
+fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
+    if let Some(g) = l.link_gbps {
+        return Ok(Link {
+            name: format!("{g} GB/s"),
+            bytes_per_s: g * 1e9,
+            latency_s: l.link_latency_us * 1e-6,
+        });
+    }
+    if l.link.eq_ignore_ascii_case("loopback") {
+        let bps = link::measure_loopback(256 << 20)
+            .map_err(|e| EconError::Hook(format!("loopback measurement: {e}")))?;
+        return Ok(Link {
+            name: "loopback (measured)".into(),
+            bytes_per_s: bps,
+            latency_s: l.link_latency_us * 1e-6,
+        });
+    }
+    let mut k = link::preset(&l.link).ok_or_else(|| EconError::UnknownPreset {
+        kind: "link",
+        name: l.link.clone(),
+        known: link::presets()
+            .iter()
+            .map(|x| x.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+            + ", loopback",
+    })?;
+    if l.link_latency_us > 0.0 {
+        k.latency_s = l.link_latency_us * 1e-6;
+    }
+    Ok(k)
+}
+
+/// Runs one `econ` command and returns what to print.
+pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> {
+    match &args.command {
+        EconCommand::Freight { model, efficiency } => {
+            let s = shape_of(model, hooks)?;
+            let f = freight(&s, dtype(model)?, model.prompt_tokens, model.block_size);
+            let links: Vec<(String, f64)> = link::presets()
+                .iter()
+                .map(|l| {
+                    (
+                        l.name.clone(),
+                        link::transfer_time(l, f.block_bytes, *efficiency),
+                    )
+                })
+                .collect();
+            if args.json {
+                return Ok(json!({"shape": s, "freight": f, "transfer_s": links}).to_string());
+            }
+            let mut t = format!(
+                "{}: {} layers x {} KV heads x {} head dim x 2 x {} B = {} B per token\n{} tokens = {} blocks of {} = {:.2} MiB of KV\n\n{:<10} {:>12}\n",
+                s.name, s.layers, s.kv_heads, s.head_dim, f.bytes_per_token / (s.layers * s.kv_heads * s.head_dim * 2),
+                f.bytes_per_token, f.tokens, f.blocks, f.block_size, f.block_bytes as f64 / MIB, "link", "transfer ms"
+            );
+            for (n, secs) in links {
+                t.push_str(&format!("{n:<10} {:>12.2}\n", secs * 1e3));
+            }
+            Ok(t)
+        }
+        EconCommand::Decide {
+            model,
+            link: la,
+            output_tokens,
+            tflops,
+            prefill_tok_s,
+            calibrate,
+            decode_step_ms,
+            chunk_tokens,
+            itl_slo_ms,
+            decode_free_blocks,
+        } => {
+            let s = shape_of(model, hooks)?;
+            let prefill = if *calibrate {
+                PrefillRate::Measured {
+                    tokens_per_s: hooks
+                        .calibrate_prefill_tok_s(model.model.as_deref())
+                        .map_err(EconError::Hook)?,
+                }
+            } else if let Some(r) = prefill_tok_s {
+                PrefillRate::Measured { tokens_per_s: *r }
+            } else {
+                PrefillRate::Flops {
+                    flops_per_s: tflops * 1e12,
+                }
+            };
+            let sc = Scenario {
+                q_width: s.heads * s.head_dim,
+                dtype_bytes: dtype(model)?,
+                prompt_tokens: model.prompt_tokens,
+                output_tokens: *output_tokens,
+                block_size: model.block_size,
+                link: link_of(la)?,
+                efficiency: la.efficiency,
+                overlap: la.overlap,
+                prefill,
+                decode_step_s: decode_step_ms / 1e3,
+                chunk_tokens: *chunk_tokens,
+                itl_slo_s: itl_slo_ms / 1e3,
+                decode_free_blocks: *decode_free_blocks,
+                shape: s,
+            };
+            let d = DefaultPolicy.decide(&sc);
+            if args.json {
+                return Ok(
+                    json!({"scenario": sc, "decision": d, "pays": d.pays(), "reason": d.reason()})
+                        .to_string(),
+                );
+            }
+            let n = d.numbers();
+            Ok(format!(
+                "{} | prompt {} tokens, output {} | link {} ({:.2} GB/s x {}{})\n\
+                 KV to move        {:>10.2} MiB ({} blocks needed on decode)\n\
+                 prefill           {:>10.2} ms\n\
+                 transfer          {:>10.2} ms (exposed {:.2} ms)\n\
+                 colocated ITL     {:>10.2} ms (SLO {} ms)\n\
+                 => {}\n",
+                sc.shape.name,
+                sc.prompt_tokens,
+                sc.output_tokens,
+                sc.link.name,
+                sc.link.bytes_per_s / 1e9,
+                sc.efficiency,
+                if sc.overlap {
+                    ", layer-wise overlap"
+                } else {
+                    ""
+                },
+                n.kv_bytes as f64 / MIB,
+                n.blocks_needed,
+                n.prefill_s * 1e3,
+                n.transfer_s * 1e3,
+                n.exposed_transfer_s * 1e3,
+                n.colocated_itl_s * 1e3,
+                itl_slo_ms,
+                d.reason()
+            ))
+        }
+        EconCommand::Plan {
+            request_rate,
+            input_tokens,
+            output_tokens,
+            ttft_slo_ms,
+            itl_slo_ms,
+            prefill_tok_s,
+            decode_tok_s,
+            decode_step_ms,
+            chunk_tokens,
+        } => {
+            let w = Workload {
+                request_rate: *request_rate,
+                input_tokens: *input_tokens,
+                output_tokens: *output_tokens,
+                ttft_slo_s: ttft_slo_ms / 1e3,
+                itl_slo_s: itl_slo_ms / 1e3,
+                prefill_tok_s: *prefill_tok_s,
+                decode_tok_s: *decode_tok_s,
+                decode_step_s: decode_step_ms / 1e3,
+                chunk_tokens: *chunk_tokens,
+            };
+            let p = plan(&w);
+            if args.json {
+                return Ok(json!({"workload": w, "plan": p}).to_string());
+            }
+            Ok(format!(
+                "prefill instances (x)   {}\ndecode instances (y)    {}\ncolocated instances     {}\ncolocated worst ITL     {:.1} ms\n=> {}\n",
+                p.prefill_instances, p.decode_instances, p.colocated_instances, p.colocated_itl_s * 1e3,
+                if p.recommend_disaggregated { format!("disaggregate: {}", p.why) } else { format!("stay colocated: {}", p.why) }
+            ))
+        }
+    }
+}
