@@ -542,17 +542,82 @@ mod avx512 {
                 }
             }
         }
+        if NW * NA < 8 {
+            // Few outputs (decode of one or two streams): the gathers below cost more.
+            for i in 0..NW {
+                for a in 0..NA {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][a]);
+                    if nb % 2 == 1 {
+                        let rest = super::dot_portable_block(kind, &w[i], &x[a], nb - 1);
+                        for j in 0..8 {
+                            lanes[j] += rest[j];
+                        }
+                    }
+                    out[i][a] = finish(&lanes, kind, &w[i], &x[a]);
+                }
+            }
+            return;
+        }
+        // Finish all NW × NA outputs at once, one output per vector lane; per lane the
+        // operations are exactly those of the scalar `finish` (same tree, same order).
+        let mut lanes = [[0f32; 16]; 16];
         for i in 0..NW {
             for a in 0..NA {
-                let mut lanes = [0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][a]);
+                let o = i * NA + a;
+                _mm512_storeu_ps(lanes[o].as_mut_ptr(), acc[i][a]);
                 if nb % 2 == 1 {
                     let rest = super::dot_portable_block(kind, &w[i], &x[a], nb - 1);
                     for j in 0..8 {
-                        lanes[j] += rest[j];
+                        lanes[o][j] += rest[j];
                     }
                 }
-                out[i][a] = finish(&lanes, kind, &w[i], &x[a]);
+            }
+        }
+        let base = lanes.as_ptr() as *const f32;
+        let col = |j: i32| {
+            let idx = _mm512_add_epi32(
+                _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(16),
+                ),
+                _mm512_set1_epi32(j),
+            );
+            _mm512_i32gather_ps::<4>(idx, base)
+        };
+        let t: [__m512; 16] = std::array::from_fn(|j| col(j as i32));
+        let r8 = |v: &[__m512]| {
+            _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])),
+                _mm512_add_ps(_mm512_add_ps(v[4], v[5]), _mm512_add_ps(v[6], v[7])),
+            )
+        };
+        let mut res = _mm512_add_ps(r8(&t[..8]), r8(&t[8..]));
+        if kind == QKind::Q4_1 {
+            let mut m8 = [_mm512_setzero_ps(); 8];
+            let mut mb = [0f32; 16];
+            let mut sb = [0f32; 16];
+            for blk in 0..nb {
+                for i in 0..NW {
+                    let mv = f32_at(w[i].m, blk);
+                    for a in 0..NA {
+                        mb[i * NA + a] = mv;
+                        sb[i * NA + a] = *x[a].s.get_unchecked(blk);
+                    }
+                }
+                let k = blk % 8;
+                m8[k] = _mm512_add_ps(
+                    m8[k],
+                    _mm512_mul_ps(_mm512_loadu_ps(mb.as_ptr()), _mm512_loadu_ps(sb.as_ptr())),
+                );
+            }
+            res = _mm512_add_ps(res, r8(&m8));
+        }
+        let mut r = [0f32; 16];
+        _mm512_storeu_ps(r.as_mut_ptr(), res);
+        for i in 0..NW {
+            for a in 0..NA {
+                out[i][a] = r[i * NA + a];
             }
         }
     }
