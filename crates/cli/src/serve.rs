@@ -86,8 +86,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     });
     let cfg = a.engine.engine_config();
     let state = AppState::start(model, cfg.clone(), name.clone())?;
+    // HTTP work is light; one I/O thread leaves the cores to the engine's kernels.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()?;
     rt.block_on(async move {

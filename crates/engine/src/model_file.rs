@@ -68,6 +68,9 @@ fn bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
 
 /// Path of the default model, fetching and verifying it first if it is not cached.
 pub fn default_model(progress: bool) -> Result<PathBuf, FetchError> {
+    // One fetch at a time per process (parallel tests all ask for the model at once).
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir();
     let path = dir.join(DEFAULT_MODEL_FILE);
     // A cached file is trusted if its size matches; `fetch-model` re-verifies the hash.
