@@ -474,3 +474,45 @@ async fn metrics_parse_and_move_and_request_id_is_echoed() {
     let models = s.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "smol");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_echo_logprobs_and_seed() {
+    let s = start(EngineConfig::default()).await;
+    let (st, r) = s
+        .post("/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "stop": ["."]}))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], " Paris");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    let (_, r) = s
+        .post("/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "echo": true, "logprobs": 2}))
+        .await;
+    let text = r["choices"][0]["text"].as_str().expect("text");
+    assert!(text.starts_with("The capital of France is Paris"), "{text}");
+    let lp = &r["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().map(Vec::len), Some(3));
+    assert_eq!(lp["tokens"][0], " Paris");
+    for (i, t) in lp["top_logprobs"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .enumerate()
+    {
+        let m = t.as_object().expect("map");
+        assert_eq!(m.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        let best = m
+            .values()
+            .filter_map(|v| v.as_f64())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(lp["token_logprobs"][i].as_f64(), Some(best));
+        assert!(best <= 0.0);
+    }
+
+    let sampled = json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "seed": 7, "return_token_ids": true});
+    let (_, a) = s.post("/v1/completions", sampled.clone()).await;
+    let (_, b) = s.post("/v1/completions", sampled).await;
+    assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"]);
+    s.idle().await;
+}
