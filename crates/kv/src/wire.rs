@@ -1,0 +1,269 @@
+//! Our KV wire format, version 1. Every integer is little-endian.
+//!
+//! ```text
+//! frame   := magic "SSKV" (4) | version u16 | kind u8 | flags u8 | payload_len u32 | payload
+//! Hello   (1): fingerprint as JSON                     — first frame each way
+//! Pull    (2): request_id_len u16 | request_id | n u32 | n × block id u32
+//! Layer   (3): layer u32 | n u32 | n × (block K bytes then V bytes)  — one per layer, in order
+//! Done    (4): empty                                   — consumer confirms; producer frees
+//! Error   (5): UTF-8 message
+//! ```
+//!
+//! Decoding checks every length against what is there and a maximum payload size, so bad
+//! bytes give a [`WireError`], never a panic or an unbounded allocation.
+
+pub const MAGIC: &[u8; 4] = b"SSKV";
+pub const VERSION: u16 = 1;
+const HEADER: usize = 12;
+/// Largest payload accepted (a layer of a long prompt of a small model fits many times).
+pub const MAX_PAYLOAD: usize = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Vec<u8>),
+    Pull {
+        request_id: String,
+        blocks: Vec<u32>,
+    },
+    Layer {
+        layer: u32,
+        blocks: u32,
+        data: Vec<u8>,
+    },
+    Done,
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {0:02x?} (expected \"SSKV\")")]
+    BadMagic([u8; 4]),
+    #[error("unsupported wire version {0} (we speak {VERSION})")]
+    Version(u16),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("payload of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
+    TooLarge(usize),
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed { kind: &'static str, reason: String },
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello(_) => 1,
+            Frame::Pull { .. } => 2,
+            Frame::Layer { .. } => 3,
+            Frame::Done => 4,
+            Frame::Error(_) => 5,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Frame::Hello(j) => p.extend_from_slice(j),
+            Frame::Pull { request_id, blocks } => {
+                let id = request_id.as_bytes();
+                let id = &id[..id.len().min(u16::MAX as usize)];
+                p.extend_from_slice(&(id.len() as u16).to_le_bytes());
+                p.extend_from_slice(id);
+                p.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+                for b in blocks {
+                    p.extend_from_slice(&b.to_le_bytes());
+                }
+            }
+            Frame::Layer {
+                layer,
+                blocks,
+                data,
+            } => {
+                p.extend_from_slice(&layer.to_le_bytes());
+                p.extend_from_slice(&blocks.to_le_bytes());
+                p.extend_from_slice(data);
+            }
+            Frame::Done => {}
+            Frame::Error(m) => p.extend_from_slice(m.as_bytes()),
+        }
+        let mut out = Vec::with_capacity(HEADER + p.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.push(self.kind());
+        out.push(0);
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// Payload length announced by a complete header (to size the next read).
+    pub fn payload_len(header: &[u8; HEADER]) -> Result<usize, WireError> {
+        let mut magic = [0u8; 4];
+        magic.copy_from_slice(&header[..4]);
+        if &magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let v = u16::from_le_bytes([header[4], header[5]]);
+        if v != VERSION {
+            return Err(WireError::Version(v));
+        }
+        let len = u32_at(header, 8).unwrap_or(0) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(WireError::TooLarge(len));
+        }
+        Ok(len)
+    }
+
+    /// Decodes one frame from the front of `buf`: `Ok(None)` if more bytes are needed,
+    /// else the frame and how many bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+        let Some(h) = buf.get(..HEADER) else {
+            return Ok(None);
+        };
+        let mut header = [0u8; HEADER];
+        header.copy_from_slice(h);
+        let len = Self::payload_len(&header)?;
+        let Some(p) = buf.get(HEADER..HEADER + len) else {
+            return Ok(None);
+        };
+        let bad = |kind, reason: &str| WireError::Malformed {
+            kind,
+            reason: reason.into(),
+        };
+        let frame = match header[6] {
+            1 => Frame::Hello(p.to_vec()),
+            2 => {
+                let n_id = p
+                    .get(..2)
+                    .map(|x| u16::from_le_bytes([x[0], x[1]]) as usize)
+                    .ok_or_else(|| bad("Pull", "no id length"))?;
+                let id = p
+                    .get(2..2 + n_id)
+                    .ok_or_else(|| bad("Pull", "id shorter than its length"))?;
+                let request_id =
+                    String::from_utf8(id.to_vec()).map_err(|_| bad("Pull", "id is not UTF-8"))?;
+                let n = u32_at(p, 2 + n_id).ok_or_else(|| bad("Pull", "no block count"))? as usize;
+                let rest = &p[2 + n_id + 4..];
+                if rest.len() != n.saturating_mul(4) {
+                    return Err(bad(
+                        "Pull",
+                        &format!("{n} blocks announced, {} bytes of ids", rest.len()),
+                    ));
+                }
+                Frame::Pull {
+                    request_id,
+                    blocks: rest
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                }
+            }
+            3 => {
+                let layer = u32_at(p, 0).ok_or_else(|| bad("Layer", "no layer index"))?;
+                let blocks = u32_at(p, 4).ok_or_else(|| bad("Layer", "no block count"))?;
+                Frame::Layer {
+                    layer,
+                    blocks,
+                    data: p[8..].to_vec(),
+                }
+            }
+            4 if p.is_empty() => Frame::Done,
+            4 => return Err(bad("Done", "non-empty payload")),
+            5 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
+            k => return Err(WireError::Kind(k)),
+        };
+        Ok(Some((frame, HEADER + len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<Frame> {
+        vec![
+            Frame::Hello(br#"{"block_size":16}"#.to_vec()),
+            Frame::Pull {
+                request_id: "cmpl-1".into(),
+                blocks: vec![3, 1, 4, 1, 5],
+            },
+            Frame::Layer {
+                layer: 29,
+                blocks: 2,
+                data: (0..=255).collect(),
+            },
+            Frame::Done,
+            Frame::Error("refused".into()),
+        ]
+    }
+
+    #[test]
+    fn round_trip_and_exact_bytes() {
+        for f in frames() {
+            let b = f.encode();
+            assert_eq!(Frame::decode(&b), Ok(Some((f.clone(), b.len()))));
+            // Every strict prefix asks for more bytes.
+            for cut in 0..b.len() {
+                assert_eq!(Frame::decode(&b[..cut]), Ok(None), "{f:?} cut at {cut}");
+            }
+        }
+        assert_eq!(
+            Frame::Done.encode(),
+            b"SSKV\x01\x00\x04\x00\x00\x00\x00\x00".to_vec()
+        );
+        let pull = Frame::Pull {
+            request_id: "a".into(),
+            blocks: vec![7],
+        }
+        .encode();
+        assert_eq!(&pull[12..], &[1, 0, b'a', 1, 0, 0, 0, 7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_bytes_are_errors_not_panics() {
+        let mut b = Frame::Done.encode();
+        b[0] = b'X';
+        assert!(matches!(Frame::decode(&b), Err(WireError::BadMagic(_))));
+        let mut b = Frame::Done.encode();
+        b[4] = 9;
+        assert_eq!(Frame::decode(&b), Err(WireError::Version(9)));
+        let mut b = Frame::Done.encode();
+        b[6] = 77;
+        assert_eq!(Frame::decode(&b), Err(WireError::Kind(77)));
+        let mut b = Frame::Done.encode();
+        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Frame::decode(&b), Err(WireError::TooLarge(_))));
+        // A Pull whose block count lies.
+        let mut b = Frame::Pull {
+            request_id: "x".into(),
+            blocks: vec![1, 2],
+        }
+        .encode();
+        b[15] = 200;
+        assert!(matches!(
+            Frame::decode(&b),
+            Err(WireError::Malformed { kind: "Pull", .. })
+        ));
+        // Pseudo-random garbage of every length: never a panic.
+        let mut s = 12345u64;
+        for len in 0..600 {
+            let mut g: Vec<u8> = (0..len)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (s >> 56) as u8
+                })
+                .collect();
+            if len >= 12 && len % 3 == 0 {
+                g[..4].copy_from_slice(MAGIC);
+                g[4..6].copy_from_slice(&VERSION.to_le_bytes());
+                g[6] = (len % 6) as u8;
+                g[8..12].copy_from_slice(&((len - 12) as u32).to_le_bytes());
+            }
+            let _ = Frame::decode(&g);
+        }
+    }
+}
