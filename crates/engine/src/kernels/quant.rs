@@ -388,21 +388,8 @@ fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
 fn dot_portable(kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
     let mut acc = [0f32; 16];
     for b in 0..x.d.len() {
-        let dd = f32_at(w.d, b) * x.d[b];
-        let a = &x.qs[b * QK..(b + 1) * QK];
-        for j in 0..8 {
-            let mut lane = 0i32;
-            for e in 4 * j..4 * j + 4 {
-                let wq = match kind {
-                    QKind::Q4_1 => {
-                        let q = &w.q[b * 16..b * 16 + 16];
-                        (if e < 16 { q[e] & 0x0f } else { q[e - 16] >> 4 }) as i32
-                    }
-                    _ => (w.q[b * QK + e] as i8) as i32,
-                };
-                lane += wq * a[e] as i32;
-            }
-            acc[(b % 2) * 8 + j] += dd * lane as f32;
+        for (j, p) in dot_portable_block(kind, w, x, b).into_iter().enumerate() {
+            acc[(b % 2) * 8 + j] += p;
         }
     }
     finish(&acc, kind, w, x)
@@ -683,8 +670,8 @@ mod avx512 {
     }
 }
 
-/// The 8 products `(d_w * d_x) * lane_j` of one block (tail handling for SIMD paths).
-#[cfg(target_arch = "x86_64")]
+/// The 8 products `(d_w * d_x) * lane_j` of one block (the portable path, and the odd
+/// tail block of the SIMD paths).
 fn dot_portable_block(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> [f32; 8] {
     let dd = f32_at(w.d, b) * x.d[b];
     let a = &x.qs[b * QK..(b + 1) * QK];
