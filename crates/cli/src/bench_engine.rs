@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use splitserve_engine::{Engine, EngineConfig, Event, Model, Request, SamplingParams, StepInfo};
+use splitserve_engine::{
+    Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams, StepInfo,
+};
 
 #[derive(clap::Args)]
 pub struct BenchEngineArgs {
@@ -54,6 +56,7 @@ fn run_one(
             ..SamplingParams::greedy(max_tokens)
         },
         return_logits: false,
+        kv: KvTransfer::None,
     })?)
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use splitserve_econ::{EconArgs, EconHooks, ModelShape};
-use splitserve_engine::{Engine, EngineConfig, Event, Model, Request, SamplingParams};
+use splitserve_engine::{Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams};
 
 struct Hooks;
 
@@ -44,6 +44,7 @@ impl EconHooks for Hooks {
                     prompt: ids.clone(),
                     params: SamplingParams::greedy(1),
                     return_logits: false,
+                    kv: KvTransfer::None,
                 })
                 .map_err(|e| e.to_string())?;
             while let Some(ev) = rx.blocking_recv() {

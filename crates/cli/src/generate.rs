@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use splitserve_engine::{ChatMessage, Engine, EngineConfig, Event, Model, Request, SamplingParams};
+use splitserve_engine::{
+    ChatMessage, Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams,
+};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -84,6 +86,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         prompt,
         params,
         return_logits: false,
+        kv: KvTransfer::None,
     })?;
     let mut out = std::io::stdout().lock();
     let mut first = None;

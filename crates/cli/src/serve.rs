@@ -57,6 +57,7 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             max_waiting: self.max_waiting_requests,
             threads: self.threads,
+            ..EngineConfig::default()
         }
     }
 }

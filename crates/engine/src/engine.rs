@@ -32,6 +32,8 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Worker threads for this engine's kernels (`None`: rayon's default).
     pub threads: Option<usize>,
+    /// How long a producer holds a finished request's blocks for a consumer to take.
+    pub kv_hold_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +48,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             max_waiting: 256,
             threads: None,
+            kv_hold_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -58,6 +61,40 @@ pub struct Request {
     pub params: SamplingParams,
     /// Return the full logits vector with every token (tests of the invariance).
     pub return_logits: bool,
+    /// Whether its KV leaves for, or arrives from, another engine.
+    pub kv: KvTransfer,
+}
+
+/// The KV side of disaggregation, as the engine sees it.
+#[derive(Debug, Clone)]
+pub enum KvTransfer {
+    None,
+    /// Producer: when the request finishes, hold its blocks for [`Engine::export_held`].
+    Hold,
+    /// Consumer: the prompt's KV computed elsewhere; prefill never runs here.
+    Import(Box<KvImport>),
+}
+
+/// A request's KV and sampling state as it leaves one engine for another.
+#[derive(Debug, Clone)]
+pub struct KvImport {
+    pub layout: KvLayout,
+    /// Tokens whose K and V are in `layers` (the prompt).
+    pub n_tokens: usize,
+    /// Per layer, each block's K bytes then V bytes, blocks in position order.
+    pub layers: Vec<Vec<u8>>,
+    /// Tokens already generated remotely (the producer's first token).
+    pub generated: Vec<u32>,
+    /// The sampler after those tokens (RNG state travels with the request).
+    pub sampler: Sampler,
+}
+
+struct Held {
+    since: Instant,
+    blocks: Vec<u32>,
+    n_tokens: usize,
+    generated: Vec<u32>,
+    sampler: Sampler,
 }
 
 /// Why a request ended.
@@ -145,8 +182,9 @@ pub struct StepInfo {
 pub type StepHook = Arc<dyn Fn(StepInfo) + Send + Sync>;
 
 enum Command {
-    Add(Box<Seq>),
+    Add(Box<Seq>, Option<Box<KvImport>>),
     Abort(String),
+    Export(String, mpsc::Sender<Result<KvImport, EngineError>>),
 }
 
 /// A cloneable handle to a running engine; the engine stops when every handle is dropped.
@@ -169,6 +207,7 @@ struct Seq {
     params: SamplingParams,
     sampler: Sampler,
     return_logits: bool,
+    hold: bool,
     state: RequestState,
     tx: UnboundedSender<Event>,
     detok: IncrementalDecoder,
@@ -288,6 +327,8 @@ impl Engine {
             stats: stats.clone(),
             max_model_len,
             on_step,
+            held: Default::default(),
+            hold_timeout: cfg.kv_hold_timeout,
         };
         std::thread::Builder::new()
             .name("splitserve-engine".into())
@@ -357,6 +398,7 @@ impl Engine {
             sampler: Sampler::new(seed),
             params: req.params,
             return_logits: req.return_logits,
+            hold: matches!(req.kv, KvTransfer::Hold),
             state: RequestState::Waiting,
             tx,
             detok: IncrementalDecoder::default(),
@@ -367,10 +409,23 @@ impl Engine {
         };
         // Counted here so that a burst of submissions sees the queue grow at once.
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let import = match req.kv {
+            KvTransfer::Import(i) => Some(i),
+            _ => None,
+        };
         self.tx
-            .send(Command::Add(Box::new(seq)))
+            .send(Command::Add(Box::new(seq), import))
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx)
+    }
+
+    /// Takes the KV a finished `Hold` request left behind; its blocks are freed.
+    pub fn export_held(&self, id: &str) -> Result<KvImport, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::Export(id.to_string(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)?
     }
 
     pub fn abort(&self, id: &str) {
@@ -401,15 +456,25 @@ struct Core {
     stats: Arc<EngineStats>,
     max_model_len: usize,
     on_step: Option<StepHook>,
+    held: std::collections::HashMap<String, Held>,
+    hold_timeout: Duration,
 }
 
 impl Core {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            self.expire_held();
             if self.running.is_empty() && self.waiting.is_empty() {
-                match rx.recv() {
+                // While blocks are held, wake up to expire them even if nothing arrives.
+                let wait = if self.held.is_empty() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_millis(100)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(cmd) => self.handle(cmd),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             loop {
@@ -440,8 +505,12 @@ impl Core {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Add(seq) => {
+            Command::Add(seq, None) => {
                 self.waiting.push_back(*seq);
+            }
+            Command::Add(seq, Some(import)) => self.import(*seq, *import),
+            Command::Export(id, reply) => {
+                let _ = reply.send(self.export(&id));
             }
             Command::Abort(id) => {
                 if let Some(i) = self.running.iter().position(|s| s.id == id) {
@@ -479,7 +548,134 @@ impl Core {
         self.waiting = keep;
     }
 
+    /// Frees blocks no consumer came for within the hold timeout.
+    fn expire_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let timeout = self.hold_timeout;
+        let expired: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(mut h) = self.held.remove(&id) {
+                tracing::warn!(id = %id, blocks = h.blocks.len(), "KV hold timed out; freeing blocks");
+                self.cache.release(&mut h.blocks);
+            }
+        }
+        self.publish();
+    }
+
+    /// Places imported KV into fresh blocks; the request then decodes from there.
+    fn import(&mut self, mut s: Seq, i: KvImport) {
+        let ours = self.cache.layout;
+        let fail =
+            |core: &mut Self, s: Seq, e: EngineError| core.finish(s, FinishReason::Abort, Some(e));
+        if i.layout != ours {
+            let e = EngineError::KvMismatch(format!(
+                "imported layout {:?} differs from ours {:?}",
+                i.layout, ours
+            ));
+            return fail(self, s, e);
+        }
+        let n_blocks = i.n_tokens.div_ceil(ours.block_size);
+        let per_block = ours.block_values() * 2 * ours.dtype.bytes();
+        if i.n_tokens != s.prompt_len
+            || i.layers.len() != ours.n_layer
+            || i.layers.iter().any(|l| l.len() != n_blocks * per_block)
+        {
+            let e = EngineError::KvMismatch(format!(
+                "imported KV for {} tokens in {} layers does not fit a {}-token prompt",
+                i.n_tokens,
+                i.layers.len(),
+                s.prompt_len
+            ));
+            return fail(self, s, e);
+        }
+        let Some(blocks) = self.cache.allocate(n_blocks) else {
+            let e = EngineError::Overloaded {
+                waiting: self.waiting.len(),
+            };
+            return fail(self, s, e);
+        };
+        for (layer, bytes) in i.layers.iter().enumerate() {
+            for (b, chunk) in blocks.iter().zip(bytes.chunks_exact(per_block)) {
+                self.cache.set_block_bytes(layer, *b, chunk);
+            }
+        }
+        s.blocks = blocks;
+        s.num_computed = i.n_tokens;
+        s.tokens.extend_from_slice(&i.generated);
+        s.sampler = i.sampler;
+        // The imported first token is output too: the client sees it from this engine.
+        let mut text = Some(
+            s.detok
+                .step(&self.model.tokenizer, &s.tokens[s.prompt_len..]),
+        );
+        s.text = text.clone().unwrap_or_default();
+        s.sent = s.text.len();
+        for &t in &i.generated {
+            let out = TokenOut {
+                token: t,
+                text: text.take().unwrap_or_default(),
+                logprob: None,
+                top_logprobs: vec![],
+                logits: None,
+            };
+            let _ = s.tx.send(Event::Token(out));
+        }
+        if s.completion_tokens() >= s.params.max_tokens {
+            return self.finish(s, FinishReason::Length, None);
+        }
+        self.waiting.push_back(s);
+    }
+
+    fn export(&mut self, id: &str) -> Result<KvImport, EngineError> {
+        let mut h = self
+            .held
+            .remove(id)
+            .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
+        let layout = self.cache.layout;
+        let layers = (0..layout.n_layer)
+            .map(|l| {
+                let mut out = Vec::new();
+                for &b in &h.blocks {
+                    self.cache.block_bytes(l, b, &mut out);
+                }
+                out
+            })
+            .collect();
+        self.cache.release(&mut h.blocks);
+        Ok(KvImport {
+            layout,
+            n_tokens: h.n_tokens,
+            layers,
+            generated: h.generated,
+            sampler: h.sampler,
+        })
+    }
+
     fn finish(&mut self, mut s: Seq, reason: FinishReason, error: Option<EngineError>) {
+        if s.hold && reason != FinishReason::Abort {
+            // Only the prompt's blocks travel; the first token is sent as a token id.
+            let n_tokens = s.prompt_len;
+            let keep = n_tokens.div_ceil(self.cache.layout.block_size);
+            let mut extra = s.blocks.split_off(keep.min(s.blocks.len()));
+            self.cache.release(&mut extra);
+            self.held.insert(
+                s.id.clone(),
+                Held {
+                    since: Instant::now(),
+                    blocks: std::mem::take(&mut s.blocks),
+                    n_tokens,
+                    generated: s.tokens[s.prompt_len..].to_vec(),
+                    sampler: s.sampler.clone(),
+                },
+            );
+        }
         self.cache.release(&mut s.blocks);
         let queue_time = s
             .first_scheduled

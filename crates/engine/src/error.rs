@@ -102,6 +102,8 @@ pub enum EngineError {
     DuplicateId(String),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("KV transfer refused: {0}")]
+    KvMismatch(String),
     #[error("internal engine error: {0}")]
     Internal(String),
 }

@@ -67,6 +67,32 @@ impl Region {
         }
     }
 
+    fn bytes_of(&self, at: usize, n: usize, out: &mut Vec<u8>) {
+        match self {
+            Region::F16(v) => v[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Region::F32(v) => v[at..at + n]
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+
+    fn set_bytes(&mut self, at: usize, src: &[u8]) {
+        match self {
+            Region::F16(v) => {
+                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+            Region::F32(v) => {
+                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+    }
+
     pub fn read(&self, at: usize, dst: &mut [f32]) {
         match self {
             Region::F16(v) => v[at..at + dst.len()].convert_to_f32_slice(dst),
@@ -143,6 +169,23 @@ impl KvCache {
         let l = &self.layout;
         let blk = table[pos / l.block_size] as usize;
         (blk * l.block_size + pos % l.block_size) * l.n_kv_head * l.head_dim
+    }
+
+    /// Appends the K then V bytes of one block in one layer (little-endian, storage dtype).
+    pub fn block_bytes(&self, layer: usize, block: u32, out: &mut Vec<u8>) {
+        let n = self.layout.block_values();
+        let at = block as usize * n;
+        self.k[layer].bytes_of(at, n, out);
+        self.v[layer].bytes_of(at, n, out);
+    }
+
+    /// Writes one block of one layer from bytes laid out as [`Self::block_bytes`] makes them.
+    pub fn set_block_bytes(&mut self, layer: usize, block: u32, src: &[u8]) {
+        let n = self.layout.block_values();
+        let half = n * self.layout.dtype.bytes();
+        let at = block as usize * n;
+        self.k[layer].set_bytes(at, &src[..half]);
+        self.v[layer].set_bytes(at, &src[half..2 * half]);
     }
 
     /// Stores one token's K and V (`n_kv_head * head_dim` each) for `layer`.

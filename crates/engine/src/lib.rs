@@ -17,8 +17,8 @@ pub mod synthetic;
 mod tokenizer;
 
 pub use engine::{
-    Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, Request, StatsSnapshot,
-    StepHook, StepInfo, TokenOut,
+    Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, KvImport, KvTransfer,
+    Request, StatsSnapshot, StepHook, StepInfo, TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use splitserve_engine::{Engine, EngineConfig, Event, Model, Request, SamplingParams};
+use splitserve_engine::{Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams};
 
 fn engine(num_blocks: usize) -> Engine {
     let model = Arc::new(Model::load(&common::tiny_model_path("acct.gguf")).expect("tiny model"));
@@ -32,6 +32,7 @@ fn req(id: &str, len: usize, max_tokens: usize) -> Request {
             ..SamplingParams::greedy(max_tokens)
         },
         return_logits: false,
+        kv: KvTransfer::None,
     }
 }
 

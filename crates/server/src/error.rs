@@ -103,7 +103,9 @@ impl From<EngineError> for ApiError {
             EngineError::BadParam { param, .. } => ApiError::bad(e.to_string(), Some(param)),
             EngineError::Overloaded { .. } => ApiError::Overloaded(format!("{e}; retry later")),
             EngineError::DuplicateId(_) => ApiError::bad(e.to_string(), None),
-            EngineError::Stopped | EngineError::Internal(_) => ApiError::Internal(e.to_string()),
+            EngineError::Stopped | EngineError::Internal(_) | EngineError::KvMismatch(_) => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::Instant;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use splitserve_engine::{Engine, Event, FinishReason, Finished, Request, SamplingParams, TokenOut};
+use splitserve_engine::{
+    Engine, Event, FinishReason, Finished, KvTransfer, Request, SamplingParams, TokenOut,
+};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
@@ -135,6 +137,7 @@ pub fn submit_all(
             prompt: j.ids.clone(),
             params: params.clone(),
             return_logits: false,
+            kv: KvTransfer::None,
         })?;
         metrics.prompt_tokens.inc_by(j.ids.len() as u64);
         let tracker = Tracker {

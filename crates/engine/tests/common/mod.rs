@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use splitserve_engine::{
-    Engine, EngineConfig, Event, FinishReason, Model, Request, SamplingParams,
+    Engine, EngineConfig, Event, FinishReason, KvTransfer, Model, Request, SamplingParams,
 };
 
 /// The real default model, loaded once per test binary (fetched if not cached).
@@ -60,6 +60,7 @@ pub fn submit(
             prompt,
             params,
             return_logits: true,
+            kv: KvTransfer::None,
         })
         .expect("submit")
 }
