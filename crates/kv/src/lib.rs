@@ -1,10 +1,11 @@
 //! KV transfer between engines: the handshake fingerprint and the wire format.
 //!
-//! Status: the foundation of the disaggregation issue. The fingerprint check and the frame
-//! codec are complete and tested; the connector trait in the engine, the TCP transport
-//! that uses them, and the proxy are not built yet.
+//! Status: fingerprint check, frame codec and a TCP pull transport, tested against the
+//! engine's hold/export/import. Not yet: the server roles (`--kv-transfer-config`), the
+//! proxy, per-layer streaming straight into blocks.
 
 pub mod fingerprint;
+pub mod tcp;
 pub mod wire;
 
 pub use fingerprint::{Fingerprint, HandshakeError};

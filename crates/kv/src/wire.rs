@@ -7,6 +7,7 @@
 //! Layer   (3): layer u32 | n u32 | n × (block K bytes then V bytes)  — one per layer, in order
 //! Done    (4): empty                                   — consumer confirms; producer frees
 //! Error   (5): UTF-8 message
+//! Meta    (6): JSON of what travels besides KV (token count, generated tokens, sampler state)
 //! ```
 //!
 //! Decoding checks every length against what is there and a maximum payload size, so bad
@@ -32,6 +33,7 @@ pub enum Frame {
     },
     Done,
     Error(String),
+    Meta(Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,13 +63,14 @@ impl Frame {
             Frame::Layer { .. } => 3,
             Frame::Done => 4,
             Frame::Error(_) => 5,
+            Frame::Meta(_) => 6,
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         match self {
-            Frame::Hello(j) => p.extend_from_slice(j),
+            Frame::Hello(j) | Frame::Meta(j) => p.extend_from_slice(j),
             Frame::Pull { request_id, blocks } => {
                 let id = request_id.as_bytes();
                 let id = &id[..id.len().min(u16::MAX as usize)];
@@ -174,6 +177,7 @@ impl Frame {
             4 if p.is_empty() => Frame::Done,
             4 => return Err(bad("Done", "non-empty payload")),
             5 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
+            6 => Frame::Meta(p.to_vec()),
             k => return Err(WireError::Kind(k)),
         };
         Ok(Some((frame, HEADER + len)))
@@ -198,6 +202,7 @@ mod tests {
             },
             Frame::Done,
             Frame::Error("refused".into()),
+            Frame::Meta(b"{}".to_vec()),
         ]
     }
 
