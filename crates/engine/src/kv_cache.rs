@@ -67,28 +67,25 @@ impl Region {
         }
     }
 
+    /// The raw little-endian bytes of values `at..at + n`.
     fn bytes_of(&self, at: usize, n: usize, out: &mut Vec<u8>) {
         match self {
-            Region::F16(v) => v[at..at + n]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Region::F32(v) => v[at..at + n]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Region::F16(v) => out.extend_from_slice(as_bytes(v[at..at + n].reinterpret_cast())),
+            Region::F32(v) => out.extend_from_slice(as_bytes(&v[at..at + n])),
         }
     }
 
     fn set_bytes(&mut self, at: usize, src: &[u8]) {
         match self {
             Region::F16(v) => {
-                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(2)) {
-                    *d = f16::from_le_bytes([c[0], c[1]]);
-                }
+                let dst = v[at..at + src.len() / 2].reinterpret_cast_mut();
+                let n = dst.len() * 2;
+                as_bytes_mut(dst).copy_from_slice(&src[..n]);
             }
             Region::F32(v) => {
-                for (d, c) in v[at..].iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+                let dst = &mut v[at..at + src.len() / 4];
+                let n = dst.len() * 4;
+                as_bytes_mut(dst).copy_from_slice(&src[..n]);
             }
         }
     }
@@ -99,6 +96,21 @@ impl Region {
             Region::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
         }
     }
+}
+
+/// Plain numbers as their bytes. The wire format is little-endian, so big-endian targets
+/// are refused at compile time rather than silently byte-swapped.
+#[cfg(target_endian = "little")]
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: T is u16 or f32 here: no padding, every byte initialised; the length covers
+    // exactly the slice's memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+#[cfg(target_endian = "little")]
+fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; any byte pattern is a valid u16 or f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
 /// Geometry of the cache, the part a peer must agree on before KV crosses.
