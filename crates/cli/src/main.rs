@@ -3,6 +3,7 @@
 mod bench_engine;
 mod econ;
 mod generate;
+mod pd;
 mod serve;
 
 use std::path::PathBuf;
@@ -27,8 +28,12 @@ enum Command {
     FetchModel,
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
-    /// Serve the OpenAI-compatible HTTP API.
+    /// Serve the OpenAI-compatible HTTP API (colocated, or one role of a pair).
     Serve(serve::ServeArgs),
+    /// xPyD proxy: one OpenAI-compatible front over prefill and decode instances.
+    Proxy(pd::ProxyArgs),
+    /// Start prefill and decode instances and the proxy on loopback, all in one command.
+    Up(pd::UpArgs),
     /// Disaggregation economics: KV freight, link time, does it pay, xPyD sizing.
     Econ(splitserve_econ::EconArgs),
     /// Benchmarks.
@@ -89,6 +94,8 @@ fn main() -> Result<()> {
         }
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Proxy(a) => pd::proxy(a),
+        Command::Up(a) => pd::up(a),
         Command::Econ(a) => econ::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use splitserve_engine::{EngineConfig, KvDtype, Model};
-use splitserve_server::AppState;
+use splitserve_engine::{EngineConfig, KvDtype, KvLayout, Model};
+use splitserve_kv::{Fingerprint, KvTransferConfig};
+use splitserve_server::{AppState, PdConfig};
 
 /// Engine flags, named as vLLM names them.
 #[derive(clap::Args, Clone, Debug)]
@@ -70,6 +71,60 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Role in a disaggregated pair, vLLM's shape:
+    /// '{"kv_connector":"TcpConnector","kv_role":"kv_producer|kv_consumer|kv_both",
+    /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..}}'.
+    #[arg(long, value_parser = parse_kv_config)]
+    pub kv_transfer_config: Option<KvTransferConfig>,
+}
+
+fn parse_kv_config(s: &str) -> Result<KvTransferConfig, String> {
+    KvTransferConfig::parse(s).map_err(|e| e.to_string())
+}
+
+/// The role's config: fingerprint (hashing the model file) and, for a producer, the bound
+/// side channel.
+fn pd_setup(
+    kv: &KvTransferConfig,
+    path: &std::path::Path,
+    model: &Model,
+    cfg: &EngineConfig,
+    http_port: u16,
+) -> Result<(PdConfig, Option<std::net::TcpListener>)> {
+    let sha = splitserve_engine::model_file::sha256_file(path, false)
+        .with_context(|| format!("hashing {}", path.display()))?;
+    let c = &model.config;
+    let layout = KvLayout {
+        n_layer: c.n_layer,
+        n_kv_head: c.n_head_kv,
+        head_dim: c.head_dim,
+        block_size: cfg.block_size,
+        dtype: cfg.kv_dtype,
+    };
+    let fingerprint = Fingerprint::new(&sha, c, &layout);
+    let (listener, side_channel) = if kv.kv_role.produces() {
+        let x = &kv.kv_connector_extra_config;
+        let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
+        let l = std::net::TcpListener::bind(&addr)
+            .with_context(|| format!("binding the KV side channel {addr}"))?;
+        let a = l.local_addr()?;
+        (Some(l), Some(a))
+    } else {
+        (None, None)
+    };
+    let engine_id = kv
+        .engine_id
+        .clone()
+        .unwrap_or_else(|| format!("splitserve-{}-{http_port}", std::process::id()));
+    Ok((
+        PdConfig {
+            config: kv.clone(),
+            fingerprint,
+            side_channel,
+            engine_id,
+        },
+        listener,
+    ))
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -85,8 +140,28 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
-    let cfg = a.engine.engine_config();
-    let state = AppState::start(model, cfg.clone(), name.clone())?;
+    let mut cfg = a.engine.engine_config();
+    let (pd, side) = match &a.kv_transfer_config {
+        Some(kv) => {
+            cfg.kv_hold_timeout = kv.hold_timeout();
+            let (pd, l) = pd_setup(kv, &path, &model, &cfg, a.port)?;
+            (Some(pd), l)
+        }
+        None => (None, None),
+    };
+    let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
+    if let Some(pd) = &pd {
+        if let Some(l) = side {
+            splitserve_server::start_side_channel(&state, pd, l);
+        }
+        tracing::info!(
+            side_channel = ?pd.side_channel,
+            engine_id = %pd.engine_id,
+            "{}: registered as {}",
+            pd.config.kv_connector,
+            pd.config.kv_role.as_str()
+        );
+    }
     // HTTP work is light; one I/O thread leaves the cores to the engine's kernels.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -156,6 +156,8 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Blocks held for remote readers (producer role).
+    pub held_blocks: AtomicUsize,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -169,6 +171,7 @@ pub struct StatsSnapshot {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    pub held_blocks: usize,
 }
 
 /// Timing of one step, for metrics.
@@ -428,6 +431,7 @@ impl Engine {
         rx.recv().map_err(|_| EngineError::Stopped)?
     }
 
+    /// Aborts a request, or releases the KV still held for it (producer role).
     pub fn abort(&self, id: &str) {
         let _ = self.tx.send(Command::Abort(id.to_string()));
     }
@@ -443,6 +447,7 @@ impl Engine {
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
             steps: s.steps.load(Ordering::Relaxed),
+            held_blocks: s.held_blocks.load(Ordering::Relaxed),
         }
     }
 }
@@ -463,7 +468,6 @@ struct Core {
 impl Core {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
-            self.expire_held();
             if self.running.is_empty() && self.waiting.is_empty() {
                 // While blocks are held, wake up to expire them even if nothing arrives.
                 let wait = if self.held.is_empty() {
@@ -473,7 +477,10 @@ impl Core {
                 };
                 match rx.recv_timeout(wait) {
                     Ok(cmd) => self.handle(cmd),
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.expire_held();
+                        continue;
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
@@ -489,6 +496,8 @@ impl Core {
                     }
                 }
             }
+            // After queued exports are served: a pull that arrived during a long step wins.
+            self.expire_held();
             self.drop_disconnected();
             self.step();
             self.publish();
@@ -501,6 +510,10 @@ impl Core {
             .store(self.cache.num_free(), Ordering::Relaxed);
         s.running.store(self.running.len(), Ordering::Relaxed);
         s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.held_blocks.store(
+            self.held.values().map(|h| h.blocks.len()).sum(),
+            Ordering::Relaxed,
+        );
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -520,6 +533,9 @@ impl Core {
                     if let Some(s) = self.waiting.remove(i) {
                         self.finish(s, FinishReason::Abort, None);
                     }
+                } else if let Some(mut h) = self.held.remove(&id) {
+                    // The consumer gave up on this request's KV.
+                    self.cache.release(&mut h.blocks);
                 }
             }
         }
@@ -607,6 +623,13 @@ impl Core {
             }
         }
         s.blocks = blocks;
+        if i.generated.is_empty() {
+            // No first token came with the KV (vLLM's proxy contract): recompute the last
+            // prompt position here; the request's own sampler draws the first token.
+            s.num_computed = i.n_tokens - 1;
+            self.waiting.push_back(s);
+            return;
+        }
         s.num_computed = i.n_tokens;
         s.tokens.extend_from_slice(&i.generated);
         s.sampler = i.sampler;
@@ -626,6 +649,13 @@ impl Core {
                 logits: None,
             };
             let _ = s.tx.send(Event::Token(out));
+        }
+        let eos = self.model.tokenizer.eos_id();
+        let ended = i.generated.iter().any(|&t| {
+            (Some(t) == eos && !s.params.ignore_eos) || s.params.stop_token_ids.contains(&t)
+        });
+        if ended {
+            return self.finish(s, FinishReason::Stop, None);
         }
         if s.completion_tokens() >= s.params.max_tokens {
             return self.finish(s, FinishReason::Length, None);
@@ -665,7 +695,7 @@ impl Core {
             let keep = n_tokens.div_ceil(self.cache.layout.block_size);
             let mut extra = s.blocks.split_off(keep.min(s.blocks.len()));
             self.cache.release(&mut extra);
-            self.held.insert(
+            let old = self.held.insert(
                 s.id.clone(),
                 Held {
                     since: Instant::now(),
@@ -675,6 +705,11 @@ impl Core {
                     sampler: s.sampler.clone(),
                 },
             );
+            if let Some(mut o) = old {
+                // A second request under the same id: the older hold can never be pulled.
+                tracing::warn!(id = %s.id, "request id reused while its KV was held; freeing the older hold");
+                self.cache.release(&mut o.blocks);
+            }
         }
         self.cache.release(&mut s.blocks);
         let queue_time = s

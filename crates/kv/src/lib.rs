@@ -1,12 +1,11 @@
-//! KV transfer between engines: the handshake fingerprint and the wire format.
-//!
-//! Status: fingerprint check, frame codec and a TCP pull transport, tested against the
-//! engine's hold/export/import. Not yet: the server roles (`--kv-transfer-config`), the
-//! proxy, per-layer streaming straight into blocks.
+//! KV transfer between engines: the role configuration, the handshake fingerprint, the wire
+//! format and the TCP transport.
 
+pub mod config;
 pub mod fingerprint;
 pub mod tcp;
 pub mod wire;
 
+pub use config::{ConfigError, KvRole, KvTransferConfig};
 pub use fingerprint::{Fingerprint, HandshakeError};
 pub use wire::{Frame, WireError};

@@ -1,7 +1,7 @@
 //! TCP transport: the consumer pulls a held request's KV from the producer's side channel.
 //!
 //! Exchange: both sides send `Hello` (fingerprint JSON) and check the other's; the consumer
-//! sends `Pull`; the producer answers `Meta`, then one `Layer` frame per layer, then `Done`
+//! sends `Release` (answered by `Done`: the held blocks are freed unread) or `Pull`; the producer answers `Meta`, then one `Layer` frame per layer, then `Done`
 //! (or `Error` at any point). The producer's blocks are freed when it has read them out.
 
 use std::io::{Read, Write};
@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use splitserve_engine::{Engine, KvImport, KvLayout, Sampler};
 
 use crate::fingerprint::{Fingerprint, HandshakeError};
-use crate::wire::{Frame, WireError};
+use crate::wire::{Frame, WireError, HEADER};
+
+/// Called by the producer after each served pull with the KV bytes sent and the time taken.
+pub type SentHook = std::sync::Arc<dyn Fn(u64, Duration) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -47,9 +50,21 @@ fn io(addr: &str) -> impl Fn(std::io::Error) -> KvError + '_ {
 }
 
 fn read_frame(s: &mut TcpStream, addr: &str) -> Result<Frame, KvError> {
-    let mut header = [0u8; 12];
+    let mut header = [0u8; HEADER];
     s.read_exact(&mut header).map_err(io(addr))?;
     let len = Frame::payload_len(&header)?;
+    if Frame::header_kind(&header) == 3 && len >= 8 {
+        // A layer's data is read straight into the buffer that is handed on.
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).map_err(io(addr))?;
+        let mut data = vec![0u8; len - 8];
+        s.read_exact(&mut data).map_err(io(addr))?;
+        return Ok(Frame::Layer {
+            layer: u32::from_le_bytes([pre[0], pre[1], pre[2], pre[3]]),
+            blocks: u32::from_le_bytes([pre[4], pre[5], pre[6], pre[7]]),
+            data,
+        });
+    }
     let mut buf = header.to_vec();
     buf.resize(12 + len, 0);
     s.read_exact(&mut buf[12..]).map_err(io(addr))?;
@@ -82,14 +97,25 @@ fn hello(s: &mut TcpStream, addr: &str, ours: &Fingerprint) -> Result<(), KvErro
 }
 
 /// Producer side: serves pulls of held requests until the listener fails.
-pub fn serve(listener: TcpListener, engine: Engine, fingerprint: Fingerprint) {
+pub fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    fingerprint: Fingerprint,
+    on_sent: Option<SentHook>,
+) {
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
-        let (engine, fp) = (engine.clone(), fingerprint.clone());
+        let (engine, fp, hook) = (engine.clone(), fingerprint.clone(), on_sent.clone());
         std::thread::spawn(move || {
             let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(e) = serve_one(&mut s, &addr, &engine, &fp) {
-                tracing::warn!(peer = %addr, error = %e, "KV pull failed");
+            let t0 = std::time::Instant::now();
+            match serve_one(&mut s, &addr, &engine, &fp) {
+                Ok(bytes) => {
+                    if let Some(h) = hook {
+                        h(bytes, t0.elapsed());
+                    }
+                }
+                Err(e) => tracing::warn!(peer = %addr, error = %e, "KV pull failed"),
             }
         });
     }
@@ -100,11 +126,18 @@ fn serve_one(
     addr: &str,
     engine: &Engine,
     fp: &Fingerprint,
-) -> Result<(), KvError> {
+) -> Result<u64, KvError> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = s.set_nodelay(true);
     hello(s, addr, fp)?;
     let id = match read_frame(s, addr)? {
         Frame::Pull { request_id, .. } => request_id,
+        Frame::Release(id) => {
+            tracing::info!(id = %id, "consumer released held KV");
+            engine.abort(&id);
+            write_frame(s, addr, &Frame::Done)?;
+            return Ok(0);
+        }
         other => return Err(KvError::Protocol(format!("{other:?}"))),
     };
     let kv = match engine.export_held(&id) {
@@ -123,22 +156,18 @@ fn serve_one(
     };
     let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
     write_frame(s, addr, &Frame::Meta(json))?;
-    for (layer, data) in kv.layers.into_iter().enumerate() {
-        write_frame(
-            s,
-            addr,
-            &Frame::Layer {
-                layer: layer as u32,
-                blocks,
-                data,
-            },
-        )?;
+    let mut bytes = 0u64;
+    for (layer, data) in kv.layers.iter().enumerate() {
+        s.write_all(&Frame::layer_prefix(layer as u32, blocks, data.len()))
+            .map_err(io(addr))?;
+        s.write_all(data).map_err(io(addr))?;
+        bytes += data.len() as u64;
     }
-    write_frame(s, addr, &Frame::Done)
+    write_frame(s, addr, &Frame::Done)?;
+    Ok(bytes)
 }
 
-/// Consumer side: pulls request `id`'s KV from the producer at `addr`.
-pub fn pull(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<KvImport, KvError> {
+fn connect(addr: &str, fingerprint: &Fingerprint) -> Result<TcpStream, KvError> {
     let sock = addr
         .to_socket_addrs()
         .map_err(io(addr))?
@@ -148,6 +177,23 @@ pub fn pull(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<KvImport,
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_nodelay(true);
     hello(&mut s, addr, fingerprint)?;
+    Ok(s)
+}
+
+/// Consumer side: tells the producer at `addr` that request `id`'s KV will not be pulled.
+pub fn release(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<(), KvError> {
+    let mut s = connect(addr, fingerprint)?;
+    write_frame(&mut s, addr, &Frame::Release(id.to_string()))?;
+    match read_frame(&mut s, addr)? {
+        Frame::Done => Ok(()),
+        Frame::Error(m) => Err(KvError::Peer(m)),
+        other => Err(KvError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Consumer side: pulls request `id`'s KV from the producer at `addr`.
+pub fn pull(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<KvImport, KvError> {
+    let mut s = connect(addr, fingerprint)?;
     write_frame(
         &mut s,
         addr,

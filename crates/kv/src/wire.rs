@@ -8,6 +8,7 @@
 //! Done    (4): empty                                   — consumer confirms; producer frees
 //! Error   (5): UTF-8 message
 //! Meta    (6): JSON of what travels besides KV (token count, generated tokens, sampler state)
+//! Release (7): UTF-8 request id                        — consumer gave up; producer frees
 //! ```
 //!
 //! Decoding checks every length against what is there and a maximum payload size, so bad
@@ -15,7 +16,7 @@
 
 pub const MAGIC: &[u8; 4] = b"SSKV";
 pub const VERSION: u16 = 1;
-const HEADER: usize = 12;
+pub const HEADER: usize = 12;
 /// Largest payload accepted (a layer of a long prompt of a small model fits many times).
 pub const MAX_PAYLOAD: usize = 256 << 20;
 
@@ -34,6 +35,7 @@ pub enum Frame {
     Done,
     Error(String),
     Meta(Vec<u8>),
+    Release(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +52,16 @@ pub enum WireError {
     Malformed { kind: &'static str, reason: String },
 }
 
+/// Header of a frame of `kind` with a `len`-byte payload.
+fn header(kind: u8, len: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6] = kind;
+    h[8..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
@@ -64,6 +76,7 @@ impl Frame {
             Frame::Done => 4,
             Frame::Error(_) => 5,
             Frame::Meta(_) => 6,
+            Frame::Release(_) => 7,
         }
     }
 
@@ -91,16 +104,27 @@ impl Frame {
                 p.extend_from_slice(data);
             }
             Frame::Done => {}
-            Frame::Error(m) => p.extend_from_slice(m.as_bytes()),
+            Frame::Error(m) | Frame::Release(m) => p.extend_from_slice(m.as_bytes()),
         }
         let mut out = Vec::with_capacity(HEADER + p.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(self.kind());
-        out.push(0);
-        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header(self.kind(), p.len()));
         out.extend_from_slice(&p);
         out
+    }
+
+    /// The bytes of a `Layer` frame before its data, so that a sender can write the data
+    /// straight from where it lies (no staging copy of a whole layer).
+    pub fn layer_prefix(layer: u32, blocks: u32, data_len: usize) -> [u8; HEADER + 8] {
+        let mut out = [0u8; HEADER + 8];
+        out[..HEADER].copy_from_slice(&header(3, data_len + 8));
+        out[HEADER..HEADER + 4].copy_from_slice(&layer.to_le_bytes());
+        out[HEADER + 4..].copy_from_slice(&blocks.to_le_bytes());
+        out
+    }
+
+    /// The frame kind a valid header announces.
+    pub fn header_kind(header: &[u8; HEADER]) -> u8 {
+        header[6]
     }
 
     /// Payload length announced by a complete header (to size the next read).
@@ -178,6 +202,9 @@ impl Frame {
             4 => return Err(bad("Done", "non-empty payload")),
             5 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
             6 => Frame::Meta(p.to_vec()),
+            7 => Frame::Release(
+                String::from_utf8(p.to_vec()).map_err(|_| bad("Release", "id is not UTF-8"))?,
+            ),
             k => return Err(WireError::Kind(k)),
         };
         Ok(Some((frame, HEADER + len)))
@@ -203,6 +230,7 @@ mod tests {
             Frame::Done,
             Frame::Error("refused".into()),
             Frame::Meta(b"{}".to_vec()),
+            Frame::Release("cmpl-9-0".into()),
         ]
     }
 
@@ -226,6 +254,17 @@ mod tests {
         }
         .encode();
         assert_eq!(&pull[12..], &[1, 0, b'a', 1, 0, 0, 0, 7, 0, 0, 0]);
+        // A layer written as prefix + data is the same bytes as the encoded frame.
+        let data = vec![9u8, 8, 7, 6, 5];
+        let mut split = Frame::layer_prefix(4, 1, data.len()).to_vec();
+        split.extend_from_slice(&data);
+        let whole = Frame::Layer {
+            layer: 4,
+            blocks: 1,
+            data,
+        }
+        .encode();
+        assert_eq!(split, whole);
     }
 
     #[test]

@@ -67,7 +67,7 @@ fn producer() -> (Engine, Fingerprint, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let (e2, fp2) = (e.clone(), fp.clone());
-    std::thread::spawn(move || serve(listener, e2, fp2));
+    std::thread::spawn(move || serve(listener, e2, fp2, None));
     (e, fp, addr)
 }
 

@@ -21,6 +21,9 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A peer (the KV producer) failed or refused us.
+    #[error("{0}")]
+    BadGateway(String),
 }
 
 #[derive(Serialize)]
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Overloaded(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -61,6 +65,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "invalid_request_error",
             ApiError::Overloaded(_) | ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal_error",
+            ApiError::BadGateway(_) => "kv_transfer_error",
         }
     }
 

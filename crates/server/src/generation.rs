@@ -122,6 +122,11 @@ pub enum Out {
     Done(usize, Finished),
 }
 
+/// The engine's id for prompt `i` of HTTP request `base_id`.
+pub fn engine_id(base_id: &str, i: usize) -> String {
+    format!("{base_id}-{i}")
+}
+
 /// Submits every prompt; the merged stream yields their events tagged with the prompt index.
 pub fn submit_all(
     engine: &Engine,
@@ -129,15 +134,18 @@ pub fn submit_all(
     base_id: &str,
     jobs: &[PromptJob],
     params: &SamplingParams,
+    kv: KvTransfer,
 ) -> Result<impl Stream<Item = Out> + Send + Unpin + 'static, ApiError> {
     let mut streams = Vec::with_capacity(jobs.len());
+    let mut kv = Some(kv);
     for (i, j) in jobs.iter().enumerate() {
         let rx = engine.submit(Request {
-            id: format!("{base_id}-{i}"),
+            id: engine_id(base_id, i),
             prompt: j.ids.clone(),
             params: params.clone(),
             return_logits: false,
-            kv: KvTransfer::None,
+            // Only single-prompt requests carry a KV transfer (checked by the caller).
+            kv: kv.take().unwrap_or(KvTransfer::None),
         })?;
         metrics.prompt_tokens.inc_by(j.ids.len() as u64);
         let tracker = Tracker {

@@ -6,6 +6,7 @@ mod error;
 mod generation;
 mod metrics;
 mod openai;
+mod pd;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,10 +19,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use splitserve_engine::{ChatMessage, Engine, EngineConfig, Model};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use pd::{start_side_channel, PdConfig};
 
 use generation::{Kind, PromptJob, Spec};
 use openai::{ChatRequest, CompletionRequest, ContentInput, PromptInput};
@@ -33,6 +35,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     model_name: String,
     counter: AtomicU64,
+    pd: Option<PdConfig>,
 }
 
 /// Shared state of one server: its engine, metrics and served model name.
@@ -46,6 +49,16 @@ impl AppState {
         cfg: EngineConfig,
         model_name: String,
     ) -> Result<Self, splitserve_engine::EngineError> {
+        Self::start_pd(model, cfg, model_name, None)
+    }
+
+    /// Starts an engine that plays a part in a disaggregated pair (`pd`) or none.
+    pub fn start_pd(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        model_name: String,
+        pd: Option<PdConfig>,
+    ) -> Result<Self, splitserve_engine::EngineError> {
         let metrics = Arc::new(Metrics::new());
         let m = metrics.clone();
         let engine = Engine::start(model, cfg, Some(Arc::new(move |s| m.observe_step(s))))?;
@@ -54,6 +67,7 @@ impl AppState {
             metrics,
             model_name,
             counter: AtomicU64::new(0),
+            pd,
         })))
     }
 
@@ -270,10 +284,41 @@ async fn run(
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
 ) -> Result<Response, ApiError> {
-    if common.kv_transfer_params.is_some() {
+    let plan = pd::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
+    let remote = match &plan {
+        pd::Plan::Consume(r) => Some(r.clone()),
+        _ => None,
+    };
+    let r = run_planned(state, plan, kind, id, jobs, common, max_tokens, logprobs).await;
+    if let (Err(e), Some(remote), Some(pdc)) = (&r, remote, &state.0.pd) {
+        // The producer holds this request's KV for us; tell it we will not come.
+        tracing::info!(error = %e, "request with remote KV failed; releasing the producer's hold");
+        pd::release(pdc, remote);
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_planned(
+    state: &AppState,
+    plan: pd::Plan,
+    kind: Kind,
+    id: String,
+    jobs: Vec<PromptJob>,
+    common: &openai::CommonParams,
+    max_tokens: Option<i64>,
+    logprobs: Option<i64>,
+) -> Result<Response, ApiError> {
+    if !matches!(plan, pd::Plan::Local) && jobs.len() != 1 {
         return Err(ApiError::bad(
-            "kv_transfer_params given, but this server runs without --kv-transfer-config",
-            Some("kv_transfer_params"),
+            "kv_transfer_params needs exactly one prompt",
+            Some("prompt"),
+        ));
+    }
+    if matches!(plan, pd::Plan::Produce) && common.stream {
+        return Err(ApiError::bad(
+            "do_remote_decode needs stream=false (the response carries kv_transfer_params)",
+            Some("stream"),
         ));
     }
     let engine = &state.0.engine;
@@ -296,12 +341,74 @@ async fn run(
         logprobs: params.logprobs.is_some(),
         extra: None,
     };
-    let events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params)?;
+    let kv = match plan {
+        pd::Plan::Local => KvTransfer::None,
+        pd::Plan::Produce => KvTransfer::Hold,
+        pd::Plan::Consume(remote) => {
+            // Refuse a bad request before any KV moves.
+            engine.validate(&jobs[0].ids, &params)?;
+            let pdc = state
+                .0
+                .pd
+                .as_ref()
+                .ok_or_else(|| ApiError::Internal("no KV role".into()))?;
+            KvTransfer::Import(Box::new(pd::pull(state, pdc, remote, &id).await?))
+        }
+    };
+    let produce = matches!(kv, KvTransfer::Hold);
+    let mut spec = spec;
+    if produce {
+        spec.return_token_ids = true;
+    }
+    let events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv)?;
+    if produce {
+        // If the caller goes away before the answer is built, nobody will pull this KV.
+        let guard = AbortOnDrop(Some((engine.clone(), generation::engine_id(&id, 0))));
+        let mut v = generation::collect(engine, &spec, &jobs, events).await?;
+        let first: Vec<u32> = v["choices"][0]["token_ids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|t| t as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !common.return_token_ids {
+            if let Some(c) = v["choices"][0].as_object_mut() {
+                c.remove("token_ids");
+                c.remove("prompt_token_ids");
+            }
+        }
+        if let Some(pdc) = &state.0.pd {
+            v["kv_transfer_params"] =
+                pd::produced_params(pdc, &generation::engine_id(&id, 0), &first);
+        }
+        guard.disarm();
+        return Ok(Json(v).into_response());
+    }
     if common.stream {
         Ok(generation::stream_sse(engine.clone(), spec, jobs, events).into_response())
     } else {
         let v = generation::collect(engine, &spec, &jobs, events).await?;
         Ok(Json(v).into_response())
+    }
+}
+
+/// Aborts an engine request (releasing KV held for it) when dropped armed.
+struct AbortOnDrop(Option<(Engine, String)>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some((engine, id)) = self.0.take() {
+            tracing::info!(id = %id, "producer's caller went away; releasing the request's KV");
+            engine.abort(&id);
+        }
     }
 }
 
@@ -320,7 +427,7 @@ async fn models(State(state): State<AppState>) -> Json<Value> {
 
 async fn health(State(state): State<AppState>) -> Response {
     let s = state.0.engine.stats();
-    (StatusCode::OK, Json(json!({"status": "ok", "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
+    (StatusCode::OK, Json(json!({"status": "ok", "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "held_blocks": s.held_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub queue: Histogram,
     pub prefill_step: Histogram,
     pub decode_step: Histogram,
+    held_blocks: IntGauge,
+    pub kv_bytes_sent: IntCounter,
+    pub kv_bytes_received: IntCounter,
+    pub kv_transfers_in_flight: IntGauge,
+    pub kv_transfer: Histogram,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -93,6 +98,24 @@ impl Metrics {
                 LAT,
             ),
             decode_step: hist("decode_step_seconds", "Duration of decode-only steps.", LAT),
+            held_blocks: g(
+                "kv_held_blocks",
+                "KV blocks held for remote readers (producer role).",
+            ),
+            kv_bytes_sent: c(
+                "kv_transfer_bytes_sent_total",
+                "KV bytes served to consumers.",
+            ),
+            kv_bytes_received: c(
+                "kv_transfer_bytes_received_total",
+                "KV bytes pulled from producers.",
+            ),
+            kv_transfers_in_flight: g("kv_transfers_in_flight", "KV pulls under way."),
+            kv_transfer: hist(
+                "kv_transfer_seconds",
+                "Duration of one request's KV transfer (handshake to last layer).",
+                LAT,
+            ),
         };
         let r = &m.registry;
         let _ = r.register(Box::new(m.running.clone()));
@@ -105,6 +128,10 @@ impl Metrics {
         let _ = r.register(Box::new(m.prompt_tokens.clone()));
         let _ = r.register(Box::new(m.generation_tokens.clone()));
         let _ = r.register(Box::new(m.request_success.clone()));
+        let _ = r.register(Box::new(m.held_blocks.clone()));
+        let _ = r.register(Box::new(m.kv_bytes_sent.clone()));
+        let _ = r.register(Box::new(m.kv_bytes_received.clone()));
+        let _ = r.register(Box::new(m.kv_transfers_in_flight.clone()));
         for h in [
             &m.ttft,
             &m.itl,
@@ -112,6 +139,7 @@ impl Metrics {
             &m.queue,
             &m.prefill_step,
             &m.decode_step,
+            &m.kv_transfer,
         ] {
             let _ = r.register(Box::new(h.clone()));
         }
@@ -144,6 +172,7 @@ impl Metrics {
         self.prompt_tokens_computed
             .set(s.prompt_tokens_computed as i64);
         self.preemptions.set(s.preemptions as i64);
+        self.held_blocks.set(s.held_blocks as i64);
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -1,0 +1,227 @@
+//! `splitserve proxy` (the xPyD front) and `splitserve up` (a whole pair on loopback).
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use splitserve_router::{Pools, Proxy};
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// Prefill (kv_producer) instance base URLs.
+    #[arg(long, num_args = 1.., required = true)]
+    pub prefill: Vec<String>,
+    /// Decode (kv_consumer) instance base URLs.
+    #[arg(long, num_args = 1.., required = true)]
+    pub decode: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+}
+
+fn proxy_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) -> Result<()> {
+    let proxy = Proxy::new(Pools {
+        prefill: a.prefill.clone(),
+        decode: a.decode.clone(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let addr = format!("{}:{}", a.host, a.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, prefill = ?a.prefill, decode = ?a.decode, "proxy serving OpenAI-compatible API");
+    splitserve_router::serve(listener, proxy, async {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = shutdown => {}
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+pub fn proxy(a: ProxyArgs) -> Result<()> {
+    let (_tx, rx) = tokio::sync::oneshot::channel();
+    proxy_runtime()?.block_on(run_proxy(&a, rx))
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Prefill instances.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Decode instances.
+    #[arg(long, default_value_t = 1)]
+    pub decode: usize,
+    /// GGUF model file (default: the default model, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Proxy port (the one URL clients use).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// First instance HTTP port; instances take the ports after it.
+    #[arg(long, default_value_t = 8100)]
+    pub base_port: u16,
+    /// First producer side-channel port.
+    #[arg(long, default_value_t = 5600)]
+    pub side_channel_port: u16,
+    /// Threads for all instances together (default: all cores), split between them.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// KV blocks per instance.
+    #[arg(long, default_value_t = 2048)]
+    pub num_kv_blocks: usize,
+    /// Extra flags passed to every `serve` (e.g. "--max-num-seqs 8").
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_args: Option<String>,
+}
+
+/// Children that are killed when this is dropped (Ctrl-C, an error, a child's death).
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+        }
+        for (_, c) in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_listening(port: u16, children: &mut Children, deadline: Instant) -> Result<()> {
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        for (name, c) in &mut children.0 {
+            if let Some(st) = c.try_wait()? {
+                bail!("{name} exited while starting ({st})");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("port {port} did not open within the startup time");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn up(a: UpArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.prefill >= 1 && a.decode >= 1,
+        "--prefill and --decode must be at least 1"
+    );
+    let model = crate::model_path(&a.model)?;
+    let exe = std::env::current_exe()?;
+    let total = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let n = a.prefill + a.decode;
+    let mut children = Children(Vec::new());
+    let mut prefill_urls = Vec::new();
+    let mut decode_urls = Vec::new();
+    let extra: Vec<String> = a
+        .serve_args
+        .as_deref()
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    for i in 0..n {
+        let producer = i < a.prefill;
+        // Cores split as evenly as they go; every instance gets at least one thread.
+        let threads = (total / n + usize::from(i < total % n)).max(1);
+        let port = a.base_port + i as u16;
+        let (role, name) = if producer {
+            ("kv_producer", format!("prefill[{i}]"))
+        } else {
+            ("kv_consumer", format!("decode[{}]", i - a.prefill))
+        };
+        let side = a.side_channel_port + i as u16;
+        let kv = format!(
+            r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
+        );
+        let child = Command::new(&exe)
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args(["--port", &port.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
+            .args(["--kv-transfer-config", &kv])
+            .args(&extra)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        println!(
+            "{name}: {url} ({role}, {threads} thread{}{})",
+            if threads == 1 { "" } else { "s" },
+            if producer {
+                format!(", KV side channel 127.0.0.1:{side}")
+            } else {
+                String::new()
+            }
+        );
+        if producer {
+            prefill_urls.push(url);
+        } else {
+            decode_urls.push(url);
+        }
+        children.0.push((name, child));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for i in 0..n {
+        wait_listening(a.base_port + i as u16, &mut children, deadline)?;
+    }
+    let args = ProxyArgs {
+        prefill: prefill_urls,
+        decode: decode_urls,
+        host: "127.0.0.1".into(),
+        port: a.port,
+    };
+    println!(
+        "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything)",
+        a.port
+    );
+    let rt = proxy_runtime()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A watcher ends the proxy when any child dies.
+    let watcher = std::thread::spawn(move || -> (Children, Option<String>) {
+        loop {
+            for (name, c) in &mut children.0 {
+                if let Ok(Some(st)) = c.try_wait() {
+                    let msg = format!("{name} exited ({st}); stopped everything");
+                    let _ = tx.send(());
+                    return (children, Some(msg));
+                }
+            }
+            if tx.is_closed() {
+                return (children, None);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let r = rt.block_on(run_proxy(&args, rx));
+    drop(rt);
+    // The proxy's receiver is gone now: the watcher hands the children back to be killed.
+    let (children, died) = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
+    drop(children);
+    r?;
+    match died {
+        Some(m) => bail!(m),
+        None => Ok(()),
+    }
+}

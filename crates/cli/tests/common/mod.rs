@@ -1,0 +1,201 @@
+//! Real `splitserve` processes on loopback for integration tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A child process killed when dropped; its stderr goes to a log file shown on failure.
+pub struct Proc {
+    child: Mutex<Option<Child>>,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&self) {
+        let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut c) = g.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Panics with the log's tail if the process has exited.
+    fn check_alive(&self) {
+        let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = g.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: String = log
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("{} exited ({st}):\n{tail}", self.url());
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn model() -> String {
+    splitserve_engine::model_file::default_model(true)
+        .expect("default model")
+        .display()
+        .to_string()
+}
+
+/// Starts `splitserve <args> --port P`.
+pub fn spawn(args: &[String]) -> Proc {
+    let port = free_port();
+    let log =
+        std::env::temp_dir().join(format!("splitserve-test-{}-{port}.log", std::process::id()));
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(args)
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start splitserve");
+    Proc {
+        child: Mutex::new(Some(child)),
+        port,
+        log,
+    }
+}
+
+/// `serve` with the default model, one thread, and an optional KV role.
+pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
+    let mut a: Vec<String> = vec!["serve".into()];
+    if !extra.contains(&"--model") {
+        a.extend(["--model".into(), model()]);
+    }
+    if !extra.contains(&"--threads") {
+        a.extend(["--threads".into(), "1".into()]);
+    }
+    a.extend(["--num-kv-blocks".into(), "512".into()]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    if let Some(kv) = kv {
+        a.push("--kv-transfer-config".into());
+        a.push(kv);
+    }
+    spawn(&a)
+}
+
+pub fn kv_config(role: &str, side_port: u16, hold_s: f64) -> String {
+    format!(
+        r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_buffer_device":"cpu","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{side_port},"hold_timeout_s":{hold_s}}}}}"#
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+/// Waits until `/health` answers 200.
+pub async fn ready(p: &Proc) {
+    let c = client();
+    let t0 = Instant::now();
+    loop {
+        p.check_alive();
+        if let Ok(r) = c.get(format!("{}/health", p.url())).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} did not become ready",
+            p.url()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn health(p: &Proc) -> Value {
+    client()
+        .get(format!("{}/health", p.url()))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("health json")
+}
+
+/// Waits until the engine's free blocks equal its total; returns how long that took.
+pub async fn all_free(p: &Proc, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let h = health(p).await;
+        if h["free_blocks"] == h["total_blocks"] && h["running"] == 0 && h["waiting"] == 0 {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{}: blocks not all free within {within:?}: {h}",
+            p.url()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A gauge or counter from `/metrics`.
+pub async fn metric(p: &Proc, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", p.url()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("splitserve:{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+pub async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let v = r.json().await.unwrap_or(Value::Null);
+    (status, v)
+}

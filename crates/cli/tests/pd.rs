@@ -1,0 +1,367 @@
+//! Disaggregation end to end with real processes on loopback and the real model: a producer,
+//! a consumer and the proxy against one colocated engine. Outputs must be token-identical,
+//! mismatched pairs refused by field, and no KV block may leak, whatever dies.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+fn prompts() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village by the sea,",
+        "List three primary colors:",
+        "Q: What is 12 times 12?\nA:",
+        "The quick brown fox",
+        "In 1969, the first humans",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut long = String::new();
+    for i in 0..50 {
+        long.push_str(&format!(
+            "Paragraph {i}: the river ran past mill number {} while the keeper counted {} sacks of grain and wrote them in his ledger. ",
+            i * 7 % 13,
+            i * i % 97
+        ));
+    }
+    long.push_str("In summary, the keeper's ledger says");
+    v.push(long);
+    v
+}
+
+fn body(prompt: &str, seeded: Option<u64>, max_tokens: u32) -> Value {
+    match seeded {
+        None => {
+            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": true})
+        }
+        Some(seed) => json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.9,
+            "top_p": 0.95, "seed": seed, "return_token_ids": true}),
+    }
+}
+
+fn tokens(v: &Value) -> Vec<u64> {
+    v["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids in {v}"))
+        .iter()
+        .map(|x| x.as_u64().expect("token id"))
+        .collect()
+}
+
+/// Reads an SSE response to its end: the data payloads in order.
+async fn sse(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.expect("stream body");
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn chat_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
+    // Prompts are processed one at a time here, so the prefilling engines get both cores.
+    let colo = serve(&["--threads", "2"], None);
+    let prod = serve(
+        &["--threads", "2"],
+        Some(kv_config("kv_producer", free_port(), 15.0)),
+    );
+    let cons = serve(&[], Some(kv_config("kv_consumer", free_port(), 15.0)));
+    let proxy = spawn(&[
+        "proxy".into(),
+        "--prefill".into(),
+        prod.url(),
+        "--decode".into(),
+        cons.url(),
+    ]);
+    for p in [&colo, &prod, &cons, &proxy] {
+        ready(p).await;
+    }
+    let (c_url, p_url) = (
+        format!("{}/v1/completions", colo.url()),
+        format!("{}/v1/completions", proxy.url()),
+    );
+
+    let t0 = std::time::Instant::now();
+    // 1. Eight prompts (one over 1,500 tokens), greedy and seeded: token for token.
+    let mut long_len = 0;
+    for (i, prompt) in prompts().iter().enumerate() {
+        for seeded in [None, Some(1000 + i as u64)] {
+            let b = body(prompt, seeded, 24);
+            let (s1, a) = post(&c_url, &b).await;
+            let (s2, d) = post(&p_url, &b).await;
+            assert_eq!((s1, s2), (200, 200), "{a} / {d}");
+            assert_eq!(tokens(&a), tokens(&d), "prompt {i} seeded={seeded:?}");
+            assert_eq!(a["choices"][0]["text"], d["choices"][0]["text"]);
+            assert_eq!(
+                a["choices"][0]["finish_reason"],
+                d["choices"][0]["finish_reason"]
+            );
+            assert_eq!(a["usage"], d["usage"]);
+            long_len = long_len.max(a["usage"]["prompt_tokens"].as_u64().unwrap_or(0));
+        }
+    }
+    assert!(long_len > 1500, "longest prompt has only {long_len} tokens");
+    assert_eq!(metric(&cons, "prompt_tokens_computed").await, 0.0);
+    assert!(metric(&cons, "kv_transfer_bytes_received_total").await > 0.0);
+    assert_eq!(
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+        metric(&prod, "kv_transfer_bytes_sent_total").await
+    );
+
+    eprintln!("section 2 at {:?}", t0.elapsed());
+    // 2. Chat, streamed through the proxy, equals colocated chat.
+    let chat = json!({"messages": [{"role": "user", "content": "Name a planet."}],
+        "max_tokens": 16, "temperature": 0});
+    let (_, a) = post(&format!("{}/v1/chat/completions", colo.url()), &chat).await;
+    let mut sc = chat.clone();
+    sc["stream"] = json!(true);
+    let r = client()
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .header("x-request-id", "chat-stream-1")
+        .json(&sc)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "chat-stream-1");
+    let ev = sse(r).await;
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        a["choices"][0]["message"]["content"].as_str(),
+        Some(chat_text(&ev).as_str())
+    );
+
+    eprintln!("section 3 at {:?}", t0.elapsed());
+    // 3. vLLM's contract carries no first token: the consumer recomputes one position.
+    let before = metric(&cons, "prompt_tokens_computed").await;
+    let ps = prompts();
+    for (i, prompt) in ps.iter().take(3).enumerate() {
+        for seeded in [None, Some(7 + i as u64)] {
+            let b = body(prompt, seeded, 12);
+            let (_, a) = post(&c_url, &b).await;
+            let mut pre = b.clone();
+            pre["max_tokens"] = json!(1);
+            pre["kv_transfer_params"] = json!({"do_remote_decode": true});
+            let (s, p) = post(&format!("{}/v1/completions", prod.url()), &pre).await;
+            assert_eq!(s, 200, "{p}");
+            let mut params = p["kv_transfer_params"].clone();
+            for k in ["first_token_ids", "fingerprint"] {
+                params.as_object_mut().expect("params").remove(k);
+            }
+            let mut dec = b.clone();
+            dec["kv_transfer_params"] = params;
+            let (s, d) = post(&format!("{}/v1/completions", cons.url()), &dec).await;
+            assert_eq!(s, 200, "{d}");
+            assert_eq!(tokens(&a), tokens(&d), "vLLM contract, prompt {i}");
+        }
+    }
+    assert_eq!(metric(&cons, "prompt_tokens_computed").await, before + 6.0);
+
+    eprintln!("section 4 at {:?}", t0.elapsed());
+    // 4. Fifty mixed requests through the proxy; then every block is free on both sides.
+    let mut futs = Vec::new();
+    for k in 0..50u64 {
+        let url = proxy.url();
+        futs.push(async move {
+            let prompt = format!("Request {k}: write a word about the number {}.", k * 3);
+            let (path, mut b) = if k % 2 == 0 {
+                ("/v1/completions", json!({"prompt": prompt}))
+            } else {
+                (
+                    "/v1/chat/completions",
+                    json!({"messages": [{"role": "user", "content": prompt}]}),
+                )
+            };
+            b["max_tokens"] = json!(4 + k % 13);
+            b["temperature"] = json!(if k % 3 == 0 { 0.0 } else { 0.7 });
+            b["stream"] = json!(k % 4 < 2);
+            if k % 10 == 7 {
+                b["max_tokens"] = json!(-1);
+                let (s, v) = post(&format!("{url}{path}"), &b).await;
+                assert_eq!(s, 400, "{v}");
+                assert!(v["error"]["message"].is_string());
+                return;
+            }
+            let r = client()
+                .post(format!("{url}{path}"))
+                .json(&b)
+                .send()
+                .await
+                .expect("sent");
+            let status = r.status();
+            if status != 200 {
+                panic!(
+                    "request {k}: {status} {}",
+                    r.text().await.unwrap_or_default()
+                );
+            }
+            if k % 10 == 3 && b["stream"] == true {
+                // A client that goes away after the first chunk.
+                let mut s = r.bytes_stream();
+                let _ = s.next().await;
+                return;
+            }
+            let _ = r.bytes().await.expect("body");
+        });
+        if futs.len() == 10 {
+            futures_util::future::join_all(futs.drain(..)).await;
+        }
+    }
+    futures_util::future::join_all(futs).await;
+    all_free(&prod, Duration::from_secs(10)).await;
+    all_free(&cons, Duration::from_secs(10)).await;
+
+    eprintln!("section 5 at {:?}", t0.elapsed());
+    // 5. The consumer dies mid-stream: the client gets an error event, the stream ends, and
+    // the producer holds nothing.
+    let b = json!({"prompt": "Count to one hundred:", "max_tokens": 400, "ignore_eos": true,
+        "temperature": 0, "stream": true});
+    let r = client().post(&p_url).json(&b).send().await.expect("stream");
+    assert_eq!(r.status(), 200);
+    let mut s = r.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("data: ").count() < 3 {
+        let chunk = s.next().await.expect("chunk").expect("bytes");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    cons.kill();
+    let mut rest = String::new();
+    while let Some(c) = s.next().await {
+        match c {
+            Ok(b) => rest.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        rest.contains("\"error\"") && rest.contains("decode instance"),
+        "no error event after the consumer died: {rest:?}"
+    );
+    assert!(!rest.contains("[DONE]"));
+    all_free(&prod, Duration::from_secs(5)).await;
+
+    eprintln!("section 6 at {:?}", t0.elapsed());
+    // 6. The producer dies: the next request fails at once with a clear 502.
+    prod.kill();
+    let (s, v) = post(&p_url, &json!({"prompt": "Hello", "max_tokens": 4})).await;
+    assert_eq!(s, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("prefill"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_pairs_are_refused_by_field() {
+    let dir = std::env::temp_dir().join(format!("splitserve-pd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // Same shape, different weights: only the file hash tells them apart.
+    let other = dir.join("other.gguf");
+    std::fs::copy(model(), &other).expect("copy model");
+    let mut bytes = std::fs::read(&other).expect("read copy");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&other, &bytes).expect("write copy");
+    drop(bytes);
+
+    let prod = serve(&[], Some(kv_config("kv_producer", free_port(), 2.0)));
+    let kv = || Some(kv_config("kv_consumer", free_port(), 2.0));
+    let other_s = other.display().to_string();
+    let consumers = [
+        (
+            serve(&["--block-size", "32"], kv()),
+            "block_size",
+            "32",
+            "16",
+        ),
+        (
+            serve(&["--kv-cache-dtype", "f32"], kv()),
+            "kv_dtype",
+            "f32",
+            "f16",
+        ),
+        (
+            serve(
+                &[
+                    "--model",
+                    &other_s,
+                    "--served-model-name",
+                    "SmolLM2-135M-Instruct.Q4_1",
+                ],
+                kv(),
+            ),
+            "model_sha256",
+            "",
+            "",
+        ),
+    ];
+    ready(&prod).await;
+    for (c, ..) in &consumers {
+        ready(c).await;
+    }
+    for (c, field, ours, theirs) in &consumers {
+        let b = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+        let mut pre = b.clone();
+        pre["max_tokens"] = json!(1);
+        pre["kv_transfer_params"] = json!({"do_remote_decode": true});
+        let (s, p) = post(&format!("{}/v1/completions", prod.url()), &pre).await;
+        assert_eq!(s, 200, "{p}");
+        let mut dec = b.clone();
+        dec["kv_transfer_params"] = p["kv_transfer_params"].clone();
+        let (s, v) = post(&format!("{}/v1/completions", c.url()), &dec).await;
+        assert_eq!(s, 502, "{field}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(&format!("{field} differs")), "{msg}");
+        if !ours.is_empty() {
+            assert!(
+                msg.contains(&format!("ours {ours}, theirs {theirs}")),
+                "{msg}"
+            );
+        }
+        assert!(v["choices"].is_null(), "nothing may be decoded: {v}");
+        all_free(c, Duration::from_secs(2)).await;
+    }
+    // The refused holds are freed by the producer's hold timeout (2 s).
+    all_free(&prod, Duration::from_secs(6)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn bad_kv_transfer_config_is_a_startup_error_naming_the_field() {
+    for (json, field) in [
+        (
+            r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#,
+            "kv_connector",
+        ),
+        (
+            r#"{"kv_connector":"TcpConnector","kv_role":"decoder"}"#,
+            "kv_role",
+        ),
+        (r#"{"kv_connector":"TcpConnector""#, "EOF"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+            .args(["serve", "--kv-transfer-config", json])
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "{json}: {err}");
+    }
+}

@@ -1,0 +1,405 @@
+//! The xPyD proxy: one OpenAI-compatible front over pools of prefill (`kv_producer`) and
+//! decode (`kv_consumer`) instances.
+//!
+//! Per request: the prefill instance gets the request with `max_tokens=1`, `stream=false` and
+//! `kv_transfer_params: {"do_remote_decode": true}`; its response's `kv_transfer_params` go
+//! with the original request to a decode instance, whose answer (SSE or JSON) is passed
+//! through. `X-Request-Id` is kept end to end. Errors before the first byte are 502/503 with
+//! an OpenAI error body; after it, an SSE error event and the end of the stream.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The instances behind the proxy.
+#[derive(Clone, Debug)]
+pub struct Pools {
+    pub prefill: Vec<String>,
+    pub decode: Vec<String>,
+}
+
+struct Inner {
+    pools: Pools,
+    next_prefill: AtomicUsize,
+    next_decode: AtomicUsize,
+    counter: AtomicUsize,
+    client: reqwest::Client,
+}
+
+#[derive(Clone)]
+pub struct Proxy(Arc<Inner>);
+
+impl Proxy {
+    pub fn new(pools: Pools) -> Result<Self, String> {
+        if pools.prefill.is_empty() || pools.decode.is_empty() {
+            return Err("give at least one --prefill and one --decode URL".into());
+        }
+        let trim = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect()
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self(Arc::new(Inner {
+            pools: Pools {
+                prefill: trim(pools.prefill),
+                decode: trim(pools.decode),
+            },
+            next_prefill: AtomicUsize::new(0),
+            next_decode: AtomicUsize::new(0),
+            counter: AtomicUsize::new(0),
+            client,
+        })))
+    }
+}
+
+/// The proxy's routes.
+pub fn router(proxy: Proxy) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .with_state(proxy)
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    proxy: Proxy,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(proxy))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, Json(body)).into_response()
+}
+
+fn with_id(mut r: Response, id: &HeaderValue) -> Response {
+    r.headers_mut().insert(REQUEST_ID, id.clone());
+    r
+}
+
+async fn completions(State(p): State<Proxy>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(p, headers, body, "/v1/completions").await
+}
+
+async fn chat(State(p): State<Proxy>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(p, headers, body, "/v1/chat/completions").await
+}
+
+fn pick(n: usize, next: &AtomicUsize) -> usize {
+    next.fetch_add(1, Ordering::Relaxed) % n
+}
+
+/// Sends `body` to the instances in round-robin order starting at the next one, moving on
+/// only when an instance cannot be reached (a request is never sent twice once accepted).
+async fn send_round_robin(
+    p: &Proxy,
+    urls: &[String],
+    next: &AtomicUsize,
+    path: &str,
+    id: &HeaderValue,
+    body: &Value,
+    timeout: Option<Duration>,
+) -> Result<(String, reqwest::Response), String> {
+    let start = pick(urls.len(), next);
+    let mut errors = Vec::new();
+    for k in 0..urls.len() {
+        let url = &urls[(start + k) % urls.len()];
+        let mut req =
+            p.0.client
+                .post(format!("{url}{path}"))
+                .header(REQUEST_ID, id.clone())
+                .json(body);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        match req.send().await {
+            Ok(r) => return Ok((url.clone(), r)),
+            Err(e) if e.is_connect() => errors.push(format!("{url}: {e}")),
+            Err(e) => return Err(format!("{url}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+async fn passthrough_error(url: &str, stage: &str, r: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = r.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<Value>(&body) {
+        // A client error is the client's to see as the instance said it.
+        Ok(v) if status.is_client_error() && v.get("error").is_some() => {
+            (status, Json(v)).into_response()
+        }
+        Ok(v) => {
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("{stage} instance {url} failed ({status}): {msg}"),
+            )
+        }
+        Err(_) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!(
+                "{stage} instance {url} failed ({status}): {}",
+                String::from_utf8_lossy(&body)
+            ),
+        ),
+    }
+}
+
+async fn handle(p: Proxy, headers: HeaderMap, body: Bytes, path: &str) -> Response {
+    let id = headers
+        .get(&REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .cloned()
+        .unwrap_or_else(|| {
+            let n = p.0.counter.fetch_add(1, Ordering::Relaxed);
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0);
+            HeaderValue::from_str(&format!("pd-{t:x}{n:04x}"))
+                .unwrap_or(HeaderValue::from_static("pd"))
+        });
+    let r = handle_inner(&p, &id, body, path).await;
+    with_id(r, &id)
+}
+
+async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> Response {
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("malformed JSON: {e}"),
+            )
+        }
+    };
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    // (1) Prefill: one token, no stream, hold the KV for a remote decode.
+    let mut pre = req.clone();
+    pre["max_tokens"] = json!(1);
+    if let Some(o) = pre.as_object_mut() {
+        o.remove("max_completion_tokens");
+        o.remove("stream_options");
+    }
+    pre["stream"] = json!(false);
+    if pre["min_tokens"].as_u64().is_some_and(|m| m > 1) {
+        pre["min_tokens"] = json!(1);
+    }
+    pre["kv_transfer_params"] = json!({"do_remote_decode": true});
+    let pools = &p.0.pools;
+    let t0 = std::time::Instant::now();
+    let (purl, presp) = match send_round_robin(
+        p,
+        &pools.prefill,
+        &p.0.next_prefill,
+        path,
+        id,
+        &pre,
+        Some(Duration::from_secs(600)),
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("no prefill instance answered: {e}"),
+            )
+        }
+    };
+    if !presp.status().is_success() {
+        return passthrough_error(&purl, "prefill", presp).await;
+    }
+    let pjson: Value = match presp.json().await {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("prefill instance {purl} sent a bad response: {e}"),
+            )
+        }
+    };
+    let params = pjson["kv_transfer_params"].clone();
+    if !params.is_object() {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!(
+                "prefill instance {purl} returned no kv_transfer_params (is it a kv_producer?)"
+            ),
+        );
+    }
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // (2) Decode: the original request plus where its KV waits.
+    let mut dec = req;
+    dec["kv_transfer_params"] = params;
+    let (durl, dresp) =
+        match send_round_robin(p, &pools.decode, &p.0.next_decode, path, id, &dec, None).await {
+            Ok(x) => x,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!("no decode instance answered: {e}"),
+                )
+            }
+        };
+    tracing::debug!(id = ?id, prefill = %purl, decode = %durl, prefill_ms, "routed");
+    if !dresp.status().is_success() {
+        return passthrough_error(&durl, "decode", dresp).await;
+    }
+    if !stream {
+        return match dresp.bytes().await {
+            Ok(b) => (
+                StatusCode::OK,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                b,
+            )
+                .into_response(),
+            Err(e) => error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("decode instance {durl} failed mid-response: {e}"),
+            ),
+        };
+    }
+    // SSE passthrough; a stream that breaks or ends without [DONE] gets an error event.
+    let upstream = dresp.bytes_stream();
+    let state = (upstream, Vec::<u8>::new(), false, durl);
+    let body = futures_util::stream::unfold(state, |(mut up, mut tail, ended, url)| async move {
+        if ended {
+            return None;
+        }
+        let fail = |msg: String| {
+            let ev = json!({"error": {"message": msg, "type": "upstream_error", "param": null, "code": null}});
+            Bytes::from(format!("data: {ev}\n\n"))
+        };
+        match up.next().await {
+            Some(Ok(b)) => {
+                tail.extend_from_slice(&b);
+                let keep = tail.len().saturating_sub(32);
+                tail.drain(..keep);
+                Some((Ok::<Bytes, std::io::Error>(b), (up, tail, false, url)))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(decode = %url, error = %e, "decode stream broke");
+                let ev = fail(format!("decode instance {url} failed mid-stream: {e}"));
+                Some((Ok(ev), (up, tail, true, url)))
+            }
+            None if !String::from_utf8_lossy(&tail).contains("[DONE]") => {
+                let ev = fail(format!("decode instance {url} ended the stream early"));
+                Some((Ok(ev), (up, tail, true, url)))
+            }
+            None => None,
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
+        .header(axum::http::header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                e.to_string(),
+            )
+        })
+}
+
+async fn models(State(p): State<Proxy>) -> Response {
+    let url = &p.0.pools.decode[0];
+    match p.0.client.get(format!("{url}/v1/models")).send().await {
+        Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => error(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()),
+        },
+        Ok(r) => passthrough_error(url, "decode", r).await,
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("{url}: {e}"),
+        ),
+    }
+}
+
+/// Every instance's `/health`; 200 when each pool has at least one healthy instance.
+async fn health(State(p): State<Proxy>) -> Response {
+    let check = |url: String| {
+        let c = p.0.client.clone();
+        async move {
+            let r = c
+                .get(format!("{url}/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let v = match r {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.unwrap_or(json!({})),
+                Ok(r) => json!({"status": format!("HTTP {}", r.status())}),
+                Err(e) => json!({"status": format!("unreachable: {e}")}),
+            };
+            (url, v)
+        }
+    };
+    let pre = futures_util::future::join_all(p.0.pools.prefill.iter().cloned().map(check)).await;
+    let dec = futures_util::future::join_all(p.0.pools.decode.iter().cloned().map(check)).await;
+    let ok = |v: &[(String, Value)]| v.iter().any(|(_, x)| x["status"] == "ok");
+    let healthy = ok(&pre) && ok(&dec);
+    let list = |v: Vec<(String, Value)>| -> Vec<Value> {
+        v.into_iter()
+            .map(|(u, mut x)| {
+                x["url"] = json!(u);
+                x
+            })
+            .collect()
+    };
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "prefill": list(pre),
+        "decode": list(dec),
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
