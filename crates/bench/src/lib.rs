@@ -1,6 +1,7 @@
 //! Benchmarks: a load generator for OpenAI-compatible servers and its statistics.
 
 pub mod load;
+pub mod plot;
 pub mod stats;
 
 #[derive(Debug, thiserror::Error)]

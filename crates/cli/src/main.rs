@@ -1,6 +1,8 @@
 //! `splitserve`: the one binary. Subcommands wire the layers together; errors end here.
 
 mod bench_engine;
+mod bench_kv;
+mod bench_pd;
 mod econ;
 mod generate;
 mod pd;
@@ -47,6 +49,10 @@ enum BenchCommand {
     Engine(bench_engine::BenchEngineArgs),
     /// Load any OpenAI-compatible server: TTFT, ITL, E2E percentiles, throughput, goodput.
     Serve(splitserve_bench::load::ServeBenchArgs),
+    /// KV transfer throughput of the TCP connector vs a raw loopback TCP copy.
+    Kv(bench_kv::BenchKvArgs),
+    /// The interference experiment: colocated vs disaggregated, same threads, same workload.
+    Pd(bench_pd::BenchPdArgs),
 }
 
 /// The model path given, or the default model (fetched on first use).
@@ -99,5 +105,7 @@ fn main() -> Result<()> {
         Command::Econ(a) => econ::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
+        Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
+        Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(a),
     }
 }

@@ -20,6 +20,10 @@ pub struct ProxyArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Prompts shorter than this many tokens are prefilled on the decode instance
+    /// (conditional disaggregation); 0 sends every request through a prefill instance.
+    #[arg(long, default_value_t = 0)]
+    pub disagg_threshold: usize,
 }
 
 fn proxy_runtime() -> Result<tokio::runtime::Runtime> {
@@ -33,6 +37,7 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
     let proxy = Proxy::new(Pools {
         prefill: a.prefill.clone(),
         decode: a.decode.clone(),
+        disagg_threshold: a.disagg_threshold,
     })
     .map_err(anyhow::Error::msg)?;
     let addr = format!("{}:{}", a.host, a.port);
@@ -81,6 +86,9 @@ pub struct UpArgs {
     /// KV blocks per instance.
     #[arg(long, default_value_t = 2048)]
     pub num_kv_blocks: usize,
+    /// Prompts shorter than this many tokens are prefilled on the decode instance.
+    #[arg(long, default_value_t = 0)]
+    pub disagg_threshold: usize,
     /// Extra flags passed to every `serve` (e.g. "--max-num-seqs 8").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
@@ -98,6 +106,25 @@ impl Drop for Children {
             let _ = c.wait();
         }
     }
+}
+
+/// Children end with us even when we are killed outright (no destructor runs then).
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 fn wait_listening(port: u16, children: &mut Children, deadline: Instant) -> Result<()> {
@@ -152,7 +179,8 @@ pub fn up(a: UpArgs) -> Result<()> {
         let kv = format!(
             r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
         );
-        let child = Command::new(&exe)
+        let mut child = Command::new(&exe);
+        child
             .arg("serve")
             .arg("--model")
             .arg(&model)
@@ -160,9 +188,9 @@ pub fn up(a: UpArgs) -> Result<()> {
             .args(["--threads", &threads.to_string()])
             .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
             .args(["--kv-transfer-config", &kv])
-            .args(&extra)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
+            .args(&extra);
+        die_with_parent(&mut child);
+        let child = child.spawn().with_context(|| format!("starting {name}"))?;
         let url = format!("http://127.0.0.1:{port}");
         println!(
             "{name}: {url} ({role}, {threads} thread{}{})",
@@ -189,6 +217,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         decode: decode_urls,
         host: "127.0.0.1".into(),
         port: a.port,
+        disagg_threshold: a.disagg_threshold,
     };
     println!(
         "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything)",

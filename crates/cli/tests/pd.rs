@@ -177,6 +177,36 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
     }
     assert_eq!(metric(&cons, "prompt_tokens_computed").await, before + 6.0);
 
+    // 3b. Conditional disaggregation: a short prompt is prefilled on the decode instance.
+    let proxy2 = spawn(&[
+        "proxy".into(),
+        "--prefill".into(),
+        prod.url(),
+        "--decode".into(),
+        cons.url(),
+        "--disagg-threshold".into(),
+        "64".into(),
+    ]);
+    ready(&proxy2).await;
+    let (computed, pulled) = (
+        metric(&cons, "prompt_tokens_computed").await,
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+    );
+    let b = body(&ps[0], None, 8);
+    let (_, a) = post(&c_url, &b).await;
+    let (s, d) = post(&format!("{}/v1/completions", proxy2.url()), &b).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(tokens(&a), tokens(&d));
+    let n = a["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0);
+    assert_eq!(metric(&cons, "prompt_tokens_computed").await, computed + n);
+    assert_eq!(metric(&cons, "kv_transfer_bytes_received_total").await, pulled);
+    let b = body(&ps[7], None, 4);
+    let (_, a) = post(&c_url, &b).await;
+    let (_, d) = post(&format!("{}/v1/completions", proxy2.url()), &b).await;
+    assert_eq!(tokens(&a), tokens(&d));
+    assert!(metric(&cons, "kv_transfer_bytes_received_total").await > pulled);
+    drop(proxy2);
+
     eprintln!("section 4 at {:?}", t0.elapsed());
     // 4. Fifty mixed requests through the proxy; then every block is free on both sides.
     let mut futs = Vec::new();

@@ -27,6 +27,9 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct Pools {
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
+    /// Prompts shorter than this many tokens are prefilled on the decode instance itself
+    /// (conditional disaggregation); 0 disaggregates every request.
+    pub disagg_threshold: usize,
 }
 
 struct Inner {
@@ -59,6 +62,7 @@ impl Proxy {
             pools: Pools {
                 prefill: trim(pools.prefill),
                 decode: trim(pools.decode),
+                disagg_threshold: pools.disagg_threshold,
             },
             next_prefill: AtomicUsize::new(0),
             next_decode: AtomicUsize::new(0),
@@ -210,6 +214,32 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
         }
     };
     let stream = req["stream"].as_bool().unwrap_or(false);
+    let pools = &p.0.pools;
+    if pools.disagg_threshold > 0 {
+        if let Some(n) = prompt_tokens(p, &req, path).await {
+            if n < pools.disagg_threshold {
+                // Short prompt: cheaper to prefill where it decodes than to ship its KV.
+                return match send_round_robin(
+                    p,
+                    &pools.decode,
+                    &p.0.next_decode,
+                    path,
+                    id,
+                    &req,
+                    None,
+                )
+                .await
+                {
+                    Ok((url, r)) => forward(url, r, stream).await,
+                    Err(e) => error(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("no decode instance answered: {e}"),
+                    ),
+                };
+            }
+        }
+    }
     // (1) Prefill: one token, no stream, hold the KV for a remote decode.
     let mut pre = req.clone();
     pre["max_tokens"] = json!(1);
@@ -222,7 +252,6 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
         pre["min_tokens"] = json!(1);
     }
     pre["kv_transfer_params"] = json!({"do_remote_decode": true});
-    let pools = &p.0.pools;
     let t0 = std::time::Instant::now();
     let (purl, presp) = match send_round_robin(
         p,
@@ -283,6 +312,36 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
             }
         };
     tracing::debug!(id = ?id, prefill = %purl, decode = %durl, prefill_ms, "routed");
+    forward(durl, dresp, stream).await
+}
+
+/// The prompt's token count: an id list's length, else the decode instance's `/tokenize`.
+async fn prompt_tokens(p: &Proxy, req: &Value, path: &str) -> Option<usize> {
+    if let Some(a) = req["prompt"].as_array() {
+        if a.iter().all(Value::is_number) {
+            return Some(a.len());
+        }
+    }
+    let body = if path.ends_with("chat/completions") {
+        json!({"messages": req["messages"]})
+    } else {
+        json!({"prompt": req["prompt"].as_str()?})
+    };
+    let url = &p.0.pools.decode[0];
+    let r =
+        p.0.client
+            .post(format!("{url}/tokenize"))
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+    let v: Value = r.json().await.ok()?;
+    v["count"].as_u64().map(|n| n as usize)
+}
+
+/// Passes a decode instance's answer through to the client.
+async fn forward(durl: String, dresp: reqwest::Response, stream: bool) -> Response {
     if !dresp.status().is_success() {
         return passthrough_error(&durl, "decode", dresp).await;
     }

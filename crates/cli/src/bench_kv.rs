@@ -1,0 +1,149 @@
+//! `splitserve bench kv`: KV transfer throughput of the TCP connector against a raw loopback
+//! TCP copy of the same number of bytes, measured in the same run.
+//!
+//! A producer engine prefills a prompt and holds its KV; the consumer side pulls it with
+//! `kv::tcp::pull` (handshake, export from the blocks, frames, decode). The raw copy is one
+//! `write_all` of a buffer of that size on one side and `read_exact` on the other.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use splitserve_engine::{Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams};
+use splitserve_kv::Fingerprint;
+
+#[derive(clap::Args)]
+pub struct BenchKvArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt tokens whose KV is moved.
+    #[arg(long, default_value_t = 2000)]
+    prompt_len: usize,
+    /// Transfers measured (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// KV cache dtype (f16 or f32).
+    #[arg(long, default_value = "f16")]
+    kv_cache_dtype: splitserve_engine::KvDtype,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn raw_copy(bytes: usize) -> Result<Duration> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    // Both buffers are allocated and touched before the clock starts; the clock starts when
+    // the sender is ready (its one-byte signal), not at connect.
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let buf = vec![7u8; bytes];
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        s.write_all(&[1])?;
+        let mut go = [0u8; 1];
+        s.read_exact(&mut go)?;
+        s.write_all(&buf)
+    });
+    let mut buf = vec![1u8; bytes];
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut ready = [0u8; 1];
+    s.read_exact(&mut ready)?;
+    let t0 = Instant::now();
+    s.write_all(&[1])?;
+    s.read_exact(&mut buf)?;
+    let t = t0.elapsed();
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(t)
+}
+
+pub fn run(a: BenchKvArgs) -> Result<()> {
+    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+    let path = crate::model_path(&a.model)?;
+    let model =
+        Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let sha = splitserve_engine::model_file::sha256_file(&path, false)?;
+    let cfg = EngineConfig {
+        kv_dtype: a.kv_cache_dtype,
+        max_model_len: Some(a.prompt_len + 16),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(model.clone(), cfg, None)?;
+    let fp = Fingerprint::new(&sha, &model.config, &engine.kv_layout());
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let (e2, fp2) = (engine.clone(), fp.clone());
+    std::thread::spawn(move || splitserve_kv::tcp::serve(l, e2, fp2, None));
+    let vocab = model.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..a.prompt_len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+        .collect();
+    let (mut pull_ms, mut raw_ms) = (Vec::new(), Vec::new());
+    let mut bytes = 0usize;
+    for rep in 0..a.reps + 1 {
+        let id = format!("bench-kv-{rep}");
+        let mut rx = engine.submit(Request {
+            id: id.clone(),
+            prompt: prompt.clone(),
+            params: SamplingParams::greedy(1),
+            return_logits: false,
+            kv: KvTransfer::Hold,
+        })?;
+        while let Some(ev) = rx.blocking_recv() {
+            if let Event::Finished(f) = ev {
+                anyhow::ensure!(f.error.is_none(), "prefill failed: {:?}", f.error);
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        let kv = splitserve_kv::tcp::pull(&addr, &fp, &id)?;
+        let t = t0.elapsed();
+        bytes = kv.layers.iter().map(Vec::len).sum();
+        drop(kv);
+        let raw = raw_copy(bytes)?;
+        // The first round warms the page cache and the allocator; it is not counted.
+        if rep > 0 {
+            pull_ms.push(t.as_secs_f64() * 1e3);
+            raw_ms.push(raw.as_secs_f64() * 1e3);
+        }
+    }
+    let (p, r) = (median(&mut pull_ms), median(&mut raw_ms));
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let (pg, rg) = (gib / (p / 1e3), gib / (r / 1e3));
+    println!(
+        "KV of a {}-token prompt: {:.1} MiB ({} layers, {})",
+        a.prompt_len,
+        bytes as f64 / (1 << 20) as f64,
+        model.config.n_layer,
+        a.kv_cache_dtype
+    );
+    println!("| path | median ms | GiB/s |");
+    println!("|---|---|---|");
+    println!("| kv::tcp pull (handshake, export, frames, decode) | {p:.1} | {pg:.2} |");
+    println!("| raw loopback TCP copy, same bytes | {r:.1} | {rg:.2} |");
+    println!(
+        "pull / raw throughput: {:.2}x (median of {} reps)",
+        pg / rg,
+        a.reps
+    );
+    if let Some(j) = &a.json {
+        let v = serde_json::json!({
+            "prompt_len": a.prompt_len, "bytes": bytes, "reps": a.reps,
+            "pull_ms": pull_ms, "raw_ms": raw_ms,
+            "pull_gib_s": pg, "raw_gib_s": rg, "ratio": pg / rg,
+        });
+        std::fs::write(j, serde_json::to_string_pretty(&v)?)?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}

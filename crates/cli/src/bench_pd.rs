@@ -1,0 +1,382 @@
+//! `splitserve bench pd`: the interference experiment. Each arm is started here on loopback
+//! with the same total threads — one colocated engine, or a producer, a consumer and the
+//! proxy (`splitserve up`) — and gets the same workload: steady decode streams (short
+//! prompts, long outputs, re-issued until the end) while big prompts arrive periodically.
+//! Reports decode-stream ITL and big-prompt TTFT side by side; writes JSON, a markdown table
+//! and two SVG plots.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use splitserve_bench::load::{send, served_model, Job};
+use splitserve_bench::stats::{RequestResult, Summary};
+
+#[derive(clap::Args, Clone, serde::Serialize)]
+pub struct BenchPdArgs {
+    /// Small settings that finish in under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Threads for each arm in total (colocated: all; pair: split).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Threads of the disaggregated arm in total, split between producer and consumer
+    /// (default: --threads). Twice --threads gives each role what the colocated engine has.
+    #[arg(long)]
+    pub pair_threads: Option<usize>,
+    /// The pair's proxy prefills prompts shorter than this on the decode instance (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub disagg_threshold: usize,
+    /// Concurrent decode streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Output tokens per decode request.
+    #[arg(long)]
+    pub stream_tokens: Option<usize>,
+    /// Prompt tokens of each big prompt.
+    #[arg(long)]
+    pub big_prompt_tokens: Option<usize>,
+    /// max_tokens of each big prompt.
+    #[arg(long, default_value_t = 1)]
+    pub big_max_tokens: usize,
+    /// Big prompts per arm.
+    #[arg(long)]
+    pub big_prompts: Option<usize>,
+    /// Seconds between big-prompt arrivals.
+    #[arg(long)]
+    pub big_interval_s: Option<f64>,
+    /// Output folder for pd.json, pd.md and the plots.
+    #[arg(long, default_value = "bench-results/pd")]
+    pub out: PathBuf,
+    /// Arms to run (colocated, disaggregated).
+    #[arg(long, value_delimiter = ',', default_value = "colocated,disaggregated")]
+    pub arms: Vec<String>,
+    /// First port to use on loopback.
+    #[arg(long, default_value_t = 18100)]
+    pub base_port: u16,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Clone, serde::Serialize)]
+struct Settings {
+    threads: usize,
+    pair_threads: usize,
+    disagg_threshold: usize,
+    streams: usize,
+    stream_tokens: usize,
+    big_prompt_tokens: usize,
+    big_max_tokens: usize,
+    big_prompts: usize,
+    big_interval_s: f64,
+}
+
+impl BenchPdArgs {
+    fn settings(&self) -> Settings {
+        let q = self.quick;
+        Settings {
+            threads: self.threads,
+            pair_threads: self.pair_threads.unwrap_or(self.threads),
+            disagg_threshold: self.disagg_threshold,
+            streams: self.streams,
+            stream_tokens: self.stream_tokens.unwrap_or(if q { 48 } else { 128 }),
+            big_prompt_tokens: self.big_prompt_tokens.unwrap_or(if q { 256 } else { 1490 }),
+            big_max_tokens: self.big_max_tokens,
+            big_prompts: self.big_prompts.unwrap_or(if q { 2 } else { 4 }),
+            big_interval_s: self.big_interval_s.unwrap_or(if q { 4.0 } else { 20.0 }),
+        }
+    }
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
+    // Ordinary-text token ids (skip the special tokens at the start of the vocabulary).
+    (0..n as u32)
+        .map(|i| {
+            let x = (i ^ seed.wrapping_mul(0x9E37_79B9)).wrapping_mul(2_654_435_761) >> 9;
+            200 + x % (vocab - 200)
+        })
+        .collect()
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Kill) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{url}/health")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if let Some(st) = child.0.try_wait()? {
+            bail!("arm process exited while starting ({st})");
+        }
+        if t0.elapsed() > Duration::from_secs(180) {
+            bail!("{url} not ready after 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct ArmResult {
+    name: String,
+    streams: Vec<(usize, RequestResult)>,
+    big: Vec<RequestResult>,
+    big_at: Vec<f64>,
+    wall_s: f64,
+}
+
+async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<ArmResult> {
+    let exe = std::env::current_exe()?;
+    let port = a.base_port;
+    let mut cmd = Command::new(&exe);
+    match arm {
+        "colocated" => {
+            cmd.args(["serve", "--model", model, "--port", &port.to_string()])
+                .args(["--threads", &s.threads.to_string()]);
+        }
+        "disaggregated" => {
+            cmd.args(["up", "--model", model, "--port", &port.to_string()])
+                .args(["--base-port", &(port + 10).to_string()])
+                .args(["--side-channel-port", &(port + 20).to_string()])
+                .args(["--threads", &s.pair_threads.to_string()])
+                .args(["--disagg-threshold", &s.disagg_threshold.to_string()]);
+        }
+        other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
+    }
+    crate::pd::die_with_parent(&mut cmd);
+    let mut child = Kill(
+        cmd.env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting the {arm} arm"))?,
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(900))
+        .build()?;
+    wait_ready(&client, &url, &mut child).await?;
+    let name = served_model(&client, &url).await?;
+    eprintln!(
+        "[{arm}] ready; {} streams, {} big prompts of {} tokens every {} s",
+        s.streams, s.big_prompts, s.big_prompt_tokens, s.big_interval_s
+    );
+    let vocab = 49152;
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(900);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Decode streams: each slot re-issues its request until the big prompts are all served.
+    let mut slots = Vec::new();
+    for slot in 0..s.streams {
+        let (client, url, name, done) = (client.clone(), url.clone(), name.clone(), done.clone());
+        let tokens = s.stream_tokens;
+        slots.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut k = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || k == 0 {
+                let job = Job {
+                    prompt: json!(ids(16, 1000 + slot as u32 * 100 + k, vocab)),
+                    prompt_tokens: 16,
+                    max_tokens: tokens,
+                    at: None,
+                };
+                let r = send(&client, &url, &name, &job, t0, timeout, &Value::Null).await;
+                out.push((slot, r));
+                k += 1;
+            }
+            out
+        }));
+    }
+    // Big prompts, open loop, after the streams have started.
+    let mut bigs = Vec::new();
+    let mut big_at = Vec::new();
+    for b in 0..s.big_prompts {
+        let at = 1.0 + b as f64 * s.big_interval_s;
+        big_at.push(at);
+        let (client, url, name) = (client.clone(), url.clone(), name.clone());
+        let job = Job {
+            prompt: json!(ids(s.big_prompt_tokens, 7 + b as u32, vocab)),
+            prompt_tokens: s.big_prompt_tokens,
+            max_tokens: s.big_max_tokens,
+            at: Some(at),
+        };
+        bigs.push(tokio::spawn(async move {
+            let wait = Duration::from_secs_f64(at).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            let r = send(&client, &url, &name, &job, t0, timeout, &Value::Null).await;
+            eprintln!(
+                "[big prompt {}] TTFT {:.0} ms{}",
+                b + 1,
+                r.ttft_ms,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" error: {e}"))
+                    .unwrap_or_default()
+            );
+            r
+        }));
+    }
+    let mut big = Vec::new();
+    for h in bigs {
+        big.push(h.await?);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut streams = Vec::new();
+    for h in slots {
+        streams.extend(h.await?);
+    }
+    Ok(ArmResult {
+        name: arm.to_string(),
+        streams,
+        big,
+        big_at,
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn arm_json(r: &ArmResult) -> Value {
+    let itl: Vec<f64> = r
+        .streams
+        .iter()
+        .flat_map(|(_, x)| x.itl_ms.iter().copied())
+        .collect();
+    let s_ttft: Vec<f64> = r.streams.iter().map(|(_, x)| x.ttft_ms).collect();
+    let b_ttft: Vec<f64> = r.big.iter().map(|x| x.ttft_ms).collect();
+    let failed =
+        r.streams.iter().filter(|(_, x)| !x.ok).count() + r.big.iter().filter(|x| !x.ok).count();
+    json!({
+        "arm": r.name,
+        "wall_s": r.wall_s,
+        "completed": r.streams.len() + r.big.len() - failed,
+        "failed": failed,
+        "stream_requests": r.streams.len(),
+        "big_requests": r.big.len(),
+        "decode_itl_ms": Summary::of(&itl),
+        "stream_ttft_ms": Summary::of(&s_ttft),
+        "big_ttft_ms": Summary::of(&b_ttft),
+        "big_arrivals_s": r.big_at,
+        "requests": {
+            "streams": r.streams.iter().map(|(slot, x)| json!({"slot": slot, "result": x})).collect::<Vec<_>>(),
+            "big": r.big,
+        },
+    })
+}
+
+/// (time s, gap ms) of every token gap of decode slot 0.
+fn timeline(r: &ArmResult) -> Vec<(f64, f64)> {
+    let mut pts = Vec::new();
+    for (_, x) in r.streams.iter().filter(|(s, _)| *s == 0) {
+        let mut t = x.start_s + x.ttft_ms / 1e3;
+        for g in &x.itl_ms {
+            t += g / 1e3;
+            pts.push((t, *g));
+        }
+    }
+    pts
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+pub fn run(a: BenchPdArgs) -> Result<()> {
+    let s = a.settings();
+    let model = crate::model_path(&a.model)?.display().to_string();
+    std::fs::create_dir_all(&a.out)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut arms = Vec::new();
+    for arm in &a.arms {
+        arms.push(rt.block_on(run_arm(&a, &s, arm, &model))?);
+    }
+    let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
+    let mut md = String::new();
+    md.push_str(&format!(
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split).\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads
+    ));
+    md.push_str("| arm | decode ITL p50 ms | p90 | p99 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for j in &jsons {
+        let (i, b, st) = (&j["decode_itl_ms"], &j["big_ttft_ms"], &j["stream_ttft_ms"]);
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {}/{} |\n",
+            j["arm"].as_str().unwrap_or(""),
+            f(i, "p50"),
+            f(i, "p90"),
+            f(i, "p99"),
+            f(i, "max"),
+            f(i, "p99") / f(i, "p50"),
+            f(b, "p50"),
+            f(b, "max"),
+            f(st, "p50"),
+            j["completed"],
+            j["failed"]
+        ));
+    }
+    if jsons.len() == 2 {
+        let (c, d) = (&jsons[0], &jsons[1]);
+        md.push_str(&format!(
+            "\nITL p99 {} / {}: {:.2}x; big-prompt TTFT p50 {} / {}: {:.2}x\n",
+            c["arm"].as_str().unwrap_or(""),
+            d["arm"].as_str().unwrap_or(""),
+            f(&c["decode_itl_ms"], "p99") / f(&d["decode_itl_ms"], "p99"),
+            d["arm"].as_str().unwrap_or(""),
+            c["arm"].as_str().unwrap_or(""),
+            f(&d["big_ttft_ms"], "p50") / f(&c["big_ttft_ms"], "p50"),
+        ));
+    }
+    let report = json!({"settings": s, "arms": jsons});
+    std::fs::write(
+        a.out.join("pd.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(a.out.join("pd.md"), &md)?;
+    let itls: Vec<(String, Vec<f64>)> = arms
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.streams
+                    .iter()
+                    .flat_map(|(_, x)| x.itl_ms.iter().copied())
+                    .collect(),
+            )
+        })
+        .collect();
+    if let Err(e) = splitserve_bench::plot::cdf(
+        &a.out.join("itl_cdf.svg"),
+        "Decode-stream inter-token latency, CDF",
+        &itls,
+    ) {
+        eprintln!("no ITL CDF plot: {e}");
+    }
+    let tl: Vec<(String, Vec<(f64, f64)>)> =
+        arms.iter().map(|r| (r.name.clone(), timeline(r))).collect();
+    let marks = arms.first().map(|r| r.big_at.clone()).unwrap_or_default();
+    if let Err(e) = splitserve_bench::plot::timeline(
+        &a.out.join("itl_timeline.svg"),
+        "ITL of decode slot 0 over time (vertical lines: big-prompt arrivals)",
+        &tl,
+        &marks,
+    ) {
+        eprintln!("no ITL timeline plot: {e}");
+    }
+    print!("{md}");
+    println!(
+        "wrote {}/{{pd.json,pd.md,itl_cdf.svg,itl_timeline.svg}}",
+        a.out.display()
+    );
+    Ok(())
+}
