@@ -27,6 +27,11 @@ pub struct BenchPdArgs {
     /// (default: --threads). Twice --threads gives each role what the colocated engine has.
     #[arg(long)]
     pub pair_threads: Option<usize>,
+    /// Threads of the pair's producer and consumer (override the split of --pair-threads).
+    #[arg(long)]
+    pub prefill_threads: Option<usize>,
+    #[arg(long)]
+    pub decode_threads: Option<usize>,
     /// The pair's proxy prefills prompts shorter than this on the decode instance (0: never).
     #[arg(long, default_value_t = 0)]
     pub disagg_threshold: usize,
@@ -151,6 +156,12 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
                 .args(["--side-channel-port", &(port + 20).to_string()])
                 .args(["--threads", &s.pair_threads.to_string()])
                 .args(["--disagg-threshold", &s.disagg_threshold.to_string()]);
+            if let Some(t) = a.prefill_threads {
+                cmd.args(["--prefill-threads", &t.to_string()]);
+            }
+            if let Some(t) = a.decode_threads {
+                cmd.args(["--decode-threads", &t.to_string()]);
+            }
         }
         other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
     }
@@ -304,8 +315,8 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
     md.push_str(&format!(
-        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split).\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given).\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {

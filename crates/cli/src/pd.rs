@@ -83,6 +83,12 @@ pub struct UpArgs {
     /// Threads for all instances together (default: all cores), split between them.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Threads of each prefill instance (overrides the split of --threads).
+    #[arg(long)]
+    pub prefill_threads: Option<usize>,
+    /// Threads of each decode instance (overrides the split of --threads).
+    #[arg(long)]
+    pub decode_threads: Option<usize>,
     /// KV blocks per instance.
     #[arg(long, default_value_t = 2048)]
     pub num_kv_blocks: usize,
@@ -168,7 +174,13 @@ pub fn up(a: UpArgs) -> Result<()> {
     for i in 0..n {
         let producer = i < a.prefill;
         // Cores split as evenly as they go; every instance gets at least one thread.
-        let threads = (total / n + usize::from(i < total % n)).max(1);
+        let split = (total / n + usize::from(i < total % n)).max(1);
+        let threads = if producer {
+            a.prefill_threads.unwrap_or(split)
+        } else {
+            a.decode_threads.unwrap_or(split)
+        }
+        .max(1);
         let port = a.base_port + i as u16;
         let (role, name) = if producer {
             ("kv_producer", format!("prefill[{i}]"))

@@ -199,7 +199,10 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
     assert_eq!(tokens(&a), tokens(&d));
     let n = a["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0);
     assert_eq!(metric(&cons, "prompt_tokens_computed").await, computed + n);
-    assert_eq!(metric(&cons, "kv_transfer_bytes_received_total").await, pulled);
+    assert_eq!(
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+        pulled
+    );
     let b = body(&ps[7], None, 4);
     let (_, a) = post(&c_url, &b).await;
     let (_, d) = post(&format!("{}/v1/completions", proxy2.url()), &b).await;
