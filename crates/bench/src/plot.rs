@@ -17,6 +17,20 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError::Config(format!("plot: {e}"))
 }
 
+/// Draws the series' legend box at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<(), BenchError> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// Empirical CDF of each series (milliseconds, log x axis).
 pub fn cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<(), BenchError> {
     let all = series.iter().flat_map(|(_, v)| v.iter().copied());
@@ -55,13 +69,7 @@ pub fn cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<()
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)
 }
 
@@ -108,12 +116,6 @@ pub fn timeline(
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)
 }

@@ -93,15 +93,8 @@ fn pd_setup(
 ) -> Result<(PdConfig, Option<std::net::TcpListener>)> {
     let sha = splitserve_engine::model_file::sha256_file(path, false)
         .with_context(|| format!("hashing {}", path.display()))?;
-    let c = &model.config;
-    let layout = KvLayout {
-        n_layer: c.n_layer,
-        n_kv_head: c.n_head_kv,
-        head_dim: c.head_dim,
-        block_size: cfg.block_size,
-        dtype: cfg.kv_dtype,
-    };
-    let fingerprint = Fingerprint::new(&sha, c, &layout);
+    let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
+    let fingerprint = Fingerprint::new(&sha, &model.config, &layout);
     let (listener, side_channel) = if kv.kv_role.produces() {
         let x = &kv.kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);

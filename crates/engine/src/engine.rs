@@ -295,14 +295,7 @@ impl Engine {
                 "budget and max_num_seqs must be positive".into(),
             );
         }
-        let c = &model.config;
-        let layout = KvLayout {
-            n_layer: c.n_layer,
-            n_kv_head: c.n_head_kv,
-            head_dim: c.head_dim,
-            block_size: cfg.block_size,
-            dtype: cfg.kv_dtype,
-        };
+        let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
         let stats = Arc::new(EngineStats::default());
         stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);

@@ -124,6 +124,17 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The cache geometry of a model at a block size and storage type.
+    pub fn for_model(c: &crate::gguf::ModelConfig, block_size: usize, dtype: KvDtype) -> Self {
+        Self {
+            n_layer: c.n_layer,
+            n_kv_head: c.n_head_kv,
+            head_dim: c.head_dim,
+            block_size,
+            dtype,
+        }
+    }
+
     /// Values of one block in one layer, for K (or for V).
     pub fn block_values(&self) -> usize {
         self.block_size * self.n_kv_head * self.head_dim

@@ -1,8 +1,9 @@
 //! TCP transport: the consumer pulls a held request's KV from the producer's side channel.
 //!
-//! Exchange: both sides send `Hello` (fingerprint JSON) and check the other's; the consumer
-//! sends `Release` (answered by `Done`: the held blocks are freed unread) or `Pull`; the producer answers `Meta`, then one `Layer` frame per layer, then `Done`
-//! (or `Error` at any point). The producer's blocks are freed when it has read them out.
+//! Exchange: both sides send `Hello` (fingerprint JSON) and check the other's. The consumer
+//! then sends `Release` (answered by `Done`: the held blocks are freed unread) or `Pull`,
+//! answered by `Meta`, one `Layer` frame per layer, then `Done` (or `Error` at any point).
+//! The producer's blocks are freed when it has read them out.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -14,8 +15,8 @@ use splitserve_engine::{Engine, KvImport, KvLayout, Sampler};
 use crate::fingerprint::{Fingerprint, HandshakeError};
 use crate::wire::{Frame, WireError, HEADER};
 
-/// Called by the producer after each served pull with the KV bytes sent and the time taken.
-pub type SentHook = std::sync::Arc<dyn Fn(u64, Duration) + Send + Sync>;
+/// Called by the producer after each served pull with the KV bytes sent.
+pub type SentHook = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -66,8 +67,8 @@ fn read_frame(s: &mut TcpStream, addr: &str) -> Result<Frame, KvError> {
         });
     }
     let mut buf = header.to_vec();
-    buf.resize(12 + len, 0);
-    s.read_exact(&mut buf[12..]).map_err(io(addr))?;
+    buf.resize(HEADER + len, 0);
+    s.read_exact(&mut buf[HEADER..]).map_err(io(addr))?;
     match Frame::decode(&buf)? {
         Some((f, _)) => Ok(f),
         None => Err(KvError::Protocol("short frame".into())),
@@ -108,11 +109,10 @@ pub fn serve(
         let (engine, fp, hook) = (engine.clone(), fingerprint.clone(), on_sent.clone());
         std::thread::spawn(move || {
             let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            let t0 = std::time::Instant::now();
             match serve_one(&mut s, &addr, &engine, &fp) {
                 Ok(bytes) => {
                     if let Some(h) = hook {
-                        h(bytes, t0.elapsed());
+                        h(bytes);
                     }
                 }
                 Err(e) => tracing::warn!(peer = %addr, error = %e, "KV pull failed"),

@@ -215,32 +215,33 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
     };
     let stream = req["stream"].as_bool().unwrap_or(false);
     let pools = &p.0.pools;
-    if pools.disagg_threshold > 0 {
-        if let Some(n) = prompt_tokens(p, &req, path).await {
-            if n < pools.disagg_threshold {
-                // Short prompt: cheaper to prefill where it decodes than to ship its KV.
-                return match send_round_robin(
-                    p,
-                    &pools.decode,
-                    &p.0.next_decode,
-                    path,
-                    id,
-                    &req,
-                    None,
-                )
-                .await
-                {
-                    Ok((url, r)) => forward(url, r, stream).await,
-                    Err(e) => error(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        format!("no decode instance answered: {e}"),
-                    ),
-                };
-            }
+    // Conditional disaggregation: a short prompt is cheaper to prefill where it decodes than
+    // to ship its KV.
+    let local = pools.disagg_threshold > 0
+        && prompt_tokens(p, &req, path)
+            .await
+            .is_some_and(|n| n < pools.disagg_threshold);
+    let mut dec = req;
+    if !local {
+        match prefill(p, id, &dec, path).await {
+            // The decode instance gets the original request plus where its KV waits.
+            Ok(params) => dec["kv_transfer_params"] = params,
+            Err(resp) => return resp,
         }
     }
-    // (1) Prefill: one token, no stream, hold the KV for a remote decode.
+    match send_round_robin(p, &pools.decode, &p.0.next_decode, path, id, &dec, None).await {
+        Ok((durl, dresp)) => forward(durl, dresp, stream).await,
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("no decode instance answered: {e}"),
+        ),
+    }
+}
+
+/// Prefill: one token, no stream, the KV held for a remote decode. Returns the producer's
+/// `kv_transfer_params`, or the response the client gets instead.
+async fn prefill(p: &Proxy, id: &HeaderValue, req: &Value, path: &str) -> Result<Value, Response> {
     let mut pre = req.clone();
     pre["max_tokens"] = json!(1);
     if let Some(o) = pre.as_object_mut() {
@@ -253,7 +254,8 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
     }
     pre["kv_transfer_params"] = json!({"do_remote_decode": true});
     let t0 = std::time::Instant::now();
-    let (purl, presp) = match send_round_robin(
+    let pools = &p.0.pools;
+    let (purl, presp) = send_round_robin(
         p,
         &pools.prefill,
         &p.0.next_prefill,
@@ -263,56 +265,36 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
         Some(Duration::from_secs(600)),
     )
     .await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                format!("no prefill instance answered: {e}"),
-            )
-        }
-    };
+    .map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("no prefill instance answered: {e}"),
+        )
+    })?;
     if !presp.status().is_success() {
-        return passthrough_error(&purl, "prefill", presp).await;
+        return Err(passthrough_error(&purl, "prefill", presp).await);
     }
-    let pjson: Value = match presp.json().await {
-        Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                format!("prefill instance {purl} sent a bad response: {e}"),
-            )
-        }
-    };
+    let pjson: Value = presp.json().await.map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("prefill instance {purl} sent a bad response: {e}"),
+        )
+    })?;
     let params = pjson["kv_transfer_params"].clone();
     if !params.is_object() {
-        return error(
+        return Err(error(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             format!(
                 "prefill instance {purl} returned no kv_transfer_params (is it a kv_producer?)"
             ),
-        );
+        ));
     }
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // (2) Decode: the original request plus where its KV waits.
-    let mut dec = req;
-    dec["kv_transfer_params"] = params;
-    let (durl, dresp) =
-        match send_round_robin(p, &pools.decode, &p.0.next_decode, path, id, &dec, None).await {
-            Ok(x) => x,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    format!("no decode instance answered: {e}"),
-                )
-            }
-        };
-    tracing::debug!(id = ?id, prefill = %purl, decode = %durl, prefill_ms, "routed");
-    forward(durl, dresp, stream).await
+    tracing::debug!(id = ?id, prefill = %purl, prefill_ms, "prefilled");
+    Ok(params)
 }
 
 /// The prompt's token count: an id list's length, else the decode instance's `/tokenize`.

@@ -285,30 +285,15 @@ async fn run(
     logprobs: Option<i64>,
 ) -> Result<Response, ApiError> {
     let plan = pd::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
-    let remote = match &plan {
-        pd::Plan::Consume(r) => Some(r.clone()),
-        _ => None,
+    // Until its KV is pulled, a failure (or the client leaving) must tell the producer that
+    // the blocks it holds for this request will not be read.
+    let release = match (&plan, &state.0.pd) {
+        (pd::Plan::Consume(r), Some(pdc)) => {
+            let (pdc, r) = (pdc.clone(), r.clone());
+            OnDrop::new(move || pd::release(&pdc, r))
+        }
+        _ => OnDrop::none(),
     };
-    let r = run_planned(state, plan, kind, id, jobs, common, max_tokens, logprobs).await;
-    if let (Err(e), Some(remote), Some(pdc)) = (&r, remote, &state.0.pd) {
-        // The producer holds this request's KV for us; tell it we will not come.
-        tracing::info!(error = %e, "request with remote KV failed; releasing the producer's hold");
-        pd::release(pdc, remote);
-    }
-    r
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_planned(
-    state: &AppState,
-    plan: pd::Plan,
-    kind: Kind,
-    id: String,
-    jobs: Vec<PromptJob>,
-    common: &openai::CommonParams,
-    max_tokens: Option<i64>,
-    logprobs: Option<i64>,
-) -> Result<Response, ApiError> {
     if !matches!(plan, pd::Plan::Local) && jobs.len() != 1 {
         return Err(ApiError::bad(
             "kv_transfer_params needs exactly one prompt",
@@ -331,13 +316,15 @@ async fn run_planned(
         ));
     }
     let params = common.sampling(max_tokens, max_len - longest, logprobs)?;
+    let produce = matches!(plan, pd::Plan::Produce);
     let spec = Spec {
         kind,
         id: id.clone(),
         model: state.0.model_name.clone(),
         created: now_secs(),
         include_usage: common.include_usage(),
-        return_token_ids: common.return_token_ids,
+        // The producer reads its first token id from the response it builds.
+        return_token_ids: common.return_token_ids || produce,
         logprobs: params.logprobs.is_some(),
         extra: None,
     };
@@ -352,18 +339,23 @@ async fn run_planned(
                 .pd
                 .as_ref()
                 .ok_or_else(|| ApiError::Internal("no KV role".into()))?;
-            KvTransfer::Import(Box::new(pd::pull(state, pdc, remote, &id).await?))
+            let kv = pd::pull(state, pdc, remote, &id).await?;
+            // Pulled: the producer has freed its blocks.
+            release.disarm();
+            KvTransfer::Import(Box::new(kv))
         }
     };
-    let produce = matches!(kv, KvTransfer::Hold);
-    let mut spec = spec;
-    if produce {
-        spec.return_token_ids = true;
-    }
     let events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv)?;
     if produce {
         // If the caller goes away before the answer is built, nobody will pull this KV.
-        let guard = AbortOnDrop(Some((engine.clone(), generation::engine_id(&id, 0))));
+        let engine_id = generation::engine_id(&id, 0);
+        let abort = {
+            let (engine, engine_id) = (engine.clone(), engine_id.clone());
+            OnDrop::new(move || {
+                tracing::info!(id = %engine_id, "producer's caller went away; releasing the request's KV");
+                engine.abort(&engine_id);
+            })
+        };
         let mut v = generation::collect(engine, &spec, &jobs, events).await?;
         let first: Vec<u32> = v["choices"][0]["token_ids"]
             .as_array()
@@ -380,10 +372,9 @@ async fn run_planned(
             }
         }
         if let Some(pdc) = &state.0.pd {
-            v["kv_transfer_params"] =
-                pd::produced_params(pdc, &generation::engine_id(&id, 0), &first);
+            v["kv_transfer_params"] = pd::produced_params(pdc, &engine_id, &first);
         }
-        guard.disarm();
+        abort.disarm();
         return Ok(Json(v).into_response());
     }
     if common.stream {
@@ -394,20 +385,27 @@ async fn run_planned(
     }
 }
 
-/// Aborts an engine request (releasing KV held for it) when dropped armed.
-struct AbortOnDrop(Option<(Engine, String)>);
+/// Runs a clean-up when dropped, unless disarmed first.
+struct OnDrop(Option<Box<dyn FnOnce() + Send>>);
 
-impl AbortOnDrop {
+impl OnDrop {
+    fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    fn none() -> Self {
+        Self(None)
+    }
+
     fn disarm(mut self) {
         self.0 = None;
     }
 }
 
-impl Drop for AbortOnDrop {
+impl Drop for OnDrop {
     fn drop(&mut self) {
-        if let Some((engine, id)) = self.0.take() {
-            tracing::info!(id = %id, "producer's caller went away; releasing the request's KV");
-            engine.abort(&id);
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
 }

@@ -227,6 +227,7 @@ pub(crate) async fn pull(
 
 /// Tells the producer, in the background, to free KV it holds for a request we dropped.
 pub(crate) fn release(pd: &PdConfig, remote: Remote) {
+    tracing::info!(id = %remote.request_id, producer = %remote.addr, "releasing the producer's hold on KV we will not pull");
     let fp = pd.fingerprint.clone();
     std::thread::spawn(move || {
         if let Err(e) = tcp::release(&remote.addr, &fp, &remote.request_id) {
@@ -240,7 +241,7 @@ pub fn start_side_channel(state: &AppState, pd: &PdConfig, listener: std::net::T
     let engine = state.engine().clone();
     let metrics = state.metrics().clone();
     let fp = pd.fingerprint.clone();
-    let hook: tcp::SentHook = Arc::new(move |bytes, _| metrics.kv_bytes_sent.inc_by(bytes));
+    let hook: tcp::SentHook = Arc::new(move |bytes| metrics.kv_bytes_sent.inc_by(bytes));
     std::thread::Builder::new()
         .name("kv-side-channel".into())
         .spawn(move || tcp::serve(listener, engine, fp, Some(hook)))
