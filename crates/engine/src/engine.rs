@@ -17,6 +17,11 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{schedule, RequestState, Schedulable, SchedulerConfig};
 use crate::tokenizer::IncrementalDecoder;
 
+mod migrate;
+use migrate::PendingPark;
+pub use migrate::{LiveState, Migration, Parked, RequestInfo};
+use tokio::sync::oneshot;
+
 /// Engine settings (vLLM flag names in the CLI).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -188,6 +193,13 @@ enum Command {
     Add(Box<Seq>, Option<Box<KvImport>>),
     Abort(String),
     Export(String, mpsc::Sender<Result<KvImport, EngineError>>),
+    Park(PendingPark),
+    Unpark(String, bool),
+    Adopt(
+        Box<Migration>,
+        oneshot::Sender<Result<UnboundedReceiver<Event>, EngineError>>,
+    ),
+    List(oneshot::Sender<Vec<RequestInfo>>),
 }
 
 /// A cloneable handle to a running engine; the engine stops when every handle is dropped.
@@ -325,6 +337,8 @@ impl Engine {
             on_step,
             held: Default::default(),
             hold_timeout: cfg.kv_hold_timeout,
+            parked: Default::default(),
+            pending_parks: Vec::new(),
         };
         std::thread::Builder::new()
             .name("splitserve-engine".into())
@@ -429,6 +443,50 @@ impl Engine {
         let _ = self.tx.send(Command::Abort(id.to_string()));
     }
 
+    /// Takes request `id` out of scheduling at the first step boundary where it has
+    /// generated at least `after_tokens` tokens, and returns a copy of it to send elsewhere.
+    /// Follow with [`Engine::commit_parked`] or [`Engine::resume_parked`].
+    pub async fn park(&self, id: &str, after_tokens: usize) -> Result<Parked, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Park(PendingPark {
+                id: id.to_string(),
+                after_tokens,
+                reply,
+            }))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// The parked request continues elsewhere: free its blocks here.
+    pub fn commit_parked(&self, id: &str) {
+        let _ = self.tx.send(Command::Unpark(id.to_string(), true));
+    }
+
+    /// The parked request could not move: schedule it here again.
+    pub fn resume_parked(&self, id: &str) {
+        let _ = self.tx.send(Command::Unpark(id.to_string(), false));
+    }
+
+    /// Continues a request migrated from another engine; its further events arrive on the
+    /// returned channel.
+    pub async fn adopt(&self, m: Migration) -> Result<UnboundedReceiver<Event>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Adopt(Box::new(m), reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Requests running, waiting or parked.
+    pub async fn requests(&self) -> Result<Vec<RequestInfo>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::List(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.stats;
         StatsSnapshot {
@@ -456,6 +514,9 @@ struct Core {
     on_step: Option<StepHook>,
     held: std::collections::HashMap<String, Held>,
     hold_timeout: Duration,
+    /// Requests taken out of scheduling while they migrate; `true` if they were running.
+    parked: std::collections::HashMap<String, (Seq, bool)>,
+    pending_parks: Vec<PendingPark>,
 }
 
 impl Core {
@@ -493,6 +554,9 @@ impl Core {
             self.expire_held();
             self.drop_disconnected();
             self.step();
+            if !self.pending_parks.is_empty() {
+                self.serve_parks();
+            }
             self.publish();
         }
     }
@@ -517,6 +581,18 @@ impl Core {
             Command::Add(seq, Some(import)) => self.import(*seq, *import),
             Command::Export(id, reply) => {
                 let _ = reply.send(self.export(&id));
+            }
+            Command::Park(p) => {
+                self.pending_parks.push(p);
+                self.serve_parks();
+            }
+            Command::Unpark(id, commit) => self.unpark(&id, commit),
+            Command::Adopt(m, reply) => {
+                let r = self.adopt(*m);
+                let _ = reply.send(r);
+            }
+            Command::List(reply) => {
+                let _ = reply.send(self.list());
             }
             Command::Abort(id) => {
                 if let Some(i) = self.running.iter().position(|s| s.id == id) {

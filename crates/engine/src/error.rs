@@ -100,6 +100,10 @@ pub enum EngineError {
     Overloaded { waiting: usize },
     #[error("request id {0} is already in use")]
     DuplicateId(String),
+    #[error("no running request has id {0}")]
+    NotFound(String),
+    #[error("not enough free KV blocks: the request needs {needed}, {free} are free")]
+    NoFreeBlocks { needed: usize, free: usize },
     #[error("the engine has stopped")]
     Stopped,
     #[error("KV transfer refused: {0}")]

@@ -18,7 +18,8 @@ mod tokenizer;
 
 pub use engine::{
     Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, KvImport, KvTransfer,
-    Request, StatsSnapshot, StepHook, StepInfo, TokenOut,
+    LiveState, Migration, Parked, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo,
+    TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};

@@ -21,6 +21,11 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A peer's KV does not fit ours (fingerprints differ).
+    #[error("{0}")]
+    Conflict(String),
     /// A peer (the KV producer) failed or refused us.
     #[error("{0}")]
     BadGateway(String),
@@ -55,6 +60,8 @@ impl ApiError {
             ApiError::Overloaded(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -65,7 +72,8 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "invalid_request_error",
             ApiError::Overloaded(_) | ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal_error",
-            ApiError::BadGateway(_) => "kv_transfer_error",
+            ApiError::BadGateway(_) | ApiError::Conflict(_) => "kv_transfer_error",
+            ApiError::NotFound(_) => "invalid_request_error",
         }
     }
 
@@ -73,6 +81,7 @@ impl ApiError {
         match self {
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::Overloaded(_) => Some("overloaded"),
+            ApiError::NotFound(_) => Some("not_found"),
             _ => None,
         }
     }
@@ -108,6 +117,8 @@ impl From<EngineError> for ApiError {
             EngineError::BadParam { param, .. } => ApiError::bad(e.to_string(), Some(param)),
             EngineError::Overloaded { .. } => ApiError::Overloaded(format!("{e}; retry later")),
             EngineError::DuplicateId(_) => ApiError::bad(e.to_string(), None),
+            EngineError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            EngineError::NoFreeBlocks { .. } => ApiError::Unavailable(e.to_string()),
             EngineError::Stopped | EngineError::Internal(_) | EngineError::KvMismatch(_) => {
                 ApiError::Internal(e.to_string())
             }
