@@ -76,10 +76,24 @@ pub struct ServeArgs {
     /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..}}'.
     #[arg(long, value_parser = parse_kv_config)]
     pub kv_transfer_config: Option<KvTransferConfig>,
+    /// Serve the admin endpoints (list, migrate, drain, import) on this port; off if unset.
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// Address of the admin listener; loopback unless you mean otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_host: String,
 }
 
 fn parse_kv_config(s: &str) -> Result<KvTransferConfig, String> {
     KvTransferConfig::parse(s).map_err(|e| e.to_string())
+}
+
+/// What a peer's KV must match: the model file's hash and the KV layout.
+fn fingerprint(path: &std::path::Path, model: &Model, cfg: &EngineConfig) -> Result<Fingerprint> {
+    let sha = splitserve_engine::model_file::sha256_file(path, false)
+        .with_context(|| format!("hashing {}", path.display()))?;
+    let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
+    Ok(Fingerprint::new(&sha, &model.config, &layout))
 }
 
 /// The role's config: fingerprint (hashing the model file) and, for a producer, the bound
@@ -91,10 +105,7 @@ fn pd_setup(
     cfg: &EngineConfig,
     http_port: u16,
 ) -> Result<(PdConfig, Option<std::net::TcpListener>)> {
-    let sha = splitserve_engine::model_file::sha256_file(path, false)
-        .with_context(|| format!("hashing {}", path.display()))?;
-    let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
-    let fingerprint = Fingerprint::new(&sha, &model.config, &layout);
+    let fingerprint = fingerprint(path, model, cfg)?;
     let (listener, side_channel) = if kv.kv_role.produces() {
         let x = &kv.kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
@@ -142,7 +153,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         None => (None, None),
     };
+    let admin_fp = match (&a.admin_port, &pd) {
+        (Some(_), None) => Some(fingerprint(&path, &model, &cfg)?),
+        _ => None,
+    };
     let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
+    if let Some(fp) = admin_fp {
+        state.set_fingerprint(fp);
+    }
     if let Some(pd) = &pd {
         if let Some(l) = side {
             splitserve_server::start_side_channel(&state, pd, l);
@@ -173,6 +191,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             max_model_len = state.engine().max_model_len(),
             "serving OpenAI-compatible API"
         );
+        if let Some(port) = a.admin_port {
+            let addr = format!("{}:{port}", a.admin_host);
+            let admin = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("binding the admin listener {addr}"))?;
+            tracing::info!(addr = %admin.local_addr()?, "admin endpoints (migrate, drain) enabled");
+            let st = state.clone();
+            tokio::spawn(async move {
+                let stop = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                if let Err(e) = splitserve_server::serve_admin(admin, st, stop).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            });
+        }
         splitserve_server::serve(listener, state, async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fingerprint;
+pub mod migration;
 pub mod tcp;
 pub mod wire;
 

@@ -2,14 +2,15 @@
 //! `/v1/chat/completions` (streaming and not), `/v1/models`, `/health`, `/metrics`,
 //! `/tokenize` and `/detokenize`.
 
+mod admin;
 mod error;
 mod generation;
 mod metrics;
 mod openai;
 mod pd;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -20,7 +21,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model};
+use splitserve_kv::Fingerprint;
 
+pub use admin::{admin_router, serve_admin};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use pd::{start_side_channel, PdConfig};
@@ -36,6 +39,11 @@ struct Inner {
     model_name: String,
     counter: AtomicU64,
     pd: Option<PdConfig>,
+    /// Set by a drain: new requests are refused, live ones migrate away.
+    draining: AtomicBool,
+    /// What a migration's peer must match (set when admin endpoints are on).
+    fingerprint: OnceLock<Fingerprint>,
+    client: reqwest::Client,
 }
 
 /// Shared state of one server: its engine, metrics and served model name.
@@ -62,13 +70,32 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let m = metrics.clone();
         let engine = Engine::start(model, cfg, Some(Arc::new(move |s| m.observe_step(s))))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| splitserve_engine::EngineError::Internal(e.to_string()))?;
         Ok(Self(Arc::new(Inner {
             engine,
             metrics,
             model_name,
             counter: AtomicU64::new(0),
             pd,
+            draining: AtomicBool::new(false),
+            fingerprint: OnceLock::new(),
+            client,
         })))
+    }
+
+    /// The fingerprint migrations carry and check (DESIGN.md); set once, before serving.
+    pub fn set_fingerprint(&self, fp: Fingerprint) {
+        let _ = self.0.fingerprint.set(fp);
+    }
+
+    fn fingerprint(&self) -> Option<&Fingerprint> {
+        self.0
+            .fingerprint
+            .get()
+            .or_else(|| self.0.pd.as_ref().map(|p| &p.fingerprint))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -284,6 +311,11 @@ async fn run(
     max_tokens: Option<i64>,
     logprobs: Option<i64>,
 ) -> Result<Response, ApiError> {
+    if state.0.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable(
+            "this server is draining and takes no new requests".into(),
+        ));
+    }
     let plan = pd::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
     // Until its KV is pulled, a failure (or the client leaving) must tell the producer that
     // the blocks it holds for this request will not be read.
@@ -425,7 +457,12 @@ async fn models(State(state): State<AppState>) -> Json<Value> {
 
 async fn health(State(state): State<AppState>) -> Response {
     let s = state.0.engine.stats();
-    (StatusCode::OK, Json(json!({"status": "ok", "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "held_blocks": s.held_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
+    let (code, status) = if state.0.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (code, Json(json!({"status": status, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "held_blocks": s.held_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub kv_bytes_received: IntCounter,
     pub kv_transfers_in_flight: IntGauge,
     pub kv_transfer: Histogram,
+    /// Migrations out of this engine by result (`ok`, `refused`, `failed`).
+    pub migrations: IntCounterVec,
+    pub migration_bytes: IntCounter,
+    pub migration: Histogram,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -116,6 +120,23 @@ impl Metrics {
                 "Duration of one request's KV transfer (handshake to last layer).",
                 LAT,
             ),
+            migrations: IntCounterVec::new(
+                Opts::new(
+                    format!("{PREFIX}migrations_total"),
+                    "Live requests migrated out of this engine, by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid counter"),
+            migration_bytes: c(
+                "migration_bytes_total",
+                "Bytes (state and KV) of live requests migrated out.",
+            ),
+            migration: hist(
+                "migration_seconds",
+                "Pause of one migrated request: parked to accepted by the target.",
+                LAT,
+            ),
         };
         let r = &m.registry;
         let _ = r.register(Box::new(m.running.clone()));
@@ -132,6 +153,8 @@ impl Metrics {
         let _ = r.register(Box::new(m.kv_bytes_sent.clone()));
         let _ = r.register(Box::new(m.kv_bytes_received.clone()));
         let _ = r.register(Box::new(m.kv_transfers_in_flight.clone()));
+        let _ = r.register(Box::new(m.migrations.clone()));
+        let _ = r.register(Box::new(m.migration_bytes.clone()));
         for h in [
             &m.ttft,
             &m.itl,
@@ -140,6 +163,7 @@ impl Metrics {
             &m.prefill_step,
             &m.decode_step,
             &m.kv_transfer,
+            &m.migration,
         ] {
             let _ = r.register(Box::new(h.clone()));
         }
