@@ -154,6 +154,7 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
             cmd.args(["up", "--model", model, "--port", &port.to_string()])
                 .args(["--base-port", &(port + 10).to_string()])
                 .args(["--side-channel-port", &(port + 20).to_string()])
+                .args(["--admin-base-port", &(port + 31).to_string()])
                 .args(["--threads", &s.pair_threads.to_string()])
                 .args(["--disagg-threshold", &s.disagg_threshold.to_string()]);
             if let Some(t) = a.prefill_threads {

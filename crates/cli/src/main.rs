@@ -34,6 +34,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// xPyD proxy: one OpenAI-compatible front over prefill and decode instances.
     Proxy(pd::ProxyArgs),
+    /// Drain a decode instance behind a proxy: out of rotation, its requests migrate away.
+    Drain(pd::DrainArgs),
     /// Start prefill and decode instances and the proxy on loopback, all in one command.
     Up(pd::UpArgs),
     /// Disaggregation economics: KV freight, link time, does it pay, xPyD sizing.
@@ -102,6 +104,7 @@ fn main() -> Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Proxy(a) => pd::proxy(a),
         Command::Up(a) => pd::up(a),
+        Command::Drain(a) => pd::drain(a),
         Command::Econ(a) => econ::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),

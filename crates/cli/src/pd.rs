@@ -24,6 +24,51 @@ pub struct ProxyArgs {
     /// (conditional disaggregation); 0 sends every request through a prefill instance.
     #[arg(long, default_value_t = 0)]
     pub disagg_threshold: usize,
+    /// Admin base URL of each decode instance (their `serve --admin-port`), in --decode's
+    /// order; needed to drain one.
+    #[arg(long, num_args = 1..)]
+    pub decode_admin: Vec<String>,
+    /// Serve the proxy's admin endpoints (drain, undrain, instances) on this port.
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// Address of the admin listener; loopback unless you mean otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_host: String,
+}
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// The proxy's admin base URL (its --admin-port).
+    #[arg(long)]
+    pub proxy_admin: String,
+    /// The decode instance to drain, as the proxy knows it (its --decode URL).
+    #[arg(long)]
+    pub decode: String,
+    /// Put the instance back into rotation instead.
+    #[arg(long)]
+    pub undo: bool,
+}
+
+/// `splitserve drain`: asks the proxy to drain a decode instance and prints its report.
+pub fn drain(a: DrainArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let path = if a.undo { "undrain" } else { "drain" };
+        let url = format!("{}/admin/{path}", a.proxy_admin.trim_end_matches('/'));
+        let r = reqwest::Client::new()
+            .post(&url)
+            .json(&serde_json::json!({ "decode": a.decode }))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.context("reading the proxy's answer")?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        anyhow::ensure!(status.is_success(), "{path} failed ({status})");
+        Ok(())
+    })
 }
 
 fn proxy_runtime() -> Result<tokio::runtime::Runtime> {
@@ -38,8 +83,25 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
         prefill: a.prefill.clone(),
         decode: a.decode.clone(),
         disagg_threshold: a.disagg_threshold,
+        decode_admin: a.decode_admin.clone(),
     })
     .map_err(anyhow::Error::msg)?;
+    if let Some(port) = a.admin_port {
+        let addr = format!("{}:{port}", a.admin_host);
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding the admin listener {addr}"))?;
+        tracing::info!(addr = %l.local_addr()?, "proxy admin endpoints (drain) enabled");
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            if let Err(e) = splitserve_router::serve_admin(l, p, stop).await {
+                tracing::error!(error = %e, "proxy admin listener failed");
+            }
+        });
+    }
     let addr = format!("{}:{}", a.host, a.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -77,6 +139,9 @@ pub struct UpArgs {
     /// First instance HTTP port; instances take the ports after it.
     #[arg(long, default_value_t = 8100)]
     pub base_port: u16,
+    /// First admin port: decode instance i gets this + i, the proxy this - 1.
+    #[arg(long, default_value_t = 8200)]
+    pub admin_base_port: u16,
     /// First producer side-channel port.
     #[arg(long, default_value_t = 5600)]
     pub side_channel_port: u16,
@@ -166,6 +231,7 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut children = Children(Vec::new());
     let mut prefill_urls = Vec::new();
     let mut decode_urls = Vec::new();
+    let mut decode_admin = Vec::new();
     let extra: Vec<String> = a
         .serve_args
         .as_deref()
@@ -201,6 +267,11 @@ pub fn up(a: UpArgs) -> Result<()> {
             .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
             .args(["--kv-transfer-config", &kv])
             .args(&extra);
+        let admin_port = a.admin_base_port + (i - a.prefill.min(i)) as u16;
+        if !producer {
+            // Decode instances can be drained: their requests migrate to the others.
+            child.args(["--admin-port", &admin_port.to_string()]);
+        }
         die_with_parent(&mut child);
         let child = child.spawn().with_context(|| format!("starting {name}"))?;
         let url = format!("http://127.0.0.1:{port}");
@@ -210,13 +281,14 @@ pub fn up(a: UpArgs) -> Result<()> {
             if producer {
                 format!(", KV side channel 127.0.0.1:{side}")
             } else {
-                String::new()
+                format!(", admin http://127.0.0.1:{admin_port}")
             }
         );
         if producer {
             prefill_urls.push(url);
         } else {
             decode_urls.push(url);
+            decode_admin.push(format!("http://127.0.0.1:{admin_port}"));
         }
         children.0.push((name, child));
     }
@@ -230,10 +302,14 @@ pub fn up(a: UpArgs) -> Result<()> {
         host: "127.0.0.1".into(),
         port: a.port,
         disagg_threshold: a.disagg_threshold,
+        decode_admin,
+        admin_port: Some(a.admin_base_port.saturating_sub(1)),
+        admin_host: "127.0.0.1".into(),
     };
     println!(
-        "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything)",
-        a.port
+        "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything), admin http://127.0.0.1:{}",
+        a.port,
+        a.admin_base_port.saturating_sub(1)
     );
     let rt = proxy_runtime()?;
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -443,14 +443,15 @@ impl Engine {
         let _ = self.tx.send(Command::Abort(id.to_string()));
     }
 
-    /// Takes request `id` out of scheduling at the first step boundary where it has
-    /// generated at least `after_tokens` tokens, and returns a copy of it to send elsewhere.
-    /// Follow with [`Engine::commit_parked`] or [`Engine::resume_parked`].
-    pub async fn park(&self, id: &str, after_tokens: usize) -> Result<Parked, EngineError> {
+    /// Takes the request (the first of `ids` that is live) out of scheduling at the first
+    /// step boundary where it has generated at least `after_tokens` tokens, and returns a
+    /// copy of it to send elsewhere. Follow with [`Engine::commit_parked`] or
+    /// [`Engine::resume_parked`] with its id (`Parked::migration.state.id`).
+    pub async fn park(&self, ids: &[&str], after_tokens: usize) -> Result<Parked, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Park(PendingPark {
-                id: id.to_string(),
+                ids: ids.iter().map(|s| s.to_string()).collect(),
                 after_tokens,
                 reply,
             }))

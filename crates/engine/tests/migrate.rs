@@ -33,7 +33,7 @@ fn request(id: &str, prompt: &[u32], params: &SamplingParams) -> Request {
 /// Runs `prompt` on `a`, moves it to `b` after `n` tokens, and returns what its client saw.
 fn migrated(a: &Engine, b: &Engine, prompt: &[u32], params: &SamplingParams, n: usize) -> Output {
     let rx = a.submit(request("m", prompt, params)).expect("submit");
-    let parked = block_on(a.park("m", n)).expect("park");
+    let parked = block_on(a.park(&["m"], n)).expect("park");
     assert_eq!(
         parked.migration.state.generated(),
         n,
@@ -139,7 +139,7 @@ fn a_full_target_refuses_and_the_source_finishes() {
     let reference = collect(a.submit(request("r", &prompt, &params)).expect("submit"));
 
     let rx = a.submit(request("m", &prompt, &params)).expect("submit");
-    let parked = block_on(a.park("m", 17)).expect("park");
+    let parked = block_on(a.park(&["m"], 17)).expect("park");
     let needed = (prompt.len() + 17 + 1).div_ceil(16);
     let err = block_on(full.adopt(parked.migration)).expect_err("refused");
     assert_eq!(err, EngineError::NoFreeBlocks { needed, free: 1 });
@@ -152,7 +152,7 @@ fn a_full_target_refuses_and_the_source_finishes() {
     assert_eq!(s.free_blocks, s.total_blocks);
     // Unknown ids are named.
     assert_eq!(
-        block_on(a.park("nope", 0)).err(),
+        block_on(a.park(&["nope"], 0)).err(),
         Some(EngineError::NotFound("nope".into()))
     );
 }

@@ -6,8 +6,11 @@
 //! with the original request to a decode instance, whose answer (SSE or JSON) is passed
 //! through. `X-Request-Id` is kept end to end. Errors before the first byte are 502/503 with
 //! an OpenAI error body; after it, an SSE error event and the end of the stream.
+//!
+//! Admin routes (on their own loopback listener, see [`admin_router`]) drain a decode
+//! instance: it leaves the rotation and its live requests migrate to the others.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +33,14 @@ pub struct Pools {
     /// Prompts shorter than this many tokens are prefilled on the decode instance itself
     /// (conditional disaggregation); 0 disaggregates every request.
     pub disagg_threshold: usize,
+    /// Admin base URL of each decode instance, in `decode`'s order (empty: no draining).
+    pub decode_admin: Vec<String>,
 }
 
 struct Inner {
     pools: Pools,
+    /// Per decode instance: whether it gets new requests (false once drained).
+    in_rotation: Vec<AtomicBool>,
     next_prefill: AtomicUsize,
     next_decode: AtomicUsize,
     counter: AtomicUsize,
@@ -48,6 +55,13 @@ impl Proxy {
         if pools.prefill.is_empty() || pools.decode.is_empty() {
             return Err("give at least one --prefill and one --decode URL".into());
         }
+        if !pools.decode_admin.is_empty() && pools.decode_admin.len() != pools.decode.len() {
+            return Err(format!(
+                "give one --decode-admin URL per --decode URL ({} and {})",
+                pools.decode_admin.len(),
+                pools.decode.len()
+            ));
+        }
         let trim = |v: Vec<String>| -> Vec<String> {
             v.into_iter()
                 .map(|u| u.trim_end_matches('/').to_string())
@@ -59,16 +73,32 @@ impl Proxy {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self(Arc::new(Inner {
+            in_rotation: pools.decode.iter().map(|_| AtomicBool::new(true)).collect(),
             pools: Pools {
                 prefill: trim(pools.prefill),
                 decode: trim(pools.decode),
                 disagg_threshold: pools.disagg_threshold,
+                decode_admin: trim(pools.decode_admin),
             },
             next_prefill: AtomicUsize::new(0),
             next_decode: AtomicUsize::new(0),
             counter: AtomicUsize::new(0),
             client,
         })))
+    }
+}
+
+impl Proxy {
+    /// Decode instances that take new requests.
+    fn active_decode(&self) -> Vec<String> {
+        self.0
+            .pools
+            .decode
+            .iter()
+            .zip(&self.0.in_rotation)
+            .filter(|(_, on)| on.load(Ordering::Relaxed))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 }
 
@@ -229,7 +259,15 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
             Err(resp) => return resp,
         }
     }
-    match send_round_robin(p, &pools.decode, &p.0.next_decode, path, id, &dec, None).await {
+    let active = p.active_decode();
+    if active.is_empty() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "every decode instance is drained",
+        );
+    }
+    match send_round_robin(p, &active, &p.0.next_decode, path, id, &dec, None).await {
         Ok((durl, dresp)) => forward(durl, dresp, stream).await,
         Err(e) => error(
             StatusCode::BAD_GATEWAY,
@@ -443,4 +481,142 @@ async fn health(State(p): State<Proxy>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// Admin routes of the proxy (mount them on a loopback listener):
+/// `GET /admin/instances`; `POST /admin/drain {"decode": URL}` takes a decode instance out of
+/// the rotation and migrates its live requests to the others (by free KV blocks);
+/// `POST /admin/undrain {"decode": URL}` puts it back.
+pub fn admin_router(proxy: Proxy) -> Router {
+    Router::new()
+        .route("/admin/instances", get(instances))
+        .route("/admin/drain", post(drain))
+        .route("/admin/undrain", post(undrain))
+        .with_state(proxy)
+}
+
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    proxy: Proxy,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, admin_router(proxy))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn instances(State(p): State<Proxy>) -> Response {
+    let pools = &p.0.pools;
+    let decode: Vec<Value> = pools
+        .decode
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            json!({
+                "url": u,
+                "admin": pools.decode_admin.get(i),
+                "in_rotation": p.0.in_rotation[i].load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    Json(json!({"prefill": pools.prefill, "decode": decode})).into_response()
+}
+
+/// The index of decode instance `url` named in an admin body, or the error response.
+fn decode_index(p: &Proxy, body: &Bytes) -> Result<usize, Box<Response>> {
+    let bad = |code, msg: String| Box::new(error(code, "invalid_request_error", msg));
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    let url = v["decode"].as_str().ok_or_else(|| {
+        bad(
+            StatusCode::BAD_REQUEST,
+            "give the decode instance as {\"decode\": URL}".into(),
+        )
+    })?;
+    let url = url.trim_end_matches('/');
+    let pools = &p.0.pools;
+    let i = pools.decode.iter().position(|u| u == url).ok_or_else(|| {
+        bad(
+            StatusCode::NOT_FOUND,
+            format!("{url} is not a decode instance of this proxy"),
+        )
+    })?;
+    if pools.decode_admin.is_empty() {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "this proxy was started without --decode-admin URLs".into(),
+        ));
+    }
+    Ok(i)
+}
+
+async fn drain(State(p): State<Proxy>, body: Bytes) -> Response {
+    let i = match decode_index(&p, &body) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    let pools = &p.0.pools;
+    let targets: Vec<&String> = (0..pools.decode.len())
+        .filter(|&j| j != i && p.0.in_rotation[j].load(Ordering::Relaxed))
+        .map(|j| &pools.decode_admin[j])
+        .collect();
+    if targets.is_empty() {
+        return error(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "no other decode instance in rotation to take its requests",
+        );
+    }
+    // Out of rotation first, so nothing new lands there while its requests move.
+    p.0.in_rotation[i].store(false, Ordering::Relaxed);
+    let url = &pools.decode[i];
+    tracing::info!(decode = %url, targets = ?targets, "draining decode instance");
+    let r =
+        p.0.client
+            .post(format!("{}/admin/drain", pools.decode_admin[i]))
+            .json(&json!({ "targets": targets }))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await;
+    match r {
+        Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+            Ok(mut v) => {
+                v["decode"] = json!(url);
+                v["in_rotation"] = json!(false);
+                Json(v).into_response()
+            }
+            Err(e) => error(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()),
+        },
+        Ok(r) => passthrough_error(&pools.decode_admin[i], "drain of", r).await,
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!(
+                "{url} is out of rotation, but its admin endpoint {} failed: {e}",
+                pools.decode_admin[i]
+            ),
+        ),
+    }
+}
+
+async fn undrain(State(p): State<Proxy>, body: Bytes) -> Response {
+    let i = match decode_index(&p, &body) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    let pools = &p.0.pools;
+    let r =
+        p.0.client
+            .post(format!("{}/admin/undrain", pools.decode_admin[i]))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+    match r {
+        Ok(r) if r.status().is_success() => {
+            p.0.in_rotation[i].store(true, Ordering::Relaxed);
+            Json(json!({"decode": pools.decode[i], "in_rotation": true})).into_response()
+        }
+        Ok(r) => passthrough_error(&pools.decode_admin[i], "undrain of", r).await,
+        Err(e) => error(StatusCode::BAD_GATEWAY, "upstream_error", format!("{e}")),
+    }
 }

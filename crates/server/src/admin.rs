@@ -99,10 +99,14 @@ struct MigrateRequest {
 async fn migrate(State(state): State<AppState>, body: Bytes) -> Response {
     let r = async {
         let req: MigrateRequest = parse(&body)?;
-        let id = resolve(&state, &req.request_id).await?;
+        // Known by its engine id, or by its HTTP id (a single prompt's engine id is `<id>-0`).
+        let ids = [
+            req.request_id.clone(),
+            crate::generation::engine_id(&req.request_id, 0),
+        ];
         migrate_one(
             &state,
-            &id,
+            &ids,
             req.target.trim_end_matches('/'),
             req.after_tokens,
         )
@@ -111,22 +115,11 @@ async fn migrate(State(state): State<AppState>, body: Bytes) -> Response {
     reply(r.await)
 }
 
-/// The engine's id for a request: as given, or its only prompt's (`<http id>-0`).
-async fn resolve(state: &AppState, id: &str) -> Result<String, ApiError> {
-    let live = state.engine().requests().await?;
-    let first = crate::generation::engine_id(id, 0);
-    live.iter()
-        .find(|r| r.id == id)
-        .or_else(|| live.iter().find(|r| r.id == first))
-        .map(|r| r.id.clone())
-        .ok_or_else(|| ApiError::NotFound(format!("no live request has id {id}")))
-}
-
-/// Moves request `id` to the engine whose admin base URL is `target`; on any refusal the
-/// request continues here and the error says why.
+/// Moves the request (the first live one of `ids`) to the engine whose admin base URL is
+/// `target`; on any refusal the request continues here and the error says why.
 pub(crate) async fn migrate_one(
     state: &AppState,
-    id: &str,
+    ids: &[String],
     target: &str,
     after_tokens: usize,
 ) -> Result<Value, ApiError> {
@@ -136,7 +129,10 @@ pub(crate) async fn migrate_one(
         .clone();
     let engine = state.engine().clone();
     let metrics = state.metrics().clone();
-    let parked = engine.park(id, after_tokens).await?;
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let parked = engine.park(&names, after_tokens).await?;
+    let id = parked.migration.state.id.clone();
+    let id = id.as_str();
     let t0 = Instant::now();
     // Until the target has the request, any way out of here (an error, the admin client
     // leaving) puts it back into this engine's schedule.
@@ -425,7 +421,7 @@ async fn drain(State(state): State<AppState>, body: Bytes) -> Response {
                 );
                 continue;
             };
-            match migrate_one(&state, &r.id, &target, 0).await {
+            match migrate_one(&state, std::slice::from_ref(&r.id), &target, 0).await {
                 Ok(v) => moved.push(v),
                 // It finished on its own meanwhile: nothing left to move.
                 Err(ApiError::NotFound(_)) => {}

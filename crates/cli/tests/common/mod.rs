@@ -102,7 +102,9 @@ pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
     if !extra.contains(&"--threads") {
         a.extend(["--threads".into(), "1".into()]);
     }
-    a.extend(["--num-kv-blocks".into(), "512".into()]);
+    if !extra.contains(&"--num-kv-blocks") {
+        a.extend(["--num-kv-blocks".into(), "512".into()]);
+    }
     a.extend(extra.iter().map(|s| s.to_string()));
     if let Some(kv) = kv {
         a.push("--kv-transfer-config".into());

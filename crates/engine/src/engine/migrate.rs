@@ -68,7 +68,9 @@ pub struct RequestInfo {
 }
 
 pub(super) struct PendingPark {
-    pub id: String,
+    /// The first of these that is live is parked (a caller may know a request by more
+    /// than one name).
+    pub ids: Vec<String>,
     pub after_tokens: usize,
     pub reply: oneshot::Sender<Result<Parked, EngineError>>,
 }
@@ -81,14 +83,16 @@ impl Core {
             if p.reply.is_closed() {
                 continue;
             }
-            let in_running = self.running.iter().position(|s| s.id == p.id);
-            let in_waiting = self.waiting.iter().position(|s| s.id == p.id);
+            let is = |s: &Seq| p.ids.contains(&s.id);
+            let in_running = self.running.iter().position(is);
+            let in_waiting = self.waiting.iter().position(is);
             let generated = in_running
                 .map(|i| self.running[i].completion_tokens())
                 .or_else(|| in_waiting.map(|i| self.waiting[i].completion_tokens()));
             match generated {
                 None => {
-                    let _ = p.reply.send(Err(EngineError::NotFound(p.id)));
+                    let id = p.ids.into_iter().next().unwrap_or_default();
+                    let _ = p.reply.send(Err(EngineError::NotFound(id)));
                 }
                 Some(n) if n < p.after_tokens => self.pending_parks.push(p),
                 Some(_) => {
