@@ -1,9 +1,11 @@
 //! `splitserve bench kv`: KV transfer throughput of the TCP connector against a raw loopback
 //! TCP copy of the same number of bytes, measured in the same run.
 //!
-//! A producer engine prefills a prompt and holds its KV; the consumer side pulls it with
-//! `kv::tcp::pull` (handshake, export from the blocks, frames, decode). The raw copy is one
-//! `write_all` of a buffer of that size on one side and `read_exact` on the other.
+//! A producer engine prefills a prompt and holds its KV; a consumer engine's `TcpConnector`
+//! loads it (handshake, frames written from the producer's blocks and read straight into
+//! the consumer's) — the path a disaggregated request takes. The time is the connector's,
+//! from connect to the last layer in the blocks. The raw copy is one `write_all` of a buffer
+//! of that size on one side and `read_exact` on the other.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,8 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use splitserve_engine::{Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams};
-use splitserve_kv::Fingerprint;
+use splitserve_engine::{
+    Engine, EngineConfig, Event, KvTransfer, Model, RemoteKv, Request, SamplingParams,
+};
+use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 
 #[derive(clap::Args)]
 pub struct BenchKvArgs {
@@ -78,8 +82,17 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         max_model_len: Some(a.prompt_len + 16),
         ..EngineConfig::default()
     };
-    let engine = Engine::start(model.clone(), cfg, None)?;
+    let engine = Engine::start(model.clone(), cfg.clone(), None)?;
     let fp = Fingerprint::new(&sha, &model.config, &engine.kv_layout());
+    let (report_tx, report_rx) = std::sync::mpsc::channel::<LoadReport>();
+    let report_tx = std::sync::Mutex::new(report_tx);
+    let observer: splitserve_kv::connector::LoadObserver = Arc::new(move |r: &LoadReport| {
+        if let Ok(tx) = report_tx.lock() {
+            let _ = tx.send(r.clone());
+        }
+    });
+    let connector = Arc::new(TcpConnector::new(fp.clone(), None, Some(observer)));
+    let consumer = Engine::start_with(model.clone(), cfg, None, Some(connector))?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
     let (e2, fp2) = (engine.clone(), fp.clone());
@@ -105,11 +118,26 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
                 break;
             }
         }
-        let t0 = Instant::now();
-        let kv = splitserve_kv::tcp::pull(&addr, &fp, &id)?;
-        let t = t0.elapsed();
-        bytes = kv.layers.iter().map(Vec::len).sum();
-        drop(kv);
+        let (host, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
+        let params = serde_json::json!({"remote_host": host, "remote_port": port.parse::<u16>()?,
+            "remote_request_id": id});
+        let mut rx = consumer.submit(Request {
+            id: id.clone(),
+            prompt: prompt.clone(),
+            params: SamplingParams::greedy(1),
+            return_logits: false,
+            kv: KvTransfer::Remote(RemoteKv { params }),
+        })?;
+        while let Some(ev) = rx.blocking_recv() {
+            if let Event::Finished(f) = ev {
+                anyhow::ensure!(f.error.is_none(), "load failed: {:?}", f.error);
+                break;
+            }
+        }
+        let r = report_rx.recv_timeout(Duration::from_secs(60))?;
+        anyhow::ensure!(r.error.is_none(), "load failed: {:?}", r.error);
+        let t = r.took;
+        bytes = r.bytes as usize;
         let raw = raw_copy(bytes)?;
         // The first round warms the page cache and the allocator; it is not counted.
         if rep > 0 {
@@ -129,10 +157,12 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
     );
     println!("| path | median ms | GiB/s |");
     println!("|---|---|---|");
-    println!("| kv::tcp pull (handshake, export, frames, decode) | {p:.1} | {pg:.2} |");
+    println!(
+        "| TcpConnector load (handshake, frames, into the consumer's blocks) | {p:.1} | {pg:.2} |"
+    );
     println!("| raw loopback TCP copy, same bytes | {r:.1} | {rg:.2} |");
     println!(
-        "pull / raw throughput: {:.2}x (median of {} reps)",
+        "load / raw throughput: {:.2}x (median of {} reps)",
         pg / rg,
         a.reps
     );

@@ -17,7 +17,9 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{schedule, RequestState, Schedulable, SchedulerConfig};
 use crate::tokenizer::IncrementalDecoder;
 
+mod connector;
 mod migrate;
+pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 use migrate::PendingPark;
 pub use migrate::{LiveState, Migration, Parked, RequestInfo};
 use tokio::sync::oneshot;
@@ -78,6 +80,9 @@ pub enum KvTransfer {
     Hold,
     /// Consumer: the prompt's KV computed elsewhere; prefill never runs here.
     Import(Box<KvImport>),
+    /// Consumer: the prompt's KV waits remotely; the engine's connector loads it into the
+    /// request's blocks (WAITING_FOR_REMOTE_KVS) while other requests keep stepping.
+    Remote(RemoteKv),
 }
 
 /// A request's KV and sampling state as it leaves one engine for another.
@@ -191,6 +196,18 @@ pub type StepHook = Arc<dyn Fn(StepInfo) + Send + Sync>;
 
 enum Command {
     Add(Box<Seq>, Option<Box<KvImport>>),
+    AddRemote(Box<Seq>, RemoteKv),
+    /// A connector finished (or failed) loading a request's KV into its lent blocks.
+    Loaded {
+        id: String,
+        blocks: Vec<u32>,
+        result: Box<Result<RemoteFirst, String>>,
+    },
+    /// A reader gave back a held request's blocks.
+    Returned(String, Vec<u32>),
+    LeaseHeld(String, mpsc::Sender<Result<HeldKv, EngineError>>),
+    /// The last handle is gone: finish what runs, then stop.
+    Stop,
     Abort(String),
     Export(String, mpsc::Sender<Result<KvImport, EngineError>>),
     Park(PendingPark),
@@ -206,11 +223,22 @@ enum Command {
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Command>,
+    _stop: Arc<StopOnDrop>,
     stats: Arc<EngineStats>,
     model: Arc<Model>,
     max_model_len: usize,
     max_waiting: usize,
     layout: KvLayout,
+}
+
+/// Tells the engine thread to stop when the last handle is dropped (the thread keeps a
+/// sender of its own for returning leases, so the channel alone never disconnects).
+struct StopOnDrop(mpsc::Sender<Command>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 struct Seq {
@@ -274,6 +302,16 @@ impl Engine {
         model: Arc<Model>,
         cfg: EngineConfig,
         on_step: Option<StepHook>,
+    ) -> Result<Self, EngineError> {
+        Self::start_with(model, cfg, on_step, None)
+    }
+
+    /// Starts the engine thread with a KV connector for requests whose KV waits remotely.
+    pub fn start_with(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        on_step: Option<StepHook>,
+        connector: Option<Arc<dyn KvConnector>>,
     ) -> Result<Self, EngineError> {
         let capacity = cfg.num_blocks * cfg.block_size;
         let max_model_len = cfg
@@ -339,6 +377,12 @@ impl Engine {
             hold_timeout: cfg.kv_hold_timeout,
             parked: Default::default(),
             pending_parks: Vec::new(),
+            connector,
+            back: tx.clone(),
+            remote_waiting: VecDeque::new(),
+            loading: Default::default(),
+            lent_blocks: 0,
+            stopping: false,
         };
         std::thread::Builder::new()
             .name("splitserve-engine".into())
@@ -348,6 +392,7 @@ impl Engine {
             })
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         Ok(Self {
+            _stop: Arc::new(StopOnDrop(tx.clone())),
             tx,
             stats,
             model,
@@ -419,13 +464,12 @@ impl Engine {
         };
         // Counted here so that a burst of submissions sees the queue grow at once.
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let import = match req.kv {
-            KvTransfer::Import(i) => Some(i),
-            _ => None,
+        let cmd = match req.kv {
+            KvTransfer::Import(i) => Command::Add(Box::new(seq), Some(i)),
+            KvTransfer::Remote(r) => Command::AddRemote(Box::new(seq), r),
+            _ => Command::Add(Box::new(seq), None),
         };
-        self.tx
-            .send(Command::Add(Box::new(seq), import))
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(cmd).map_err(|_| EngineError::Stopped)?;
         Ok(rx)
     }
 
@@ -434,6 +478,16 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Command::Export(id.to_string(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
+    /// dropping the returned [`HeldKv`] frees its blocks.
+    pub fn lease_held(&self, id: &str) -> Result<HeldKv, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::LeaseHeld(id.to_string(), tx))
             .map_err(|_| EngineError::Stopped)?;
         rx.recv().map_err(|_| EngineError::Stopped)?
     }
@@ -518,12 +572,25 @@ struct Core {
     /// Requests taken out of scheduling while they migrate; `true` if they were running.
     parked: std::collections::HashMap<String, (Seq, bool)>,
     pending_parks: Vec<PendingPark>,
+    connector: Option<Arc<dyn KvConnector>>,
+    /// For leases to send their blocks back.
+    back: mpsc::Sender<Command>,
+    /// Requests whose KV waits remotely, before their blocks are allocated.
+    remote_waiting: VecDeque<(Seq, RemoteKv)>,
+    /// WAITING_FOR_REMOTE_KVS: blocks lent to the connector; the tokens being loaded.
+    loading: std::collections::HashMap<String, (Seq, usize)>,
+    /// Held blocks lent to readers.
+    lent_blocks: usize,
+    stopping: bool,
 }
 
 impl Core {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
+                if self.stopping && self.loading.is_empty() && self.lent_blocks == 0 {
+                    return;
+                }
                 // While blocks are held, wake up to expire them even if nothing arrives.
                 let wait = if self.held.is_empty() {
                     Duration::from_secs(3600)
@@ -553,6 +620,7 @@ impl Core {
             }
             // After queued exports are served: a pull that arrived during a long step wins.
             self.expire_held();
+            self.start_loads();
             self.drop_disconnected();
             self.step();
             if !self.pending_parks.is_empty() {
@@ -567,9 +635,12 @@ impl Core {
         s.free_blocks
             .store(self.cache.num_free(), Ordering::Relaxed);
         s.running.store(self.running.len(), Ordering::Relaxed);
-        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.waiting.store(
+            self.waiting.len() + self.remote_waiting.len() + self.loading.len(),
+            Ordering::Relaxed,
+        );
         s.held_blocks.store(
-            self.held.values().map(|h| h.blocks.len()).sum(),
+            self.held.values().map(|h| h.blocks.len()).sum::<usize>() + self.lent_blocks,
             Ordering::Relaxed,
         );
     }
@@ -580,6 +651,23 @@ impl Core {
                 self.waiting.push_back(*seq);
             }
             Command::Add(seq, Some(import)) => self.import(*seq, *import),
+            Command::AddRemote(seq, remote) => match &self.connector {
+                Some(_) => self.remote_waiting.push_back((*seq, remote)),
+                None => {
+                    let e = EngineError::KvTransfer("this engine has no KV connector".into());
+                    self.finish(*seq, FinishReason::Abort, Some(e));
+                }
+            },
+            Command::Loaded { id, blocks, result } => self.loaded(id, blocks, *result),
+            Command::Returned(id, mut blocks) => {
+                tracing::debug!(id = %id, blocks = blocks.len(), "held KV read; blocks freed");
+                self.lent_blocks -= blocks.len().min(self.lent_blocks);
+                self.cache.release(&mut blocks);
+            }
+            Command::LeaseHeld(id, reply) => {
+                let _ = reply.send(self.lease_held(&id));
+            }
+            Command::Stop => self.stopping = true,
             Command::Export(id, reply) => {
                 let _ = reply.send(self.export(&id));
             }
@@ -606,6 +694,14 @@ impl Core {
                 } else if let Some(mut h) = self.held.remove(&id) {
                     // The consumer gave up on this request's KV.
                     self.cache.release(&mut h.blocks);
+                } else if let Some(i) = self.remote_waiting.iter().position(|(s, _)| s.id == id) {
+                    if let Some((s, remote)) = self.remote_waiting.remove(i) {
+                        self.release_remote(remote);
+                        self.finish(s, FinishReason::Abort, None);
+                    }
+                } else if let Some((s, _)) = self.loading.remove(&id) {
+                    // Its blocks come back when the connector ends the load.
+                    self.finish(s, FinishReason::Abort, None);
                 }
             }
         }
@@ -632,6 +728,98 @@ impl Core {
             }
         }
         self.waiting = keep;
+        let mut keep = VecDeque::with_capacity(self.remote_waiting.len());
+        while let Some((s, remote)) = self.remote_waiting.pop_front() {
+            if s.tx.is_closed() {
+                self.release_remote(remote);
+                self.finish(s, FinishReason::Abort, None);
+            } else {
+                keep.push_back((s, remote));
+            }
+        }
+        self.remote_waiting = keep;
+    }
+
+    fn release_remote(&self, remote: RemoteKv) {
+        if let Some(c) = &self.connector {
+            c.release(remote);
+        }
+    }
+
+    /// Allocates blocks for requests whose KV waits remotely, in arrival order, and lends
+    /// them to the connector; a request that does not fit yet waits for free blocks.
+    fn start_loads(&mut self) {
+        let Some(conn) = self.connector.clone() else {
+            return;
+        };
+        while let Some((s, remote)) = self.remote_waiting.front() {
+            let n = conn.remote_tokens(remote, s.prompt_len).min(s.prompt_len);
+            if n == 0 {
+                // Nothing to load: computed here like any request.
+                if let Some((s, remote)) = self.remote_waiting.pop_front() {
+                    self.release_remote(remote);
+                    self.waiting.push_back(s);
+                }
+                continue;
+            }
+            let Some(blocks) = self
+                .cache
+                .allocate(n.div_ceil(self.cache.layout.block_size))
+            else {
+                break;
+            };
+            let Some((mut s, remote)) = self.remote_waiting.pop_front() else {
+                break;
+            };
+            s.state = RequestState::WaitingForRemoteKvs;
+            let target = LoadTarget::new(
+                self.cache.mem.clone(),
+                blocks,
+                s.id.clone(),
+                n,
+                self.back.clone(),
+            );
+            self.loading.insert(s.id.clone(), (s, n));
+            conn.start_load(remote, target);
+        }
+        self.publish();
+    }
+
+    /// A load ended: the request continues from its KV, or fails with the connector's error.
+    fn loaded(&mut self, id: String, mut blocks: Vec<u32>, result: Result<RemoteFirst, String>) {
+        let Some((mut s, n)) = self.loading.remove(&id) else {
+            // Aborted while loading.
+            self.cache.release(&mut blocks);
+            return;
+        };
+        let first = match result {
+            Ok(f) => f,
+            Err(e) => {
+                self.cache.release(&mut blocks);
+                return self.finish(s, FinishReason::Abort, Some(EngineError::KvTransfer(e)));
+            }
+        };
+        s.blocks = blocks;
+        s.state = RequestState::Waiting;
+        self.resume_from_kv(s, n, first.generated, first.sampler);
+    }
+
+    fn lease_held(&mut self, id: &str) -> Result<HeldKv, EngineError> {
+        let h = self
+            .held
+            .remove(id)
+            .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
+        self.lent_blocks += h.blocks.len();
+        self.publish();
+        Ok(HeldKv::new(
+            self.cache.mem.clone(),
+            h.blocks,
+            id.to_string(),
+            self.back.clone(),
+            h.n_tokens,
+            h.generated,
+            h.sampler,
+        ))
     }
 
     /// Frees blocks no consumer came for within the hold timeout.
@@ -693,16 +881,30 @@ impl Core {
             }
         }
         s.blocks = blocks;
-        if i.generated.is_empty() {
+        self.resume_from_kv(s, i.n_tokens, i.generated, Some(i.sampler));
+    }
+
+    /// `s` has the KV of its first `n` tokens in its blocks, and `generated` tokens were
+    /// sampled remotely: queue it to continue from there.
+    fn resume_from_kv(
+        &mut self,
+        mut s: Seq,
+        n: usize,
+        generated: Vec<u32>,
+        sampler: Option<Sampler>,
+    ) {
+        if generated.is_empty() {
             // No first token came with the KV (vLLM's proxy contract): recompute the last
             // prompt position here; the request's own sampler draws the first token.
-            s.num_computed = i.n_tokens - 1;
+            s.num_computed = n.min(s.prompt_len - 1);
             self.waiting.push_back(s);
             return;
         }
-        s.num_computed = i.n_tokens;
-        s.tokens.extend_from_slice(&i.generated);
-        s.sampler = i.sampler;
+        s.num_computed = n;
+        s.tokens.extend_from_slice(&generated);
+        if let Some(sm) = sampler {
+            s.sampler = sm;
+        }
         // The imported first token is output too: the client sees it from this engine.
         let mut text = Some(
             s.detok
@@ -710,7 +912,7 @@ impl Core {
         );
         s.text = text.clone().unwrap_or_default();
         s.sent = s.text.len();
-        for &t in &i.generated {
+        for &t in &generated {
             let out = TokenOut {
                 token: t,
                 text: text.take().unwrap_or_default(),
@@ -721,7 +923,7 @@ impl Core {
             let _ = s.tx.send(Event::Token(out));
         }
         let eos = self.model.tokenizer.eos_id();
-        let ended = i.generated.iter().any(|&t| {
+        let ended = generated.iter().any(|&t| {
             (Some(t) == eos && !s.params.ignore_eos) || s.params.stop_token_ids.contains(&t)
         });
         if ended {

@@ -108,6 +108,8 @@ pub enum EngineError {
     Stopped,
     #[error("KV transfer refused: {0}")]
     KvMismatch(String),
+    #[error("{0}")]
+    KvTransfer(String),
     #[error("internal engine error: {0}")]
     Internal(String),
 }

@@ -47,71 +47,111 @@ impl std::fmt::Display for KvDtype {
     }
 }
 
-pub(crate) enum Region {
-    F16(Vec<f16>),
-    F32(Vec<f32>),
+/// One layer's K (or V) values for every block, in the storage type.
+///
+/// The memory is shared (an engine thread and connector threads reach it through
+/// [`Memory`]), so every access names its range and touches nothing else. The rule that
+/// keeps this sound: a block is used by one party at a time — the engine for blocks in its
+/// requests' tables, a lease holder for blocks lent to it (the engine does not touch those
+/// until the lease comes back).
+pub(crate) struct Region {
+    dtype: KvDtype,
+    ptr: *mut u32,
+    words: usize,
 }
+
+// SAFETY: the region owns its allocation; concurrent use is limited to disjoint ranges by
+// the block-ownership rule above.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
 
 impl Region {
     fn new(dtype: KvDtype, n: usize) -> Self {
-        match dtype {
-            KvDtype::F16 => Region::F16(vec![f16::ZERO; n]),
-            KvDtype::F32 => Region::F32(vec![0.0; n]),
+        // u32 words: aligned for f32 and f16 alike.
+        let words = (n * dtype.bytes()).div_ceil(4);
+        let b: Box<[u32]> = vec![0u32; words].into_boxed_slice();
+        Self {
+            dtype,
+            ptr: Box::into_raw(b) as *mut u32,
+            words,
         }
     }
 
-    fn write(&mut self, at: usize, src: &[f32]) {
-        match self {
-            Region::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
-            Region::F32(v) => v[at..at + src.len()].copy_from_slice(src),
-        }
+    /// Bytes of values `at..at + n`.
+    ///
+    /// # Safety
+    /// Nobody writes these values while the slice lives.
+    unsafe fn bytes(&self, at: usize, n: usize) -> &[u8] {
+        let w = self.dtype.bytes();
+        assert!((at + n) * w <= self.words * 4, "KV range out of bounds");
+        std::slice::from_raw_parts((self.ptr as *const u8).add(at * w), n * w)
     }
 
-    /// The raw little-endian bytes of values `at..at + n`.
-    fn bytes_of(&self, at: usize, n: usize, out: &mut Vec<u8>) {
-        match self {
-            Region::F16(v) => out.extend_from_slice(as_bytes(v[at..at + n].reinterpret_cast())),
-            Region::F32(v) => out.extend_from_slice(as_bytes(&v[at..at + n])),
-        }
+    /// Bytes of values `at..at + n`, writable.
+    ///
+    /// # Safety
+    /// Nobody else reads or writes these values while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn bytes_mut(&self, at: usize, n: usize) -> &mut [u8] {
+        let w = self.dtype.bytes();
+        assert!((at + n) * w <= self.words * 4, "KV range out of bounds");
+        std::slice::from_raw_parts_mut((self.ptr as *mut u8).add(at * w), n * w)
     }
 
-    fn set_bytes(&mut self, at: usize, src: &[u8]) {
-        match self {
-            Region::F16(v) => {
-                let dst = v[at..at + src.len() / 2].reinterpret_cast_mut();
-                let n = dst.len() * 2;
-                as_bytes_mut(dst).copy_from_slice(&src[..n]);
+    /// Stores `src` at values `at..`; the caller owns those values' block (engine thread).
+    fn write(&self, at: usize, src: &[f32]) {
+        // SAFETY: the values are in a block of a request of the calling engine thread.
+        let dst = unsafe { self.bytes_mut(at, src.len()) };
+        match self.dtype {
+            KvDtype::F16 => {
+                let v: &mut [f16] = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f16, src.len())
+                };
+                v.convert_from_f32_slice(src);
             }
-            Region::F32(v) => {
-                let dst = &mut v[at..at + src.len() / 4];
-                let n = dst.len() * 4;
-                as_bytes_mut(dst).copy_from_slice(&src[..n]);
+            KvDtype::F32 => {
+                let v: &mut [f32] = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, src.len())
+                };
+                v.copy_from_slice(src);
             }
         }
     }
 
+    /// Loads values `at..at + dst.len()` as f32; the caller's blocks, as for `write`.
     pub fn read(&self, at: usize, dst: &mut [f32]) {
-        match self {
-            Region::F16(v) => v[at..at + dst.len()].convert_to_f32_slice(dst),
-            Region::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
+        // SAFETY: as for `write`; readers on several engine threads share the slice.
+        let src = unsafe { self.bytes(at, dst.len()) };
+        match self.dtype {
+            KvDtype::F16 => {
+                let v: &[f16] =
+                    unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f16, dst.len()) };
+                v.convert_to_f32_slice(dst);
+            }
+            KvDtype::F32 => {
+                let v: &[f32] =
+                    unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, dst.len()) };
+                dst.copy_from_slice(v);
+            }
         }
     }
 }
 
-/// Plain numbers as their bytes. The wire format is little-endian, so big-endian targets
-/// are refused at compile time rather than silently byte-swapped.
-#[cfg(target_endian = "little")]
-fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: T is u16 or f32 here: no padding, every byte initialised; the length covers
-    // exactly the slice's memory.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `Box::into_raw` of a slice of `words` u32s.
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr, self.words,
+            )))
+        };
+    }
 }
 
-#[cfg(target_endian = "little")]
-fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
-    // SAFETY: as above; any byte pattern is a valid u16 or f32.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
-}
+// The wire format is little-endian and KV bytes travel as stored: refuse big-endian
+// targets at compile time rather than byte-swap silently.
+#[cfg(not(target_endian = "little"))]
+compile_error!("splitserve's KV wire format needs a little-endian target");
 
 /// Geometry of the cache, the part a peer must agree on before KV crosses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,27 +186,71 @@ impl KvLayout {
     }
 }
 
+/// The K and V regions of every layer, shared by the engine and lease holders.
+pub(crate) struct Memory {
+    pub layout: KvLayout,
+    k: Vec<Region>,
+    v: Vec<Region>,
+}
+
+impl Memory {
+    /// The K range and the V range of `block` in `layer`, as bytes.
+    ///
+    /// # Safety
+    /// The caller has the block to itself (see [`Region`]); nobody writes it meanwhile.
+    pub unsafe fn block(&self, layer: usize, block: u32) -> [&[u8]; 2] {
+        let n = self.layout.block_values();
+        let at = block as usize * n;
+        [self.k[layer].bytes(at, n), self.v[layer].bytes(at, n)]
+    }
+
+    /// As [`Memory::block`], writable.
+    ///
+    /// # Safety
+    /// The caller has the block to itself; nobody else reads or writes it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn block_mut(&self, layer: usize, block: u32) -> [&mut [u8]; 2] {
+        let n = self.layout.block_values();
+        let at = block as usize * n;
+        [
+            self.k[layer].bytes_mut(at, n),
+            self.v[layer].bytes_mut(at, n),
+        ]
+    }
+}
+
 pub(crate) struct KvCache {
     pub layout: KvLayout,
-    pub k: Vec<Region>,
-    pub v: Vec<Region>,
+    pub mem: std::sync::Arc<Memory>,
     free: Vec<u32>,
 }
 
 impl KvCache {
     pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
         let n = num_blocks * layout.block_values();
-        Self {
+        let mem = Memory {
             k: (0..layout.n_layer)
                 .map(|_| Region::new(layout.dtype, n))
                 .collect(),
             v: (0..layout.n_layer)
                 .map(|_| Region::new(layout.dtype, n))
                 .collect(),
+            layout,
+        };
+        Self {
+            mem: std::sync::Arc::new(mem),
             // Pop from the end: low ids first, which keeps runs reproducible.
             free: (0..num_blocks as u32).rev().collect(),
             layout,
         }
+    }
+
+    pub fn k(&self, layer: usize) -> &Region {
+        &self.mem.k[layer]
+    }
+
+    pub fn v(&self, layer: usize) -> &Region {
+        &self.mem.v[layer]
     }
 
     pub fn num_free(&self) -> usize {
@@ -195,27 +279,28 @@ impl KvCache {
     }
 
     /// Appends the K then V bytes of one block in one layer (little-endian, storage dtype).
+    /// The block belongs to a request of this engine thread.
     pub fn block_bytes(&self, layer: usize, block: u32, out: &mut Vec<u8>) {
-        let n = self.layout.block_values();
-        let at = block as usize * n;
-        self.k[layer].bytes_of(at, n, out);
-        self.v[layer].bytes_of(at, n, out);
+        // SAFETY: an engine-owned block, read on the engine thread.
+        let [k, v] = unsafe { self.mem.block(layer, block) };
+        out.extend_from_slice(k);
+        out.extend_from_slice(v);
     }
 
     /// Writes one block of one layer from bytes laid out as [`Self::block_bytes`] makes them.
     pub fn set_block_bytes(&mut self, layer: usize, block: u32, src: &[u8]) {
-        let n = self.layout.block_values();
-        let half = n * self.layout.dtype.bytes();
-        let at = block as usize * n;
-        self.k[layer].set_bytes(at, &src[..half]);
-        self.v[layer].set_bytes(at, &src[half..2 * half]);
+        // SAFETY: an engine-owned block, written on the engine thread.
+        let [k, v] = unsafe { self.mem.block_mut(layer, block) };
+        let half = k.len();
+        k.copy_from_slice(&src[..half]);
+        v.copy_from_slice(&src[half..2 * half]);
     }
 
     /// Stores one token's K and V (`n_kv_head * head_dim` each) for `layer`.
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let at = self.offset(table, pos);
-        self.k[layer].write(at, k);
-        self.v[layer].write(at, v);
+        self.mem.k[layer].write(at, k);
+        self.mem.v[layer].write(at, v);
     }
 }
 

@@ -3,14 +3,16 @@
 //! Exchange: both sides send `Hello` (fingerprint JSON) and check the other's. The consumer
 //! then sends `Release` (answered by `Done`: the held blocks are freed unread) or `Pull`,
 //! answered by `Meta`, one `Layer` frame per layer, then `Done` (or `Error` at any point).
-//! The producer's blocks are freed when it has read them out.
+//! The producer writes the layers from its held blocks and frees them once sent; the
+//! consumer reads them straight into the blocks its engine lent for the request. Neither
+//! side stages the whole prompt's KV.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use splitserve_engine::{Engine, KvImport, KvLayout, Sampler};
+use splitserve_engine::{Engine, KvLayout, LoadTarget, Sampler};
 
 use crate::fingerprint::{Fingerprint, HandshakeError};
 use crate::wire::{Frame, WireError, HEADER};
@@ -50,22 +52,10 @@ fn io(addr: &str) -> impl Fn(std::io::Error) -> KvError + '_ {
     }
 }
 
-fn read_frame(s: &mut TcpStream, addr: &str) -> Result<Frame, KvError> {
+fn read_frame(s: &mut impl Read, addr: &str) -> Result<Frame, KvError> {
     let mut header = [0u8; HEADER];
     s.read_exact(&mut header).map_err(io(addr))?;
     let len = Frame::payload_len(&header)?;
-    if Frame::header_kind(&header) == 3 && len >= 8 {
-        // A layer's data is read straight into the buffer that is handed on.
-        let mut pre = [0u8; 8];
-        s.read_exact(&mut pre).map_err(io(addr))?;
-        let mut data = vec![0u8; len - 8];
-        s.read_exact(&mut data).map_err(io(addr))?;
-        return Ok(Frame::Layer {
-            layer: u32::from_le_bytes([pre[0], pre[1], pre[2], pre[3]]),
-            blocks: u32::from_le_bytes([pre[4], pre[5], pre[6], pre[7]]),
-            data,
-        });
-    }
     let mut buf = header.to_vec();
     buf.resize(HEADER + len, 0);
     s.read_exact(&mut buf[HEADER..]).map_err(io(addr))?;
@@ -140,29 +130,46 @@ fn serve_one(
         }
         other => return Err(KvError::Protocol(format!("{other:?}"))),
     };
-    let kv = match engine.export_held(&id) {
-        Ok(kv) => kv,
+    // The held blocks are lent to us; they are written to the socket as they lie in the
+    // cache (no staging copy) and freed when `held` is dropped.
+    let held = match engine.lease_held(&id) {
+        Ok(h) => h,
         Err(e) => {
             write_frame(s, addr, &Frame::Error(e.to_string()))?;
             return Err(KvError::Peer(e.to_string()));
         }
     };
-    let blocks = kv.n_tokens.div_ceil(kv.layout.block_size) as u32;
+    let layout = held.layout();
+    let blocks = held.n_blocks();
     let meta = Meta {
-        layout: kv.layout,
-        n_tokens: kv.n_tokens,
-        generated: kv.generated,
-        sampler: kv.sampler,
+        layout,
+        n_tokens: held.n_tokens,
+        generated: held.generated.clone(),
+        sampler: held.sampler.clone(),
     };
     let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
     write_frame(s, addr, &Frame::Meta(json))?;
+    let per_block = layout.block_values() * 2 * layout.dtype.bytes();
     let mut bytes = 0u64;
-    for (layer, data) in kv.layers.iter().enumerate() {
-        s.write_all(&Frame::layer_prefix(layer as u32, blocks, data.len()))
-            .map_err(io(addr))?;
-        s.write_all(data).map_err(io(addr))?;
-        bytes += data.len() as u64;
+    // One buffered writer: many small block writes become few syscalls.
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *s);
+    for layer in 0..layout.n_layer {
+        w.write_all(&Frame::layer_prefix(
+            layer as u32,
+            blocks as u32,
+            blocks * per_block,
+        ))
+        .map_err(io(addr))?;
+        for i in 0..blocks {
+            for part in held.block(layer, i) {
+                w.write_all(part).map_err(io(addr))?;
+            }
+        }
+        bytes += (blocks * per_block) as u64;
     }
+    w.flush().map_err(io(addr))?;
+    drop(w);
+    drop(held);
     write_frame(s, addr, &Frame::Done)?;
     Ok(bytes)
 }
@@ -191,8 +198,22 @@ pub fn release(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<(), Kv
     }
 }
 
-/// Consumer side: pulls request `id`'s KV from the producer at `addr`.
-pub fn pull(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<KvImport, KvError> {
+/// What the consumer read besides the KV: the producer's first tokens and sampler.
+pub struct Loaded {
+    pub n_tokens: usize,
+    pub generated: Vec<u32>,
+    pub sampler: Sampler,
+    pub bytes: u64,
+}
+
+/// Consumer side: pulls request `id`'s KV from the producer at `addr` straight into the
+/// blocks of `target`, layer by layer as the frames arrive.
+pub fn load_into(
+    addr: &str,
+    fingerprint: &Fingerprint,
+    id: &str,
+    target: &mut LoadTarget,
+) -> Result<Loaded, KvError> {
     let mut s = connect(addr, fingerprint)?;
     write_frame(
         &mut s,
@@ -209,25 +230,68 @@ pub fn pull(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<KvImport,
         Frame::Error(m) => return Err(KvError::Peer(m)),
         other => return Err(KvError::Protocol(format!("{other:?}"))),
     };
-    let mut layers = Vec::with_capacity(meta.layout.n_layer);
-    loop {
-        match read_frame(&mut s, addr)? {
-            Frame::Layer { layer, data, .. } if layer as usize == layers.len() => layers.push(data),
-            Frame::Done if layers.len() == meta.layout.n_layer => break,
-            Frame::Error(m) => return Err(KvError::Peer(m)),
-            other => {
-                return Err(KvError::Protocol(format!(
-                    "{other:?} after {} layers",
-                    layers.len()
-                )))
+    let layout = target.layout();
+    if meta.layout != layout {
+        return Err(KvError::Protocol(format!(
+            "producer's KV layout {:?} differs from ours {layout:?}",
+            meta.layout
+        )));
+    }
+    if meta.n_tokens != target.n_tokens() {
+        return Err(KvError::Protocol(format!(
+            "the producer holds KV for {} tokens; this request's prompt has {}",
+            meta.n_tokens,
+            target.n_tokens()
+        )));
+    }
+    let blocks = target.n_blocks();
+    let per_block = layout.block_values() * 2 * layout.dtype.bytes();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &mut s);
+    let mut bytes = 0u64;
+    for layer in 0..layout.n_layer {
+        let mut header = [0u8; HEADER];
+        r.read_exact(&mut header).map_err(io(addr))?;
+        let len = Frame::payload_len(&header)?;
+        if Frame::header_kind(&header) != 3 {
+            let mut buf = header.to_vec();
+            buf.resize(HEADER + len, 0);
+            r.read_exact(&mut buf[HEADER..]).map_err(io(addr))?;
+            return match Frame::decode(&buf)? {
+                Some((Frame::Error(m), _)) => Err(KvError::Peer(m)),
+                other => Err(KvError::Protocol(format!(
+                    "{other:?} where layer {layer} was due"
+                ))),
+            };
+        }
+        if len < 8 {
+            return Err(KvError::Protocol(format!("layer frame of {len} bytes")));
+        }
+        let mut pre = [0u8; 8];
+        r.read_exact(&mut pre).map_err(io(addr))?;
+        let got_layer = u32::from_le_bytes([pre[0], pre[1], pre[2], pre[3]]) as usize;
+        let got_blocks = u32::from_le_bytes([pre[4], pre[5], pre[6], pre[7]]) as usize;
+        if got_layer != layer || got_blocks != blocks || len != 8 + blocks * per_block {
+            return Err(KvError::Protocol(format!(
+                "layer frame {got_layer} with {got_blocks} blocks ({len} bytes) where layer {layer} with {blocks} blocks was due"
+            )));
+        }
+        // Straight from the socket into the request's blocks.
+        for i in 0..blocks {
+            for part in target.block_mut(layer, i) {
+                r.read_exact(part).map_err(io(addr))?;
             }
         }
+        bytes += (blocks * per_block) as u64;
     }
-    Ok(KvImport {
-        layout: meta.layout,
+    match read_frame(&mut r, addr)? {
+        Frame::Done => {}
+        Frame::Error(m) => return Err(KvError::Peer(m)),
+        other => return Err(KvError::Protocol(format!("{other:?} after the last layer"))),
+    }
+    Ok(Loaded {
         n_tokens: meta.n_tokens,
-        layers,
         generated: meta.generated,
         sampler: meta.sampler,
+        bytes,
     })
 }

@@ -1,13 +1,16 @@
-//! Two engines, one TCP side channel on loopback: the consumer pulls the producer's KV and
-//! continues token-identical to a colocated engine; a mismatched peer is refused by name.
+//! Two engines, one TCP side channel on loopback: the consumer's `TcpConnector` loads the
+//! producer's KV straight into its blocks and the request continues token-identical to a
+//! colocated engine; a mismatched peer is refused by name before any KV crosses.
 
 use std::sync::{Arc, OnceLock};
 
+use serde_json::json;
 use splitserve_engine::{
-    model_file, Engine, EngineConfig, Event, KvTransfer, Model, Request, SamplingParams,
+    model_file, Engine, EngineConfig, EngineError, Event, KvTransfer, Model, RemoteKv, Request,
+    SamplingParams,
 };
-use splitserve_kv::tcp::{pull, serve, KvError};
-use splitserve_kv::{Fingerprint, HandshakeError};
+use splitserve_kv::tcp::serve;
+use splitserve_kv::{Fingerprint, TcpConnector};
 
 fn model() -> (Arc<Model>, String) {
     static M: OnceLock<(Arc<Model>, String)> = OnceLock::new();
@@ -26,6 +29,16 @@ fn run(
     params: &SamplingParams,
     kv: KvTransfer,
 ) -> Vec<u32> {
+    try_run(engine, id, prompt, params, kv).expect("request ok")
+}
+
+fn try_run(
+    engine: &Engine,
+    id: &str,
+    prompt: &[u32],
+    params: &SamplingParams,
+    kv: KvTransfer,
+) -> Result<Vec<u32>, EngineError> {
     let mut rx = engine
         .submit(Request {
             id: id.into(),
@@ -39,13 +52,30 @@ fn run(
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Token(t) => out.push(t.token),
-            Event::Finished(f) => {
-                assert!(f.error.is_none(), "{:?}", f.error);
-                break;
-            }
+            Event::Finished(f) => match f.error {
+                Some(e) => return Err(e),
+                None => break,
+            },
         }
     }
-    out
+    Ok(out)
+}
+
+/// A consumer engine whose connector speaks with fingerprint `fp`.
+fn consumer(fp: Fingerprint) -> Engine {
+    let (m, _) = model();
+    let c = Arc::new(TcpConnector::new(fp, None, None));
+    Engine::start_with(m, EngineConfig::default(), None, Some(c)).expect("engine")
+}
+
+fn remote(addr: &str, id: &str, first: Option<&[u32]>) -> KvTransfer {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let mut p = json!({"do_remote_prefill": true, "remote_host": host,
+        "remote_port": port.parse::<u16>().expect("port"), "remote_request_id": id});
+    if let Some(f) = first {
+        p["first_token_ids"] = json!(f);
+    }
+    KvTransfer::Remote(RemoteKv { params: p })
 }
 
 /// Waits (bounded) until every block of `e` is free again.
@@ -72,11 +102,10 @@ fn producer() -> (Engine, Fingerprint, String) {
 }
 
 #[test]
-fn pulled_over_tcp_equals_colocated() {
-    let (m, sha) = model();
-    let (p, _, addr) = producer();
-    let d = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
-    let d_fp = Fingerprint::new(&sha, &m.config, &d.kv_layout());
+fn loaded_over_tcp_equals_colocated() {
+    let (m, _) = model();
+    let (p, fp, addr) = producer();
+    let d = consumer(fp);
     let colo = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
     let params = SamplingParams {
         ignore_eos: true,
@@ -91,28 +120,46 @@ fn pulled_over_tcp_equals_colocated() {
     {
         let prompt = m.tokenizer.encode(text).expect("encode");
         let reference = run(&colo, "c", &prompt, &params, KvTransfer::None);
-        let id = format!("req-{i}");
-        let first = run(
-            &p,
-            &id,
-            &prompt,
-            &SamplingParams {
-                max_tokens: 1,
-                ..params.clone()
-            },
-            KvTransfer::Hold,
-        );
-        let kv = pull(&addr, &d_fp, &id).expect("pull");
-        assert_eq!(kv.generated, first);
-        let got = run(&d, &id, &prompt, &params, KvTransfer::Import(Box::new(kv)));
-        assert_eq!(got, reference);
+        for with_first in [true, false] {
+            let id = format!("req-{i}-{with_first}");
+            let first = run(
+                &p,
+                &id,
+                &prompt,
+                &SamplingParams {
+                    max_tokens: 1,
+                    ..params.clone()
+                },
+                KvTransfer::Hold,
+            );
+            assert_eq!(first, reference[..1]);
+            let kv = remote(&addr, &id, with_first.then_some(&first[..]));
+            let before = d.stats().prompt_tokens_computed;
+            let got = run(&d, &id, &prompt, &params, kv);
+            assert_eq!(got, reference);
+            // Without the first token (vLLM's contract) the last prompt position is recomputed.
+            assert_eq!(
+                d.stats().prompt_tokens_computed - before,
+                u64::from(!with_first)
+            );
+        }
     }
-    assert_eq!(d.stats().prompt_tokens_computed, 0);
-    // Pulled blocks were freed on the producer; a second pull of the same id is refused.
-    assert_eq!(p.stats().free_blocks, p.stats().total_blocks);
-    assert!(
-        matches!(pull(&addr, &d_fp, "req-0"), Err(KvError::Peer(m)) if m.contains("no KV held"))
-    );
+    // Loaded blocks were freed on the producer; a second load of the same id is refused.
+    assert!(all_free(&p));
+    let prompt = m
+        .tokenizer
+        .encode("The capital of France is")
+        .expect("encode");
+    let err = try_run(
+        &d,
+        "again",
+        &prompt,
+        &params,
+        remote(&addr, "req-0-true", None),
+    )
+    .expect_err("nothing held");
+    assert!(err.to_string().contains("no KV held"), "{err}");
+    assert!(all_free(&d));
 }
 
 #[test]
@@ -150,16 +197,31 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
             },
         ),
     ] {
-        match pull(&addr, &theirs, "held") {
-            Err(KvError::Handshake(HandshakeError::Mismatch { field: f, .. })) => {
-                assert_eq!(f, field)
-            }
-            other => panic!("expected a refusal naming {field}, got {other:?}"),
-        }
+        let d = consumer(theirs);
+        let err = try_run(
+            &d,
+            "r",
+            &prompt,
+            &SamplingParams::greedy(4),
+            remote(&addr, "held", None),
+        )
+        .expect_err("refused");
+        assert!(
+            err.to_string().contains(&format!("{field} differs")),
+            "{field}: {err}"
+        );
+        assert!(all_free(&d), "the consumer freed the blocks it had lent");
     }
     // The KV is still held (nothing crossed) and can be taken by a matching peer.
     assert!(p.stats().free_blocks < p.stats().total_blocks);
-    let kv = pull(&addr, &fp, "held").expect("matching peer");
-    assert_eq!(kv.n_tokens, prompt.len());
+    let d = consumer(fp);
+    let got = run(
+        &d,
+        "r",
+        &prompt,
+        &SamplingParams::greedy(4),
+        remote(&addr, "held", None),
+    );
+    assert_eq!(got.len(), 4);
     assert!(all_free(&p));
 }

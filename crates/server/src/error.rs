@@ -119,6 +119,7 @@ impl From<EngineError> for ApiError {
             EngineError::DuplicateId(_) => ApiError::bad(e.to_string(), None),
             EngineError::NotFound(_) => ApiError::NotFound(e.to_string()),
             EngineError::NoFreeBlocks { .. } => ApiError::Unavailable(e.to_string()),
+            EngineError::KvTransfer(_) => ApiError::BadGateway(e.to_string()),
             EngineError::Stopped | EngineError::Internal(_) | EngineError::KvMismatch(_) => {
                 ApiError::Internal(e.to_string())
             }

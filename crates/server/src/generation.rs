@@ -263,7 +263,12 @@ pub async fn collect(
             }
             Out::Done(i, f) => {
                 if let Some(e) = &f.error {
-                    return Err(ApiError::Internal(e.to_string()));
+                    return Err(match e {
+                        splitserve_engine::EngineError::KvTransfer(_) => {
+                            ApiError::BadGateway(e.to_string())
+                        }
+                        _ => ApiError::Internal(e.to_string()),
+                    });
                 }
                 choices[i].finish = Some(f);
             }

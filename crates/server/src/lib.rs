@@ -18,9 +18,10 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model, RemoteKv};
 use splitserve_kv::Fingerprint;
 
 pub use admin::{admin_router, serve_admin};
@@ -69,7 +70,16 @@ impl AppState {
     ) -> Result<Self, splitserve_engine::EngineError> {
         let metrics = Arc::new(Metrics::new());
         let m = metrics.clone();
-        let engine = Engine::start(model, cfg, Some(Arc::new(move |s| m.observe_step(s))))?;
+        let connector = pd
+            .as_ref()
+            .filter(|p| p.config.kv_role.consumes())
+            .map(|p| pd::connector(p, &metrics));
+        let engine = Engine::start_with(
+            model,
+            cfg,
+            Some(Arc::new(move |s| m.observe_step(s))),
+            connector,
+        )?;
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
@@ -360,24 +370,34 @@ async fn run(
         logprobs: params.logprobs.is_some(),
         extra: None,
     };
+    let consume = matches!(plan, pd::Plan::Consume(_));
     let kv = match plan {
         pd::Plan::Local => KvTransfer::None,
         pd::Plan::Produce => KvTransfer::Hold,
-        pd::Plan::Consume(remote) => {
-            // Refuse a bad request before any KV moves.
-            engine.validate(&jobs[0].ids, &params)?;
-            let pdc = state
-                .0
-                .pd
-                .as_ref()
-                .ok_or_else(|| ApiError::Internal("no KV role".into()))?;
-            let kv = pd::pull(state, pdc, remote, &id).await?;
-            // Pulled: the producer has freed its blocks.
-            release.disarm();
-            KvTransfer::Import(Box::new(kv))
-        }
+        pd::Plan::Consume(_) => KvTransfer::Remote(RemoteKv {
+            params: common.kv_transfer_params.clone().unwrap_or_default(),
+        }),
     };
-    let events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv)?;
+    let mut events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv)?;
+    // Submitted: from here the engine's connector releases the hold if the load never runs.
+    release.disarm();
+    if consume {
+        // The KV loads inside the engine (WAITING_FOR_REMOTE_KVS); a failed load must still
+        // be a 502 before the first byte, so wait for the first event.
+        let first = events.next().await;
+        if let Some(generation::Out::Done(_, f)) = &first {
+            if let Some(e) = &f.error {
+                return Err(ApiError::from(e.clone()));
+            }
+        }
+        let events = futures_util::stream::iter(first).chain(events);
+        return if common.stream {
+            Ok(generation::stream_sse(engine.clone(), spec, jobs, events).into_response())
+        } else {
+            let v = generation::collect(engine, &spec, &jobs, events).await?;
+            Ok(Json(v).into_response())
+        };
+    }
     if produce {
         // If the caller goes away before the answer is built, nobody will pull this KV.
         let engine_id = generation::engine_id(&id, 0);

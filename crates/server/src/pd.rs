@@ -4,21 +4,22 @@
 //! Producer, given `{"do_remote_decode": true}`: prefills, samples the first token, holds the
 //! prompt's blocks and answers with `{"do_remote_prefill": true, "remote_engine_id",
 //! "remote_request_id", "remote_block_ids", "remote_host", "remote_port", "first_token_ids",
-//! "fingerprint"}`. Consumer, given those: pulls the KV over the side channel (off the engine
-//! thread, so running requests keep decoding), then decodes from it. Without
+//! "fingerprint"}`. Consumer, given those: submits the request with them; its engine's
+//! `TcpConnector` loads the KV into the request's blocks (WAITING_FOR_REMOTE_KVS, off the
+//! engine thread, so running requests keep decoding), then it decodes from there. Without
 //! `first_token_ids` (a proxy that only knows vLLM's fields) the consumer recomputes the last
 //! prompt position itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Value};
-use splitserve_engine::KvImport;
-use splitserve_kv::tcp::{self, KvError};
-use splitserve_kv::{Fingerprint, KvTransferConfig};
+use splitserve_engine::KvConnector;
+use splitserve_kv::tcp;
+use splitserve_kv::{Fingerprint, KvTransferConfig, LoadReport, TcpConnector};
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::AppState;
 
 /// A server's part in a disaggregated pair.
@@ -42,7 +43,6 @@ pub(crate) enum Plan {
 pub(crate) struct Remote {
     addr: String,
     request_id: String,
-    first_tokens: Option<Vec<u32>>,
 }
 
 fn flag(p: &Value, name: &str) -> bool {
@@ -129,15 +129,14 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
             Some("kv_transfer_params"),
         )
     })?;
-    let first_tokens = match p.get("first_token_ids") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(serde_json::from_value::<Vec<u32>>(v.clone()).map_err(|_| {
+    if let Some(v) = p.get("first_token_ids").filter(|v| !v.is_null()) {
+        serde_json::from_value::<Vec<u32>>(v.clone()).map_err(|_| {
             ApiError::bad(
                 "kv_transfer_params.first_token_ids must be a list of token ids",
                 Some("kv_transfer_params"),
             )
-        })?),
-    };
+        })?;
+    }
     let addr = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -146,7 +145,6 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
     Ok(Plan::Consume(Remote {
         addr,
         request_id: request_id.to_string(),
-        first_tokens,
     }))
 }
 
@@ -171,58 +169,35 @@ pub(crate) fn produced_params(pd: &PdConfig, request_id: &str, first: &[u32]) ->
     })
 }
 
-/// Pulls a request's KV from its producer, off the async runtime's threads.
-pub(crate) async fn pull(
-    state: &AppState,
-    pd: &PdConfig,
-    remote: Remote,
-    our_id: &str,
-) -> Result<KvImport, ApiError> {
-    let metrics = state.metrics().clone();
-    metrics.kv_transfers_in_flight.inc();
-    let t0 = Instant::now();
-    let fp = pd.fingerprint.clone();
-    let (addr, rid) = (remote.addr.clone(), remote.request_id.clone());
-    let r = tokio::task::spawn_blocking(move || tcp::pull(&addr, &fp, &rid)).await;
-    metrics.kv_transfers_in_flight.dec();
-    let mut kv = match r {
-        Ok(Ok(kv)) => kv,
-        Ok(Err(e @ KvError::Handshake(_))) => {
-            return Err(ApiError::BadGateway(format!(
-                "KV transfer from {} refused: {e}",
-                remote.addr
-            )))
+/// The consumer's connector, its loads counted in `metrics` and logged.
+pub(crate) fn connector(pd: &PdConfig, metrics: &Arc<Metrics>) -> Arc<dyn KvConnector> {
+    let m = metrics.clone();
+    let on_start: Arc<dyn Fn() + Send + Sync> = Arc::new(move || m.kv_transfers_in_flight.inc());
+    let m = metrics.clone();
+    let observer: splitserve_kv::connector::LoadObserver = Arc::new(move |r: &LoadReport| {
+        m.kv_transfers_in_flight.dec();
+        match &r.error {
+            None => {
+                m.kv_bytes_received.inc_by(r.bytes);
+                m.kv_transfer.observe(r.took.as_secs_f64());
+                tracing::info!(
+                    "received KV for request {}: {} blocks ({:.2} MiB) in {:.1} ms",
+                    r.request_id,
+                    r.blocks,
+                    r.bytes as f64 / (1 << 20) as f64,
+                    r.took.as_secs_f64() * 1e3
+                );
+            }
+            Some(e) => {
+                tracing::warn!(id = %r.request_id, producer = %r.producer, error = %e, "KV load failed")
+            }
         }
-        Ok(Err(e)) => {
-            return Err(ApiError::BadGateway(format!(
-                "KV transfer of request {} from {} failed: {e}",
-                remote.request_id, remote.addr
-            )))
-        }
-        Err(e) => return Err(ApiError::Internal(format!("KV pull task: {e}"))),
-    };
-    let took = t0.elapsed();
-    let bytes: usize = kv.layers.iter().map(Vec::len).sum();
-    metrics.kv_bytes_received.inc_by(bytes as u64);
-    metrics.kv_transfer.observe(took.as_secs_f64());
-    let blocks = kv.n_tokens.div_ceil(kv.layout.block_size.max(1));
-    tracing::info!(
-        "received KV for request {our_id}: {blocks} blocks ({:.2} MiB) in {:.1} ms",
-        bytes as f64 / (1 << 20) as f64,
-        took.as_secs_f64() * 1e3
-    );
-    match remote.first_tokens {
-        // vLLM's contract: no first token travels; the last prompt position is recomputed.
-        None => kv.generated.clear(),
-        Some(f) if f != kv.generated => {
-            return Err(ApiError::BadGateway(format!(
-                "producer's first tokens {f:?} differ from the KV's {:?}",
-                kv.generated
-            )))
-        }
-        Some(_) => {}
-    }
-    Ok(kv)
+    });
+    Arc::new(TcpConnector::new(
+        pd.fingerprint.clone(),
+        Some(on_start),
+        Some(observer),
+    ))
 }
 
 /// Tells the producer, in the background, to free KV it holds for a request we dropped.

@@ -262,6 +262,13 @@ impl Core {
         let mut v: Vec<RequestInfo> = self.running.iter().map(|s| info(s, "running")).collect();
         v.extend(self.waiting.iter().map(|s| info(s, "waiting")));
         v.extend(self.parked.values().map(|(s, _)| info(s, "parked")));
+        v.extend(
+            self.remote_waiting
+                .iter()
+                .map(|(s, _)| s)
+                .chain(self.loading.values().map(|(s, _)| s))
+                .map(|s| info(s, "waiting_for_remote_kvs")),
+        );
         v
     }
 }

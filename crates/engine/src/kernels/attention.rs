@@ -51,7 +51,7 @@ pub(crate) fn attend_row(
     s.l.clear();
     s.l.resize(n_head, 0.0);
     out.fill(0.0);
-    let (kr, vr): (&Region, &Region) = (&cache.k[layer], &cache.v[layer]);
+    let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
     for (bi, &blk) in table.iter().enumerate() {
         let start = bi * bs;
         if start >= n_ctx {

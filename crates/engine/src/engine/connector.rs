@@ -1,0 +1,186 @@
+//! The KV connector as the engine reaches it (DESIGN.md): one trait, two sides.
+//!
+//! Scheduler side ([`KvConnector`]): how many prompt tokens of a request can be had
+//! remotely; once blocks are allocated for them, start loading into those blocks; release a
+//! remote hold the request will never read. Worker side (the connector's own threads): a
+//! [`LoadTarget`] lends the allocated blocks to the connector, which writes each layer
+//! straight into them as it arrives and then reports the load finished; a [`HeldKv`] lends a
+//! finished request's held blocks to a reader on the producer, and giving it back frees them.
+//!
+//! While a lease is out the engine does not touch its blocks; it keeps stepping its other
+//! requests (the waiting request's state is WAITING_FOR_REMOTE_KVS).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::Command;
+use crate::kv_cache::{KvLayout, Memory};
+use crate::sampler::Sampler;
+
+/// Where a request's prompt KV waits (the `kv_transfer_params` its producer answered with);
+/// opaque to the engine, read by the connector.
+#[derive(Debug, Clone)]
+pub struct RemoteKv {
+    pub params: serde_json::Value,
+}
+
+/// What a finished load brings besides KV: tokens the producer already sampled and its
+/// sampler after them (none: the engine computes the last prompt position itself).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFirst {
+    pub generated: Vec<u32>,
+    pub sampler: Option<Sampler>,
+}
+
+/// The scheduler side of a KV connector.
+pub trait KvConnector: Send + Sync {
+    /// Prompt tokens of a `prompt_len`-token request whose KV can be loaded from `remote`
+    /// (0: none; the engine computes the rest itself).
+    fn remote_tokens(&self, remote: &RemoteKv, prompt_len: usize) -> usize;
+    /// Blocks for those tokens are allocated: load into them, off the engine thread, and
+    /// end with [`LoadTarget::finish`] (dropping the target fails the load).
+    fn start_load(&self, remote: RemoteKv, target: LoadTarget);
+    /// The request ended before its KV was loaded: the remote side may free it.
+    fn release(&self, remote: RemoteKv);
+}
+
+/// Blocks lent out of the engine; they go back through the engine's command channel.
+struct Lease {
+    mem: Arc<Memory>,
+    blocks: Vec<u32>,
+    id: String,
+    back: mpsc::Sender<Command>,
+}
+
+/// The blocks allocated for a request's remote KV, lent to the connector to write into.
+pub struct LoadTarget {
+    lease: Lease,
+    n_tokens: usize,
+    done: bool,
+}
+
+impl LoadTarget {
+    pub(super) fn new(
+        mem: Arc<Memory>,
+        blocks: Vec<u32>,
+        id: String,
+        n_tokens: usize,
+        back: mpsc::Sender<Command>,
+    ) -> Self {
+        Self {
+            lease: Lease {
+                mem,
+                blocks,
+                id,
+                back,
+            },
+            n_tokens,
+            done: false,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.lease.id
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.lease.mem.layout
+    }
+
+    /// Tokens whose KV is to be loaded.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.lease.blocks.len()
+    }
+
+    /// The K bytes and the V bytes of block `i` (position order) in `layer`, to fill.
+    pub fn block_mut(&mut self, layer: usize, i: usize) -> [&mut [u8]; 2] {
+        let b = self.lease.blocks[i];
+        // SAFETY: the block is lent to this target alone (the engine keeps away until the
+        // lease returns), and `&mut self` keeps a second borrow through it out.
+        unsafe { self.lease.mem.block_mut(layer, b) }
+    }
+
+    /// Ends the load: the request continues (`Ok`) or fails with the message (`Err`).
+    pub fn finish(mut self, result: Result<RemoteFirst, String>) {
+        self.done = true;
+        self.send(result);
+    }
+
+    fn send(&mut self, result: Result<RemoteFirst, String>) {
+        let _ = self.lease.back.send(Command::Loaded {
+            id: self.lease.id.clone(),
+            blocks: std::mem::take(&mut self.lease.blocks),
+            result: Box::new(result),
+        });
+    }
+}
+
+impl Drop for LoadTarget {
+    fn drop(&mut self) {
+        if !self.done {
+            self.send(Err("the connector abandoned the load".into()));
+        }
+    }
+}
+
+/// A finished request's held KV, lent to a reader (the producer's side channel). Dropping
+/// it frees the blocks.
+pub struct HeldKv {
+    lease: Lease,
+    pub n_tokens: usize,
+    pub generated: Vec<u32>,
+    pub sampler: Sampler,
+}
+
+impl HeldKv {
+    pub(super) fn new(
+        mem: Arc<Memory>,
+        blocks: Vec<u32>,
+        id: String,
+        back: mpsc::Sender<Command>,
+        n_tokens: usize,
+        generated: Vec<u32>,
+        sampler: Sampler,
+    ) -> Self {
+        Self {
+            lease: Lease {
+                mem,
+                blocks,
+                id,
+                back,
+            },
+            n_tokens,
+            generated,
+            sampler,
+        }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.lease.mem.layout
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.lease.blocks.len()
+    }
+
+    /// The K bytes and the V bytes of block `i` (position order) in `layer`.
+    pub fn block(&self, layer: usize, i: usize) -> [&[u8]; 2] {
+        let b = self.lease.blocks[i];
+        // SAFETY: held blocks are written by nobody: the request finished, and the engine
+        // keeps away from lent blocks until they come back.
+        unsafe { self.lease.mem.block(layer, b) }
+    }
+}
+
+impl Drop for HeldKv {
+    fn drop(&mut self) {
+        let _ = self.lease.back.send(Command::Returned(
+            self.lease.id.clone(),
+            std::mem::take(&mut self.lease.blocks),
+        ));
+    }
+}

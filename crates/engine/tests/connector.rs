@@ -1,0 +1,212 @@
+//! The engine's side of the KV connector, driven by a connector whose loads end when the
+//! test says so. A request waiting for remote KV (WAITING_FOR_REMOTE_KVS) has its blocks
+//! allocated and lent while the engine keeps stepping other requests; once its KV is in,
+//! it continues token-identically to a colocated run; a failed load ends it with the
+//! connector's error; an abort during a load frees the blocks when the load ends.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::collect;
+use splitserve_engine::{
+    Engine, EngineConfig, EngineError, Event, FinishReason, KvConnector, KvImport, KvTransfer,
+    LoadTarget, RemoteFirst, RemoteKv, Request, SamplingParams,
+};
+
+#[derive(Default)]
+struct Manual {
+    loads: Mutex<Vec<LoadTarget>>,
+}
+
+impl KvConnector for Manual {
+    fn remote_tokens(&self, _: &RemoteKv, prompt_len: usize) -> usize {
+        prompt_len
+    }
+    fn start_load(&self, _: RemoteKv, target: LoadTarget) {
+        self.loads.lock().expect("lock").push(target);
+    }
+    fn release(&self, _: RemoteKv) {}
+}
+
+impl Manual {
+    /// Waits (bounded) for the engine to start a load, and takes it.
+    fn next_load(&self) -> LoadTarget {
+        for _ in 0..1000 {
+            if let Some(t) = self.loads.lock().expect("lock").pop() {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no load started");
+    }
+}
+
+fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer) -> Request {
+    Request {
+        id: id.into(),
+        prompt: prompt.to_vec(),
+        params: params.clone(),
+        return_logits: true,
+        kv,
+    }
+}
+
+fn remote() -> KvTransfer {
+    KvTransfer::Remote(RemoteKv {
+        params: serde_json::json!({}),
+    })
+}
+
+/// Writes a producer's exported KV into the lent blocks, as a transport would.
+fn fill(target: &mut LoadTarget, kv: &KvImport) {
+    let lay = target.layout();
+    let per_block = lay.block_values() * 2 * lay.dtype.bytes();
+    for (layer, bytes) in kv.layers.iter().enumerate() {
+        for i in 0..target.n_blocks() {
+            let src = &bytes[i * per_block..(i + 1) * per_block];
+            let [k, v] = target.block_mut(layer, i);
+            let half = k.len();
+            k.copy_from_slice(&src[..half]);
+            v.copy_from_slice(&src[half..]);
+        }
+    }
+}
+
+#[test]
+fn loads_run_beside_decoding_and_continue_identically() {
+    let m = common::real_model();
+    let prompt = m
+        .tokenizer
+        .encode("A remote prefill computed this prompt's KV on another engine.")
+        .expect("encode");
+    let params = SamplingParams {
+        ignore_eos: true,
+        temperature: 0.8,
+        seed: Some(9),
+        ..SamplingParams::greedy(24)
+    };
+    let colo = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    let reference = collect(
+        colo.submit(request("c", &prompt, &params, KvTransfer::None))
+            .expect("submit"),
+    );
+    let p = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    let first = collect(
+        p.submit(request(
+            "r",
+            &prompt,
+            &SamplingParams {
+                max_tokens: 1,
+                ..params.clone()
+            },
+            KvTransfer::Hold,
+        ))
+        .expect("submit"),
+    );
+    let kv = p.export_held("r").expect("held");
+
+    let conn = Arc::new(Manual::default());
+    let d = Engine::start_with(
+        m.clone(),
+        EngineConfig::default(),
+        None,
+        Some(conn.clone() as Arc<dyn KvConnector>),
+    )
+    .expect("engine");
+    let total = d.stats().total_blocks;
+    let mut rx = d
+        .submit(request("r", &prompt, &params, remote()))
+        .expect("submit");
+    let mut target = conn.next_load();
+    assert_eq!(target.n_tokens(), prompt.len());
+    assert_eq!(target.n_blocks(), prompt.len().div_ceil(16));
+    let s = d.stats();
+    assert_eq!(s.free_blocks, total - target.n_blocks(), "blocks lent");
+    assert_eq!((s.waiting, s.running), (1, 0));
+
+    // While the load is out, another request runs start to finish.
+    let other = collect(
+        d.submit(request(
+            "o",
+            &prompt[..5],
+            &SamplingParams::greedy(12),
+            KvTransfer::None,
+        ))
+        .expect("submit"),
+    );
+    assert_eq!(other.tokens.len(), 12);
+    assert!(
+        rx.try_recv().is_err(),
+        "nothing for the loading request yet"
+    );
+
+    fill(&mut target, &kv);
+    target.finish(Ok(RemoteFirst {
+        generated: first.tokens.clone(),
+        sampler: Some(kv.sampler.clone()),
+    }));
+    let got = collect(rx);
+    assert_eq!(got.tokens, reference.tokens);
+    assert_eq!(got.text, reference.text);
+    assert_eq!(
+        got.logit_hashes[..],
+        reference.logit_hashes[1..],
+        "logits bits of every token computed here"
+    );
+    let s = common::wait_all_free(&d);
+    assert_eq!(s.free_blocks, total);
+}
+
+#[test]
+fn failed_and_aborted_loads_free_their_blocks() {
+    let m = common::real_model();
+    let prompt = m.tokenizer.encode("Hello there, engine.").expect("encode");
+    let conn = Arc::new(Manual::default());
+    let d = Engine::start_with(
+        m.clone(),
+        EngineConfig::default(),
+        None,
+        Some(conn.clone() as Arc<dyn KvConnector>),
+    )
+    .expect("engine");
+    let params = SamplingParams::greedy(4);
+
+    // A failed load ends the request with the connector's message.
+    let mut rx = d
+        .submit(request("f", &prompt, &params, remote()))
+        .expect("submit");
+    conn.next_load()
+        .finish(Err("producer 127.0.0.1:1 went away".into()));
+    match rx.blocking_recv() {
+        Some(Event::Finished(f)) => {
+            assert_eq!(f.reason, FinishReason::Abort);
+            assert_eq!(
+                f.error,
+                Some(EngineError::KvTransfer(
+                    "producer 127.0.0.1:1 went away".into()
+                ))
+            );
+        }
+        other => panic!("expected the failure, got {other:?}"),
+    }
+    common::wait_all_free(&d);
+
+    // Aborted during its load: finished at once; blocks come back when the load ends.
+    let mut rx = d
+        .submit(request("a", &prompt, &params, remote()))
+        .expect("submit");
+    let target = conn.next_load();
+    d.abort("a");
+    match rx.blocking_recv() {
+        Some(Event::Finished(f)) => assert_eq!(f.reason, FinishReason::Abort),
+        other => panic!("expected the abort, got {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let s = d.stats();
+    assert!(s.free_blocks < s.total_blocks, "still lent");
+    drop(target);
+    let s = common::wait_all_free(&d);
+    assert_eq!(s.free_blocks, s.total_blocks);
+}
