@@ -119,3 +119,46 @@ pub fn timeline(
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)
 }
+
+/// Each series' (x, y) points joined by lines and marked, on linear axes from zero.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), BenchError> {
+    let pts = series.iter().flat_map(|(_, v)| v.iter().copied());
+    let (xmax, ymax) = pts.fold((0f64, 0f64), |(a, b), (x, y)| (a.max(x), b.max(y)));
+    if xmax <= 0.0 {
+        return Err(err("no data"));
+    }
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..xmax * 1.1, 0f64..(ymax * 1.2).max(1e-3))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(err)?;
+    for (i, (name, v)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(v.iter().copied(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(v.iter().map(|&p| Circle::new(p, 4, c.filled())))
+            .map_err(err)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(err)
+}

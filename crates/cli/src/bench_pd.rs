@@ -4,6 +4,10 @@
 //! prompts, long outputs, re-issued until the end) while big prompts arrive periodically.
 //! Reports decode-stream ITL and big-prompt TTFT side by side; writes JSON, a markdown table
 //! and two SVG plots.
+//!
+//! `--sweep RATES` runs the goodput sweep instead: each arm gets Poisson traffic at each
+//! request rate (low to saturation); per rate, the share of requests meeting both SLOs and
+//! goodput (DistServe); per arm, the highest rate at which at least 90 % meet them.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -64,6 +68,23 @@ pub struct BenchPdArgs {
     pub base_port: u16,
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Goodput sweep: request rates (req/s, Poisson) to offer each arm, e.g. 0.1,0.2,0.4.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<f64>,
+    /// Sweep: requests per rate.
+    #[arg(long)]
+    pub sweep_prompts: Option<usize>,
+    /// Sweep: prompt tokens of each request.
+    #[arg(long)]
+    pub sweep_input_len: Option<usize>,
+    /// Sweep: output tokens of each request.
+    #[arg(long)]
+    pub sweep_output_len: Option<usize>,
+    /// Sweep SLOs: time to first token and mean inter-token latency.
+    #[arg(long, default_value_t = 3000.0)]
+    pub slo_ttft_ms: f64,
+    #[arg(long, default_value_t = 100.0)]
+    pub slo_itl_ms: f64,
 }
 
 #[derive(Clone, serde::Serialize)]
@@ -141,7 +162,15 @@ struct ArmResult {
     wall_s: f64,
 }
 
-async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<ArmResult> {
+/// A started arm: its process (killed on drop), URL, client and served model name.
+struct Arm {
+    _child: Kill,
+    url: String,
+    client: reqwest::Client,
+    name: String,
+}
+
+async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<Arm> {
     let exe = std::env::current_exe()?;
     let port = a.base_port;
     let mut cmd = Command::new(&exe);
@@ -179,6 +208,21 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
         .build()?;
     wait_ready(&client, &url, &mut child).await?;
     let name = served_model(&client, &url).await?;
+    Ok(Arm {
+        _child: child,
+        url,
+        client,
+        name,
+    })
+}
+
+async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<ArmResult> {
+    let started = start_arm(a, s, arm, model).await?;
+    let (url, client, name) = (
+        started.url.clone(),
+        started.client.clone(),
+        started.name.clone(),
+    );
     eprintln!(
         "[{arm}] ready; {} streams, {} big prompts of {} tokens every {} s",
         s.streams, s.big_prompts, s.big_prompt_tokens, s.big_interval_s
@@ -309,6 +353,9 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
+    if !a.sweep.is_empty() {
+        return rt.block_on(sweep(&a, &s, &model));
+    }
     let mut arms = Vec::new();
     for arm in &a.arms {
         arms.push(rt.block_on(run_arm(&a, &s, arm, &model))?);
@@ -388,6 +435,118 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     print!("{md}");
     println!(
         "wrote {}/{{pd.json,pd.md,itl_cdf.svg,itl_timeline.svg}}",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// The goodput sweep: every arm at every rate, one table, one JSON, one plot.
+async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
+    anyhow::ensure!(
+        a.sweep.iter().all(|r| r.is_finite() && *r > 0.0),
+        "--sweep rates must be positive numbers"
+    );
+    let q = a.quick;
+    let prompts = a.sweep_prompts.unwrap_or(if q { 6 } else { 24 });
+    let input_len = a.sweep_input_len.unwrap_or(if q { 48 } else { 256 });
+    let output_len = a.sweep_output_len.unwrap_or(if q { 8 } else { 64 });
+    let mut arms_json = Vec::new();
+    let mut curves = Vec::new();
+    let mut md = format!(
+        "Goodput sweep: {prompts} requests per rate ({input_len}-token prompts, {output_len} output tokens, Poisson arrivals); SLO TTFT <= {} ms and mean ITL <= {} ms; threads: colocated {}, pair {}.\n\n| arm | rate req/s | SLO met | goodput req/s | TTFT p50 ms | TTFT p99 | ITL p50 ms | ITL p99 | ok/failed |\n|---|---|---|---|---|---|---|---|---|\n",
+        a.slo_ttft_ms, a.slo_itl_ms, s.threads, s.pair_threads
+    );
+    for arm in &a.arms {
+        let started = start_arm(a, s, arm, model).await?;
+        let mut points = Vec::new();
+        for (k, &rate) in a.sweep.iter().enumerate() {
+            let args = splitserve_bench::load::ServeBenchArgs {
+                base_url: started.url.clone(),
+                model: Some(started.name.clone()),
+                dataset: "random".into(),
+                num_prompts: prompts,
+                input_len,
+                output_len,
+                range_ratio: 0.0,
+                request_rate: rate.to_string(),
+                max_concurrency: None,
+                seed: k as u64,
+                slo_ttft_ms: a.slo_ttft_ms,
+                slo_itl_ms: a.slo_itl_ms,
+                result_json: None,
+                timeout_s: 900.0,
+                no_progress: false,
+            };
+            eprintln!("[{arm}] {rate} req/s");
+            let r = splitserve_bench::load::run(&args, Value::Null).await?;
+            md.push_str(&format!(
+                "| {arm} | {rate} | {:.0}% | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {}/{} |\n",
+                r.slo_attainment * 100.0,
+                r.goodput,
+                r.ttft_ms.p50,
+                r.ttft_ms.p99,
+                r.itl_ms.p50,
+                r.itl_ms.p99,
+                r.completed,
+                r.failed
+            ));
+            points.push(json!({
+                "rate": rate, "slo_attainment": r.slo_attainment, "goodput": r.goodput,
+                "completed": r.completed, "failed": r.failed, "duration_s": r.duration_s,
+                "ttft_ms": r.ttft_ms, "itl_ms": r.itl_ms, "e2e_ms": r.e2e_ms,
+            }));
+        }
+        drop(started);
+        // DistServe's figure: the highest offered rate at which 90 % meet both SLOs.
+        let best = points
+            .iter()
+            .filter(|p| p["slo_attainment"].as_f64().unwrap_or(0.0) >= 0.9)
+            .filter_map(|p| p["rate"].as_f64())
+            .fold(0.0, f64::max);
+        curves.push((
+            arm.clone(),
+            points
+                .iter()
+                .map(|p| (f(p, "rate"), f(p, "goodput")))
+                .collect::<Vec<_>>(),
+        ));
+        arms_json.push(json!({"arm": arm, "max_rate_90pct": best, "points": points}));
+    }
+    md.push('\n');
+    for j in &arms_json {
+        md.push_str(&format!(
+            "{}: highest rate with >= 90% meeting the SLOs: {} req/s\n",
+            j["arm"].as_str().unwrap_or(""),
+            j["max_rate_90pct"]
+        ));
+    }
+    let report = json!({
+        "settings": {"threads": s.threads, "pair_threads": s.pair_threads,
+            "disagg_threshold": s.disagg_threshold, "rates": a.sweep, "prompts": prompts,
+            "input_len": input_len, "output_len": output_len,
+            "slo_ttft_ms": a.slo_ttft_ms, "slo_itl_ms": a.slo_itl_ms},
+        "arms": arms_json,
+    });
+    std::fs::write(
+        a.out.join("sweep.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(a.out.join("sweep.md"), &md)?;
+    if let Err(e) = splitserve_bench::plot::lines(
+        &a.out.join("goodput.svg"),
+        &format!(
+            "Goodput (TTFT <= {} ms, ITL <= {} ms) vs offered rate",
+            a.slo_ttft_ms, a.slo_itl_ms
+        ),
+        "offered request rate (req/s)",
+        "goodput (req/s meeting both SLOs)",
+        &curves,
+    ) {
+        eprintln!("no goodput plot: {e}");
+    }
+    print!("{md}");
+    println!(
+        "wrote {}/{{sweep.json,sweep.md,goodput.svg}}",
         a.out.display()
     );
     Ok(())

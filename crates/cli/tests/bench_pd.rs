@@ -77,3 +77,53 @@ fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn bench_pd_sweep_offers_every_rate_to_both_arms() {
+    let out = std::env::temp_dir().join(format!("splitserve-sweep-{}", std::process::id()));
+    let base = common::free_port().saturating_sub(80).max(20000);
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(["bench", "pd", "--quick", "--sweep", "1,4"])
+        .args(["--sweep-prompts", "4", "--sweep-input-len", "24"])
+        .args(["--sweep-output-len", "6"])
+        .args([
+            "--base-port",
+            &base.to_string(),
+            "--model",
+            &common::model(),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .status()
+        .expect("run bench pd --sweep");
+    assert!(st.success());
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).expect("json"))
+            .expect("json");
+    assert_eq!(v["settings"]["rates"], serde_json::json!([1.0, 4.0]));
+    let arms = v["arms"].as_array().expect("arms");
+    let names: Vec<&str> = arms.iter().filter_map(|a| a["arm"].as_str()).collect();
+    assert_eq!(names, ["colocated", "disaggregated"]);
+    for a in arms {
+        let points = a["points"].as_array().expect("points");
+        assert_eq!(points.len(), 2);
+        for (p, rate) in points.iter().zip([1.0, 4.0]) {
+            assert_eq!(p["rate"], rate);
+            assert_eq!(p["completed"], 4, "{p}");
+            assert_eq!(p["failed"], 0, "{p}");
+            let share = p["slo_attainment"].as_f64().expect("share");
+            assert!((0.0..=1.0).contains(&share));
+            // Goodput counts whole requests: share × completed / duration.
+            let dur = p["duration_s"].as_f64().expect("duration");
+            let gp = p["goodput"].as_f64().expect("goodput");
+            assert!((gp - share * 4.0 / dur).abs() < 1e-9, "{p}");
+        }
+        assert!(a["max_rate_90pct"].as_f64().is_some());
+    }
+    let svg = std::fs::read_to_string(out.join("goodput.svg")).expect("plot");
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    let md = std::fs::read_to_string(out.join("sweep.md")).expect("md");
+    assert!(md.contains("| disaggregated | 4 |"), "{md}");
+    let _ = std::fs::remove_dir_all(&out);
+}
