@@ -118,6 +118,8 @@ fn serve_one(
     fp: &Fingerprint,
 ) -> Result<u64, KvError> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    // A peer that stops reading must not keep lent blocks forever.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_nodelay(true);
     hello(s, addr, fp)?;
     let id = match read_frame(s, addr)? {
@@ -182,6 +184,8 @@ fn connect(addr: &str, fingerprint: &Fingerprint) -> Result<TcpStream, KvError> 
         .ok_or_else(|| KvError::Protocol(format!("{addr} resolves to nothing")))?;
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(io(addr))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    // A peer that stops reading must not keep lent blocks forever.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_nodelay(true);
     hello(&mut s, addr, fingerprint)?;
     Ok(s)

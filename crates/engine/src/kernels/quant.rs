@@ -265,9 +265,11 @@ impl QMatrix {
                 }
                 return;
             }
-            for r in r0..r1 {
-                for b0 in (0..batch).step_by(8) {
-                    let n = (batch - b0).min(8);
+            // Activation groups outside, weight rows inside: a group of 8 quantized rows
+            // stays in L1 while this task's weight rows stream past it.
+            for b0 in (0..batch).step_by(8) {
+                let n = (batch - b0).min(8);
+                for r in r0..r1 {
                     match self.kind {
                         QKind::F32 => {
                             let wf = self.row_f32(r);
