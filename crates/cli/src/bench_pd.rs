@@ -68,6 +68,9 @@ pub struct BenchPdArgs {
     pub base_port: u16,
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Extra flags for every engine of both arms (e.g. "--long-prefill-token-threshold 128").
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_args: Option<String>,
     /// Goodput sweep: request rates (req/s, Poisson) to offer each arm, e.g. 0.1,0.2,0.4.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<f64>,
@@ -178,6 +181,9 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
         "colocated" => {
             cmd.args(["serve", "--model", model, "--port", &port.to_string()])
                 .args(["--threads", &s.threads.to_string()]);
+            if let Some(x) = &a.serve_args {
+                cmd.args(x.split_whitespace());
+            }
         }
         "disaggregated" => {
             cmd.args(["up", "--model", model, "--port", &port.to_string()])
@@ -191,6 +197,9 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             }
             if let Some(t) = a.decode_threads {
                 cmd.args(["--decode-threads", &t.to_string()]);
+            }
+            if let Some(x) = &a.serve_args {
+                cmd.args(["--serve-args", x]);
             }
         }
         other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
@@ -363,8 +372,8 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
     md.push_str(&format!(
-        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given).\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}.\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads, s.disagg_threshold, a.serve_args.as_deref().unwrap_or("")
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {

@@ -35,6 +35,10 @@ pub struct EngineArgs {
     /// Split long prompts into chunks of the step budget.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enable_chunked_prefill: bool,
+    /// A prompt with more tokens left than this gets at most this many per step, so short
+    /// prompts are not stuck behind it (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    pub long_prefill_token_threshold: usize,
     /// KV cache storage type: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
@@ -55,6 +59,7 @@ impl EngineArgs {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_chunked_prefill: self.enable_chunked_prefill,
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
             max_model_len: self.max_model_len,
             max_waiting: self.max_waiting_requests,
             threads: self.threads,

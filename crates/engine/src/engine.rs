@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub enable_chunked_prefill: bool,
+    /// Cap per step on the chunk of a prompt longer than this (0: none).
+    pub long_prefill_token_threshold: usize,
     /// `None`: the model's context length, capped by the pool's capacity.
     pub max_model_len: Option<usize>,
     /// Requests allowed to wait before new ones are refused as overloaded.
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             max_num_seqs: 16,
             max_num_batched_tokens: 512,
             enable_chunked_prefill: true,
+            long_prefill_token_threshold: 0,
             max_model_len: None,
             max_waiting: 256,
             threads: None,
@@ -366,6 +369,7 @@ impl Engine {
                 max_num_seqs: cfg.max_num_seqs,
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 enable_chunked_prefill: cfg.enable_chunked_prefill,
+                long_prefill_token_threshold: cfg.long_prefill_token_threshold,
                 block_size: cfg.block_size,
             },
             running: Vec::new(),

@@ -37,6 +37,22 @@ pub(crate) struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub enable_chunked_prefill: bool,
     pub block_size: usize,
+    /// With chunked prefill, a prompt with more than this many tokens left gets at most
+    /// this many per step, so shorter prompts share the step (vLLM's
+    /// `--long-prefill-token-threshold`); 0: no cap.
+    pub long_prefill_token_threshold: usize,
+}
+
+impl SchedulerConfig {
+    /// Tokens of a request with `remaining` uncomputed tokens in a step with `budget` left.
+    fn chunk(&self, remaining: usize, budget: usize) -> usize {
+        let t = self.long_prefill_token_threshold;
+        if t > 0 && remaining > t {
+            t.min(budget)
+        } else {
+            remaining.min(budget)
+        }
+    }
 }
 
 /// The plan of one step: indices into `running` with the number of tokens to compute.
@@ -60,7 +76,7 @@ pub(crate) fn schedule<S: Schedulable>(
         let (total, done) = (running[i].num_tokens(), running[i].num_computed());
         let remaining = total - done;
         let n = if cfg.enable_chunked_prefill {
-            remaining.min(budget)
+            cfg.chunk(remaining, budget)
         } else if remaining <= budget {
             remaining
         } else {
@@ -102,7 +118,7 @@ pub(crate) fn schedule<S: Schedulable>(
         let (total, done) = (front.num_tokens(), front.num_computed());
         let remaining = total - done;
         let n = if cfg.enable_chunked_prefill {
-            remaining.min(budget)
+            cfg.chunk(remaining, budget)
         } else if remaining <= budget
             || (plan.items.is_empty() && budget == cfg.max_num_batched_tokens)
         {
@@ -179,7 +195,31 @@ mod tests {
             max_num_batched_tokens: budget,
             enable_chunked_prefill: chunked,
             block_size: 4,
+            long_prefill_token_threshold: 0,
         }
+    }
+
+    #[test]
+    fn long_prompts_leave_room_for_short_ones() {
+        let mut c = cache(100);
+        let mut running = vec![];
+        let mut waiting: VecDeque<S> = [s(40), s(3)].into_iter().collect();
+        let capped = SchedulerConfig {
+            long_prefill_token_threshold: 8,
+            ..cfg(16, true)
+        };
+        // The long prompt takes 8 of the 16; the short one runs whole beside it.
+        let p = schedule(&capped, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 8), (1, 3)]);
+        running[0].done = 8;
+        running[1].done = 3;
+        running[1].total = 4;
+        let p = schedule(&capped, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 8), (1, 1)]);
+        // Within the threshold nothing is capped.
+        running[0].done = 34;
+        let p = schedule(&capped, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 6), (1, 1)]);
     }
 
     #[test]
