@@ -32,6 +32,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{parse, ApiError, AppState, OnDrop};
 
+/// How long a migration target may take to accept or refuse a request.
+const IMPORT_ANSWER: Duration = Duration::from_secs(30);
+
 /// The admin routes (mount them on a loopback listener).
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
@@ -154,19 +157,28 @@ pub(crate) async fn migrate_one(
         tracing::warn!(id = %id, target = %target, error = %e, "migration refused; the request continues here");
         e
     };
-    let resp = state
+    let send = state
         .0
         .client
         .post(format!("{target}/admin/import"))
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(unit)
-        .send()
-        .await
-        .map_err(|e| {
-            refused(ApiError::BadGateway(format!(
+        .send();
+    // The request is paused meanwhile: a target that does not answer must not hold it.
+    let resp = match tokio::time::timeout(IMPORT_ANSWER, send).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return Err(refused(ApiError::BadGateway(format!(
                 "migration target {target} unreachable: {e}; request {id} continues here"
-            )))
-        })?;
+            ))))
+        }
+        Err(_) => {
+            return Err(refused(ApiError::BadGateway(format!(
+                "migration target {target} did not answer within {} s; request {id} continues here",
+                IMPORT_ANSWER.as_secs()
+            ))))
+        }
+    };
     let status = resp.status();
     if !status.is_success() {
         let v: Value = resp.json().await.unwrap_or(Value::Null);
