@@ -57,6 +57,30 @@ enum BenchCommand {
     Pd(bench_pd::BenchPdArgs),
 }
 
+/// Binds an admin listener on `host:port` and serves `routes` on it until Ctrl-C.
+pub(crate) async fn spawn_admin(
+    host: &str,
+    port: u16,
+    routes: axum::Router,
+    what: &str,
+) -> Result<()> {
+    use anyhow::Context;
+    let addr = format!("{host}:{port}");
+    let l = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding the admin listener {addr}"))?;
+    tracing::info!(addr = %l.local_addr()?, "{what} enabled");
+    tokio::spawn(async move {
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        if let Err(e) = axum::serve(l, routes).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    Ok(())
+}
+
 /// The model path given, or the default model (fetched on first use).
 pub(crate) fn model_path(given: &Option<PathBuf>) -> Result<PathBuf> {
     match given {

@@ -87,20 +87,8 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
     })
     .map_err(anyhow::Error::msg)?;
     if let Some(port) = a.admin_port {
-        let addr = format!("{}:{port}", a.admin_host);
-        let l = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding the admin listener {addr}"))?;
-        tracing::info!(addr = %l.local_addr()?, "proxy admin endpoints (drain) enabled");
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            let stop = async {
-                let _ = tokio::signal::ctrl_c().await;
-            };
-            if let Err(e) = splitserve_router::serve_admin(l, p, stop).await {
-                tracing::error!(error = %e, "proxy admin listener failed");
-            }
-        });
+        let routes = splitserve_router::admin_router(proxy.clone());
+        crate::spawn_admin(&a.admin_host, port, routes, "proxy admin endpoints (drain)").await?;
     }
     let addr = format!("{}:{}", a.host, a.port);
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -197,20 +197,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             "serving OpenAI-compatible API"
         );
         if let Some(port) = a.admin_port {
-            let addr = format!("{}:{port}", a.admin_host);
-            let admin = tokio::net::TcpListener::bind(&addr)
-                .await
-                .with_context(|| format!("binding the admin listener {addr}"))?;
-            tracing::info!(addr = %admin.local_addr()?, "admin endpoints (migrate, drain) enabled");
-            let st = state.clone();
-            tokio::spawn(async move {
-                let stop = async {
-                    let _ = tokio::signal::ctrl_c().await;
-                };
-                if let Err(e) = splitserve_server::serve_admin(admin, st, stop).await {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+            let routes = splitserve_server::admin_router(state.clone());
+            crate::spawn_admin(
+                &a.admin_host,
+                port,
+                routes,
+                "admin endpoints (migrate, drain)",
+            )
+            .await?;
         }
         splitserve_server::serve(listener, state, async {
             let _ = tokio::signal::ctrl_c().await;

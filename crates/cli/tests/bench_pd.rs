@@ -5,28 +5,12 @@ mod common;
 
 use serde_json::Value;
 
-#[test]
-fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
-    let out = std::env::temp_dir().join(format!("splitserve-bench-pd-{}", std::process::id()));
-    let base = common::free_port().saturating_sub(40).max(20000);
+/// Runs `splitserve bench pd ARGS` on ports below a free one (by `below`), into `out`.
+fn bench_pd(args: &[&str], below: u16, out: &std::path::Path) {
+    let base = common::free_port().saturating_sub(below).max(20000);
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
-        .args([
-            "bench",
-            "pd",
-            "--quick",
-            "--streams",
-            "2",
-            "--stream-tokens",
-            "8",
-        ])
-        .args([
-            "--big-prompt-tokens",
-            "64",
-            "--big-prompts",
-            "2",
-            "--big-interval-s",
-            "1",
-        ])
+        .args(["bench", "pd"])
+        .args(args)
         .args([
             "--base-port",
             &base.to_string(),
@@ -34,11 +18,33 @@ fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
             &common::model(),
         ])
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .env("RUST_LOG", "warn")
         .status()
         .expect("run bench pd");
     assert!(st.success());
+}
+
+#[test]
+fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
+    let out = std::env::temp_dir().join(format!("splitserve-bench-pd-{}", std::process::id()));
+    bench_pd(
+        &[
+            "--quick",
+            "--streams",
+            "2",
+            "--stream-tokens",
+            "8",
+            "--big-prompt-tokens",
+            "64",
+            "--big-prompts",
+            "2",
+            "--big-interval-s",
+            "1",
+        ],
+        40,
+        &out,
+    );
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pd.json")).expect("pd.json"))
             .expect("json");
@@ -81,23 +87,21 @@ fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
 #[test]
 fn bench_pd_sweep_offers_every_rate_to_both_arms() {
     let out = std::env::temp_dir().join(format!("splitserve-sweep-{}", std::process::id()));
-    let base = common::free_port().saturating_sub(80).max(20000);
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
-        .args(["bench", "pd", "--quick", "--sweep", "1,4"])
-        .args(["--sweep-prompts", "4", "--sweep-input-len", "24"])
-        .args(["--sweep-output-len", "6"])
-        .args([
-            "--base-port",
-            &base.to_string(),
-            "--model",
-            &common::model(),
-        ])
-        .arg("--out")
-        .arg(&out)
-        .env("RUST_LOG", "warn")
-        .status()
-        .expect("run bench pd --sweep");
-    assert!(st.success());
+    bench_pd(
+        &[
+            "--quick",
+            "--sweep",
+            "1,4",
+            "--sweep-prompts",
+            "4",
+            "--sweep-input-len",
+            "24",
+            "--sweep-output-len",
+            "6",
+        ],
+        80,
+        &out,
+    );
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).expect("json"))
             .expect("json");

@@ -19,6 +19,7 @@ use crate::tokenizer::IncrementalDecoder;
 
 mod connector;
 mod migrate;
+use connector::Lease;
 pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 use migrate::PendingPark;
 pub use migrate::{LiveState, Migration, Parked, RequestInfo};
@@ -479,21 +480,33 @@ impl Engine {
 
     /// Takes the KV a finished `Hold` request left behind; its blocks are freed.
     pub fn export_held(&self, id: &str) -> Result<KvImport, EngineError> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Command::Export(id.to_string(), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)?
+        self.ask_blocking(|tx| Command::Export(id.to_string(), tx))?
     }
 
     /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
     /// dropping the returned [`HeldKv`] frees its blocks.
     pub fn lease_held(&self, id: &str) -> Result<HeldKv, EngineError> {
+        self.ask_blocking(|tx| Command::LeaseHeld(id.to_string(), tx))?
+    }
+
+    /// Sends a command carrying a reply channel and waits for the answer (blocking).
+    fn ask_blocking<T>(
+        &self,
+        cmd: impl FnOnce(mpsc::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
         let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Command::LeaseHeld(id.to_string(), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)?
+        self.tx.send(cmd(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+
+    /// As [`Engine::ask_blocking`], awaiting the answer.
+    async fn ask<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(cmd(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
     }
 
     /// Aborts a request, or releases the KV still held for it (producer role).
@@ -506,15 +519,15 @@ impl Engine {
     /// copy of it to send elsewhere. Follow with [`Engine::commit_parked`] or
     /// [`Engine::resume_parked`] with its id (`Parked::migration.state.id`).
     pub async fn park(&self, ids: &[&str], after_tokens: usize) -> Result<Parked, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Park(PendingPark {
-                ids: ids.iter().map(|s| s.to_string()).collect(),
+        let ids = ids.iter().map(|s| s.to_string()).collect();
+        self.ask(|reply| {
+            Command::Park(PendingPark {
+                ids,
                 after_tokens,
                 reply,
-            }))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+            })
+        })
+        .await?
     }
 
     /// The parked request continues elsewhere: free its blocks here.
@@ -530,20 +543,12 @@ impl Engine {
     /// Continues a request migrated from another engine; its further events arrive on the
     /// returned channel.
     pub async fn adopt(&self, m: Migration) -> Result<UnboundedReceiver<Event>, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Adopt(Box::new(m), reply))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        self.ask(|reply| Command::Adopt(Box::new(m), reply)).await?
     }
 
     /// Requests running, waiting or parked.
     pub async fn requests(&self) -> Result<Vec<RequestInfo>, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::List(reply))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(Command::List).await
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -753,6 +758,9 @@ impl Core {
     /// Allocates blocks for requests whose KV waits remotely, in arrival order, and lends
     /// them to the connector; a request that does not fit yet waits for free blocks.
     fn start_loads(&mut self) {
+        if self.remote_waiting.is_empty() {
+            return;
+        }
         let Some(conn) = self.connector.clone() else {
             return;
         };
@@ -776,13 +784,7 @@ impl Core {
                 break;
             };
             s.state = RequestState::WaitingForRemoteKvs;
-            let target = LoadTarget::new(
-                self.cache.mem.clone(),
-                blocks,
-                s.id.clone(),
-                n,
-                self.back.clone(),
-            );
+            let target = LoadTarget::new(self.lease(blocks, &s.id), n);
             self.loading.insert(s.id.clone(), (s, n));
             conn.start_load(remote, target);
         }
@@ -808,6 +810,16 @@ impl Core {
         self.resume_from_kv(s, n, first.generated, first.sampler);
     }
 
+    /// `blocks` of request `id`, lent out; they come back through the command channel.
+    fn lease(&self, blocks: Vec<u32>, id: &str) -> Lease {
+        Lease::new(
+            self.cache.mem.clone(),
+            blocks,
+            id.to_string(),
+            self.back.clone(),
+        )
+    }
+
     fn lease_held(&mut self, id: &str) -> Result<HeldKv, EngineError> {
         let h = self
             .held
@@ -816,10 +828,7 @@ impl Core {
         self.lent_blocks += h.blocks.len();
         self.publish();
         Ok(HeldKv::new(
-            self.cache.mem.clone(),
-            h.blocks,
-            id.to_string(),
-            self.back.clone(),
+            self.lease(h.blocks, id),
             h.n_tokens,
             h.generated,
             h.sampler,

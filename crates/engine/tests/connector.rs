@@ -9,10 +9,10 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::collect;
+use common::{collect, request};
 use splitserve_engine::{
     Engine, EngineConfig, EngineError, Event, FinishReason, KvConnector, KvImport, KvTransfer,
-    LoadTarget, RemoteFirst, RemoteKv, Request, SamplingParams,
+    LoadTarget, RemoteFirst, RemoteKv, SamplingParams,
 };
 
 #[derive(Default)]
@@ -43,14 +43,15 @@ impl Manual {
     }
 }
 
-fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer) -> Request {
-    Request {
-        id: id.into(),
-        prompt: prompt.to_vec(),
-        params: params.clone(),
-        return_logits: true,
-        kv,
-    }
+/// An engine whose connector is `conn`.
+fn consumer(conn: &Arc<Manual>) -> Engine {
+    Engine::start_with(
+        common::real_model(),
+        EngineConfig::default(),
+        None,
+        Some(conn.clone() as Arc<dyn KvConnector>),
+    )
+    .expect("engine")
 }
 
 fn remote() -> KvTransfer {
@@ -108,13 +109,7 @@ fn loads_run_beside_decoding_and_continue_identically() {
     let kv = p.export_held("r").expect("held");
 
     let conn = Arc::new(Manual::default());
-    let d = Engine::start_with(
-        m.clone(),
-        EngineConfig::default(),
-        None,
-        Some(conn.clone() as Arc<dyn KvConnector>),
-    )
-    .expect("engine");
+    let d = consumer(&conn);
     let total = d.stats().total_blocks;
     let mut rx = d
         .submit(request("r", &prompt, &params, remote()))
@@ -164,13 +159,7 @@ fn failed_and_aborted_loads_free_their_blocks() {
     let m = common::real_model();
     let prompt = m.tokenizer.encode("Hello there, engine.").expect("encode");
     let conn = Arc::new(Manual::default());
-    let d = Engine::start_with(
-        m.clone(),
-        EngineConfig::default(),
-        None,
-        Some(conn.clone() as Arc<dyn KvConnector>),
-    )
-    .expect("engine");
+    let d = consumer(&conn);
     let params = SamplingParams::greedy(4);
 
     // A failed load ends the request with the connector's message.

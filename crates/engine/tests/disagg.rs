@@ -4,24 +4,10 @@
 
 mod common;
 
-use common::{collect, hash_bits};
+use common::{collect, engine, hash_bits, request};
 use splitserve_engine::{
-    Engine, EngineConfig, EngineError, Event, KvDtype, KvTransfer, Request, SamplingParams,
+    Engine, EngineConfig, EngineError, Event, KvDtype, KvTransfer, SamplingParams,
 };
-
-fn engine(cfg: EngineConfig) -> Engine {
-    Engine::start(common::real_model(), cfg, None).expect("engine")
-}
-
-fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer) -> Request {
-    Request {
-        id: id.into(),
-        prompt: prompt.to_vec(),
-        params: params.clone(),
-        return_logits: true,
-        kv,
-    }
-}
 
 /// Producer prefills and samples the first token; consumer imports the KV and continues.
 fn disaggregated(

@@ -4,14 +4,10 @@
 
 mod common;
 
-use common::{collect, Output};
+use common::{collect, engine, request, Output};
 use splitserve_engine::{
     Engine, EngineConfig, EngineError, Event, FinishReason, KvTransfer, Request, SamplingParams,
 };
-
-fn engine(cfg: EngineConfig) -> Engine {
-    Engine::start(common::real_model(), cfg, None).expect("engine")
-}
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -20,19 +16,11 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-fn request(id: &str, prompt: &[u32], params: &SamplingParams) -> Request {
-    Request {
-        id: id.into(),
-        prompt: prompt.to_vec(),
-        params: params.clone(),
-        return_logits: true,
-        kv: KvTransfer::None,
-    }
-}
-
 /// Runs `prompt` on `a`, moves it to `b` after `n` tokens, and returns what its client saw.
 fn migrated(a: &Engine, b: &Engine, prompt: &[u32], params: &SamplingParams, n: usize) -> Output {
-    let rx = a.submit(request("m", prompt, params)).expect("submit");
+    let rx = a
+        .submit(request("m", prompt, params, KvTransfer::None))
+        .expect("submit");
     let parked = block_on(a.park(&["m"], n)).expect("park");
     assert_eq!(
         parked.migration.state.generated(),
@@ -80,7 +68,7 @@ fn migrated_requests_continue_token_identical() {
     ] {
         let reference = collect(
             reference_engine
-                .submit(request("r", &prompt, &params))
+                .submit(request("r", &prompt, &params, KvTransfer::None))
                 .expect("submit"),
         );
         assert_eq!(reference.tokens.len(), 72);
@@ -136,9 +124,14 @@ fn a_full_target_refuses_and_the_source_finishes() {
             break;
         }
     }
-    let reference = collect(a.submit(request("r", &prompt, &params)).expect("submit"));
+    let reference = collect(
+        a.submit(request("r", &prompt, &params, KvTransfer::None))
+            .expect("submit"),
+    );
 
-    let rx = a.submit(request("m", &prompt, &params)).expect("submit");
+    let rx = a
+        .submit(request("m", &prompt, &params, KvTransfer::None))
+        .expect("submit");
     let parked = block_on(a.park(&["m"], 17)).expect("park");
     let needed = (prompt.len() + 17 + 1).div_ceil(16);
     let err = block_on(full.adopt(parked.migration)).expect_err("refused");

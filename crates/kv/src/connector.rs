@@ -154,15 +154,19 @@ impl KvConnector for TcpConnector {
     }
 
     fn release(&self, remote: RemoteKv) {
-        let Some(r) = RemoteAddr::parse(&remote.params) else {
-            return;
-        };
-        let fp = self.fingerprint.clone();
-        std::thread::spawn(move || {
-            tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
-            if let Err(e) = tcp::release(&r.addr, &fp, &r.request_id) {
-                tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
-            }
-        });
+        if let Some(r) = RemoteAddr::parse(&remote.params) {
+            release_hold(self.fingerprint.clone(), r);
+        }
     }
+}
+
+/// Tells the producer, in the background, to free the KV it holds for a request we will
+/// never load.
+pub fn release_hold(fingerprint: Fingerprint, r: RemoteAddr) {
+    std::thread::spawn(move || {
+        tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
+        if let Err(e) = tcp::release(&r.addr, &fingerprint, &r.request_id) {
+            tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
+        }
+    });
 }

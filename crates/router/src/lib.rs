@@ -495,16 +495,6 @@ pub fn admin_router(proxy: Proxy) -> Router {
         .with_state(proxy)
 }
 
-pub async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    proxy: Proxy,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(proxy))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 async fn instances(State(p): State<Proxy>) -> Response {
     let pools = &p.0.pools;
     let decode: Vec<Value> = pools

@@ -49,17 +49,6 @@ pub fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin routes until `shutdown` completes.
-pub async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 fn reply(r: Result<Value, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model, RemoteKv};
 use splitserve_kv::Fingerprint;
 
-pub use admin::{admin_router, serve_admin};
+pub use admin::admin_router;
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use pd::{start_side_channel, PdConfig};

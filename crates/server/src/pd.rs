@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use splitserve_engine::KvConnector;
 use splitserve_kv::tcp;
-use splitserve_kv::{Fingerprint, KvTransferConfig, LoadReport, TcpConnector};
+use splitserve_kv::{Fingerprint, KvTransferConfig, LoadReport, RemoteAddr, TcpConnector};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -36,13 +36,7 @@ pub struct PdConfig {
 pub(crate) enum Plan {
     Local,
     Produce,
-    Consume(Remote),
-}
-
-#[derive(Clone)]
-pub(crate) struct Remote {
-    addr: String,
-    request_id: String,
+    Consume(RemoteAddr),
 }
 
 fn flag(p: &Value, name: &str) -> bool {
@@ -108,13 +102,14 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
             Some("kv_transfer_params"),
         ));
     }
-    let host = field(p, "remote_host")?.as_str().ok_or_else(|| {
+    // Each field checked on its own so that a bad one is named.
+    field(p, "remote_host")?.as_str().ok_or_else(|| {
         ApiError::bad(
             "kv_transfer_params.remote_host must be a string",
             Some("kv_transfer_params"),
         )
     })?;
-    let port = field(p, "remote_port")?
+    field(p, "remote_port")?
         .as_u64()
         .filter(|&x| x > 0 && x <= u16::MAX as u64)
         .ok_or_else(|| {
@@ -123,7 +118,7 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
                 Some("kv_transfer_params"),
             )
         })?;
-    let request_id = field(p, "remote_request_id")?.as_str().ok_or_else(|| {
+    field(p, "remote_request_id")?.as_str().ok_or_else(|| {
         ApiError::bad(
             "kv_transfer_params.remote_request_id must be a string",
             Some("kv_transfer_params"),
@@ -137,15 +132,13 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
             )
         })?;
     }
-    let addr = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    Ok(Plan::Consume(Remote {
-        addr,
-        request_id: request_id.to_string(),
-    }))
+    let remote = RemoteAddr::parse(p).ok_or_else(|| {
+        ApiError::bad(
+            "kv_transfer_params do not name a producer",
+            Some("kv_transfer_params"),
+        )
+    })?;
+    Ok(Plan::Consume(remote))
 }
 
 /// The producer's answer: where and under which id a consumer finds the held KV.
@@ -201,14 +194,8 @@ pub(crate) fn connector(pd: &PdConfig, metrics: &Arc<Metrics>) -> Arc<dyn KvConn
 }
 
 /// Tells the producer, in the background, to free KV it holds for a request we dropped.
-pub(crate) fn release(pd: &PdConfig, remote: Remote) {
-    tracing::info!(id = %remote.request_id, producer = %remote.addr, "releasing the producer's hold on KV we will not pull");
-    let fp = pd.fingerprint.clone();
-    std::thread::spawn(move || {
-        if let Err(e) = tcp::release(&remote.addr, &fp, &remote.request_id) {
-            tracing::warn!(id = %remote.request_id, producer = %remote.addr, error = %e, "could not release the producer's hold");
-        }
-    });
+pub(crate) fn release(pd: &PdConfig, remote: RemoteAddr) {
+    splitserve_kv::connector::release_hold(pd.fingerprint.clone(), remote);
 }
 
 /// Starts the producer's side channel on `listener`, counting bytes sent in the metrics.

@@ -45,11 +45,27 @@ pub trait KvConnector: Send + Sync {
 }
 
 /// Blocks lent out of the engine; they go back through the engine's command channel.
-struct Lease {
+pub(super) struct Lease {
     mem: Arc<Memory>,
     blocks: Vec<u32>,
     id: String,
     back: mpsc::Sender<Command>,
+}
+
+impl Lease {
+    pub(super) fn new(
+        mem: Arc<Memory>,
+        blocks: Vec<u32>,
+        id: String,
+        back: mpsc::Sender<Command>,
+    ) -> Self {
+        Self {
+            mem,
+            blocks,
+            id,
+            back,
+        }
+    }
 }
 
 /// The blocks allocated for a request's remote KV, lent to the connector to write into.
@@ -60,20 +76,9 @@ pub struct LoadTarget {
 }
 
 impl LoadTarget {
-    pub(super) fn new(
-        mem: Arc<Memory>,
-        blocks: Vec<u32>,
-        id: String,
-        n_tokens: usize,
-        back: mpsc::Sender<Command>,
-    ) -> Self {
+    pub(super) fn new(lease: Lease, n_tokens: usize) -> Self {
         Self {
-            lease: Lease {
-                mem,
-                blocks,
-                id,
-                back,
-            },
+            lease,
             n_tokens,
             done: false,
         }
@@ -138,21 +143,13 @@ pub struct HeldKv {
 
 impl HeldKv {
     pub(super) fn new(
-        mem: Arc<Memory>,
-        blocks: Vec<u32>,
-        id: String,
-        back: mpsc::Sender<Command>,
+        lease: Lease,
         n_tokens: usize,
         generated: Vec<u32>,
         sampler: Sampler,
     ) -> Self {
         Self {
-            lease: Lease {
-                mem,
-                blocks,
-                id,
-                back,
-            },
+            lease,
             n_tokens,
             generated,
             sampler,

@@ -19,6 +19,22 @@ pub fn real_model() -> Arc<Model> {
     .clone()
 }
 
+/// An engine over the real model.
+pub fn engine(cfg: EngineConfig) -> Engine {
+    Engine::start(real_model(), cfg, None).expect("engine")
+}
+
+/// A request that returns its logits (for bit-level comparisons).
+pub fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer) -> Request {
+    Request {
+        id: id.into(),
+        prompt: prompt.to_vec(),
+        params: params.clone(),
+        return_logits: true,
+        kv,
+    }
+}
+
 /// Writes a fresh tiny model under a unique name (tests run in parallel).
 pub fn tiny_model_path(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
