@@ -71,14 +71,13 @@ fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) {
 pub fn run(a: BenchEngineArgs) -> Result<()> {
     let path = crate::model_path(&a.model)?;
     let model = Arc::new(Model::load(&path)?);
-    let text = "The quick brown fox jumps over the lazy dog. ".repeat(a.prompt_len / 5 + 10);
-    let mut ids = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
-    ids.truncate(a.prompt_len);
-    anyhow::ensure!(
-        ids.len() == a.prompt_len,
-        "could not build a {}-token prompt",
-        a.prompt_len
-    );
+    // Decode stream `i` gets the first `16 + i` tokens, so the text covers those too.
+    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    let need = a.prompt_len.max(16 + max_batch);
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(need / 5 + 10);
+    let all = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(all.len() >= need, "could not build a {need}-token prompt");
+    let ids = all[..a.prompt_len].to_vec();
     let steps: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
     let mut rows = Vec::new();
     println!(
@@ -121,7 +120,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 .map(|i| {
                     run_one(
                         &engine,
-                        ids[..16 + i].to_vec(),
+                        all[..16 + i].to_vec(),
                         a.decode_tokens,
                         format!("d{b}-{i}"),
                     )

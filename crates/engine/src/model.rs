@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, GgufError};
 use crate::gguf::{GgufFile, ModelConfig, RawTensor};
-use crate::kernels::attention::{attend_row, Scratch};
+use crate::kernels::attention::{attend_rows, Scratch};
 use crate::kernels::quant::{quantize_row, QKind, QMatrix, QRow};
 use crate::kernels::{rms_norm, silu_mul, Rope};
 use crate::kv_cache::KvCache;
@@ -200,6 +200,16 @@ impl Model {
             }
         }
         let n = rows.len();
+        // Attention work units: runs of consecutive rows of one sequence (a chunk's rows share
+        // each K/V block), at most ATTN_GROUP rows so a long chunk still spreads over threads.
+        const ATTN_GROUP: usize = 32;
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            match groups.last_mut() {
+                Some((r0, r1)) if rows[*r0].seq == row.seq && *r1 - *r0 < ATTN_GROUP => *r1 = r + 1,
+                _ => groups.push((r, r + 1)),
+            }
+        }
         let mut xn = vec![0f32; n * d];
         let mut att = vec![0f32; n * d];
         let mut act = vec![0f32; n * c.n_ff];
@@ -221,17 +231,22 @@ impl Model {
                 cache.write(li, chunks[row.seq].table, row.pos, k, v);
             }
             let cache_ref = &*cache;
-            att.par_chunks_mut(d)
-                .zip(rows.par_iter())
-                .enumerate()
-                .for_each_init(Scratch::new, |s, (r, (out, row))| {
-                    let q = &qkv[r * w..r * w + d];
-                    attend_row(
+            let mut work = Vec::with_capacity(groups.len());
+            let mut rest = &mut att[..];
+            for &(r0, r1) in &groups {
+                let (here, tail) = rest.split_at_mut((r1 - r0) * d);
+                work.push((r0, r1, here));
+                rest = tail;
+            }
+            work.into_par_iter()
+                .for_each_init(Scratch::new, |s, (r0, r1, out)| {
+                    let row = &rows[r0];
+                    attend_rows(
                         cache_ref,
                         li,
                         chunks[row.seq].table,
                         row.pos + 1,
-                        q,
+                        (&qkv[r0 * w..(r1 - 1) * w + d], w),
                         nh,
                         out,
                         s,

@@ -1,13 +1,22 @@
-//! Paged attention for one query row, read straight from the block pool.
+//! Paged attention, read straight from the block pool.
 //!
-//! Per head, an online softmax walks the row's blocks in position order; a block's scores are
-//! computed, then folded into the running max, sum and weighted V. The order depends only on
-//! the row's own position and the block size, never on the chunk or batch it sits in.
+//! Per query row and head, an online softmax walks the row's blocks in position order; a
+//! block's scores are computed, then folded into the running max, sum and weighted V. The
+//! order depends only on the row's own position and the block size, never on the chunk or
+//! batch it sits in. Consecutive rows of one sequence (a prefill chunk) share each block's
+//! K and V, so a group of them reads and converts every block once.
+//!
+//! The AVX2 path computes 8 positions' scores at once from a transposed copy of K (lane =
+//! position) and exponentiates 8 at a time; per value it does exactly the float operations
+//! of the portable path, in the same order, so both give the same bits.
 
+use super::quant::Simd;
 use crate::kv_cache::{KvCache, Region};
 
 pub(crate) struct Scratch {
     k: Vec<f32>,
+    /// K of the block transposed per KV head: `[kv head][dim][slot]`, `block_size` slots.
+    kt: Vec<f32>,
     v: Vec<f32>,
     scores: Vec<f32>,
     m: Vec<f32>,
@@ -18,6 +27,7 @@ impl Scratch {
     pub fn new() -> Self {
         Self {
             k: Vec::new(),
+            kt: Vec::new(),
             v: Vec::new(),
             scores: Vec::new(),
             m: Vec::new(),
@@ -26,80 +36,321 @@ impl Scratch {
     }
 }
 
-/// `out = softmax(q·Kᵀ·scale)·V` over positions `0..n_ctx` of the sequence with `table`.
+/// For each query row `i` (`n_head * head_dim` values at `q.0[i * q.1..]`), row `i` of `out`
+/// is `softmax(q_i·Kᵀ·scale)·V` over positions `0..first_ctx + i` of the sequence with `table`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_row(
+pub(crate) fn attend_rows(
     cache: &KvCache,
     layer: usize,
     table: &[u32],
-    n_ctx: usize,
-    q: &[f32],
+    first_ctx: usize,
+    q: (&[f32], usize),
     n_head: usize,
     out: &mut [f32],
     s: &mut Scratch,
 ) {
     let lay = &cache.layout;
     let (bs, n_kv, hd) = (lay.block_size, lay.n_kv_head, lay.head_dim);
+    let d = n_head * hd;
+    let rows = out.len() / d;
+    let (q, q_stride) = q;
+    let last_ctx = first_ctx + rows - 1;
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let per_slot = n_kv * hd;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = Simd::detect() != Simd::Portable && bs % 8 == 0 && hd % 8 == 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
     s.k.resize(bs * per_slot, 0.0);
+    s.kt.resize(bs * per_slot, 0.0);
     s.v.resize(bs * per_slot, 0.0);
     s.scores.resize(bs, 0.0);
     s.m.clear();
-    s.m.resize(n_head, f32::NEG_INFINITY);
+    s.m.resize(rows * n_head, f32::NEG_INFINITY);
     s.l.clear();
-    s.l.resize(n_head, 0.0);
+    s.l.resize(rows * n_head, 0.0);
     out.fill(0.0);
     let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
     for (bi, &blk) in table.iter().enumerate() {
         let start = bi * bs;
-        if start >= n_ctx {
+        if start >= last_ctx {
             break;
         }
-        let ns = bs.min(n_ctx - start);
         let at = blk as usize * bs * per_slot;
-        kr.read(at, &mut s.k[..ns * per_slot]);
-        vr.read(at, &mut s.v[..ns * per_slot]);
-        for h in 0..n_head {
-            let g = h / group;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut bmax = f32::NEG_INFINITY;
-            for t in 0..ns {
-                let kt = &s.k[t * per_slot + g * hd..t * per_slot + (g + 1) * hd];
-                let sc = super::dot_f32(qh, kt) * scale;
-                s.scores[t] = sc;
-                bmax = bmax.max(sc);
+        let ns_max = bs.min(last_ctx - start);
+        kr.read(at, &mut s.k[..ns_max * per_slot]);
+        vr.read(at, &mut s.v[..ns_max * per_slot]);
+        for t in 0..ns_max {
+            for (e, &kv) in s.k[t * per_slot..(t + 1) * per_slot].iter().enumerate() {
+                s.kt[e * bs + t] = kv;
             }
-            let new_m = s.m[h].max(bmax);
-            let corr = if s.m[h] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (s.m[h] - new_m).exp()
-            };
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            if corr != 1.0 {
-                for o in oh.iter_mut() {
-                    *o *= corr;
+        }
+        for i in 0..rows {
+            let n_ctx = first_ctx + i;
+            if start >= n_ctx {
+                continue;
+            }
+            let ns = bs.min(n_ctx - start);
+            for h in 0..n_head {
+                let g = h / group;
+                let qh = &q[i * q_stride + h * hd..i * q_stride + (h + 1) * hd];
+                let kt = &s.kt[g * hd * bs..(g + 1) * hd * bs];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 is present (checked above), `bs` and `hd` are multiples
+                    // of 8, and every slice covers the lanes read.
+                    unsafe { avx2::scores(qh, kt, bs, ns, scale, &mut s.scores) };
+                } else {
+                    scores(qh, kt, bs, ns, scale, &mut s.scores);
                 }
-            }
-            let mut l = s.l[h] * corr;
-            for t in 0..ns {
-                let p = (s.scores[t] - new_m).exp();
-                l += p;
-                let vt = &s.v[t * per_slot + g * hd..t * per_slot + (g + 1) * hd];
-                for (o, &vv) in oh.iter_mut().zip(vt) {
-                    *o += p * vv;
+                #[cfg(not(target_arch = "x86_64"))]
+                scores(qh, kt, bs, ns, scale, &mut s.scores);
+                let bmax = s.scores[..ns]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let (m, l) = (&mut s.m[i * n_head + h], &mut s.l[i * n_head + h]);
+                let new_m = m.max(bmax);
+                let corr = if *m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (*m - new_m).exp()
+                };
+                let oh = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
+                if corr != 1.0 {
+                    for o in oh.iter_mut() {
+                        *o *= corr;
+                    }
                 }
+                let v = Strided {
+                    data: &s.v[g * hd..],
+                    stride: per_slot,
+                };
+                #[cfg(target_arch = "x86_64")]
+                let acc = if avx2 {
+                    // SAFETY: as above.
+                    unsafe { avx2::weigh(&mut s.scores, ns, new_m, v, *l * corr, oh) }
+                } else {
+                    weigh(&mut s.scores, ns, new_m, v, *l * corr, oh)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let acc = weigh(&mut s.scores, ns, new_m, v, *l * corr, oh);
+                *l = acc;
+                *m = new_m;
             }
-            s.l[h] = l;
-            s.m[h] = new_m;
         }
     }
-    for h in 0..n_head {
-        let inv = 1.0 / s.l[h];
-        for o in &mut out[h * hd..(h + 1) * hd] {
-            *o *= inv;
+    for i in 0..rows {
+        for h in 0..n_head {
+            let inv = 1.0 / s.l[i * n_head + h];
+            for o in &mut out[i * d + h * hd..i * d + (h + 1) * hd] {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// Rows of `data` that start every `stride` values (V of one KV head across a block's slots).
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    stride: usize,
+}
+
+/// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K transposed (`kt[e * bs + t]`).
+fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
+    for (t, o) in out[..ns].iter_mut().enumerate() {
+        let mut acc = [0f32; 8];
+        for (e, &qe) in q.iter().enumerate() {
+            acc[e % 8] += qe * kt[e * bs + t];
+        }
+        *o = super::reduce8(&acc) * scale;
+    }
+}
+
+/// Turns `scores[..ns]` into `p = exp(score - m)`, adds `p * V[t]` to `o` in position order,
+/// and returns `l + sum(p)` (summed in position order).
+fn weigh(scores: &mut [f32], ns: usize, m: f32, v: Strided<'_>, l: f32, o: &mut [f32]) -> f32 {
+    let (hd, stride, v, mut l) = (o.len(), v.stride, v.data, l);
+    for (t, sc) in scores[..ns].iter_mut().enumerate() {
+        let p = exp(*sc - m);
+        *sc = p;
+        l += p;
+        for (oe, &ve) in o.iter_mut().zip(&v[t * stride..t * stride + hd]) {
+            *oe += p * ve;
+        }
+    }
+    l
+}
+
+// exp(x) as Cephes' expf: x = n·ln2 + r with n = floor(x·log2(e) + 0.5), a degree-5
+// polynomial in r, times 2ⁿ. Only multiplies and adds in a fixed order (no FMA), so a SIMD
+// lane computes the same bits; relative error about 2e-7 over the range softmax uses.
+const EXP_HI: f32 = 88.376_26;
+const EXP_LO: f32 = -87.336_55;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// The portable twin of `avx2::exp8`.
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI;
+    let r = r - n * LN2_LO;
+    let z = r * r;
+    let mut y = P[0];
+    for &c in &P[1..] {
+        y = y * r + c;
+    }
+    let y = (y * z + r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+    use std::arch::x86_64::*;
+
+    /// [`super::exp`] on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
+            _mm256_set1_ps(EXP_HI),
+        );
+        let n = _mm256_floor_ps(_mm256_add_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
+        let z = _mm256_mul_ps(r, r);
+        let mut y = _mm256_set1_ps(P[0]);
+        for &c in &P[1..] {
+            y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0));
+        let pow = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow))
+    }
+
+    /// [`super::scores`], 8 positions per pass (lane = position); `bs` and `q.len()` are
+    /// multiples of 8 and `out` holds `bs` values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
+        let hd = q.len();
+        let mut t0 = 0;
+        while t0 < ns {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in 0..hd / 8 {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let e = 8 * c + j;
+                    let k = _mm256_loadu_ps(kt.as_ptr().add(e * bs + t0));
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(_mm256_set1_ps(*q.get_unchecked(e)), k));
+                }
+            }
+            let r = _mm256_add_ps(
+                _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+                _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
+            );
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(t0),
+                _mm256_mul_ps(r, _mm256_set1_ps(scale)),
+            );
+            t0 += 8;
+        }
+    }
+
+    /// [`super::weigh`] with the exponentials 8 at a time; `scores` holds a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn weigh(
+        scores: &mut [f32],
+        ns: usize,
+        m: f32,
+        v: Strided<'_>,
+        l: f32,
+        o: &mut [f32],
+    ) -> f32 {
+        let (stride, v, mut l) = (v.stride, v.data, l);
+        let mv = _mm256_set1_ps(m);
+        let mut t0 = 0;
+        while t0 < ns {
+            let p = scores.as_mut_ptr().add(t0);
+            _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
+            t0 += 8;
+        }
+        let hd = o.len();
+        for t in 0..ns {
+            let p = *scores.get_unchecked(t);
+            l += p;
+            let pv = _mm256_set1_ps(p);
+            let vt = v.as_ptr().add(t * stride);
+            for c in (0..hd).step_by(8) {
+                let op = o.as_mut_ptr().add(c);
+                let x = _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(c)));
+                _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), x));
+            }
+        }
+        l
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable exp is close to libm's over the range softmax feeds it.
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// The AVX2 score and weighting paths give the portable bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_matches_portable_bitwise() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (bs, hd, stride) = (16, 64, 192);
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 17.0;
+        let q: Vec<f32> = (0..hd).map(|i| val(i + 3) / 8.0).collect();
+        let kt: Vec<f32> = (0..hd * bs).map(val).collect();
+        let v: Vec<f32> = (0..bs * stride).map(|i| val(i + 11)).collect();
+        for ns in [1, 5, 8, 13, 16] {
+            let (mut a, mut b) = (vec![0f32; bs], vec![0f32; bs]);
+            scores(&q, &kt, bs, ns, 0.125, &mut a);
+            unsafe { avx2::scores(&q, &kt, bs, ns, 0.125, &mut b) };
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a[..ns]), bits(&b[..ns]), "scores ns={ns}");
+            let m = a[..ns].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+            let (mut oa, mut ob) = (vec![0.5f32; hd], vec![0.5f32; hd]);
+            let vs = Strided { data: &v, stride };
+            let la = weigh(&mut a, ns, m, vs, 1.25, &mut oa);
+            let lb = unsafe { avx2::weigh(&mut b, ns, m, vs, 1.25, &mut ob) };
+            assert_eq!(la.to_bits(), lb.to_bits(), "l ns={ns}");
+            assert_eq!(bits(&oa), bits(&ob), "o ns={ns}");
         }
     }
 }

@@ -226,8 +226,11 @@ impl QMatrix {
     /// `out[b][r] = dot(W[r], x[b])` for every batch row `b`; `out` is `batch × rows`.
     /// Quantized kinds take `xq` (rows quantized with [`quantize_row`]), F32 takes `xf`.
     pub fn matvec(&self, xf: &[f32], xq: &[QRow], batch: usize, out: &mut [f32]) {
+        self.matvec_with(Simd::detect(), xf, xq, batch, out)
+    }
+
+    fn matvec_with(&self, simd: Simd, xf: &[f32], xq: &[QRow], batch: usize, out: &mut [f32]) {
         const CHUNK: usize = 64;
-        let simd = Simd::detect();
         let rows = self.rows;
         let ptr = SyncPtr(out.as_mut_ptr());
         let n_chunks = rows.div_ceil(CHUNK);
@@ -265,6 +268,26 @@ impl QMatrix {
                 }
                 return;
             }
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx2 && self.kind != QKind::F32 {
+                // Groups of 4 activation rows outside, weight rows inside: the group stays in
+                // L1 while this task's rows stream past, and its 8 accumulators fit in
+                // registers (more rows, or more weight rows per tile, spill).
+                for b0 in (0..batch).step_by(4) {
+                    let x = &xq[b0..(b0 + 4).min(batch)];
+                    // SAFETY: the CPU has AVX2 (checked by `Simd::detect` or the caller);
+                    // this task owns rows `r0..r1` of `out`.
+                    unsafe {
+                        match x.len() {
+                            1 => self.avx2_tiles::<1>(r0, r1, x, b0, ptr),
+                            2 => self.avx2_tiles::<2>(r0, r1, x, b0, ptr),
+                            3 => self.avx2_tiles::<3>(r0, r1, x, b0, ptr),
+                            _ => self.avx2_tiles::<4>(r0, r1, x, b0, ptr),
+                        }
+                    }
+                }
+                return;
+            }
             // Activation groups outside, weight rows inside: a group of 8 quantized rows
             // stays in L1 while this task's weight rows stream past it.
             for b0 in (0..batch).step_by(8) {
@@ -288,6 +311,35 @@ impl QMatrix {
                 }
             }
         });
+    }
+}
+
+impl QMatrix {
+    /// Rows `r0..r1` against the `NA` activation rows `x` (batch rows `b0..`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and the caller owns rows `r0..r1` of every batch row of `out`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2_tiles<const NA: usize>(
+        &self,
+        r0: usize,
+        r1: usize,
+        x: &[QRow],
+        b0: usize,
+        out: SyncPtr,
+    ) {
+        let mut t = [0f32; NA];
+        for r in r0..r1 {
+            if self.kind == QKind::Q4_1 {
+                avx2::tile::<NA, true>(&self.row(r), x, &mut t);
+            } else {
+                avx2::tile::<NA, false>(&self.row(r), x, &mut t);
+            }
+            for (a, &v) in t.iter().enumerate() {
+                *out.get().add((b0 + a) * self.rows + r) = v;
+            }
+        }
     }
 }
 
@@ -360,7 +412,23 @@ fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32])
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512Vnni => unsafe { avx512::dot_rows(kind, w, xq, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_rows(kind, w, xq, out) },
+        Simd::Avx2 => {
+            for (o, x) in out.chunks_mut(4).zip(xq.chunks(4)) {
+                // SAFETY: the caller picked AVX2 (from `Simd::detect` or after checking).
+                unsafe {
+                    match (x.len(), kind == QKind::Q4_1) {
+                        (1, true) => avx2::tile::<1, true>(w, x, o),
+                        (2, true) => avx2::tile::<2, true>(w, x, o),
+                        (3, true) => avx2::tile::<3, true>(w, x, o),
+                        (_, true) => avx2::tile::<4, true>(w, x, o),
+                        (1, false) => avx2::tile::<1, false>(w, x, o),
+                        (2, false) => avx2::tile::<2, false>(w, x, o),
+                        (3, false) => avx2::tile::<3, false>(w, x, o),
+                        (_, false) => avx2::tile::<4, false>(w, x, o),
+                    }
+                }
+            }
+        }
         Simd::Portable => {
             for (o, x) in out.iter_mut().zip(xq) {
                 *o = dot_portable(kind, w, x);
@@ -431,47 +499,127 @@ mod avx2 {
         main + super::super::reduce8(&a)
     }
 
-    /// Up to 8 activation rows per weight row, so each unpacked weight block is reused.
+    /// Four [`super::super::reduce8`]s at once, lane `a` of the result for `v[a]`: each
+    /// addition pairs the same two values as the scalar tree, so the same bits.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dot_rows(kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
+    unsafe fn reduce8x4(v: [__m256; 4]) -> __m128 {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
+    }
+
+    /// The Q4_1 offset term `dot_f32(m_w, s_x)` as 8 lanes (lane `i % 8` for block `i`);
+    /// the tail is a masked load, whose zero lanes add `+0.0` to lanes that are never `-0.0`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn offset_lanes(w: &RowQ<'_>, x: &QRow) -> __m256 {
+        let (m, s, n) = (w.m.as_ptr() as *const f32, x.s.as_ptr(), x.s.len());
+        let mut v = _mm256_setzero_ps();
+        let mut c = 0;
+        while c + 8 <= n {
+            v = _mm256_add_ps(
+                v,
+                _mm256_mul_ps(_mm256_loadu_ps(m.add(c)), _mm256_loadu_ps(s.add(c))),
+            );
+            c += 8;
+        }
+        if c < n {
+            let k = _mm256_set1_epi32((n - c) as i32);
+            let mask = _mm256_cmpgt_epi32(k, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let mv = _mm256_maskload_ps(m.add(c), mask);
+            let sv = _mm256_maskload_ps(s.add(c), mask);
+            v = _mm256_add_ps(v, _mm256_mul_ps(mv, sv));
+        }
+        v
+    }
+
+    /// One weight row against `NA` (1 to 4) activation rows with every accumulator in a
+    /// register, so each unpacked weight block feeds `NA` rows. Per output the float
+    /// operations are the canonical ones, in the same order.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
+        // Blocks per segment of `d_w * d_x` products; even, so a block's parity is its
+        // index's parity within the segment.
+        const SEG: usize = 32;
+        let nb = w.d.len() / 4;
+        let wd = w.d.as_ptr() as *const f32;
+        let wq = w.q.as_ptr();
         let mask = _mm_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
-        let nb = w.d.len() / 4;
-        let n = xq.len();
-        let mut acc = [[_mm256_setzero_ps(); 2]; 8];
-        for b in 0..nb {
-            let d = f32_at(w.d, b);
-            let (wu, wsigned) = match kind {
-                QKind::Q4_1 => {
-                    let raw = _mm_loadu_si128(w.q.as_ptr().add(b * 16) as *const __m128i);
-                    let lo = _mm_and_si128(raw, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                    (_mm256_set_m128i(hi, lo), None)
+        let xq: [*const u8; NA] =
+            std::array::from_fn(|a| x.get_unchecked(a).qs.as_ptr() as *const u8);
+        let mut acc = [[_mm256_setzero_ps(); 2]; NA];
+        let mut dd = [[0f32; SEG]; NA];
+        let mut s0 = 0;
+        while s0 < nb {
+            let n = (nb - s0).min(SEG);
+            // The block scale products, 8 at a time (a vector product has the scalar bits),
+            // so the inner loop broadcasts each from memory instead of multiplying.
+            for (a, dda) in dd.iter_mut().enumerate() {
+                let xd = x.get_unchecked(a).d.as_ptr().add(s0);
+                let wds = wd.add(s0);
+                let mut j = 0;
+                while j + 8 <= n {
+                    let v = _mm256_mul_ps(_mm256_loadu_ps(wds.add(j)), _mm256_loadu_ps(xd.add(j)));
+                    _mm256_storeu_ps(dda.as_mut_ptr().add(j), v);
+                    j += 8;
                 }
-                _ => {
-                    let wv = _mm256_loadu_si256(w.q.as_ptr().add(b * QK) as *const __m256i);
-                    (_mm256_sign_epi8(wv, wv), Some(wv))
+                while j < n {
+                    dda[j] = *wds.add(j) * *xd.add(j);
+                    j += 1;
                 }
-            };
-            for r in 0..n {
-                let x = &xq[r];
-                let mut av = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK) as *const __m256i);
-                if let Some(wv) = wsigned {
-                    // maddubs wants its first operand unsigned: |w| times a with w's sign.
-                    av = _mm256_sign_epi8(av, wv);
-                }
-                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, av), ones);
-                let dd = _mm256_set1_ps(d * x.d[b]);
-                let a = &mut acc[r][b % 2];
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(lanes)));
             }
+            let mut j = 0;
+            while j < n {
+                // Even block into slot 0, odd block into slot 1; `h` is a constant after
+                // unrolling, so the accumulators stay in registers.
+                #[allow(clippy::needless_range_loop)]
+                for h in 0..2 {
+                    let jj = j + h;
+                    if jj >= n {
+                        break;
+                    }
+                    let bb = s0 + jj;
+                    let (wu, ws) = if Q4 {
+                        let raw = _mm_loadu_si128(wq.add(bb * 16) as *const __m128i);
+                        let lo = _mm_and_si128(raw, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                        (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
+                    } else {
+                        let ws = _mm256_loadu_si256(wq.add(bb * QK) as *const __m256i);
+                        // maddubs wants its first operand unsigned: |w| times a with w's sign.
+                        (_mm256_sign_epi8(ws, ws), ws)
+                    };
+                    for a in 0..NA {
+                        let av = _mm256_loadu_si256(xq[a].add(bb * QK) as *const __m256i);
+                        let xs = if Q4 { av } else { _mm256_sign_epi8(av, ws) };
+                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
+                        let d = _mm256_broadcast_ss(dd.get_unchecked(a).get_unchecked(jj));
+                        acc[a][h] =
+                            _mm256_add_ps(acc[a][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(lanes)));
+                    }
+                }
+                j += 2;
+            }
+            s0 += SEG;
         }
-        for r in 0..n {
-            let mut a = [0f32; 16];
-            _mm256_storeu_ps(a.as_mut_ptr(), acc[r][0]);
-            _mm256_storeu_ps(a.as_mut_ptr().add(8), acc[r][1]);
-            out[r] = finish(&a, kind, w, &xq[r]);
+        let z = _mm256_setzero_ps();
+        let even = reduce8x4(std::array::from_fn(|a| if a < NA { acc[a][0] } else { z }));
+        let odd = reduce8x4(std::array::from_fn(|a| if a < NA { acc[a][1] } else { z }));
+        let mut res = _mm_add_ps(even, odd);
+        if Q4 {
+            let m = std::array::from_fn(|a| {
+                if a < NA {
+                    offset_lanes(w, x.get_unchecked(a))
+                } else {
+                    z
+                }
+            });
+            res = _mm_add_ps(res, reduce8x4(m));
         }
+        let mut r = [0f32; 4];
+        _mm_storeu_ps(r.as_mut_ptr(), res);
+        out[..NA].copy_from_slice(&r[..NA]);
     }
 }
 
@@ -787,6 +935,38 @@ mod tests {
                         (exact - got).abs() < 0.05 * exact.abs().max(1.0),
                         "{exact} vs {got}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The whole mat-vec (tiles, remainders, odd block counts, every batch size) agrees
+    /// with the portable path bit for bit at every SIMD level this CPU has.
+    #[test]
+    fn matvec_levels_agree_bitwise() {
+        let mut levels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                levels.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
+                levels.push(Simd::Avx512Vnni);
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (cols, rows) in [(96, 70), (576, 67)] {
+            for kind in [QKind::Q4_1, QKind::Q8_0] {
+                let w = weights(kind, rows, cols);
+                for batch in 1..=9 {
+                    let (_, xq) = acts(batch, cols);
+                    let mut want = vec![0f32; batch * rows];
+                    w.matvec_with(Simd::Portable, &[], &xq, batch, &mut want);
+                    for &lv in &levels {
+                        let mut got = vec![0f32; batch * rows];
+                        w.matvec_with(lv, &[], &xq, batch, &mut got);
+                        assert_eq!(bits(&got), bits(&want), "{kind:?} {cols} b={batch} {lv:?}");
+                    }
                 }
             }
         }
