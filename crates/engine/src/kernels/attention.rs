@@ -292,19 +292,42 @@ mod avx2 {
             _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
             t0 += 8;
         }
-        let hd = o.len();
-        for t in 0..ns {
-            let p = *scores.get_unchecked(t);
+        for &p in &scores[..ns] {
             l += p;
-            let pv = _mm256_set1_ps(p);
-            let vt = v.as_ptr().add(t * stride);
-            for c in (0..hd).step_by(8) {
-                let op = o.as_mut_ptr().add(c);
-                let x = _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(c)));
-                _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), x));
+        }
+        match o.len() {
+            64 => accumulate::<8>(&scores[..ns], v, stride, o),
+            128 => accumulate::<16>(&scores[..ns], v, stride, o),
+            hd => {
+                for (t, &p) in scores[..ns].iter().enumerate() {
+                    let pv = _mm256_set1_ps(p);
+                    let vt = v.as_ptr().add(t * stride);
+                    for c in (0..hd).step_by(8) {
+                        let op = o.as_mut_ptr().add(c);
+                        let x = _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(c)));
+                        _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), x));
+                    }
+                }
             }
         }
         l
+    }
+
+    /// `o += p[t] * V[t]` in position order with `o` (`8 * C` values) held in registers.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+        let mut acc: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(o.as_ptr().add(8 * c)));
+        for (t, &pt) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pt);
+            let vt = v.as_ptr().add(t * stride);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(8 * c))));
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
+        }
     }
 }
 

@@ -20,6 +20,15 @@ pub(crate) struct QRow {
 }
 
 pub(crate) fn quantize_row(x: &[f32]) -> QRow {
+    #[cfg(target_arch = "x86_64")]
+    if Simd::detect() != Simd::Portable {
+        // SAFETY: the CPU has AVX2 (every non-portable level includes it).
+        return unsafe { avx2::quantize_row(x) };
+    }
+    quantize_row_portable(x)
+}
+
+fn quantize_row_portable(x: &[f32]) -> QRow {
     let nb = x.len() / QK;
     let mut r = QRow {
         d: Vec::with_capacity(nb),
@@ -499,6 +508,56 @@ mod avx2 {
         main + super::super::reduce8(&a)
     }
 
+    /// [`super::quantize_row_portable`], 32 values per step: the block's absolute maximum
+    /// and scale are the same scalars, and `round` (half away from zero) is built from
+    /// truncation, so every quant and sum is the same.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_row(x: &[f32]) -> QRow {
+        let nb = x.len() / QK;
+        let mut r = QRow {
+            d: Vec::with_capacity(nb),
+            s: Vec::with_capacity(nb),
+            qs: vec![0i8; nb * QK],
+        };
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK);
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vi in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let y = _mm256_mul_ps(v[i], id);
+                let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+                let up = _mm256_cmp_ps(frac, half, _CMP_GE_OQ);
+                let step = _mm256_or_ps(_mm256_and_ps(y, sign), one);
+                _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)))
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let mut sl = [0i32; 8];
+            _mm256_storeu_si256(sl.as_mut_ptr() as *mut __m256i, sum);
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let ordered =
+                _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(r.qs.as_mut_ptr().add(b * QK) as *mut __m256i, ordered);
+            r.d.push(d);
+            r.s.push(d * sl.iter().sum::<i32>() as f32);
+        }
+        r
+    }
+
     /// Four [`super::super::reduce8`]s at once, lane `a` of the result for `v[a]`: each
     /// addition pairs the same two values as the scalar tree, so the same bits.
     #[inline]
@@ -938,6 +997,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 quantizer gives the portable quants, scales and sums, ties included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn quantize_avx2_matches_portable() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut x: Vec<f32> = (0..576)
+            .map(|i| ((i * 53 % 211) as f32 - 105.0) / 7.3)
+            .collect();
+        // Exact halves after scaling: amax 127 makes id 1.
+        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| i as f32 - 15.5));
+        x[31] = 127.0;
+        x[32..64].fill(0.0);
+        let (a, b) = (quantize_row_portable(&x), unsafe { avx2::quantize_row(&x) });
+        assert_eq!(a.qs, b.qs);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.d), bits(&b.d));
+        assert_eq!(bits(&a.s), bits(&b.s));
     }
 
     /// The whole mat-vec (tiles, remainders, odd block counts, every batch size) agrees
