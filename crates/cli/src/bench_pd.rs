@@ -71,6 +71,10 @@ pub struct BenchPdArgs {
     /// Extra flags for every engine of both arms (e.g. "--long-prefill-token-threshold 128").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
+    /// Extra flags for the pair's prefill instance only (e.g. "--long-prefill-token-threshold
+    /// 64"); the colocated engine keeps its defaults.
+    #[arg(long, allow_hyphen_values = true)]
+    pub prefill_args: Option<String>,
     /// Goodput sweep: request rates (req/s, Poisson) to offer each arm, e.g. 0.1,0.2,0.4.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<f64>,
@@ -101,6 +105,10 @@ struct Settings {
     big_max_tokens: usize,
     big_prompts: usize,
     big_interval_s: f64,
+    prefill_threads: Option<usize>,
+    decode_threads: Option<usize>,
+    serve_args: Option<String>,
+    prefill_args: Option<String>,
 }
 
 impl BenchPdArgs {
@@ -116,6 +124,10 @@ impl BenchPdArgs {
             big_max_tokens: self.big_max_tokens,
             big_prompts: self.big_prompts.unwrap_or(if q { 2 } else { 4 }),
             big_interval_s: self.big_interval_s.unwrap_or(if q { 4.0 } else { 20.0 }),
+            prefill_threads: self.prefill_threads,
+            decode_threads: self.decode_threads,
+            serve_args: self.serve_args.clone(),
+            prefill_args: self.prefill_args.clone(),
         }
     }
 }
@@ -200,6 +212,9 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             }
             if let Some(x) = &a.serve_args {
                 cmd.args(["--serve-args", x]);
+            }
+            if let Some(x) = &a.prefill_args {
+                cmd.args(["--prefill-args", x]);
             }
         }
         other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
@@ -372,18 +387,19 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
     md.push_str(&format!(
-        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}.\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads, s.disagg_threshold, a.serve_args.as_deref().unwrap_or("")
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}.\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads, s.disagg_threshold, a.serve_args.as_deref().unwrap_or(""), a.prefill_args.as_deref().unwrap_or("")
     ));
-    md.push_str("| arm | decode ITL p50 ms | p90 | p99 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {
         let (i, b, st) = (&j["decode_itl_ms"], &j["big_ttft_ms"], &j["stream_ttft_ms"]);
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {}/{} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {}/{} |\n",
             j["arm"].as_str().unwrap_or(""),
             f(i, "p50"),
             f(i, "p90"),
             f(i, "p99"),
+            f(i, "p99_9"),
             f(i, "max"),
             f(i, "p99") / f(i, "p50"),
             f(b, "p50"),

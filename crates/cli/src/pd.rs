@@ -151,6 +151,16 @@ pub struct UpArgs {
     /// Extra flags passed to every `serve` (e.g. "--max-num-seqs 8").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
+    /// Extra flags for the prefill instances only, after --serve-args (e.g.
+    /// "--long-prefill-token-threshold 64", so short prompts do not queue behind a long one).
+    #[arg(long, allow_hyphen_values = true)]
+    pub prefill_args: Option<String>,
+}
+
+fn split_flags(s: &Option<String>) -> Vec<String> {
+    s.as_deref()
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Children that are killed when this is dropped (Ctrl-C, an error, a child's death).
@@ -220,11 +230,8 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut prefill_urls = Vec::new();
     let mut decode_urls = Vec::new();
     let mut decode_admin = Vec::new();
-    let extra: Vec<String> = a
-        .serve_args
-        .as_deref()
-        .map(|s| s.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
+    let extra = split_flags(&a.serve_args);
+    let prefill_extra = split_flags(&a.prefill_args);
     for i in 0..n {
         let producer = i < a.prefill;
         // Cores split as evenly as they go; every instance gets at least one thread.
@@ -255,6 +262,9 @@ pub fn up(a: UpArgs) -> Result<()> {
             .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
             .args(["--kv-transfer-config", &kv])
             .args(&extra);
+        if producer {
+            child.args(&prefill_extra);
+        }
         let admin_port = a.admin_base_port + (i - a.prefill.min(i)) as u16;
         if !producer {
             // Decode instances can be drained: their requests migrate to the others.

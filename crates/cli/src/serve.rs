@@ -39,6 +39,10 @@ pub struct EngineArgs {
     /// prompts are not stuck behind it (0: no cap).
     #[arg(long, default_value_t = 0)]
     pub long_prefill_token_threshold: usize,
+    /// With a threshold, how many prompts over it are prefilled at once; shorter prompts
+    /// may pass the ones waiting.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_long_partial_prefills: u64,
     /// KV cache storage type: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
@@ -60,6 +64,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_chunked_prefill: self.enable_chunked_prefill,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
+            max_long_partial_prefills: self.max_long_partial_prefills as usize,
             max_model_len: self.max_model_len,
             max_waiting: self.max_waiting_requests,
             threads: self.threads,

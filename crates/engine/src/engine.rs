@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub enable_chunked_prefill: bool,
     /// Cap per step on the chunk of a prompt longer than this (0: none).
     pub long_prefill_token_threshold: usize,
+    /// Prompts over the threshold prefilled at once (at least 1).
+    pub max_long_partial_prefills: usize,
     /// `None`: the model's context length, capped by the pool's capacity.
     pub max_model_len: Option<usize>,
     /// Requests allowed to wait before new ones are refused as overloaded.
@@ -56,6 +58,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             enable_chunked_prefill: true,
             long_prefill_token_threshold: 0,
+            max_long_partial_prefills: 1,
             max_model_len: None,
             max_waiting: 256,
             threads: None,
@@ -371,6 +374,7 @@ impl Engine {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 enable_chunked_prefill: cfg.enable_chunked_prefill,
                 long_prefill_token_threshold: cfg.long_prefill_token_threshold,
+                max_long_partial_prefills: cfg.max_long_partial_prefills,
                 block_size: cfg.block_size,
             },
             running: Vec::new(),

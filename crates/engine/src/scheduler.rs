@@ -41,9 +41,18 @@ pub(crate) struct SchedulerConfig {
     /// this many per step, so shorter prompts share the step (vLLM's
     /// `--long-prefill-token-threshold`); 0: no cap.
     pub long_prefill_token_threshold: usize,
+    /// With a threshold set, at most this many prompts longer than it are prefilled at once;
+    /// a shorter prompt may pass a long one waiting in the queue (vLLM's
+    /// `--max-long-partial-prefills`).
+    pub max_long_partial_prefills: usize,
 }
 
 impl SchedulerConfig {
+    /// A prefill with more tokens left than the threshold.
+    fn is_long(&self, remaining: usize) -> bool {
+        self.long_prefill_token_threshold > 0 && remaining > self.long_prefill_token_threshold
+    }
+
     /// Tokens of a request with `remaining` uncomputed tokens in a step with `budget` left.
     fn chunk(&self, remaining: usize, budget: usize) -> usize {
         let t = self.long_prefill_token_threshold;
@@ -71,10 +80,12 @@ pub(crate) fn schedule<S: Schedulable>(
     let mut plan = Plan::default();
     let mut budget = cfg.max_num_batched_tokens;
     let blocks_for = |tokens: usize| tokens.div_ceil(cfg.block_size);
+    let mut long_prefills = 0;
     let mut i = 0;
     while i < running.len() && budget > 0 {
         let (total, done) = (running[i].num_tokens(), running[i].num_computed());
         let remaining = total - done;
+        long_prefills += usize::from(cfg.is_long(remaining));
         let n = if cfg.enable_chunked_prefill {
             cfg.chunk(remaining, budget)
         } else if remaining <= budget {
@@ -111,12 +122,19 @@ pub(crate) fn schedule<S: Schedulable>(
     if plan.preempted > 0 {
         return plan;
     }
+    let mut w = 0;
     while budget > 0 && running.len() < cfg.max_num_seqs {
-        let Some(front) = waiting.front_mut() else {
+        let Some(front) = waiting.get_mut(w) else {
             break;
         };
         let (total, done) = (front.num_tokens(), front.num_computed());
         let remaining = total - done;
+        let long = cfg.is_long(remaining);
+        if long && long_prefills >= cfg.max_long_partial_prefills.max(1) {
+            // Enough long prompts in this step: let a shorter one behind it in.
+            w += 1;
+            continue;
+        }
         let n = if cfg.enable_chunked_prefill {
             cfg.chunk(remaining, budget)
         } else if remaining <= budget
@@ -131,7 +149,8 @@ pub(crate) fn schedule<S: Schedulable>(
         let Some(mut got) = cache.allocate(need) else {
             break;
         };
-        let mut s = waiting.pop_front().expect("front exists");
+        long_prefills += usize::from(long);
+        let mut s = waiting.remove(w).expect("candidate exists");
         s.blocks().append(&mut got);
         s.set_state(RequestState::Running);
         running.push(s);
@@ -196,7 +215,40 @@ mod tests {
             enable_chunked_prefill: chunked,
             block_size: 4,
             long_prefill_token_threshold: 0,
+            max_long_partial_prefills: 1,
         }
+    }
+
+    #[test]
+    fn one_long_prefill_at_a_time_and_short_prompts_pass() {
+        let mut c = cache(100);
+        let mut running = vec![];
+        let mut waiting: VecDeque<S> = [s(40), s(30), s(3)].into_iter().collect();
+        let capped = SchedulerConfig {
+            long_prefill_token_threshold: 8,
+            ..cfg(32, true)
+        };
+        // The second long prompt waits; the short one behind it runs beside the first.
+        let p = schedule(&capped, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 8), (1, 3)]);
+        assert_eq!(running[1].total, 3);
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].total, 30);
+        // Once the first is within the threshold, the second long one starts.
+        running[0].done = 36;
+        running[1].done = 3;
+        running[1].total = 4;
+        let p = schedule(&capped, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 4), (1, 1), (2, 8)]);
+        // Two at once when allowed.
+        let mut running = vec![];
+        let mut waiting: VecDeque<S> = [s(40), s(30)].into_iter().collect();
+        let two = SchedulerConfig {
+            max_long_partial_prefills: 2,
+            ..capped
+        };
+        let p = schedule(&two, &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 8), (1, 8)]);
     }
 
     #[test]
