@@ -81,9 +81,14 @@ pub(crate) fn attend_rows(
         let ns_max = bs.min(last_ctx - start);
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
-        for t in 0..ns_max {
-            for (e, &kv) in s.k[t * per_slot..(t + 1) * per_slot].iter().enumerate() {
-                s.kt[e * bs + t] = kv;
+        // One row (a decode) takes its dot products straight from K: the same sums, without
+        // the moves of a transpose that only one row would use.
+        let transposed = rows > 1;
+        if transposed {
+            for t in 0..ns_max {
+                for (e, &kv) in s.k[t * per_slot..(t + 1) * per_slot].iter().enumerate() {
+                    s.kt[e * bs + t] = kv;
+                }
             }
         }
         for i in 0..rows {
@@ -96,16 +101,22 @@ pub(crate) fn attend_rows(
                 let g = h / group;
                 let qh = &q[i * q_stride + h * hd..i * q_stride + (h + 1) * hd];
                 let kt = &s.kt[g * hd * bs..(g + 1) * hd * bs];
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
+                if !transposed {
+                    let k = Strided {
+                        data: &s.k[g * hd..],
+                        stride: per_slot,
+                    };
+                    scores_rows(qh, k, ns, scale, &mut s.scores);
+                } else if cfg!(not(target_arch = "x86_64")) || !avx2 {
+                    scores(qh, kt, bs, ns, scale, &mut s.scores);
+                } else {
+                    #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 is present (checked above), `bs` and `hd` are multiples
                     // of 8, and every slice covers the lanes read.
-                    unsafe { avx2::scores(qh, kt, bs, ns, scale, &mut s.scores) };
-                } else {
-                    scores(qh, kt, bs, ns, scale, &mut s.scores);
+                    unsafe {
+                        avx2::scores(qh, kt, bs, ns, scale, &mut s.scores)
+                    };
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                scores(qh, kt, bs, ns, scale, &mut s.scores);
                 let bmax = s.scores[..ns]
                     .iter()
                     .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -155,6 +166,13 @@ pub(crate) fn attend_rows(
 struct Strided<'a> {
     data: &'a [f32],
     stride: usize,
+}
+
+/// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K as rows.
+fn scores_rows(q: &[f32], k: Strided<'_>, ns: usize, scale: f32, out: &mut [f32]) {
+    for (t, o) in out[..ns].iter_mut().enumerate() {
+        *o = super::dot_f32(q, &k.data[t * k.stride..t * k.stride + q.len()]) * scale;
+    }
 }
 
 /// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K transposed (`kt[e * bs + t]`).
@@ -367,6 +385,20 @@ mod tests {
             unsafe { avx2::scores(&q, &kt, bs, ns, 0.125, &mut b) };
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a[..ns]), bits(&b[..ns]), "scores ns={ns}");
+            // K as rows (the decode path) gives the same sums.
+            let k: Vec<f32> = (0..bs * hd).map(|i| kt[(i % hd) * bs + i / hd]).collect();
+            let mut c = vec![0f32; bs];
+            scores_rows(
+                &q,
+                Strided {
+                    data: &k,
+                    stride: hd,
+                },
+                ns,
+                0.125,
+                &mut c,
+            );
+            assert_eq!(bits(&a[..ns]), bits(&c[..ns]), "row scores ns={ns}");
             let m = a[..ns].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
             let (mut oa, mut ob) = (vec![0.5f32; hd], vec![0.5f32; hd]);
             let vs = Strided { data: &v, stride };
