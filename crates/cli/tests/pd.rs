@@ -177,6 +177,41 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
     }
     assert_eq!(metric(&cons, "prompt_tokens_computed").await, before + 6.0);
 
+    // 3a. A one-token request is answered by the prefill instance alone: same token, no KV
+    // shipped, nothing held.
+    let (pulled, sent) = (
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+        metric(&prod, "kv_transfer_bytes_sent_total").await,
+    );
+    for stream in [false, true] {
+        let mut b = body(&ps[7], Some(3), 1);
+        let (_, a) = post(&c_url, &b).await;
+        if stream {
+            b["stream"] = json!(true);
+            let r = client().post(&p_url).json(&b).send().await.expect("stream");
+            assert_eq!(r.status(), 200);
+            let ev = sse(r).await;
+            assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+            let text: String = ev
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+                .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+                .collect();
+            assert_eq!(a["choices"][0]["text"].as_str(), Some(text.as_str()));
+        } else {
+            let (s, d) = post(&p_url, &b).await;
+            assert_eq!(s, 200, "{d}");
+            assert_eq!(tokens(&a), tokens(&d));
+            assert_eq!(a["usage"], d["usage"]);
+        }
+    }
+    assert_eq!(
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+        pulled
+    );
+    assert_eq!(metric(&prod, "kv_transfer_bytes_sent_total").await, sent);
+    assert_eq!(metric(&prod, "kv_held_blocks").await, 0.0);
+
     // 3b. Conditional disaggregation: a short prompt is prefilled on the decode instance.
     let proxy2 = spawn(&[
         "proxy".into(),

@@ -4,7 +4,8 @@
 //! Per request: the prefill instance gets the request with `max_tokens=1`, `stream=false` and
 //! `kv_transfer_params: {"do_remote_decode": true}`; its response's `kv_transfer_params` go
 //! with the original request to a decode instance, whose answer (SSE or JSON) is passed
-//! through. `X-Request-Id` is kept end to end. Errors before the first byte are 502/503 with
+//! through. A one-token request is answered by the prefill instance alone (nothing to
+//! decode, so no KV to ship). `X-Request-Id` is kept end to end. Errors before the first byte are 502/503 with
 //! an OpenAI error body; after it, an SSE error event and the end of the stream.
 //!
 //! Admin routes (on their own loopback listener, see [`admin_router`]) drain a decode
@@ -251,6 +252,18 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
         && prompt_tokens(p, &req, path)
             .await
             .is_some_and(|n| n < pools.disagg_threshold);
+    // A one-token answer is complete once the prompt is prefilled: the prefill instance
+    // serves it whole, so no KV is held, shipped, or loaded by a decode instance for it.
+    let one_token = [&req["max_tokens"], &req["max_completion_tokens"]]
+        .iter()
+        .any(|v| v.as_u64() == Some(1))
+        && req["n"].as_u64().unwrap_or(1) == 1;
+    if one_token && !local {
+        return match to_prefill(p, id, &req, path).await {
+            Ok((purl, presp)) => forward(purl, presp, stream).await,
+            Err(resp) => resp,
+        };
+    }
     let mut dec = req;
     if !local {
         match prefill(p, id, &dec, path).await {
@@ -277,6 +290,34 @@ async fn handle_inner(p: &Proxy, id: &HeaderValue, body: Bytes, path: &str) -> R
     }
 }
 
+/// `body` to the next prefill instance that answers (a long prompt may take minutes).
+async fn to_prefill(
+    p: &Proxy,
+    id: &HeaderValue,
+    body: &Value,
+    path: &str,
+) -> Result<(String, reqwest::Response), Response> {
+    let pools = &p.0.pools;
+    let timeout = Some(Duration::from_secs(600));
+    send_round_robin(
+        p,
+        &pools.prefill,
+        &p.0.next_prefill,
+        path,
+        id,
+        body,
+        timeout,
+    )
+    .await
+    .map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("no prefill instance answered: {e}"),
+        )
+    })
+}
+
 /// Prefill: one token, no stream, the KV held for a remote decode. Returns the producer's
 /// `kv_transfer_params`, or the response the client gets instead.
 async fn prefill(p: &Proxy, id: &HeaderValue, req: &Value, path: &str) -> Result<Value, Response> {
@@ -292,24 +333,7 @@ async fn prefill(p: &Proxy, id: &HeaderValue, req: &Value, path: &str) -> Result
     }
     pre["kv_transfer_params"] = json!({"do_remote_decode": true});
     let t0 = std::time::Instant::now();
-    let pools = &p.0.pools;
-    let (purl, presp) = send_round_robin(
-        p,
-        &pools.prefill,
-        &p.0.next_prefill,
-        path,
-        id,
-        &pre,
-        Some(Duration::from_secs(600)),
-    )
-    .await
-    .map_err(|e| {
-        error(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            format!("no prefill instance answered: {e}"),
-        )
-    })?;
+    let (purl, presp) = to_prefill(p, id, &pre, path).await?;
     if !presp.status().is_success() {
         return Err(passthrough_error(&purl, "prefill", presp).await);
     }
