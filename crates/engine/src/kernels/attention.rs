@@ -58,10 +58,8 @@ pub(crate) fn attend_rows(
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let per_slot = n_kv * hd;
-    #[cfg(target_arch = "x86_64")]
+    // Every non-portable level includes AVX2; its kernels read 8 slots and 8 dims at a time.
     let avx2 = Simd::detect() != Simd::Portable && bs % 8 == 0 && hd % 8 == 0;
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
     s.k.resize(bs * per_slot, 0.0);
     s.kt.resize(bs * per_slot, 0.0);
     s.v.resize(bs * per_slot, 0.0);
@@ -107,15 +105,8 @@ pub(crate) fn attend_rows(
                         stride: per_slot,
                     };
                     scores_rows(qh, k, ns, scale, &mut s.scores);
-                } else if cfg!(not(target_arch = "x86_64")) || !avx2 {
-                    scores(qh, kt, bs, ns, scale, &mut s.scores);
                 } else {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 is present (checked above), `bs` and `hd` are multiples
-                    // of 8, and every slice covers the lanes read.
-                    unsafe {
-                        avx2::scores(qh, kt, bs, ns, scale, &mut s.scores)
-                    };
+                    scores_transposed(avx2, qh, kt, bs, ns, scale, &mut s.scores);
                 }
                 let bmax = s.scores[..ns]
                     .iter()
@@ -137,16 +128,7 @@ pub(crate) fn attend_rows(
                     data: &s.v[g * hd..],
                     stride: per_slot,
                 };
-                #[cfg(target_arch = "x86_64")]
-                let acc = if avx2 {
-                    // SAFETY: as above.
-                    unsafe { avx2::weigh(&mut s.scores, ns, new_m, v, *l * corr, oh) }
-                } else {
-                    weigh(&mut s.scores, ns, new_m, v, *l * corr, oh)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let acc = weigh(&mut s.scores, ns, new_m, v, *l * corr, oh);
-                *l = acc;
+                *l = weigh_on(avx2, &mut s.scores, ns, new_m, v, *l * corr, oh);
                 *m = new_m;
             }
         }
@@ -166,6 +148,45 @@ pub(crate) fn attend_rows(
 struct Strided<'a> {
     data: &'a [f32],
     stride: usize,
+}
+
+/// [`scores`], on AVX2 when `avx2` (AVX2 present; `bs` and `q.len()` multiples of 8).
+fn scores_transposed(
+    avx2: bool,
+    q: &[f32],
+    kt: &[f32],
+    bs: usize,
+    ns: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller's `avx2` vouches for the CPU and the multiples of 8; every
+        // slice covers the lanes read.
+        return unsafe { avx2::scores(q, kt, bs, ns, scale, out) };
+    }
+    let _ = avx2;
+    scores(q, kt, bs, ns, scale, out)
+}
+
+/// [`weigh`], on AVX2 when `avx2` (as for [`scores_transposed`]).
+fn weigh_on(
+    avx2: bool,
+    scores: &mut [f32],
+    ns: usize,
+    m: f32,
+    v: Strided<'_>,
+    l: f32,
+    o: &mut [f32],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `scores_transposed`.
+        return unsafe { avx2::weigh(scores, ns, m, v, l, o) };
+    }
+    let _ = avx2;
+    weigh(scores, ns, m, v, l, o)
 }
 
 /// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K as rows.

@@ -277,26 +277,6 @@ impl QMatrix {
                 }
                 return;
             }
-            #[cfg(target_arch = "x86_64")]
-            if simd == Simd::Avx2 && self.kind != QKind::F32 {
-                // Groups of 4 activation rows outside, weight rows inside: the group stays in
-                // L1 while this task's rows stream past, and its 8 accumulators fit in
-                // registers (more rows, or more weight rows per tile, spill).
-                for b0 in (0..batch).step_by(4) {
-                    let x = &xq[b0..(b0 + 4).min(batch)];
-                    // SAFETY: the CPU has AVX2 (checked by `Simd::detect` or the caller);
-                    // this task owns rows `r0..r1` of `out`.
-                    unsafe {
-                        match x.len() {
-                            1 => self.avx2_tiles::<1>(r0, r1, x, b0, ptr),
-                            2 => self.avx2_tiles::<2>(r0, r1, x, b0, ptr),
-                            3 => self.avx2_tiles::<3>(r0, r1, x, b0, ptr),
-                            _ => self.avx2_tiles::<4>(r0, r1, x, b0, ptr),
-                        }
-                    }
-                }
-                return;
-            }
             // Activation groups outside, weight rows inside: a group of 8 quantized rows
             // stays in L1 while this task's weight rows stream past it.
             for b0 in (0..batch).step_by(8) {
@@ -320,35 +300,6 @@ impl QMatrix {
                 }
             }
         });
-    }
-}
-
-impl QMatrix {
-    /// Rows `r0..r1` against the `NA` activation rows `x` (batch rows `b0..`).
-    ///
-    /// # Safety
-    /// The CPU has AVX2, and the caller owns rows `r0..r1` of every batch row of `out`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2_tiles<const NA: usize>(
-        &self,
-        r0: usize,
-        r1: usize,
-        x: &[QRow],
-        b0: usize,
-        out: SyncPtr,
-    ) {
-        let mut t = [0f32; NA];
-        for r in r0..r1 {
-            if self.kind == QKind::Q4_1 {
-                avx2::tile::<NA, true>(&self.row(r), x, &mut t);
-            } else {
-                avx2::tile::<NA, false>(&self.row(r), x, &mut t);
-            }
-            for (a, &v) in t.iter().enumerate() {
-                *out.get().add((b0 + a) * self.rows + r) = v;
-            }
-        }
     }
 }
 
@@ -422,6 +373,8 @@ fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32])
         Simd::Avx512Vnni => unsafe { avx512::dot_rows(kind, w, xq, out) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => {
+            // Four activation rows per tile: their 8 accumulators fit in registers (more
+            // rows, or more weight rows per tile, spill).
             for (o, x) in out.chunks_mut(4).zip(xq.chunks(4)) {
                 // SAFETY: the caller picked AVX2 (from `Simd::detect` or after checking).
                 unsafe {
