@@ -388,7 +388,7 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let mut md = String::new();
     md.push_str(&format!(
         "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}.\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, a.prefill_threads, a.decode_threads, s.disagg_threshold, a.serve_args.as_deref().unwrap_or(""), a.prefill_args.as_deref().unwrap_or("")
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or("")
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {
