@@ -246,37 +246,6 @@ impl QMatrix {
         (0..n_chunks).into_par_iter().for_each(|c| {
             let mut o = [0f32; 8];
             let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(rows));
-            #[cfg(target_arch = "x86_64")]
-            if simd == Simd::Avx512Vnni && self.kind != QKind::F32 && (r1 - r0) % 4 == 0 {
-                for r in (r0..r1).step_by(4) {
-                    let w = [
-                        self.row(r),
-                        self.row(r + 1),
-                        self.row(r + 2),
-                        self.row(r + 3),
-                    ];
-                    for b0 in (0..batch).step_by(4) {
-                        let x = &xq[b0..(b0 + 4).min(batch)];
-                        let mut t = [[0f32; 4]; 4];
-                        // SAFETY: the CPU has AVX-512 VNNI (checked by `Simd::detect`).
-                        unsafe {
-                            match x.len() {
-                                1 => tile_into::<1>(self.kind, &w, x, &mut t),
-                                2 => tile_into::<2>(self.kind, &w, x, &mut t),
-                                3 => tile_into::<3>(self.kind, &w, x, &mut t),
-                                _ => tile_into::<4>(self.kind, &w, x, &mut t),
-                            }
-                        }
-                        for (i, row) in t.iter().enumerate() {
-                            for (a, &v) in row[..x.len()].iter().enumerate() {
-                                // SAFETY: as below, one writer per cell.
-                                unsafe { *ptr.get().add((b0 + a) * rows + r + i) = v };
-                            }
-                        }
-                    }
-                }
-                return;
-            }
             // Activation groups outside, weight rows inside: a group of 8 quantized rows
             // stays in L1 while this task's weight rows stream past it.
             for b0 in (0..batch).step_by(8) {
@@ -300,21 +269,6 @@ impl QMatrix {
                 }
             }
         });
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-unsafe fn tile_into<const NA: usize>(
-    kind: QKind,
-    w: &[RowQ<'_>; 4],
-    x: &[QRow],
-    t: &mut [[f32; 4]; 4],
-) {
-    let mut o = [[0f32; NA]; 4];
-    avx512::tile::<4, NA>(kind, w, x, &mut o);
-    for i in 0..4 {
-        t[i][..NA].copy_from_slice(&o[i]);
     }
 }
 
@@ -363,34 +317,63 @@ impl Simd {
     }
 }
 
+/// A tile of one weight row against 1 to 4 activation rows.
+#[cfg(target_arch = "x86_64")]
+type Tile = unsafe fn(&RowQ<'_>, &[QRow], &mut [f32]);
+
+/// Tiles by kind (Q8_0, Q4_1) and activation rows (1 to 4): four rows' accumulators fit
+/// in registers; more rows, or more weight rows per tile, spill.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles {
+    ($m:ident) => {
+        [
+            [
+                $m::tile::<1, false>,
+                $m::tile::<2, false>,
+                $m::tile::<3, false>,
+                $m::tile::<4, false>,
+            ],
+            [
+                $m::tile::<1, true>,
+                $m::tile::<2, true>,
+                $m::tile::<3, true>,
+                $m::tile::<4, true>,
+            ],
+        ]
+    };
+}
+#[cfg(target_arch = "x86_64")]
+const AVX2_TILES: [[Tile; 4]; 2] = tiles!(avx2);
+#[cfg(target_arch = "x86_64")]
+const AVX512_TILES: [[Tile; 4]; 2] = tiles!(avx512);
+
+/// # Safety
+/// The CPU has the instruction set of `tiles`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn by_fours(
+    tiles: &[[Tile; 4]; 2],
+    kind: QKind,
+    w: &RowQ<'_>,
+    xq: &[QRow],
+    out: &mut [f32],
+) {
+    for (o, x) in out.chunks_mut(4).zip(xq.chunks(4)) {
+        tiles[usize::from(kind == QKind::Q4_1)][x.len() - 1](w, x, o);
+    }
+}
+
 /// Canonical float order, shared by every implementation: per activation row, 16
 /// accumulators; block `b`'s 8 lane sums (lane `j` = products of values `4j..4j+4`) go to
 /// `acc[(b % 2) * 8 + j] += (d_w * d_x) * lane`; the result is
 /// `reduce8(acc[..8]) + reduce8(acc[8..])`, plus, for Q4_1, `dot_f32(m_w, s_x)`.
 fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
     match simd {
+        // SAFETY (both arms): the caller picked the level from `Simd::detect` or after
+        // checking the CPU has it.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512Vnni => unsafe { avx512::dot_rows(kind, w, xq, out) },
+        Simd::Avx512Vnni => unsafe { by_fours(&AVX512_TILES, kind, w, xq, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => {
-            // Four activation rows per tile: their 8 accumulators fit in registers (more
-            // rows, or more weight rows per tile, spill).
-            for (o, x) in out.chunks_mut(4).zip(xq.chunks(4)) {
-                // SAFETY: the caller picked AVX2 (from `Simd::detect` or after checking).
-                unsafe {
-                    match (x.len(), kind == QKind::Q4_1) {
-                        (1, true) => avx2::tile::<1, true>(w, x, o),
-                        (2, true) => avx2::tile::<2, true>(w, x, o),
-                        (3, true) => avx2::tile::<3, true>(w, x, o),
-                        (_, true) => avx2::tile::<4, true>(w, x, o),
-                        (1, false) => avx2::tile::<1, false>(w, x, o),
-                        (2, false) => avx2::tile::<2, false>(w, x, o),
-                        (3, false) => avx2::tile::<3, false>(w, x, o),
-                        (_, false) => avx2::tile::<4, false>(w, x, o),
-                    }
-                }
-            }
-        }
+        Simd::Avx2 => unsafe { by_fours(&AVX2_TILES, kind, w, xq, out) },
         Simd::Portable => {
             for (o, x) in out.iter_mut().zip(xq) {
                 *o = dot_portable(kind, w, x);
@@ -429,37 +412,8 @@ fn dot_portable(kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f32_at, QKind, QRow, RowQ, QK};
+    use super::{QRow, RowQ, QK};
     use std::arch::x86_64::*;
-
-    /// [`super::finish`] with the offset term's 8 lanes in one register: per lane the same
-    /// multiply-then-add sequence, so the same bits.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
-        let mut lo = [0f32; 8];
-        let mut hi = [0f32; 8];
-        lo.copy_from_slice(&acc[..8]);
-        hi.copy_from_slice(&acc[8..]);
-        let main = super::super::reduce8(&lo) + super::super::reduce8(&hi);
-        if kind != QKind::Q4_1 {
-            return main;
-        }
-        let n = x.s.len();
-        let chunks = n / 8;
-        let mut v = _mm256_setzero_ps();
-        for c in 0..chunks {
-            let mv = _mm256_loadu_ps(w.m.as_ptr().add(32 * c) as *const f32);
-            let sv = _mm256_loadu_ps(x.s.as_ptr().add(8 * c));
-            v = _mm256_add_ps(v, _mm256_mul_ps(mv, sv));
-        }
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), v);
-        for i in chunks * 8..n {
-            a[i % 8] += f32_at(w.m, i) * x.s[i];
-        }
-        main + super::super::reduce8(&a)
-    }
 
     /// [`super::quantize_row_portable`], 32 values per step: the block's absolute maximum
     /// and scale are the same scalars, and `round` (half away from zero) is built from
@@ -616,9 +570,25 @@ mod avx2 {
             s0 += SEG;
         }
         let z = _mm256_setzero_ps();
-        let even = reduce8x4(std::array::from_fn(|a| if a < NA { acc[a][0] } else { z }));
-        let odd = reduce8x4(std::array::from_fn(|a| if a < NA { acc[a][1] } else { z }));
-        let mut res = _mm_add_ps(even, odd);
+        let even = std::array::from_fn(|a| if a < NA { acc[a][0] } else { z });
+        let odd = std::array::from_fn(|a| if a < NA { acc[a][1] } else { z });
+        finish_tile::<NA, Q4>(even, odd, w, x, out);
+    }
+
+    /// A tile's outputs from its accumulators (even and odd blocks' lanes per activation
+    /// row, zero past `NA`): the canonical `reduce8(even) + reduce8(odd)`, plus the Q4_1
+    /// offset term, four outputs at once.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn finish_tile<const NA: usize, const Q4: bool>(
+        even: [__m256; 4],
+        odd: [__m256; 4],
+        w: &RowQ<'_>,
+        x: &[QRow],
+        out: &mut [f32],
+    ) {
+        let z = _mm256_setzero_ps();
+        let mut res = _mm_add_ps(reduce8x4(even), reduce8x4(odd));
         if Q4 {
             let m = std::array::from_fn(|a| {
                 if a < NA {
@@ -637,197 +607,89 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::finish;
-    use super::{f32_at, QKind, QRow, RowQ, QK};
+    use super::avx2::finish_tile;
+    use super::{QKind, QRow, RowQ, QK};
     use std::arch::x86_64::*;
 
-    /// A tile of `NW` weight rows by `NA` activation rows: each activation block is loaded
-    /// once per tile and the `NW × NA` accumulator chains are independent.
+    /// [`super::avx2::tile`] two blocks per step: `vpdpbusd` gives a pair's 16 canonical
+    /// lane sums at once, the low 8 lanes (even block) and the high 8 (odd block) being the
+    /// two halves of the canonical accumulators. Per output the float operations are the
+    /// canonical ones, in the same order.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-    pub unsafe fn tile<const NW: usize, const NA: usize>(
-        kind: QKind,
-        w: &[RowQ<'_>; NW],
-        x: &[QRow],
-        out: &mut [[f32; NA]; NW],
-    ) {
-        let nb = w[0].d.len() / 4;
-        let mask = _mm256_set1_epi8(0x0f);
-        let mut acc = [[_mm512_setzero_ps(); NA]; NW];
-        for p in 0..nb / 2 {
-            let b = 2 * p;
-            let mut av = [_mm512_setzero_si512(); NA];
-            let mut dx = [(0f32, 0f32); NA];
-            for a in 0..NA {
-                av[a] = _mm512_loadu_si512(x[a].qs.as_ptr().add(b * QK) as *const __m512i);
-                dx[a] = (*x[a].d.get_unchecked(b), *x[a].d.get_unchecked(b + 1));
-            }
-            for i in 0..NW {
-                let wd = w[i].d.as_ptr() as *const f32;
-                let (d0, d1) = (wd.add(b).read_unaligned(), wd.add(b + 1).read_unaligned());
-                let (wu, neg) = if kind == QKind::Q4_1 {
-                    let raw = _mm256_loadu_si256(w[i].q.as_ptr().add(b * 16) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                    let cat = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                    (_mm512_shuffle_i64x2(cat, cat, 0b11_01_10_00), 0)
+    pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
+        let nb = w.d.len() / 4;
+        let nbe = nb - nb % 2;
+        let wd = w.d.as_ptr() as *const f32;
+        let wq = w.q.as_ptr();
+        let mask = _mm512_set1_epi8(0x0f);
+        // A pair's 32 Q4_1 bytes as 128-bit lanes [r0 r0 r1 r1]; the odd lanes shifted down
+        // a nibble give [lo(b) hi(b) lo(b+1) hi(b+1)], the two blocks' 64 values in order.
+        let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+        let first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let two = _mm512_set1_epi32(2);
+        let xq: [*const u8; NA] =
+            std::array::from_fn(|a| x.get_unchecked(a).qs.as_ptr() as *const u8);
+        let mut acc = [_mm512_setzero_ps(); NA];
+        let mut g = 0;
+        while g < nbe {
+            // 16 blocks' scale products stay in a register (a vector product has the scalar
+            // bits); each pair's two are broadcast to lanes 0..8 and 8..16 from there.
+            let n = (nbe - g).min(16);
+            let m: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            let wdv = _mm512_maskz_loadu_ps(m, wd.add(g));
+            let dd: [__m512; NA] = std::array::from_fn(|a| {
+                let xd = x.get_unchecked(a).d.as_ptr().add(g);
+                _mm512_mul_ps(wdv, _mm512_maskz_loadu_ps(m, xd))
+            });
+            let mut pick = first;
+            let mut j = 0;
+            while j < n {
+                let b = g + j;
+                let (wu, neg) = if Q4 {
+                    let raw = _mm512_castsi256_si512(_mm256_loadu_si256(
+                        wq.add(b * 16) as *const __m256i
+                    ));
+                    let dup = _mm512_shuffle_i64x2(raw, raw, 0b01_01_00_00);
+                    (_mm512_and_si512(_mm512_srlv_epi64(dup, shifts), mask), 0)
                 } else {
-                    let wv = _mm512_loadu_si512(w[i].q.as_ptr().add(b * QK) as *const __m512i);
+                    let wv = _mm512_loadu_si512(wq.add(b * QK) as *const __m512i);
                     (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
                 };
                 for a in 0..NA {
-                    let xa = if kind == QKind::Q4_1 {
-                        av[a]
-                    } else {
-                        _mm512_mask_sub_epi8(av[a], neg, _mm512_setzero_si512(), av[a])
-                    };
-                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xa);
-                    let dd = _mm512_mask_blend_ps(
-                        0xff00,
-                        _mm512_set1_ps(d0 * dx[a].0),
-                        _mm512_set1_ps(d1 * dx[a].1),
-                    );
-                    acc[i][a] =
-                        _mm512_add_ps(acc[i][a], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(lanes)));
-                }
-            }
-        }
-        if NW * NA < 8 {
-            // Few outputs (decode of one or two streams): the gathers below cost more.
-            for i in 0..NW {
-                for a in 0..NA {
-                    let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][a]);
-                    if nb % 2 == 1 {
-                        let rest = super::dot_portable_block(kind, &w[i], &x[a], nb - 1);
-                        for j in 0..8 {
-                            lanes[j] += rest[j];
-                        }
+                    let mut av = _mm512_loadu_si512(xq[a].add(b * QK) as *const __m512i);
+                    if !Q4 {
+                        av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
                     }
-                    out[i][a] = finish(&lanes, kind, &w[i], &x[a]);
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, av);
+                    let d = _mm512_permutexvar_ps(pick, dd[a]);
+                    acc[a] = _mm512_add_ps(acc[a], _mm512_mul_ps(d, _mm512_cvtepi32_ps(lanes)));
                 }
+                pick = _mm512_add_epi32(pick, two);
+                j += 2;
             }
-            return;
+            g += 16;
         }
-        // Finish all NW × NA outputs at once, one output per vector lane; per lane the
-        // operations are exactly those of the scalar `finish` (same tree, same order).
-        let mut lanes = [[0f32; 16]; 16];
-        for i in 0..NW {
-            for a in 0..NA {
-                let o = i * NA + a;
-                _mm512_storeu_ps(lanes[o].as_mut_ptr(), acc[i][a]);
-                if nb % 2 == 1 {
-                    let rest = super::dot_portable_block(kind, &w[i], &x[a], nb - 1);
-                    for j in 0..8 {
-                        lanes[o][j] += rest[j];
-                    }
-                }
-            }
-        }
-        let base = lanes.as_ptr() as *const f32;
-        let col = |j: i32| {
-            let idx = _mm512_add_epi32(
-                _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(16),
-                ),
-                _mm512_set1_epi32(j),
-            );
-            _mm512_i32gather_ps::<4>(idx, base)
-        };
-        let t: [__m512; 16] = std::array::from_fn(|j| col(j as i32));
-        let r8 = |v: &[__m512]| {
-            _mm512_add_ps(
-                _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])),
-                _mm512_add_ps(_mm512_add_ps(v[4], v[5]), _mm512_add_ps(v[6], v[7])),
-            )
-        };
-        let mut res = _mm512_add_ps(r8(&t[..8]), r8(&t[8..]));
-        if kind == QKind::Q4_1 {
-            let mut m8 = [_mm512_setzero_ps(); 8];
-            let mut mb = [0f32; 16];
-            let mut sb = [0f32; 16];
-            for blk in 0..nb {
-                for i in 0..NW {
-                    let mv = f32_at(w[i].m, blk);
-                    for a in 0..NA {
-                        mb[i * NA + a] = mv;
-                        sb[i * NA + a] = *x[a].s.get_unchecked(blk);
-                    }
-                }
-                let k = blk % 8;
-                m8[k] = _mm512_add_ps(
-                    m8[k],
-                    _mm512_mul_ps(_mm512_loadu_ps(mb.as_ptr()), _mm512_loadu_ps(sb.as_ptr())),
-                );
-            }
-            res = _mm512_add_ps(res, r8(&m8));
-        }
-        let mut r = [0f32; 16];
-        _mm512_storeu_ps(r.as_mut_ptr(), res);
-        for i in 0..NW {
-            for a in 0..NA {
-                out[i][a] = r[i * NA + a];
+        let z = _mm256_setzero_ps();
+        let mut even = [z; 4];
+        let mut odd = [z; 4];
+        for a in 0..NA {
+            even[a] = _mm512_castps512_ps256(acc[a]);
+            odd[a] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
+            if nb % 2 == 1 {
+                // Odd tail block: its canonical slot is the even half.
+                let rest =
+                    super::dot_portable_block(kind_of::<Q4>(), w, x.get_unchecked(a), nb - 1);
+                even[a] = _mm256_add_ps(even[a], _mm256_loadu_ps(rest.as_ptr()));
             }
         }
+        finish_tile::<NA, Q4>(even, odd, w, x, out);
     }
 
-    /// Two blocks per step: `vpdpbusd` yields exactly the canonical lane sums, low 8 lanes
-    /// for the even block and high 8 for the odd one, which are the 16 accumulators.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-    pub unsafe fn dot_rows(kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
-        let nb = w.d.len() / 4;
-        let n = xq.len();
-        let mask = _mm256_set1_epi8(0x0f);
-        let mut acc = [_mm512_setzero_ps(); 8];
-        let pairs = nb / 2;
-        for p in 0..pairs {
-            let b = 2 * p;
-            let (d0, d1) = (f32_at(w.d, b), f32_at(w.d, b + 1));
-            let (wu, neg) = match kind {
-                QKind::Q4_1 => {
-                    let raw = _mm256_loadu_si256(w.q.as_ptr().add(b * 16) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                    // [lo0 lo1 | hi0 hi1] -> [lo0 hi0 lo1 hi1] (128-bit lanes 0, 2, 1, 3).
-                    let cat = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                    (_mm512_shuffle_i64x2(cat, cat, 0b11_01_10_00), 0)
-                }
-                _ => {
-                    let wv = _mm512_loadu_si512(w.q.as_ptr().add(b * QK) as *const __m512i);
-                    (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
-                }
-            };
-            for r in 0..n {
-                let x = &xq[r];
-                let mut av = _mm512_loadu_si512(x.qs.as_ptr().add(b * QK) as *const __m512i);
-                if kind != QKind::Q4_1 {
-                    av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
-                }
-                let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, av);
-                let dd = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(d0 * x.d[b]))),
-                    _mm256_castps_si256(_mm256_set1_ps(d1 * x.d[b + 1])),
-                    1,
-                );
-                acc[r] = _mm512_add_ps(
-                    acc[r],
-                    _mm512_mul_ps(_mm512_castsi512_ps(dd), _mm512_cvtepi32_ps(lanes)),
-                );
-            }
-        }
-        for r in 0..n {
-            let mut a = [0f32; 16];
-            _mm512_storeu_ps(a.as_mut_ptr(), acc[r]);
-            if nb % 2 == 1 {
-                // Odd tail block: canonical slot is the even half.
-                let b = nb - 1;
-                let x = &xq[r];
-                let rest = super::dot_portable_block(kind, w, x, b);
-                for j in 0..8 {
-                    a[j] += rest[j];
-                }
-            }
-            out[r] = finish(&a, kind, w, &xq[r]);
+    fn kind_of<const Q4: bool>() -> QKind {
+        if Q4 {
+            QKind::Q4_1
+        } else {
+            QKind::Q8_0
         }
     }
 }
@@ -922,18 +784,6 @@ mod tests {
                             dot_rows(lv, kind, &w.row(r), xg, og);
                         }
                         results.push(o.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    if levels.contains(&Simd::Avx512Vnni) && r + 4 <= 5 {
-                        let ws = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
-                        let mut t = [[0f32; 4]; 4];
-                        unsafe { tile_into::<3>(kind, &ws, &xq[..3], &mut t) };
-                        let tile_bits: Vec<u32> = t[0][..3].iter().map(|v| v.to_bits()).collect();
-                        assert_eq!(
-                            tile_bits,
-                            results[0][..3].to_vec(),
-                            "tile {kind:?} cols {cols}"
-                        );
                     }
                     for (lv, res) in levels.iter().zip(&results) {
                         assert_eq!(res, &results[0], "{kind:?} cols {cols} row {r} {lv:?}");
