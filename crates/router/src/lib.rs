@@ -118,6 +118,15 @@ pub async fn serve(
     proxy: Proxy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Each SSE event is a small write: with Nagle's algorithm on, one that follows another
+    // unacknowledged one waits for the peer's delayed ACK (40 ms on Linux), which a
+    // streamed token must not.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(proxy))
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,0 +1,95 @@
+//! Streamed tokens leave as they are made, through the engine's server and through the
+//! proxy of a pair: no token waits for an earlier one's acknowledgement (Nagle's algorithm
+//! against the client's delayed ACK held the first tokens of a response for ~40 ms and then
+//! delivered them together).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const TOKENS: usize = 24;
+const REQUESTS: usize = 3;
+
+/// Streams one completion and returns the arrival time of each token event.
+async fn arrivals(c: &reqwest::Client, base: &str) -> Vec<Instant> {
+    let body = json!({"prompt": "Once upon a time", "max_tokens": TOKENS, "temperature": 0,
+        "ignore_eos": true, "stream": true});
+    let resp = c
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("utf-8"));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            // Token events; the closing one (finish_reason set) follows the last token at once.
+            let v = event
+                .strip_prefix("data: ")
+                .and_then(|e| serde_json::from_str::<Value>(e).ok());
+            if v.is_some_and(|v| v["choices"][0]["finish_reason"].is_null()) {
+                out.push(Instant::now());
+            }
+        }
+    }
+    out
+}
+
+/// Gaps under 1 ms between token events, over `REQUESTS` streamed requests on one kept-alive
+/// connection. A decode step takes several ms, so such a gap means tokens that were made
+/// apart arrived together.
+async fn bunched(base: &str) -> (usize, usize) {
+    let c = client();
+    // The first request opens the connection; the measured ones reuse it, as clients do.
+    arrivals(&c, base).await;
+    let (mut bunched, mut gaps) = (0, 0);
+    for _ in 0..REQUESTS {
+        let t = arrivals(&c, base).await;
+        assert!(t.len() >= TOKENS - 1, "{} token events", t.len());
+        for w in t.windows(2) {
+            gaps += 1;
+            if w[1] - w[0] < Duration::from_millis(1) {
+                bunched += 1;
+            }
+        }
+    }
+    (bunched, gaps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_tokens_are_not_held_back() {
+    let engine = serve(&[], None);
+    ready(&engine).await;
+    let (b, n) = bunched(&engine.url()).await;
+    assert!(b <= 2, "engine server: {b} of {n} token gaps under 1 ms");
+    drop(engine);
+
+    let base = free_port();
+    let pair = spawn(&[
+        "up".into(),
+        "--model".into(),
+        model(),
+        "--threads".into(),
+        "2".into(),
+        "--num-kv-blocks".into(),
+        "256".into(),
+        "--base-port".into(),
+        base.to_string(),
+        "--side-channel-port".into(),
+        (base + 10).to_string(),
+        "--admin-base-port".into(),
+        (base + 21).to_string(),
+    ]);
+    ready(&pair).await;
+    let (b, n) = bunched(&pair.url()).await;
+    assert!(b <= 2, "proxy of a pair: {b} of {n} token gaps under 1 ms");
+}
