@@ -44,11 +44,12 @@ fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
     .expect("valid histogram")
 }
 
-// 5 ms steps from 10 to 60 ms: decode steps and inter-token gaps live there, and a tail
-// target (say p99 within 1.2× of p50) needs that resolution.
+// 2.5 ms steps from 5 to 30 ms, 5 ms steps to 60 ms: decode steps and inter-token gaps live
+// there, and a tail target (say p99 within 1.2× of p50) needs that resolution.
 const LAT: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.06, 0.08,
-    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025, 0.0275, 0.03,
+    0.035, 0.04, 0.045, 0.05, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
 ];
 
 impl Metrics {
