@@ -114,6 +114,29 @@ struct Held {
     sampler: Sampler,
 }
 
+/// Producer: finished requests' KV waiting for its reader, shared with the engine's handles
+/// so that a reader's lease never waits for the engine thread to finish a step (a long
+/// prefill step would otherwise delay every pull by up to its length).
+#[derive(Default)]
+struct Holds {
+    map: std::sync::Mutex<std::collections::HashMap<String, Held>>,
+    /// Held blocks lent to readers, until they come back.
+    lent: AtomicUsize,
+}
+
+impl Holds {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Held>> {
+        // A panic while holding the lock cannot leave the map half-updated: every critical
+        // section is a single insert, remove or scan.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blocks(&self) -> usize {
+        self.map().values().map(|h| h.blocks.len()).sum::<usize>()
+            + self.lent.load(Ordering::Relaxed)
+    }
+}
+
 /// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,7 +235,6 @@ enum Command {
     },
     /// A reader gave back a held request's blocks.
     Returned(String, Vec<u32>),
-    LeaseHeld(String, mpsc::Sender<Result<HeldKv, EngineError>>),
     /// The last handle is gone: finish what runs, then stop.
     Stop,
     Abort(String),
@@ -232,6 +254,8 @@ pub struct Engine {
     tx: mpsc::Sender<Command>,
     _stop: Arc<StopOnDrop>,
     stats: Arc<EngineStats>,
+    holds: Arc<Holds>,
+    kv_mem: Arc<crate::kv_cache::Memory>,
     model: Arc<Model>,
     max_model_len: usize,
     max_waiting: usize,
@@ -366,6 +390,7 @@ impl Engine {
             ),
             None => None,
         };
+        let holds = Arc::new(Holds::default());
         let mut core = Core {
             model: model.clone(),
             cache: KvCache::new(layout, cfg.num_blocks),
@@ -382,7 +407,7 @@ impl Engine {
             stats: stats.clone(),
             max_model_len,
             on_step,
-            held: Default::default(),
+            holds: holds.clone(),
             hold_timeout: cfg.kv_hold_timeout,
             parked: Default::default(),
             pending_parks: Vec::new(),
@@ -390,9 +415,9 @@ impl Engine {
             back: tx.clone(),
             remote_waiting: VecDeque::new(),
             loading: Default::default(),
-            lent_blocks: 0,
             stopping: false,
         };
+        let kv_mem = core.cache.mem.clone();
         std::thread::Builder::new()
             .name("splitserve-engine".into())
             .spawn(move || match pool {
@@ -404,6 +429,8 @@ impl Engine {
             _stop: Arc::new(StopOnDrop(tx.clone())),
             tx,
             stats,
+            holds,
+            kv_mem,
             model,
             max_model_len,
             max_waiting: cfg.max_waiting,
@@ -490,7 +517,20 @@ impl Engine {
     /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
     /// dropping the returned [`HeldKv`] frees its blocks.
     pub fn lease_held(&self, id: &str) -> Result<HeldKv, EngineError> {
-        self.ask_blocking(|tx| Command::LeaseHeld(id.to_string(), tx))?
+        let h = self
+            .holds
+            .map()
+            .remove(id)
+            .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
+        // From held to lent: the held-blocks gauge (their sum) stays as it was.
+        self.holds.lent.fetch_add(h.blocks.len(), Ordering::Relaxed);
+        let lease = Lease::new(
+            self.kv_mem.clone(),
+            h.blocks,
+            id.to_string(),
+            self.tx.clone(),
+        );
+        Ok(HeldKv::new(lease, h.n_tokens, h.generated, h.sampler))
     }
 
     /// Sends a command carrying a reply channel and waits for the answer (blocking).
@@ -580,7 +620,7 @@ struct Core {
     stats: Arc<EngineStats>,
     max_model_len: usize,
     on_step: Option<StepHook>,
-    held: std::collections::HashMap<String, Held>,
+    holds: Arc<Holds>,
     hold_timeout: Duration,
     /// Requests taken out of scheduling while they migrate; `true` if they were running.
     parked: std::collections::HashMap<String, (Seq, bool)>,
@@ -592,8 +632,6 @@ struct Core {
     remote_waiting: VecDeque<(Seq, RemoteKv)>,
     /// WAITING_FOR_REMOTE_KVS: blocks lent to the connector; the tokens being loaded.
     loading: std::collections::HashMap<String, (Seq, usize)>,
-    /// Held blocks lent to readers.
-    lent_blocks: usize,
     stopping: bool,
 }
 
@@ -601,11 +639,14 @@ impl Core {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                if self.stopping && self.loading.is_empty() && self.lent_blocks == 0 {
+                if self.stopping
+                    && self.loading.is_empty()
+                    && self.holds.lent.load(Ordering::Relaxed) == 0
+                {
                     return;
                 }
                 // While blocks are held, wake up to expire them even if nothing arrives.
-                let wait = if self.held.is_empty() {
+                let wait = if self.holds.map().is_empty() {
                     Duration::from_secs(3600)
                 } else {
                     Duration::from_millis(100)
@@ -652,10 +693,7 @@ impl Core {
             self.waiting.len() + self.remote_waiting.len() + self.loading.len(),
             Ordering::Relaxed,
         );
-        s.held_blocks.store(
-            self.held.values().map(|h| h.blocks.len()).sum::<usize>() + self.lent_blocks,
-            Ordering::Relaxed,
-        );
+        s.held_blocks.store(self.holds.blocks(), Ordering::Relaxed);
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -674,11 +712,12 @@ impl Core {
             Command::Loaded { id, blocks, result } => self.loaded(id, blocks, *result),
             Command::Returned(id, mut blocks) => {
                 tracing::debug!(id = %id, blocks = blocks.len(), "held KV read; blocks freed");
-                self.lent_blocks -= blocks.len().min(self.lent_blocks);
+                let n = blocks.len();
+                let _ = self
+                    .holds
+                    .lent
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l - n.min(l)));
                 self.cache.release(&mut blocks);
-            }
-            Command::LeaseHeld(id, reply) => {
-                let _ = reply.send(self.lease_held(&id));
             }
             Command::Stop => self.stopping = true,
             Command::Export(id, reply) => {
@@ -704,7 +743,7 @@ impl Core {
                     if let Some(s) = self.waiting.remove(i) {
                         self.finish(s, FinishReason::Abort, None);
                     }
-                } else if let Some(mut h) = self.held.remove(&id) {
+                } else if let Some(mut h) = self.take_held(&id) {
                     // The consumer gave up on this request's KV.
                     self.cache.release(&mut h.blocks);
                 } else if let Some(i) = self.remote_waiting.iter().position(|(s, _)| s.id == id) {
@@ -824,38 +863,31 @@ impl Core {
         )
     }
 
-    fn lease_held(&mut self, id: &str) -> Result<HeldKv, EngineError> {
-        let h = self
-            .held
-            .remove(id)
-            .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
-        self.lent_blocks += h.blocks.len();
-        self.publish();
-        Ok(HeldKv::new(
-            self.lease(h.blocks, id),
-            h.n_tokens,
-            h.generated,
-            h.sampler,
-        ))
+    /// Removes `id`'s held KV (the map's lock is released on return).
+    fn take_held(&self, id: &str) -> Option<Held> {
+        self.holds.map().remove(id)
     }
 
     /// Frees blocks no consumer came for within the hold timeout.
     fn expire_held(&mut self) {
-        if self.held.is_empty() {
-            return;
-        }
         let timeout = self.hold_timeout;
-        let expired: Vec<String> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.since.elapsed() >= timeout)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(mut h) = self.held.remove(&id) {
-                tracing::warn!(id = %id, blocks = h.blocks.len(), "KV hold timed out; freeing blocks");
-                self.cache.release(&mut h.blocks);
+        let expired: Vec<(String, Held)> = {
+            let mut map = self.holds.map();
+            if map.is_empty() {
+                return;
             }
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, h)| h.since.elapsed() >= timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove(&id).map(|h| (id, h)))
+                .collect()
+        };
+        for (id, mut h) in expired {
+            tracing::warn!(id = %id, blocks = h.blocks.len(), "KV hold timed out; freeing blocks");
+            self.cache.release(&mut h.blocks);
         }
         self.publish();
     }
@@ -954,8 +986,7 @@ impl Core {
 
     fn export(&mut self, id: &str) -> Result<KvImport, EngineError> {
         let mut h = self
-            .held
-            .remove(id)
+            .take_held(id)
             .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
         let layout = self.cache.layout;
         let layers = (0..layout.n_layer)
@@ -984,7 +1015,7 @@ impl Core {
             let keep = n_tokens.div_ceil(self.cache.layout.block_size);
             let mut extra = s.blocks.split_off(keep.min(s.blocks.len()));
             self.cache.release(&mut extra);
-            let old = self.held.insert(
+            let old = self.holds.map().insert(
                 s.id.clone(),
                 Held {
                     since: Instant::now(),
