@@ -369,6 +369,16 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
 }
 
+/// A table cell: `prec` decimals, or a dash where there is nothing to show (an arm with no
+/// decode streams has no ITL).
+fn cell(v: f64, prec: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.prec$}")
+    } else {
+        "–".into()
+    }
+}
+
 pub fn run(a: BenchPdArgs) -> Result<()> {
     let s = a.settings();
     let model = crate::model_path(&a.model)?.display().to_string();
@@ -394,17 +404,17 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     for j in &jsons {
         let (i, b, st) = (&j["decode_itl_ms"], &j["big_ttft_ms"], &j["stream_ttft_ms"]);
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {}/{} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |\n",
             j["arm"].as_str().unwrap_or(""),
-            f(i, "p50"),
-            f(i, "p90"),
-            f(i, "p99"),
-            f(i, "p99_9"),
-            f(i, "max"),
-            f(i, "p99") / f(i, "p50"),
-            f(b, "p50"),
-            f(b, "max"),
-            f(st, "p50"),
+            cell(f(i, "p50"), 1),
+            cell(f(i, "p90"), 1),
+            cell(f(i, "p99"), 1),
+            cell(f(i, "p99_9"), 1),
+            cell(f(i, "max"), 1),
+            cell(f(i, "p99") / f(i, "p50"), 2),
+            cell(f(b, "p50"), 0),
+            cell(f(b, "max"), 0),
+            cell(f(st, "p50"), 0),
             j["completed"],
             j["failed"]
         ));
@@ -412,13 +422,16 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     if jsons.len() == 2 {
         let (c, d) = (&jsons[0], &jsons[1]);
         md.push_str(&format!(
-            "\nITL p99 {} / {}: {:.2}x; big-prompt TTFT p50 {} / {}: {:.2}x\n",
+            "\nITL p99 {} / {}: {}x; big-prompt TTFT p50 {} / {}: {}x\n",
             c["arm"].as_str().unwrap_or(""),
             d["arm"].as_str().unwrap_or(""),
-            f(&c["decode_itl_ms"], "p99") / f(&d["decode_itl_ms"], "p99"),
+            cell(
+                f(&c["decode_itl_ms"], "p99") / f(&d["decode_itl_ms"], "p99"),
+                2
+            ),
             d["arm"].as_str().unwrap_or(""),
             c["arm"].as_str().unwrap_or(""),
-            f(&d["big_ttft_ms"], "p50") / f(&c["big_ttft_ms"], "p50"),
+            cell(f(&d["big_ttft_ms"], "p50") / f(&c["big_ttft_ms"], "p50"), 2),
         ));
     }
     let report = json!({"settings": s, "arms": jsons});
