@@ -73,7 +73,8 @@ async fn streamed_tokens_are_not_held_back() {
     assert!(b <= 2, "engine server: {b} of {n} token gaps under 1 ms");
     drop(engine);
 
-    let base = free_port();
+    // Instances at base and base + 1, side channel base + 10, admin ports base + 20 and up.
+    let base = free_port_range(24);
     let pair = spawn(&[
         "up".into(),
         "--model".into(),

@@ -64,6 +64,32 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The first of `n` consecutive loopback ports that are free now, below Linux's ephemeral
+/// range (32768 and up), where outgoing connections take their local ports: a command that
+/// derives its ports from one base (`up`, `bench pd`) must not meet a client's socket there.
+/// Each call in this process starts its search in a different place.
+pub fn free_port_range(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LO: u16 = 20000;
+    const SPAN: u16 = 12000;
+    let salt = (std::process::id() % 97) as u16 * 113;
+    for _ in 0..200 {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let base = LO + (salt.wrapping_add(k.wrapping_mul(397)) % (SPAN - n));
+        let held: Vec<TcpListener> = (base..base + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!(
+        "no {n} consecutive free loopback ports in {LO}..{}",
+        LO + SPAN
+    );
+}
+
 pub fn model() -> String {
     splitserve_engine::model_file::default_model(true)
         .expect("default model")
