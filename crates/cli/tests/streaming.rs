@@ -70,7 +70,7 @@ async fn streamed_tokens_are_not_held_back() {
     let engine = serve(&[], None);
     ready(&engine).await;
     let (b, n) = bunched(&engine.url()).await;
-    assert!(b <= 2, "engine server: {b} of {n} token gaps under 1 ms");
+    assert!(b <= 5, "engine server: {b} of {n} token gaps under 1 ms");
     drop(engine);
 
     // Instances at base and base + 1, side channel base + 10, admin ports base + 20 and up.
@@ -92,5 +92,5 @@ async fn streamed_tokens_are_not_held_back() {
     ]);
     ready(&pair).await;
     let (b, n) = bunched(&pair.url()).await;
-    assert!(b <= 2, "proxy of a pair: {b} of {n} token gaps under 1 ms");
+    assert!(b <= 5, "proxy of a pair: {b} of {n} token gaps under 1 ms");
 }

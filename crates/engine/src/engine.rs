@@ -517,13 +517,14 @@ impl Engine {
     /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
     /// dropping the returned [`HeldKv`] frees its blocks.
     pub fn lease_held(&self, id: &str) -> Result<HeldKv, EngineError> {
-        let h = self
-            .holds
-            .map()
+        // Counted as lent before the map's lock is released, so the held-blocks gauge (map
+        // plus lent) never misses them in between.
+        let mut map = self.holds.map();
+        let h = map
             .remove(id)
             .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
-        // From held to lent: the held-blocks gauge (their sum) stays as it was.
         self.holds.lent.fetch_add(h.blocks.len(), Ordering::Relaxed);
+        drop(map);
         let lease = Lease::new(
             self.kv_mem.clone(),
             h.blocks,

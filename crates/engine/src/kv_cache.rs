@@ -137,7 +137,7 @@ impl Region {
     }
 }
 
-/// `dst[i] = src[i]` widened (exact). `half` converts 8 values per call to a function it
+/// `dst[i] = src[i]` widened (exact; a signalling NaN may come out quiet). `half` converts 8 values per call to a function it
 /// cannot inline; attention widens every K and V value it reads, so one F16C loop here.
 fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
