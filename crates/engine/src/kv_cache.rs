@@ -137,19 +137,16 @@ impl Region {
     }
 }
 
-/// `dst[i] = src[i]` widened (exact; a signalling NaN may come out quiet). `half` converts 8 values per call to a function it
-/// cannot inline; attention widens every K and V value it reads, so one F16C loop here.
+/// `dst[i] = src[i]` widened (exact; a signalling NaN may come out quiet). `half` converts
+/// 8 values per call to a function it cannot inline; attention widens every K and V value
+/// it reads, so one F16C loop here.
 fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    // std caches the feature check, so asking on every call costs a load.
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static F16C: OnceLock<bool> = OnceLock::new();
-        if *F16C.get_or_init(|| is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx"))
-        {
-            // SAFETY: the CPU has F16C and AVX (checked above).
-            unsafe { f16_to_f32_f16c(src, dst) };
-            return;
-        }
+    if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has F16C and AVX (checked above).
+        unsafe { f16_to_f32_f16c(src, dst) };
+        return;
     }
     src.convert_to_f32_slice(dst);
 }
