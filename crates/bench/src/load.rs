@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::stats::{goodput, inter_token_gaps, RequestResult, SseParser, Summary};
+use crate::stats::{chunk_has_token, goodput, inter_token_gaps, RequestResult, SseParser, Summary};
 use crate::BenchError;
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
@@ -212,13 +212,7 @@ pub async fn send(
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n as usize);
                 }
-                let has_token = v["choices"].as_array().is_some_and(|c| {
-                    c.iter().any(|c| {
-                        c["text"].as_str().is_some_and(|t| !t.is_empty())
-                            || c["token_ids"].is_array()
-                    })
-                });
-                if has_token {
+                if chunk_has_token(&v) {
                     arrivals.push(now);
                 }
             }

@@ -51,6 +51,23 @@ pub fn inter_token_gaps(arrivals: &[f64]) -> Vec<f64> {
     arrivals.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
+/// Whether a streamed completion chunk carries a generated token.
+///
+/// A token whose text is still incomplete (the first bytes of a multi-byte character) comes
+/// with empty text; it is a token all the same, or two steps would be timed as one gap. The
+/// closing chunk (empty text with a finish reason) and the usage chunk carry none.
+pub fn chunk_has_token(chunk: &serde_json::Value) -> bool {
+    chunk["choices"].as_array().is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c["token_ids"].is_array()
+                || match c["text"].as_str() {
+                    Some(t) => !t.is_empty() || c["finish_reason"].is_null(),
+                    None => false,
+                }
+        })
+    })
+}
+
 /// One request's measurements, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestResult {
@@ -180,5 +197,25 @@ mod tests {
             .collect();
         assert_eq!(gaps, vec![20.0, 30.0, 1.0]);
         assert!(inter_token_gaps(&[1.0]).is_empty());
+    }
+
+    #[test]
+    fn which_chunks_carry_a_token() {
+        let has = |s: &str| chunk_has_token(&serde_json::from_str(s).expect("json"));
+        assert!(has(r#"{"choices":[{"text":" a","finish_reason":null}]}"#));
+        // Half of a multi-byte character: no text yet, but a token.
+        assert!(has(r#"{"choices":[{"text":"","finish_reason":null}]}"#));
+        assert!(has(
+            r#"{"choices":[{"text":"!","finish_reason":"length"}]}"#
+        ));
+        assert!(has(
+            r#"{"choices":[{"text":"","token_ids":[7],"finish_reason":"stop"}]}"#
+        ));
+        // The closing chunk and the usage chunk.
+        assert!(!has(
+            r#"{"choices":[{"text":"","finish_reason":"length"}]}"#
+        ));
+        assert!(!has(r#"{"choices":[],"usage":{"completion_tokens":3}}"#));
+        assert!(!has(r#"{"error":{"message":"x"}}"#));
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use splitserve_engine::{EngineConfig, KvDtype, KvLayout, Model};
+use splitserve_engine::{ComputePriority, EngineConfig, KvDtype, KvLayout, Model};
 use splitserve_kv::{Fingerprint, KvTransferConfig};
 use splitserve_server::{AppState, PdConfig};
 
@@ -49,6 +49,11 @@ pub struct EngineArgs {
     /// Kernel threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Scheduling class of the kernel threads: normal, or idle (Linux SCHED_IDLE: HTTP
+    /// streaming, proxy and KV-transfer threads preempt a running step at once instead of
+    /// at the next scheduler tick; for a machine dedicated to serving).
+    #[arg(long, default_value = "normal")]
+    pub compute_priority: ComputePriority,
     /// Requests allowed to wait; beyond this new requests get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_waiting_requests: usize,
@@ -68,6 +73,7 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             max_waiting: self.max_waiting_requests,
             threads: self.threads,
+            compute_priority: self.compute_priority,
             ..EngineConfig::default()
         }
     }

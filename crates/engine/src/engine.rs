@@ -19,10 +19,12 @@ use crate::tokenizer::IncrementalDecoder;
 
 mod connector;
 mod migrate;
+mod priority;
 use connector::Lease;
 pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 use migrate::PendingPark;
 pub use migrate::{LiveState, Migration, Parked, RequestInfo};
+pub use priority::ComputePriority;
 use tokio::sync::oneshot;
 
 /// Engine settings (vLLM flag names in the CLI).
@@ -44,6 +46,8 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Worker threads for this engine's kernels (`None`: rayon's default).
     pub threads: Option<usize>,
+    /// Scheduling class of those threads.
+    pub compute_priority: ComputePriority,
     /// How long a producer holds a finished request's blocks for a consumer to take.
     pub kv_hold_timeout: Duration,
 }
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             max_waiting: 256,
             threads: None,
+            compute_priority: ComputePriority::Normal,
             kv_hold_timeout: Duration::from_secs(30),
         }
     }
@@ -381,14 +386,25 @@ impl Engine {
         stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        let pool = match cfg.threads {
-            Some(n) => Some(
+        // A class other than the default needs threads of our own (0: rayon's count).
+        let prio = cfg.compute_priority;
+        let pool = if cfg.threads.is_some() || prio != ComputePriority::Normal {
+            let warned = Arc::new(std::sync::Once::new());
+            Some(
                 rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
+                    .num_threads(cfg.threads.unwrap_or(0))
+                    .start_handler(move |_| {
+                        if let Err(e) = priority::apply(prio) {
+                            warned.call_once(|| {
+                                tracing::warn!(error = %e, priority = %prio, "cannot set the compute threads' priority; they keep the default");
+                            });
+                        }
+                    })
                     .build()
                     .map_err(|e| EngineError::Internal(e.to_string()))?,
-            ),
-            None => None,
+            )
+        } else {
+            None
         };
         let holds = Arc::new(Holds::default());
         let mut core = Core {
