@@ -71,6 +71,11 @@ pub struct BenchPdArgs {
     /// Extra flags for every engine of both arms (e.g. "--long-prefill-token-threshold 128").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
+    /// CPUs for the arms' kernel threads ("0-1"): the colocated engine's threads take them
+    /// in turn, the pair's producer the first ones and its consumer the next (`serve
+    /// --cpu-bind`, `up --cpu-bind`). Default: wherever the OS puts them.
+    #[arg(long)]
+    pub cpu_bind: Option<String>,
     /// Extra flags for the pair's prefill instance only (e.g. "--long-prefill-token-threshold
     /// 64"); the colocated engine keeps its defaults.
     #[arg(long, allow_hyphen_values = true)]
@@ -109,6 +114,7 @@ struct Settings {
     decode_threads: Option<usize>,
     serve_args: Option<String>,
     prefill_args: Option<String>,
+    cpu_bind: Option<String>,
 }
 
 impl BenchPdArgs {
@@ -128,6 +134,7 @@ impl BenchPdArgs {
             decode_threads: self.decode_threads,
             serve_args: self.serve_args.clone(),
             prefill_args: self.prefill_args.clone(),
+            cpu_bind: self.cpu_bind.clone(),
         }
     }
 }
@@ -193,6 +200,9 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
         "colocated" => {
             cmd.args(["serve", "--model", model, "--port", &port.to_string()])
                 .args(["--threads", &s.threads.to_string()]);
+            if let Some(c) = &a.cpu_bind {
+                cmd.args(["--cpu-bind", c]);
+            }
             if let Some(x) = &a.serve_args {
                 cmd.args(x.split_whitespace());
             }
@@ -209,6 +219,9 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             }
             if let Some(t) = a.decode_threads {
                 cmd.args(["--decode-threads", &t.to_string()]);
+            }
+            if let Some(c) = &a.cpu_bind {
+                cmd.args(["--cpu-bind", c]);
             }
             if let Some(x) = &a.serve_args {
                 cmd.args(["--serve-args", x]);
@@ -397,8 +410,8 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
     md.push_str(&format!(
-        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}.\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or("")
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}; kernel threads bound to CPUs {}.\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or(""), s.cpu_bind.as_deref().unwrap_or("none")
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {

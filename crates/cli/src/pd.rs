@@ -6,6 +6,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use splitserve_engine::CpuList;
 use splitserve_router::{Pools, Proxy};
 
 #[derive(clap::Args)]
@@ -142,6 +143,11 @@ pub struct UpArgs {
     /// Threads of each decode instance (overrides the split of --threads).
     #[arg(long)]
     pub decode_threads: Option<usize>,
+    /// CPUs to run the instances' kernel threads on ("0-7"): each instance takes the next
+    /// ones, as many as it has threads, so prefill and decode never share a core (default:
+    /// wherever the OS puts them). Without --threads, one thread per CPU listed.
+    #[arg(long)]
+    pub cpu_bind: Option<CpuList>,
     /// KV blocks per instance.
     #[arg(long, default_value_t = 2048)]
     pub num_kv_blocks: usize,
@@ -220,11 +226,14 @@ pub fn up(a: UpArgs) -> Result<()> {
     );
     let model = crate::model_path(&a.model)?;
     let exe = std::env::current_exe()?;
-    let total = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
+    let bind = a.cpu_bind.clone().unwrap_or_default().0;
+    let total = a.threads.unwrap_or_else(|| match bind.len() {
+        0 => std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(2)
+            .unwrap_or(2),
+        n => n,
     });
+    let mut next_cpu = 0;
     let n = a.prefill + a.decode;
     let mut children = Children(Vec::new());
     let mut prefill_urls = Vec::new();
@@ -232,16 +241,28 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut decode_admin = Vec::new();
     let extra = split_flags(&a.serve_args);
     let prefill_extra = split_flags(&a.prefill_args);
-    for i in 0..n {
-        let producer = i < a.prefill;
+    let threads_of = |i: usize| {
         // Cores split as evenly as they go; every instance gets at least one thread.
         let split = (total / n + usize::from(i < total % n)).max(1);
-        let threads = if producer {
+        if i < a.prefill {
             a.prefill_threads.unwrap_or(split)
         } else {
             a.decode_threads.unwrap_or(split)
         }
-        .max(1);
+        .max(1)
+    };
+    let need: usize = (0..n).map(threads_of).sum();
+    if !bind.is_empty() && need > bind.len() {
+        bail!(
+            "--cpu-bind lists {} CPUs; the {n} instances have {need} threads, one CPU each",
+            bind.len()
+        );
+    }
+    for i in 0..n {
+        let producer = i < a.prefill;
+        let threads = threads_of(i);
+        let cpus = (!bind.is_empty()).then(|| CpuList(bind[next_cpu..next_cpu + threads].to_vec()));
+        next_cpu += threads;
         let port = a.base_port + i as u16;
         let (role, name) = if producer {
             ("kv_producer", format!("prefill[{i}]"))
@@ -262,6 +283,9 @@ pub fn up(a: UpArgs) -> Result<()> {
             .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
             .args(["--kv-transfer-config", &kv])
             .args(&extra);
+        if let Some(c) = &cpus {
+            child.args(["--cpu-bind", &c.to_string()]);
+        }
         if producer {
             child.args(&prefill_extra);
         }
@@ -274,8 +298,13 @@ pub fn up(a: UpArgs) -> Result<()> {
         let child = child.spawn().with_context(|| format!("starting {name}"))?;
         let url = format!("http://127.0.0.1:{port}");
         println!(
-            "{name}: {url} ({role}, {threads} thread{}{})",
+            "{name}: {url} ({role}, {threads} thread{}{}{})",
             if threads == 1 { "" } else { "s" },
+            match &cpus {
+                Some(c) if c.0.len() == 1 => format!(" on CPU {c}"),
+                Some(c) => format!(" on CPUs {c}"),
+                None => String::new(),
+            },
             if producer {
                 format!(", KV side channel 127.0.0.1:{side}")
             } else {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use splitserve_engine::{ComputePriority, EngineConfig, KvDtype, KvLayout, Model};
+use splitserve_engine::{ComputePriority, CpuList, EngineConfig, KvDtype, KvLayout, Model};
 use splitserve_kv::{Fingerprint, KvTransferConfig};
 use splitserve_server::{AppState, PdConfig};
 
@@ -54,6 +54,10 @@ pub struct EngineArgs {
     /// at the next scheduler tick; for a machine dedicated to serving).
     #[arg(long, default_value = "normal")]
     pub compute_priority: ComputePriority,
+    /// CPUs for the kernel threads, one each in turn, as `taskset -c` writes them ("0-3,8";
+    /// default: wherever the OS puts them). Without --threads, one thread per CPU listed.
+    #[arg(long)]
+    pub cpu_bind: Option<CpuList>,
     /// Requests allowed to wait; beyond this new requests get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_waiting_requests: usize,
@@ -74,6 +78,7 @@ impl EngineArgs {
             max_waiting: self.max_waiting_requests,
             threads: self.threads,
             compute_priority: self.compute_priority,
+            cpu_bind: self.cpu_bind.clone().unwrap_or_default(),
             ..EngineConfig::default()
         }
     }

@@ -19,12 +19,12 @@ use crate::tokenizer::IncrementalDecoder;
 
 mod connector;
 mod migrate;
-mod priority;
+mod placement;
 use connector::Lease;
 pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 use migrate::PendingPark;
 pub use migrate::{LiveState, Migration, Parked, RequestInfo};
-pub use priority::ComputePriority;
+pub use placement::{ComputePriority, CpuList};
 use tokio::sync::oneshot;
 
 /// Engine settings (vLLM flag names in the CLI).
@@ -44,10 +44,13 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Requests allowed to wait before new ones are refused as overloaded.
     pub max_waiting: usize,
-    /// Worker threads for this engine's kernels (`None`: rayon's default).
+    /// Worker threads for this engine's kernels (`None`: one per CPU of `cpu_bind`, else
+    /// rayon's default).
     pub threads: Option<usize>,
     /// Scheduling class of those threads.
     pub compute_priority: ComputePriority,
+    /// CPUs for those threads, one each in turn (empty: wherever the OS puts them).
+    pub cpu_bind: CpuList,
     /// How long a producer holds a finished request's blocks for a consumer to take.
     pub kv_hold_timeout: Duration,
 }
@@ -67,6 +70,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             threads: None,
             compute_priority: ComputePriority::Normal,
+            cpu_bind: CpuList::default(),
             kv_hold_timeout: Duration::from_secs(30),
         }
     }
@@ -353,7 +357,7 @@ impl Engine {
         let max_model_len = cfg
             .max_model_len
             .unwrap_or_else(|| model.config.context_length.min(capacity));
-        let bad = |param, reason: String| Err(EngineError::BadParam { param, reason });
+        let bad = |setting, reason: String| Err(EngineError::BadConfig { setting, reason });
         if cfg.block_size == 0 || cfg.num_blocks == 0 {
             return bad(
                 "block_size",
@@ -386,17 +390,39 @@ impl Engine {
         stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        // A class other than the default needs threads of our own (0: rayon's count).
+        let cpus = cfg.cpu_bind.0.clone();
+        if let Some(allowed) = placement::allowed_cpus() {
+            if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+                return bad(
+                    "cpu_bind",
+                    format!(
+                        "CPU {c} is not one this process may use (it may use {})",
+                        CpuList(allowed)
+                    ),
+                );
+            }
+        }
+        // A class or binding of our own needs threads of our own (0: rayon's count).
         let prio = cfg.compute_priority;
-        let pool = if cfg.threads.is_some() || prio != ComputePriority::Normal {
+        let pool = if cfg.threads.is_some() || prio != ComputePriority::Normal || !cpus.is_empty() {
             let warned = Arc::new(std::sync::Once::new());
+            let n = cfg.threads.unwrap_or(cpus.len());
             Some(
                 rayon::ThreadPoolBuilder::new()
-                    .num_threads(cfg.threads.unwrap_or(0))
-                    .start_handler(move |_| {
-                        if let Err(e) = priority::apply(prio) {
+                    .num_threads(n)
+                    .start_handler(move |i| {
+                        let mut failed = Vec::new();
+                        if let Some(&c) = cpus.get(i % cpus.len().max(1)) {
+                            if let Err(e) = placement::bind(c) {
+                                failed.push(format!("binding to CPU {c}: {e}"));
+                            }
+                        }
+                        if let Err(e) = placement::apply_priority(prio) {
+                            failed.push(format!("priority {prio}: {e}"));
+                        }
+                        if !failed.is_empty() {
                             warned.call_once(|| {
-                                tracing::warn!(error = %e, priority = %prio, "cannot set the compute threads' priority; they keep the default");
+                                tracing::warn!(problems = %failed.join("; "), "compute threads not placed as asked; the OS places them");
                             });
                         }
                     })

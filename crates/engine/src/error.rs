@@ -96,6 +96,11 @@ pub enum EngineError {
     BadTokenId { id: u32, vocab: usize },
     #[error("invalid sampling parameter {param}: {reason}")]
     BadParam { param: &'static str, reason: String },
+    #[error("invalid engine setting {setting}: {reason}")]
+    BadConfig {
+        setting: &'static str,
+        reason: String,
+    },
     #[error("the waiting queue is full ({waiting} requests waiting)")]
     Overloaded { waiting: usize },
     #[error("request id {0} is already in use")]

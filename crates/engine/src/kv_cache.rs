@@ -118,6 +118,27 @@ impl Region {
         }
     }
 
+    /// Asks the CPU to start fetching values `at..at + n` into cache (a hint; no effect
+    /// off x86-64). Attention calls it for the next block while it works on this one, so
+    /// reading K and V from memory overlaps the arithmetic.
+    pub fn prefetch(&self, at: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let w = self.dtype.bytes();
+            let end = ((at + n) * w).min(self.words * 4);
+            let base = self.ptr as *const i8;
+            let mut b = at * w;
+            while b < end {
+                // SAFETY: the address is inside the allocation; a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(b)) };
+                b += 64;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (at, n);
+    }
+
     /// Loads values `at..at + dst.len()` as f32; the caller's blocks, as for `write`.
     pub fn read(&self, at: usize, dst: &mut [f32]) {
         // SAFETY: as for `write`; readers on several engine threads share the slice.

@@ -17,9 +17,9 @@ pub mod synthetic;
 mod tokenizer;
 
 pub use engine::{
-    ComputePriority, Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, HeldKv,
-    KvConnector, KvImport, KvTransfer, LiveState, LoadTarget, Migration, Parked, RemoteFirst,
-    RemoteKv, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo, TokenOut,
+    ComputePriority, CpuList, Engine, EngineConfig, EngineStats, Event, FinishReason, Finished,
+    HeldKv, KvConnector, KvImport, KvTransfer, LiveState, LoadTarget, Migration, Parked,
+    RemoteFirst, RemoteKv, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo, TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};

@@ -120,9 +120,10 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(_) => ApiError::NotFound(e.to_string()),
             EngineError::NoFreeBlocks { .. } => ApiError::Unavailable(e.to_string()),
             EngineError::KvTransfer(_) => ApiError::BadGateway(e.to_string()),
-            EngineError::Stopped | EngineError::Internal(_) | EngineError::KvMismatch(_) => {
-                ApiError::Internal(e.to_string())
-            }
+            EngineError::Stopped
+            | EngineError::Internal(_)
+            | EngineError::KvMismatch(_)
+            | EngineError::BadConfig { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

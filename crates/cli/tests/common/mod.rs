@@ -22,6 +22,11 @@ impl Proc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        let g = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(|c| c.id())
+    }
+
     pub fn kill(&self) {
         let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mut c) = g.take() {

@@ -77,6 +77,11 @@ pub(crate) fn attend_rows(
         }
         let at = blk as usize * bs * per_slot;
         let ns_max = bs.min(last_ctx - start);
+        if let Some(&next) = table.get(bi + 1).filter(|_| start + bs < last_ctx) {
+            let n = bs.min(last_ctx - start - bs) * per_slot;
+            kr.prefetch(next as usize * bs * per_slot, n);
+            vr.prefetch(next as usize * bs * per_slot, n);
+        }
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
         // One row (a decode) takes its dot products straight from K: the same sums, without
