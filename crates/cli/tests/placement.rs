@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port_range, model, post, ready, spawn};
+use common::{model, post, ready, up};
 use serde_json::json;
 use splitserve_engine::CpuList;
 
@@ -65,23 +65,12 @@ async fn up_gives_prefill_and_decode_their_own_cpus() {
         eprintln!("skipped: one CPU");
         return;
     };
-    let base = free_port_range(24);
-    let pair = spawn(&[
-        "up".into(),
-        "--model".into(),
-        model(),
-        "--cpu-bind".into(),
-        format!("{a},{b}"),
-        "--serve-args".into(),
-        "--compute-priority idle".into(),
-        "--num-kv-blocks".into(),
-        "256".into(),
-        "--base-port".into(),
-        base.to_string(),
-        "--side-channel-port".into(),
-        (base + 10).to_string(),
-        "--admin-base-port".into(),
-        (base + 21).to_string(),
+    let bind = format!("{a},{b}");
+    let pair = up(&[
+        "--cpu-bind",
+        &bind,
+        "--serve-args",
+        "--compute-priority idle",
     ]);
     ready(&pair).await;
     let (code, v) = post(

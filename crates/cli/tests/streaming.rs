@@ -73,23 +73,7 @@ async fn streamed_tokens_are_not_held_back() {
     assert!(b <= 5, "engine server: {b} of {n} token gaps under 1 ms");
     drop(engine);
 
-    // Instances at base and base + 1, side channel base + 10, admin ports base + 20 and up.
-    let base = free_port_range(24);
-    let pair = spawn(&[
-        "up".into(),
-        "--model".into(),
-        model(),
-        "--threads".into(),
-        "2".into(),
-        "--num-kv-blocks".into(),
-        "256".into(),
-        "--base-port".into(),
-        base.to_string(),
-        "--side-channel-port".into(),
-        (base + 10).to_string(),
-        "--admin-base-port".into(),
-        (base + 21).to_string(),
-    ]);
+    let pair = up(&["--threads", "2"]);
     ready(&pair).await;
     let (b, n) = bunched(&pair.url()).await;
     assert!(b <= 5, "proxy of a pair: {b} of {n} token gaps under 1 ms");

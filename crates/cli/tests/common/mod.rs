@@ -124,6 +124,25 @@ pub fn spawn(args: &[String]) -> Proc {
     }
 }
 
+/// `up` with the default model and a 256-block pool on a free port range, plus `extra`.
+pub fn up(extra: &[&str]) -> Proc {
+    // Instances at base and base + 1, side channel base + 10, admin ports base + 20 and up.
+    let base = free_port_range(24);
+    let mut a: Vec<String> = vec!["up".into(), "--model".into(), model()];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.extend([
+        "--num-kv-blocks".into(),
+        "256".into(),
+        "--base-port".into(),
+        base.to_string(),
+        "--side-channel-port".into(),
+        (base + 10).to_string(),
+        "--admin-base-port".into(),
+        (base + 21).to_string(),
+    ]);
+    spawn(&a)
+}
+
 /// `serve` with the default model, one thread, and an optional KV role.
 pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
     let mut a: Vec<String> = vec!["serve".into()];
