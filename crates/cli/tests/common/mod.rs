@@ -62,11 +62,11 @@ impl Drop for Proc {
     }
 }
 
+/// A loopback port free now, from the same range as [`free_port_range`]: tests pick ports
+/// before the servers bind them, and meanwhile a client's outgoing socket could take a port
+/// from the ephemeral range (a server then fails to start; seen in a drain test).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    free_port_range(1)
 }
 
 /// The first of `n` consecutive loopback ports that are free now, below Linux's ephemeral
