@@ -504,8 +504,14 @@ async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
     let mut arms_json = Vec::new();
     let mut curves = Vec::new();
     let mut md = format!(
-        "Goodput sweep: {prompts} requests per rate ({input_len}-token prompts, {output_len} output tokens, Poisson arrivals); SLO TTFT <= {} ms and mean ITL <= {} ms; threads: colocated {}, pair {}.\n\n| arm | rate req/s | SLO met | goodput req/s | TTFT p50 ms | TTFT p99 | ITL p50 ms | ITL p99 | ok/failed |\n|---|---|---|---|---|---|---|---|---|\n",
-        a.slo_ttft_ms, a.slo_itl_ms, s.threads, s.pair_threads
+        "Goodput sweep: {prompts} requests per rate ({input_len}-token prompts, {output_len} output tokens, Poisson arrivals); SLO TTFT <= {} ms and mean ITL <= {} ms; threads: colocated {}, pair {}; engine flags {:?}; prefill-instance flags {:?}; kernel threads bound to CPUs {}.\n\n| arm | rate req/s | SLO met | goodput req/s | TTFT p50 ms | TTFT p99 | ITL p50 ms | ITL p99 | ok/failed |\n|---|---|---|---|---|---|---|---|---|\n",
+        a.slo_ttft_ms,
+        a.slo_itl_ms,
+        s.threads,
+        s.pair_threads,
+        s.serve_args.as_deref().unwrap_or(""),
+        s.prefill_args.as_deref().unwrap_or(""),
+        s.cpu_bind.as_deref().unwrap_or("none")
     );
     for arm in &a.arms {
         let started = start_arm(a, s, arm, model).await?;
@@ -575,7 +581,8 @@ async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
         "settings": {"threads": s.threads, "pair_threads": s.pair_threads,
             "disagg_threshold": s.disagg_threshold, "rates": a.sweep, "prompts": prompts,
             "input_len": input_len, "output_len": output_len,
-            "slo_ttft_ms": a.slo_ttft_ms, "slo_itl_ms": a.slo_itl_ms},
+            "slo_ttft_ms": a.slo_ttft_ms, "slo_itl_ms": a.slo_itl_ms,
+            "serve_args": s.serve_args, "prefill_args": s.prefill_args, "cpu_bind": s.cpu_bind},
         "arms": arms_json,
     });
     std::fs::write(
