@@ -1,5 +1,5 @@
 #!/bin/bash
-cd /work/main
+cd "$(dirname "$0")/../.."  # the repository root
 B=./target/release/splitserve
 C='--arms disaggregated --big-interval-s 1 --big-prompts 6 --prefill-args --long-prefill-token-threshold=64'
 for r in 1 2 3; do
