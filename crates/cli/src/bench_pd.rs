@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use splitserve_bench::load::{send, served_model, Job};
 use splitserve_bench::stats::{RequestResult, Summary};
+use splitserve_engine::CpuList;
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchPdArgs {
@@ -75,7 +76,8 @@ pub struct BenchPdArgs {
     /// in turn, the pair's producer the first ones and its consumer the next (`serve
     /// --cpu-bind`, `up --cpu-bind`). Default: wherever the OS puts them.
     #[arg(long)]
-    pub cpu_bind: Option<String>,
+    #[serde(skip)]
+    pub cpu_bind: Option<CpuList>,
     /// Extra flags for the pair's prefill instance only (e.g. "--long-prefill-token-threshold
     /// 64"); the colocated engine keeps its defaults.
     #[arg(long, allow_hyphen_values = true)]
@@ -134,7 +136,7 @@ impl BenchPdArgs {
             decode_threads: self.decode_threads,
             serve_args: self.serve_args.clone(),
             prefill_args: self.prefill_args.clone(),
-            cpu_bind: self.cpu_bind.clone(),
+            cpu_bind: self.cpu_bind.as_ref().map(|c| c.to_string()),
         }
     }
 }
@@ -201,7 +203,7 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             cmd.args(["serve", "--model", model, "--port", &port.to_string()])
                 .args(["--threads", &s.threads.to_string()]);
             if let Some(c) = &a.cpu_bind {
-                cmd.args(["--cpu-bind", c]);
+                cmd.args(["--cpu-bind", &c.to_string()]);
             }
             if let Some(x) = &a.serve_args {
                 cmd.args(x.split_whitespace());
@@ -221,7 +223,7 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
                 cmd.args(["--decode-threads", &t.to_string()]);
             }
             if let Some(c) = &a.cpu_bind {
-                cmd.args(["--cpu-bind", c]);
+                cmd.args(["--cpu-bind", &c.to_string()]);
             }
             if let Some(x) = &a.serve_args {
                 cmd.args(["--serve-args", x]);
@@ -394,6 +396,19 @@ fn cell(v: f64, prec: usize) -> String {
 
 pub fn run(a: BenchPdArgs) -> Result<()> {
     let s = a.settings();
+    if let Some(c) = &a.cpu_bind {
+        // As `up` splits the pair's threads: the producer gets the odd one.
+        let pt = s.pair_threads;
+        let pair = s.prefill_threads.unwrap_or((pt / 2 + pt % 2).max(1))
+            + s.decode_threads.unwrap_or((pt / 2).max(1));
+        let need = s.threads.max(pair);
+        anyhow::ensure!(
+            c.0.len() >= need,
+            "--cpu-bind lists {} CPUs; the arms need {need}, one per kernel thread (colocated {}, pair {pair})",
+            c.0.len(),
+            s.threads
+        );
+    }
     let model = crate::model_path(&a.model)?.display().to_string();
     std::fs::create_dir_all(&a.out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

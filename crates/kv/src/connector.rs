@@ -31,6 +31,7 @@ pub type LoadObserver = Arc<dyn Fn(&LoadReport) + Send + Sync>;
 
 pub struct TcpConnector {
     fingerprint: Fingerprint,
+    spawner: Spawner,
     /// Called when a load starts (`None`) and when it ends.
     observer: Option<LoadObserver>,
     on_start: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -78,6 +79,7 @@ impl TcpConnector {
     ) -> Self {
         Self {
             fingerprint,
+            spawner: Spawner::new(),
             observer,
             on_start,
         }
@@ -102,60 +104,57 @@ impl KvConnector for TcpConnector {
         }
         let fp = self.fingerprint.clone();
         let observer = self.observer.clone();
-        let spawned = std::thread::Builder::new()
-            .name("kv-load".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                let blocks = target.n_blocks();
-                let result = tcp::load_into(&r.addr, &fp, &r.request_id, &mut target);
-                let (bytes, outcome) = match result {
-                    Ok(l) => {
-                        let first = match &r.first_tokens {
-                            // vLLM's contract: the engine samples the first token itself.
-                            None => Ok(RemoteFirst::default()),
-                            Some(f) if *f != l.generated => Err(format!(
-                                "producer's first tokens {f:?} differ from the KV's {:?}",
-                                l.generated
-                            )),
-                            Some(_) => Ok(RemoteFirst {
-                                generated: l.generated,
-                                sampler: Some(l.sampler),
-                            }),
-                        };
-                        (l.bytes, first)
-                    }
-                    Err(e @ tcp::KvError::Handshake(_)) => {
-                        (0, Err(format!("KV transfer from {} refused: {e}", r.addr)))
-                    }
-                    Err(e) => (
-                        0,
-                        Err(format!(
-                            "KV transfer of request {} from {} failed: {e}",
-                            r.request_id, r.addr
+        self.spawner.spawn("kv-load", move || {
+            let t0 = Instant::now();
+            let blocks = target.n_blocks();
+            let result = tcp::load_into(&r.addr, &fp, &r.request_id, &mut target);
+            let (bytes, outcome) = match result {
+                Ok(l) => {
+                    let first = match &r.first_tokens {
+                        // vLLM's contract: the engine samples the first token itself.
+                        None => Ok(RemoteFirst::default()),
+                        Some(f) if *f != l.generated => Err(format!(
+                            "producer's first tokens {f:?} differ from the KV's {:?}",
+                            l.generated
                         )),
-                    ),
-                };
-                let report = LoadReport {
-                    request_id: target.request_id().to_string(),
-                    producer: r.addr.clone(),
-                    blocks,
-                    bytes,
-                    took: t0.elapsed(),
-                    error: outcome.as_ref().err().cloned(),
-                };
-                target.finish(outcome);
-                if let Some(o) = observer {
-                    o(&report);
+                        Some(_) => Ok(RemoteFirst {
+                            generated: l.generated,
+                            sampler: Some(l.sampler),
+                        }),
+                    };
+                    (l.bytes, first)
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a KV load thread");
-        }
+                Err(e @ tcp::KvError::Handshake(_)) => {
+                    (0, Err(format!("KV transfer from {} refused: {e}", r.addr)))
+                }
+                Err(e) => (
+                    0,
+                    Err(format!(
+                        "KV transfer of request {} from {} failed: {e}",
+                        r.request_id, r.addr
+                    )),
+                ),
+            };
+            let report = LoadReport {
+                request_id: target.request_id().to_string(),
+                producer: r.addr.clone(),
+                blocks,
+                bytes,
+                took: t0.elapsed(),
+                error: outcome.as_ref().err().cloned(),
+            };
+            target.finish(outcome);
+            if let Some(o) = observer {
+                o(&report);
+            }
+        });
     }
 
     fn release(&self, remote: RemoteKv) {
         if let Some(r) = RemoteAddr::parse(&remote.params) {
-            release_hold(self.fingerprint.clone(), r);
+            let fp = self.fingerprint.clone();
+            self.spawner
+                .spawn("kv-release", move || release_now(&fp, &r));
         }
     }
 }
@@ -163,10 +162,105 @@ impl KvConnector for TcpConnector {
 /// Tells the producer, in the background, to free the KV it holds for a request we will
 /// never load.
 pub fn release_hold(fingerprint: Fingerprint, r: RemoteAddr) {
-    std::thread::spawn(move || {
-        tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
-        if let Err(e) = tcp::release(&r.addr, &fingerprint, &r.request_id) {
-            tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
+    std::thread::spawn(move || release_now(&fingerprint, &r));
+}
+
+fn release_now(fingerprint: &Fingerprint, r: &RemoteAddr) {
+    tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
+    if let Err(e) = tcp::release(&r.addr, fingerprint, &r.request_id) {
+        tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts the connector's threads from a thread of its own. The engine thread that asks for
+/// a load may run under SCHED_IDLE on one CPU (`--compute-priority idle`, `--cpu-bind`), and
+/// a new thread inherits both from the thread that creates it; a transfer must not.
+struct Spawner(std::sync::mpsc::Sender<(&'static str, Job)>);
+
+impl Spawner {
+    /// Call from an ordinary thread: its class and CPUs are the ones the jobs get.
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(&'static str, Job)>();
+        let started = std::thread::Builder::new()
+            .name("kv-spawner".into())
+            .spawn(move || {
+                for (name, job) in rx {
+                    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(job) {
+                        tracing::error!(error = %e, thread = name, "cannot start a KV thread");
+                    }
+                }
+            });
+        if let Err(e) = started {
+            // Jobs sent now are dropped unrun: a load's target then fails its request.
+            tracing::error!(error = %e, "cannot start the KV connector's spawner thread");
         }
-    });
+        Self(tx)
+    }
+
+    fn spawn(&self, name: &'static str, job: impl FnOnce() + Send + 'static) {
+        if self.0.send((name, Box::new(job))).is_err() {
+            tracing::error!(thread = name, "the KV connector's spawner thread is gone");
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::Spawner;
+
+    /// (policy, allowed CPUs) of the calling thread, from procfs.
+    fn placement() -> (String, String) {
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").expect("sched");
+        let status = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+        let policy = sched
+            .lines()
+            .find(|l| l.starts_with("policy"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .expect("policy");
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+            .expect("cpus");
+        (policy, cpus)
+    }
+
+    #[test]
+    fn jobs_run_as_the_creator_of_the_spawner_not_as_the_caller() {
+        let ours = placement();
+        let spawner = Spawner::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Become what an engine thread under `--compute-priority idle --cpu-bind` is.
+                let first: usize = ours
+                    .1
+                    .split([',', '-'])
+                    .next()
+                    .and_then(|c| c.parse().ok())
+                    .expect("a CPU");
+                // SAFETY: pid 0 is the calling thread; the structs outlive the calls.
+                unsafe {
+                    let p = libc::sched_param { sched_priority: 0 };
+                    assert_eq!(libc::sched_setscheduler(0, libc::SCHED_IDLE, &p), 0);
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(first, &mut set);
+                    let n = std::mem::size_of::<libc::cpu_set_t>();
+                    assert_eq!(libc::sched_setaffinity(0, n, &set), 0);
+                }
+                assert_eq!(placement(), ("5".to_string(), first.to_string()));
+                let tx = tx.clone();
+                spawner.spawn("probe", move || {
+                    let _ = tx.send(placement());
+                });
+            });
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the job ran");
+        assert_eq!(got, ours);
+    }
 }

@@ -78,7 +78,15 @@ pub fn free_port_range(n: u16) -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     const LO: u16 = 20000;
     const SPAN: u16 = 12000;
-    let salt = (std::process::id() % 97) as u16 * 113;
+    // Test processes may run side by side: each starts somewhere of its own; within one,
+    // successive calls start 397 ports apart.
+    static SALT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    let salt = *SALT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        ((std::process::id() ^ nanos) % u32::from(SPAN)) as u16
+    });
     for _ in 0..200 {
         let k = NEXT.fetch_add(1, Ordering::Relaxed);
         let base = LO + (salt.wrapping_add(k.wrapping_mul(397)) % (SPAN - n));

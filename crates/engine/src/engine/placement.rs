@@ -139,7 +139,13 @@ pub(super) fn allowed_cpus() -> Option<Vec<usize>> {
 /// Binds the calling thread to `cpu`.
 #[cfg(target_os = "linux")]
 pub(super) fn bind(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as in `allowed_cpus`; `cpu` is at most MAX_CPU (checked when parsed).
+    if cpu > MAX_CPU {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} is past the last one Linux can name ({MAX_CPU})"),
+        ));
+    }
+    // SAFETY: as in `allowed_cpus`; `cpu` fits the set (checked above).
     let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
