@@ -397,10 +397,10 @@ fn cell(v: f64, prec: usize) -> String {
 pub fn run(a: BenchPdArgs) -> Result<()> {
     let s = a.settings();
     if let Some(c) = &a.cpu_bind {
-        // As `up` splits the pair's threads: the producer gets the odd one.
-        let pt = s.pair_threads;
-        let pair = s.prefill_threads.unwrap_or((pt / 2 + pt % 2).max(1))
-            + s.decode_threads.unwrap_or((pt / 2).max(1));
+        let split = (s.prefill_threads, s.decode_threads);
+        let pair: usize = (0..2)
+            .map(|i| crate::pd::instance_threads(s.pair_threads, (1, 1), split, i))
+            .sum();
         let need = s.threads.max(pair);
         anyhow::ensure!(
             c.0.len() >= need,

@@ -219,6 +219,24 @@ fn wait_listening(port: u16, children: &mut Children, deadline: Instant) -> Resu
     }
 }
 
+/// Kernel threads of instance `i` of `up` (prefill instances first): `total` split as evenly
+/// as it goes, unless the role's own count is given; at least one.
+pub(crate) fn instance_threads(
+    total: usize,
+    (prefill, decode): (usize, usize),
+    (prefill_threads, decode_threads): (Option<usize>, Option<usize>),
+    i: usize,
+) -> usize {
+    let n = prefill + decode;
+    let split = (total / n + usize::from(i < total % n)).max(1);
+    if i < prefill {
+        prefill_threads.unwrap_or(split)
+    } else {
+        decode_threads.unwrap_or(split)
+    }
+    .max(1)
+}
+
 pub fn up(a: UpArgs) -> Result<()> {
     anyhow::ensure!(
         a.prefill >= 1 && a.decode >= 1,
@@ -242,14 +260,12 @@ pub fn up(a: UpArgs) -> Result<()> {
     let extra = split_flags(&a.serve_args);
     let prefill_extra = split_flags(&a.prefill_args);
     let threads_of = |i: usize| {
-        // Cores split as evenly as they go; every instance gets at least one thread.
-        let split = (total / n + usize::from(i < total % n)).max(1);
-        if i < a.prefill {
-            a.prefill_threads.unwrap_or(split)
-        } else {
-            a.decode_threads.unwrap_or(split)
-        }
-        .max(1)
+        instance_threads(
+            total,
+            (a.prefill, a.decode),
+            (a.prefill_threads, a.decode_threads),
+            i,
+        )
     };
     let need: usize = (0..n).map(threads_of).sum();
     if !bind.is_empty() && need > bind.len() {

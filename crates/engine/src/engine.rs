@@ -759,7 +759,9 @@ impl Core {
                 let _ = self
                     .holds
                     .lent
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(l - n.min(l)));
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(l.saturating_sub(n))
+                    });
                 self.cache.release(&mut blocks);
             }
             Command::Stop => self.stopping = true,
@@ -919,15 +921,12 @@ impl Core {
             if map.is_empty() {
                 return;
             }
-            let ids: Vec<String> = map
-                .iter()
-                .filter(|(_, h)| h.since.elapsed() >= timeout)
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| map.remove(&id).map(|h| (id, h)))
+            map.extract_if(|_, h| h.since.elapsed() >= timeout)
                 .collect()
         };
+        if expired.is_empty() {
+            return;
+        }
         for (id, mut h) in expired {
             tracing::warn!(id = %id, blocks = h.blocks.len(), "KV hold timed out; freeing blocks");
             self.cache.release(&mut h.blocks);
