@@ -29,6 +29,9 @@ pub struct BenchEngineArgs {
     /// Repetitions of the prefill measurement (the best is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// KV cache storage type (f16, f32 or q8_0).
+    #[arg(long, default_value = "f16")]
+    kv_cache_dtype: splitserve_engine::KvDtype,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -98,6 +101,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
             model.clone(),
             EngineConfig {
                 threads: Some(t),
+                kv_dtype: a.kv_cache_dtype,
                 max_num_batched_tokens: a.prompt_len.max(512),
                 ..EngineConfig::default()
             },

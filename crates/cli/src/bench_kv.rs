@@ -29,7 +29,7 @@ pub struct BenchKvArgs {
     /// Transfers measured (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// KV cache dtype (f16 or f32).
+    /// KV cache dtype (f16, f32 or q8_0).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
     /// Write the results here as JSON.

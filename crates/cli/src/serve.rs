@@ -43,7 +43,8 @@ pub struct EngineArgs {
     /// may pass the ones waiting.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_long_partial_prefills: u64,
-    /// KV cache storage type: f16 or f32.
+    /// KV cache storage type: f16, f32, or q8_0 (llama.cpp's 8-bit groups: half the bytes
+    /// of f16 to hold, read and ship; not bit-identical to f16).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
     /// Kernel threads (default: all cores).

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::EngineError;
-use crate::kv_cache::{KvCache, KvDtype, KvLayout};
+use crate::kv_cache::{KvCache, KvDtype, KvLayout, Q8_GROUP};
 use crate::model::{Model, SeqChunk};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{schedule, RequestState, Schedulable, SchedulerConfig};
@@ -362,6 +362,15 @@ impl Engine {
             return bad(
                 "block_size",
                 "block size and pool size must be positive".into(),
+            );
+        }
+        if cfg.kv_dtype == KvDtype::Q8_0 && !model.config.head_dim.is_multiple_of(Q8_GROUP) {
+            return bad(
+                "kv_cache_dtype",
+                format!(
+                    "q8_0 stores groups of {Q8_GROUP} values; this model's head_dim {} is not a multiple",
+                    model.config.head_dim
+                ),
             );
         }
         if max_model_len > model.max_positions() {
@@ -947,7 +956,7 @@ impl Core {
             return fail(self, s, e);
         }
         let n_blocks = i.n_tokens.div_ceil(ours.block_size);
-        let per_block = ours.block_values() * 2 * ours.dtype.bytes();
+        let per_block = ours.layer_block_bytes();
         if i.n_tokens != s.prompt_len
             || i.layers.len() != ours.n_layer
             || i.layers.iter().any(|l| l.len() != n_blocks * per_block)

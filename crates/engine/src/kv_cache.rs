@@ -14,13 +14,23 @@ use serde::{Deserialize, Serialize};
 pub enum KvDtype {
     F16,
     F32,
+    /// llama.cpp's `q8_0` (`--cache-type-k q8_0`): groups of [`Q8_GROUP`] values as an f16
+    /// scale and one i8 each. Half the bytes of f16, so attention reads half as much.
+    Q8_0,
 }
 
+/// Values per q8_0 group; a head's values split into whole groups.
+pub const Q8_GROUP: usize = 32;
+/// Bytes of one q8_0 group: the f16 scale, then the i8 values.
+const Q8_BYTES: usize = 2 + Q8_GROUP;
+
 impl KvDtype {
-    pub fn bytes(self) -> usize {
+    /// Bytes that `n` values take (for q8_0, `n` is a whole number of groups).
+    pub fn size_of(self, n: usize) -> usize {
         match self {
-            KvDtype::F16 => 2,
-            KvDtype::F32 => 4,
+            KvDtype::F16 => 2 * n,
+            KvDtype::F32 => 4 * n,
+            KvDtype::Q8_0 => n / Q8_GROUP * Q8_BYTES,
         }
     }
 }
@@ -31,8 +41,9 @@ impl std::str::FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f16" | "fp16" | "float16" | "auto" => Ok(KvDtype::F16),
             "f32" | "fp32" | "float32" => Ok(KvDtype::F32),
+            "q8_0" => Ok(KvDtype::Q8_0),
             other => Err(format!(
-                "unknown KV cache dtype {other:?} (expected f16 or f32)"
+                "unknown KV cache dtype {other:?} (expected f16, f32 or q8_0)"
             )),
         }
     }
@@ -43,6 +54,7 @@ impl std::fmt::Display for KvDtype {
         f.write_str(match self {
             KvDtype::F16 => "f16",
             KvDtype::F32 => "f32",
+            KvDtype::Q8_0 => "q8_0",
         })
     }
 }
@@ -68,7 +80,7 @@ unsafe impl Sync for Region {}
 impl Region {
     fn new(dtype: KvDtype, n: usize) -> Self {
         // u32 words: aligned for f32 and f16 alike.
-        let words = (n * dtype.bytes()).div_ceil(4);
+        let words = dtype.size_of(n).div_ceil(4);
         let b: Box<[u32]> = vec![0u32; words].into_boxed_slice();
         Self {
             dtype,
@@ -82,9 +94,21 @@ impl Region {
     /// # Safety
     /// Nobody writes these values while the slice lives.
     unsafe fn bytes(&self, at: usize, n: usize) -> &[u8] {
-        let w = self.dtype.bytes();
-        assert!((at + n) * w <= self.words * 4, "KV range out of bounds");
-        std::slice::from_raw_parts((self.ptr as *const u8).add(at * w), n * w)
+        let (at, n) = self.byte_range(at, n);
+        std::slice::from_raw_parts((self.ptr as *const u8).add(at), n)
+    }
+
+    /// Byte offset and length of values `at..at + n`.
+    fn byte_range(&self, at: usize, n: usize) -> (usize, usize) {
+        if self.dtype == KvDtype::Q8_0 {
+            assert!(
+                at.is_multiple_of(Q8_GROUP) && n.is_multiple_of(Q8_GROUP),
+                "q8_0 ranges are whole groups"
+            );
+        }
+        let (b, len) = (self.dtype.size_of(at), self.dtype.size_of(n));
+        assert!(b + len <= self.words * 4, "KV range out of bounds");
+        (b, len)
     }
 
     /// Bytes of values `at..at + n`, writable.
@@ -93,9 +117,8 @@ impl Region {
     /// Nobody else reads or writes these values while the slice lives.
     #[allow(clippy::mut_from_ref)]
     unsafe fn bytes_mut(&self, at: usize, n: usize) -> &mut [u8] {
-        let w = self.dtype.bytes();
-        assert!((at + n) * w <= self.words * 4, "KV range out of bounds");
-        std::slice::from_raw_parts_mut((self.ptr as *mut u8).add(at * w), n * w)
+        let (at, n) = self.byte_range(at, n);
+        std::slice::from_raw_parts_mut((self.ptr as *mut u8).add(at), n)
     }
 
     /// Stores `src` at values `at..`; the caller owns those values' block (engine thread).
@@ -115,6 +138,7 @@ impl Region {
                 };
                 v.copy_from_slice(src);
             }
+            KvDtype::Q8_0 => q8_quantize(src, dst),
         }
     }
 
@@ -125,10 +149,9 @@ impl Region {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let w = self.dtype.bytes();
-            let end = ((at + n) * w).min(self.words * 4);
+            let end = self.dtype.size_of(at + n).min(self.words * 4);
             let base = self.ptr as *const i8;
-            let mut b = at * w;
+            let mut b = self.dtype.size_of(at);
             while b < end {
                 // SAFETY: the address is inside the allocation; a prefetch never faults.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(b)) };
@@ -154,6 +177,66 @@ impl Region {
                     unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f32, dst.len()) };
                 dst.copy_from_slice(v);
             }
+            KvDtype::Q8_0 => q8_dequantize(src, dst),
+        }
+    }
+}
+
+/// Stores `src` as q8_0 groups in `dst`: scale `d = max|x| / 127` (as f16), values
+/// `round(x / d)`, as llama.cpp's `quantize_row_q8_0` does.
+fn q8_quantize(src: &[f32], dst: &mut [u8]) {
+    for (x, g) in src
+        .chunks_exact(Q8_GROUP)
+        .zip(dst.chunks_exact_mut(Q8_BYTES))
+    {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        g[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (q, &v) in g[2..].iter_mut().zip(x) {
+            *q = (v * id).round() as i8 as u8;
+        }
+    }
+}
+
+/// `dst[i] = d * q[i]` per q8_0 group of `src`: one exact product per value, so the AVX2
+/// path gives the same bits as the portable one.
+fn q8_dequantize(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2 and F16C (checked above).
+        unsafe { q8_dequantize_avx2(src, dst) };
+        return;
+    }
+    q8_dequantize_portable(src, dst);
+}
+
+fn q8_dequantize_portable(src: &[u8], dst: &mut [f32]) {
+    for (g, out) in src
+        .chunks_exact(Q8_BYTES)
+        .zip(dst.chunks_exact_mut(Q8_GROUP))
+    {
+        let d = f16::from_le_bytes([g[0], g[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&g[2..]) {
+            *o = d * f32::from(q as i8);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q8_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (g, out) in src
+        .chunks_exact(Q8_BYTES)
+        .zip(dst.chunks_exact_mut(Q8_GROUP))
+    {
+        let d = _mm256_set1_ps(f16::from_le_bytes([g[0], g[1]]).to_f32());
+        let q = g.as_ptr().add(2);
+        for k in 0..Q8_GROUP / 8 {
+            let b = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), _mm256_mul_ps(d, v));
         }
     }
 }
@@ -232,9 +315,14 @@ impl KvLayout {
         self.block_size * self.n_kv_head * self.head_dim
     }
 
+    /// Bytes of one block in one layer, K and V.
+    pub fn layer_block_bytes(&self) -> usize {
+        2 * self.dtype.size_of(self.block_values())
+    }
+
     /// Bytes of one block over all layers, K and V.
     pub fn block_bytes(&self) -> usize {
-        self.block_values() * 2 * self.n_layer * self.dtype.bytes()
+        self.layer_block_bytes() * self.n_layer
     }
 }
 
@@ -376,6 +464,64 @@ mod tests {
                 assert!(o.is_nan(), "{:#06x}", h.to_bits());
             } else {
                 assert_eq!(o.to_bits(), want.to_bits(), "{:#06x}", h.to_bits());
+            }
+        }
+    }
+
+    /// A group with max |x| = 127 has scale 1 (f16 0x3C00) and stores x rounded half away
+    /// from zero; an all-zero group has scale 0 and zeros.
+    #[test]
+    fn q8_0_bytes_are_llama_cpp_s() {
+        let mut x = [0f32; Q8_GROUP];
+        x[0] = 127.0;
+        x[1] = -2.5;
+        x[2] = 0.49;
+        x[3] = -127.0;
+        x[4] = 3.5;
+        let mut q = [0u8; 2 * Q8_BYTES];
+        let src: Vec<f32> = x.iter().copied().chain([0.0; Q8_GROUP]).collect();
+        q8_quantize(&src, &mut q);
+        assert_eq!(
+            &q[..7],
+            &[0x00, 0x3C, 127, (-3i8) as u8, 0, (-127i8) as u8, 4]
+        );
+        assert!(q[7..Q8_BYTES].iter().all(|&b| b == 0));
+        assert!(q[Q8_BYTES..].iter().all(|&b| b == 0));
+        let mut back = [1f32; 2 * Q8_GROUP];
+        q8_dequantize(&q, &mut back);
+        assert_eq!(&back[..5], &[127.0, -3.0, 0.0, -127.0, 4.0]);
+        assert!(back[5..].iter().all(|&v| v == 0.0));
+    }
+
+    /// Every stored value at several scales decodes to the same bits on AVX2 as portably,
+    /// and a round trip stays within half a step.
+    #[test]
+    fn q8_0_decodes_the_same_on_every_path() {
+        let src: Vec<f32> = (0..8 * Q8_GROUP)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .map(|v| v * [1e-3, 0.5, 1.0, 300.0][(v.abs() as usize) % 4])
+            .collect();
+        let mut q = vec![0u8; KvDtype::Q8_0.size_of(src.len())];
+        q8_quantize(&src, &mut q);
+        // Every i8 value in the last group, whatever the quantizer made.
+        let last = q.len() - Q8_GROUP;
+        for (i, b) in q[last..].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(8).wrapping_add(3);
+        }
+        let (mut a, mut b) = (vec![0f32; src.len()], vec![0f32; src.len()]);
+        q8_dequantize(&q, &mut a);
+        q8_dequantize_portable(&q, &mut b);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+        for (g, (x, y)) in src
+            .chunks(Q8_GROUP)
+            .zip(a.chunks(Q8_GROUP))
+            .enumerate()
+            .take(7)
+        {
+            let d = f16::from_le_bytes([q[g * Q8_BYTES], q[g * Q8_BYTES + 1]]).to_f32();
+            for (u, v) in x.iter().zip(y) {
+                assert!((u - v).abs() <= d * 0.5 + d * 1e-3, "{u} came back as {v}");
             }
         }
     }

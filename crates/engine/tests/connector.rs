@@ -63,7 +63,7 @@ fn remote() -> KvTransfer {
 /// Writes a producer's exported KV into the lent blocks, as a transport would.
 fn fill(target: &mut LoadTarget, kv: &KvImport) {
     let lay = target.layout();
-    let per_block = lay.block_values() * 2 * lay.dtype.bytes();
+    let per_block = lay.layer_block_bytes();
     for (layer, bytes) in kv.layers.iter().enumerate() {
         for i in 0..target.n_blocks() {
             let src = &bytes[i * per_block..(i + 1) * per_block];

@@ -75,9 +75,19 @@ fn disaggregated_equals_colocated_and_frees_everything() {
     .map(|t| m.tokenizer.encode(t).expect("encode"))
     .collect();
     assert!(prompts[2].len() > 1500, "{}", prompts[2].len());
-    let colo = engine(EngineConfig::default());
-    let p = engine(EngineConfig::default());
-    let d = engine(EngineConfig::default());
+    for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+        pd_matches_colocated(&prompts, dtype);
+    }
+}
+
+fn pd_matches_colocated(prompts: &[Vec<u32>], dtype: KvDtype) {
+    let cfg = EngineConfig {
+        kv_dtype: dtype,
+        ..EngineConfig::default()
+    };
+    let colo = engine(cfg.clone());
+    let p = engine(cfg.clone());
+    let d = engine(cfg);
     for params in [
         SamplingParams {
             ignore_eos: true,
@@ -91,7 +101,7 @@ fn disaggregated_equals_colocated_and_frees_everything() {
             ..SamplingParams::greedy(24)
         },
     ] {
-        for prompt in &prompts {
+        for prompt in prompts {
             let reference = collect(
                 colo.submit(request("c", prompt, &params, KvTransfer::None))
                     .expect("submit"),
@@ -101,10 +111,13 @@ fn disaggregated_equals_colocated_and_frees_everything() {
             assert_eq!(
                 got.tokens,
                 reference.tokens,
-                "tokens, prompt of {}",
+                "{dtype} tokens, prompt of {}",
                 prompt.len()
             );
-            assert_eq!(got.logit_hashes, reference.logit_hashes, "logits bits");
+            assert_eq!(
+                got.logit_hashes, reference.logit_hashes,
+                "{dtype} logits bits"
+            );
             assert_eq!(got.text, reference.text);
             assert_eq!(
                 d.stats().prompt_tokens_computed,
@@ -131,6 +144,10 @@ fn mismatched_consumer_refuses_the_kv() {
         },
         EngineConfig {
             kv_dtype: KvDtype::F32,
+            ..EngineConfig::default()
+        },
+        EngineConfig {
+            kv_dtype: KvDtype::Q8_0,
             ..EngineConfig::default()
         },
     ] {

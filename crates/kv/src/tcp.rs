@@ -151,7 +151,7 @@ fn serve_one(
     };
     let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
     write_frame(s, addr, &Frame::Meta(json))?;
-    let per_block = layout.block_values() * 2 * layout.dtype.bytes();
+    let per_block = layout.layer_block_bytes();
     let mut bytes = 0u64;
     // One buffered writer: many small block writes become few syscalls.
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *s);
@@ -249,7 +249,7 @@ pub fn load_into(
         )));
     }
     let blocks = target.n_blocks();
-    let per_block = layout.block_values() * 2 * layout.dtype.bytes();
+    let per_block = layout.layer_block_bytes();
     let mut r = std::io::BufReader::with_capacity(1 << 20, &mut s);
     let mut bytes = 0u64;
     for layer in 0..layout.n_layer {

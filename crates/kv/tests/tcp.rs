@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::json;
 use splitserve_engine::{
-    model_file, Engine, EngineConfig, EngineError, Event, KvTransfer, Model, RemoteKv, Request,
-    SamplingParams,
+    model_file, Engine, EngineConfig, EngineError, Event, KvDtype, KvTransfer, Model, RemoteKv,
+    Request, SamplingParams,
 };
 use splitserve_kv::tcp::serve;
 use splitserve_kv::{Fingerprint, TcpConnector};
@@ -62,10 +62,10 @@ fn try_run(
 }
 
 /// A consumer engine whose connector speaks with fingerprint `fp`.
-fn consumer(fp: Fingerprint) -> Engine {
+fn consumer(fp: Fingerprint, cfg: EngineConfig) -> Engine {
     let (m, _) = model();
     let c = Arc::new(TcpConnector::new(fp, None, None));
-    Engine::start_with(m, EngineConfig::default(), None, Some(c)).expect("engine")
+    Engine::start_with(m, cfg, None, Some(c)).expect("engine")
 }
 
 fn remote(addr: &str, id: &str, first: Option<&[u32]>) -> KvTransfer {
@@ -90,9 +90,9 @@ fn all_free(e: &Engine) -> bool {
     false
 }
 
-fn producer() -> (Engine, Fingerprint, String) {
+fn producer(cfg: EngineConfig) -> (Engine, Fingerprint, String) {
     let (m, sha) = model();
-    let e = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    let e = Engine::start(m.clone(), cfg, None).expect("engine");
     let fp = Fingerprint::new(&sha, &m.config, &e.kv_layout());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
@@ -103,10 +103,19 @@ fn producer() -> (Engine, Fingerprint, String) {
 
 #[test]
 fn loaded_over_tcp_equals_colocated() {
+    for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+        over_tcp_equals_colocated(EngineConfig {
+            kv_dtype: dtype,
+            ..EngineConfig::default()
+        });
+    }
+}
+
+fn over_tcp_equals_colocated(cfg: EngineConfig) {
     let (m, _) = model();
-    let (p, fp, addr) = producer();
-    let d = consumer(fp);
-    let colo = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    let (p, fp, addr) = producer(cfg.clone());
+    let d = consumer(fp, cfg.clone());
+    let colo = Engine::start(m.clone(), cfg, None).expect("engine");
     let params = SamplingParams {
         ignore_eos: true,
         ..SamplingParams::greedy(32)
@@ -136,7 +145,7 @@ fn loaded_over_tcp_equals_colocated() {
             let kv = remote(&addr, &id, with_first.then_some(&first[..]));
             let before = d.stats().prompt_tokens_computed;
             let got = run(&d, &id, &prompt, &params, kv);
-            assert_eq!(got, reference);
+            assert_eq!(got, reference, "{}", p.kv_layout().dtype);
             // Without the first token (vLLM's contract) the last prompt position is recomputed.
             assert_eq!(
                 d.stats().prompt_tokens_computed - before,
@@ -164,7 +173,7 @@ fn loaded_over_tcp_equals_colocated() {
 
 #[test]
 fn mismatched_fingerprint_is_refused_before_kv_crosses() {
-    let (p, fp, addr) = producer();
+    let (p, fp, addr) = producer(EngineConfig::default());
     let (m, _) = model();
     let prompt = m.tokenizer.encode("Hello").expect("encode");
     run(
@@ -197,7 +206,7 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
             },
         ),
     ] {
-        let d = consumer(theirs);
+        let d = consumer(theirs, EngineConfig::default());
         let err = try_run(
             &d,
             "r",
@@ -214,7 +223,7 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
     }
     // The KV is still held (nothing crossed) and can be taken by a matching peer.
     assert!(p.stats().free_blocks < p.stats().total_blocks);
-    let d = consumer(fp);
+    let d = consumer(fp, EngineConfig::default());
     let got = run(
         &d,
         "r",

@@ -192,7 +192,7 @@ impl Core {
             });
         }
         let n_blocks = st.kv_tokens.div_ceil(layout.block_size);
-        let per_block = layout.block_values() * 2 * layout.dtype.bytes();
+        let per_block = layout.layer_block_bytes();
         if m.layers.len() != layout.n_layer
             || m.layers.iter().any(|l| l.len() != n_blocks * per_block)
         {
