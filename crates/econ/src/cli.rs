@@ -35,7 +35,7 @@ pub struct ModelArgs {
     /// Total parameters (for the FLOPs estimate).
     #[arg(long)]
     pub params: Option<u64>,
-    /// KV dtype: f32, f16/bf16, fp8.
+    /// KV dtype: f32, f16/bf16, fp8, q8_0.
     #[arg(long, default_value = "f16")]
     pub kv_dtype: String,
     #[arg(long, default_value_t = 2048)]
@@ -166,11 +166,11 @@ fn shape_of(m: &ModelArgs, hooks: &dyn EconHooks) -> Result<ModelShape, EconErro
     Ok(s)
 }
 
-fn dtype(m: &ModelArgs) -> Result<u64, EconError> {
-    shape::dtype_bytes(&m.kv_dtype).ok_or_else(|| EconError::UnknownPreset {
+fn dtype(m: &ModelArgs) -> Result<shape::KvFormat, EconError> {
+    shape::kv_format(&m.kv_dtype).ok_or_else(|| EconError::UnknownPreset {
         kind: "KV dtype",
         name: m.kv_dtype.clone(),
-        known: "f32, f16, bf16, fp8".into(),
+        known: "f32, f16, bf16, fp8, q8_0".into(),
     })
 }
 
@@ -207,12 +207,21 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
     Ok(k)
 }
 
+/// Bytes per value as a person reads them: "2", or "34/32" for grouped formats.
+fn value_bytes(kv: shape::KvFormat) -> String {
+    match kv.group {
+        1 => kv.group_bytes.to_string(),
+        g => format!("{}/{g}", kv.group_bytes),
+    }
+}
+
 /// Runs one `econ` command and returns what to print.
 pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> {
     match &args.command {
         EconCommand::Freight { model, efficiency } => {
             let s = shape_of(model, hooks)?;
-            let f = freight(&s, dtype(model)?, model.prompt_tokens, model.block_size);
+            let kv = dtype(model)?;
+            let f = freight(&s, kv, model.prompt_tokens, model.block_size);
             let links: Vec<(String, f64)> = link::presets()
                 .iter()
                 .map(|l| {
@@ -227,7 +236,7 @@ pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> 
             }
             let mut t = format!(
                 "{}: {} layers x {} KV heads x {} head dim x 2 x {} B = {} B per token\n{} tokens = {} blocks of {} = {:.2} MiB of KV\n\n{:<10} {:>12}\n",
-                s.name, s.layers, s.kv_heads, s.head_dim, f.bytes_per_token / (s.layers * s.kv_heads * s.head_dim * 2),
+                s.name, s.layers, s.kv_heads, s.head_dim, value_bytes(kv),
                 f.bytes_per_token, f.tokens, f.blocks, f.block_size, f.block_bytes as f64 / MIB, "link", "transfer ms"
             );
             for (n, secs) in links {
@@ -263,7 +272,7 @@ pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> 
             };
             let sc = Scenario {
                 q_width: s.heads * s.head_dim,
-                dtype_bytes: dtype(model)?,
+                kv_format: dtype(model)?,
                 prompt_tokens: model.prompt_tokens,
                 output_tokens: *output_tokens,
                 block_size: model.block_size,

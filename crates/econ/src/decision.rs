@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::link::{exposed_time, transfer_time, Link};
-use crate::shape::{freight, ModelShape};
+use crate::shape::{freight, KvFormat, ModelShape};
 
 /// How long a prefill takes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -35,7 +35,7 @@ pub struct Scenario {
     pub shape: ModelShape,
     /// Query width (heads × head dim) for the attention FLOPs.
     pub q_width: u64,
-    pub dtype_bytes: u64,
+    pub kv_format: KvFormat,
     pub prompt_tokens: u64,
     pub output_tokens: u64,
     pub block_size: u64,
@@ -139,7 +139,7 @@ pub trait DisaggPolicy {
 pub struct DefaultPolicy;
 
 pub fn numbers(s: &Scenario) -> Numbers {
-    let f = freight(&s.shape, s.dtype_bytes, s.prompt_tokens, s.block_size);
+    let f = freight(&s.shape, s.kv_format, s.prompt_tokens, s.block_size);
     let prefill_s = s.prefill.seconds(&s.shape, s.q_width, s.prompt_tokens);
     let transfer_s = transfer_time(&s.link, f.block_bytes, s.efficiency);
     let exposed = if s.overlap {
@@ -261,7 +261,7 @@ mod tests {
         Scenario {
             shape: preset("Llama-3.1-8B").expect("preset"),
             q_width: 32 * 128,
-            dtype_bytes: 2,
+            kv_format: KvFormat::F16,
             prompt_tokens: prompt,
             output_tokens: 256,
             block_size: 16,

@@ -16,9 +16,28 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Bytes of K and V per token: layers × KV heads × head dim × 2 × dtype bytes.
-    pub fn kv_bytes_per_token(&self, dtype_bytes: u64) -> u64 {
-        self.layers * self.kv_heads * self.head_dim * 2 * dtype_bytes
+    /// Bytes of K and V per token: layers × KV heads × 2 × the bytes of one head's values.
+    pub fn kv_bytes_per_token(&self, f: KvFormat) -> u64 {
+        self.layers * self.kv_heads * 2 * self.head_dim.div_ceil(f.group) * f.group_bytes
+    }
+}
+
+/// How KV values are stored: `group_bytes` bytes for every `group` values of a head (1 and
+/// 2 for f16; 32 and 34 for llama.cpp's q8_0, whose groups carry an f16 scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KvFormat {
+    pub group: u64,
+    pub group_bytes: u64,
+}
+
+impl KvFormat {
+    pub const F16: Self = Self::per_value(2);
+
+    const fn per_value(bytes: u64) -> Self {
+        Self {
+            group: 1,
+            group_bytes: bytes,
+        }
     }
 }
 
@@ -47,11 +66,15 @@ pub fn preset(name: &str) -> Option<ModelShape> {
 }
 
 /// Bytes per element of a KV dtype name.
-pub fn dtype_bytes(name: &str) -> Option<u64> {
+pub fn kv_format(name: &str) -> Option<KvFormat> {
     match name.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Some(4),
-        "f16" | "fp16" | "bf16" | "float16" | "bfloat16" => Some(2),
-        "fp8" | "int8" | "q8" => Some(1),
+        "f32" | "fp32" | "float32" => Some(KvFormat::per_value(4)),
+        "f16" | "fp16" | "bf16" | "float16" | "bfloat16" => Some(KvFormat::F16),
+        "fp8" | "int8" => Some(KvFormat::per_value(1)),
+        "q8_0" => Some(KvFormat {
+            group: 32,
+            group_bytes: 34,
+        }),
         _ => None,
     }
 }
@@ -69,8 +92,8 @@ pub struct Freight {
     pub block_bytes: u64,
 }
 
-pub fn freight(shape: &ModelShape, dtype_bytes: u64, tokens: u64, block_size: u64) -> Freight {
-    let per = shape.kv_bytes_per_token(dtype_bytes);
+pub fn freight(shape: &ModelShape, kv: KvFormat, tokens: u64, block_size: u64) -> Freight {
+    let per = shape.kv_bytes_per_token(kv);
     let blocks = tokens.div_ceil(block_size.max(1));
     Freight {
         tokens,
@@ -91,8 +114,8 @@ mod tests {
     #[test]
     fn llama_8b_2048_tokens_fp16_is_256_mib() {
         let s = preset("llama-3.1-8b").expect("preset");
-        assert_eq!(s.kv_bytes_per_token(2), 131_072); // 128 KiB per token
-        let f = freight(&s, 2, 2048, 16);
+        assert_eq!(s.kv_bytes_per_token(KvFormat::F16), 131_072); // 128 KiB per token
+        let f = freight(&s, KvFormat::F16, 2048, 16);
         assert_eq!(f.bytes as f64 / MIB, 256.0);
         assert_eq!(f.blocks, 128);
         assert_eq!(f.block_bytes, f.bytes);
@@ -101,9 +124,14 @@ mod tests {
     #[test]
     fn smollm_matches_model_md() {
         let s = preset("SmolLM2-135M").expect("preset");
-        assert_eq!(s.kv_bytes_per_token(2), 23_040); // 22.5 KiB
-        assert_eq!(s.kv_bytes_per_token(4), 46_080); // 45 KiB
-        let f = freight(&s, 2, 100, 16);
+        let f32 = kv_format("f32").expect("f32");
+        let q8 = kv_format("q8_0").expect("q8_0");
+        assert_eq!(s.kv_bytes_per_token(KvFormat::F16), 23_040); // 22.5 KiB
+        assert_eq!(s.kv_bytes_per_token(f32), 46_080); // 45 KiB
+                                                       // 30 layers × 3 KV heads × K and V × 2 groups of 34 bytes: the engine's q8_0 block
+                                                       // of 16 tokens is 195,840 bytes.
+        assert_eq!(s.kv_bytes_per_token(q8), 12_240);
+        let f = freight(&s, KvFormat::F16, 100, 16);
         assert_eq!(f.blocks, 7);
         assert_eq!(f.block_bytes, 23_040 * 112);
     }
