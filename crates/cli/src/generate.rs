@@ -34,6 +34,7 @@ pub struct GenerateArgs {
     /// Kernel threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// KV cache storage type (f16, f32 or q8_0).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
 }
