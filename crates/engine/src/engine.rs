@@ -1110,6 +1110,10 @@ impl Core {
             return;
         }
         let t0 = Instant::now();
+        // Per-step trace (RUST_LOG=splitserve::step=trace): a step whose CPU time is near
+        // its wall time was slow on its own, not preempted.
+        let traced = tracing::enabled!(target: "splitserve::step", tracing::Level::TRACE);
+        let cpu0 = traced.then(placement::thread_cpu_time).flatten();
         let (mut prefill_tokens, mut decode_tokens) = (0, 0);
         let mut prompt_computed = 0u64;
         let chunks: Vec<SeqChunk<'_>> = plan
@@ -1166,6 +1170,19 @@ impl Core {
         for (i, reason) in done {
             let s = self.running.remove(i);
             self.finish(s, reason, None);
+        }
+        if traced {
+            let cpu = cpu0
+                .zip(placement::thread_cpu_time())
+                .map(|(a, b)| b.saturating_sub(a));
+            tracing::trace!(
+                target: "splitserve::step",
+                wall_us = t0.elapsed().as_micros() as u64,
+                cpu_us = cpu.map(|c| c.as_micros() as u64),
+                prefill_tokens,
+                decode_tokens,
+                running = self.running.len(),
+            );
         }
         if let Some(hook) = &self.on_step {
             hook(StepInfo {

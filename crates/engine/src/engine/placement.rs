@@ -114,6 +114,23 @@ fn set_idle() -> std::io::Result<()> {
     ))
 }
 
+/// CPU time the calling thread has used, where the platform tells.
+#[cfg(target_os = "linux")]
+pub(super) fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` outlives the call; the clock id is a constant the kernel knows.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    (r == 0).then(|| std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn thread_cpu_time() -> Option<std::time::Duration> {
+    None
+}
+
 /// The CPUs this process may run on, if the platform says.
 #[cfg(target_os = "linux")]
 pub(super) fn allowed_cpus() -> Option<Vec<usize>> {
