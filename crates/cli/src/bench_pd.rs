@@ -184,6 +184,8 @@ struct ArmResult {
     big: Vec<RequestResult>,
     big_at: Vec<f64>,
     wall_s: f64,
+    /// When the workload started (Unix µs), so request times line up with the arms' logs.
+    t0_unix_us: u128,
 }
 
 /// A started arm: its process (killed on drop), URL, client and served model name.
@@ -236,10 +238,14 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     }
     crate::pd::die_with_parent(&mut cmd);
     let mut child = Kill(
-        cmd.env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting the {arm} arm"))?,
+        // The arms log warnings only, unless the user asks for more (e.g. the step trace).
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting the {arm} arm"))?,
     );
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
@@ -268,6 +274,9 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
     );
     let vocab = 49152;
     let t0 = Instant::now();
+    let t0_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
     let timeout = Duration::from_secs(900);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Decode streams: each slot re-issues its request until the big prompts are all served.
@@ -336,6 +345,7 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
         big,
         big_at,
         wall_s: t0.elapsed().as_secs_f64(),
+        t0_unix_us,
     })
 }
 
@@ -352,6 +362,7 @@ fn arm_json(r: &ArmResult) -> Value {
     json!({
         "arm": r.name,
         "wall_s": r.wall_s,
+        "t0_unix_us": r.t0_unix_us as u64,
         "completed": r.streams.len() + r.big.len() - failed,
         "failed": failed,
         "stream_requests": r.streams.len(),
