@@ -65,7 +65,7 @@ pub fn preset(name: &str) -> Option<ModelShape> {
         .find(|p| p.name.eq_ignore_ascii_case(name))
 }
 
-/// Bytes per element of a KV dtype name.
+/// The storage format a KV dtype name stands for.
 pub fn kv_format(name: &str) -> Option<KvFormat> {
     match name.to_ascii_lowercase().as_str() {
         "f32" | "fp32" | "float32" => Some(KvFormat::per_value(4)),
@@ -125,11 +125,11 @@ mod tests {
     fn smollm_matches_model_md() {
         let s = preset("SmolLM2-135M").expect("preset");
         let f32 = kv_format("f32").expect("f32");
+        // 30 layers × 3 KV heads × K and V × 2 groups of 34 bytes: the engine's q8_0 block
+        // of 16 tokens is 195,840 bytes.
         let q8 = kv_format("q8_0").expect("q8_0");
         assert_eq!(s.kv_bytes_per_token(KvFormat::F16), 23_040); // 22.5 KiB
         assert_eq!(s.kv_bytes_per_token(f32), 46_080); // 45 KiB
-                                                       // 30 layers × 3 KV heads × K and V × 2 groups of 34 bytes: the engine's q8_0 block
-                                                       // of 16 tokens is 195,840 bytes.
         assert_eq!(s.kv_bytes_per_token(q8), 12_240);
         let f = freight(&s, KvFormat::F16, 100, 16);
         assert_eq!(f.blocks, 7);
