@@ -204,9 +204,6 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
         "colocated" => {
             cmd.args(["serve", "--model", model, "--port", &port.to_string()])
                 .args(["--threads", &s.threads.to_string()]);
-            if let Some(c) = &a.cpu_bind {
-                cmd.args(["--cpu-bind", &c.to_string()]);
-            }
             if let Some(x) = &a.serve_args {
                 cmd.args(x.split_whitespace());
             }
@@ -224,9 +221,6 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             if let Some(t) = a.decode_threads {
                 cmd.args(["--decode-threads", &t.to_string()]);
             }
-            if let Some(c) = &a.cpu_bind {
-                cmd.args(["--cpu-bind", &c.to_string()]);
-            }
             if let Some(x) = &a.serve_args {
                 cmd.args(["--serve-args", x]);
             }
@@ -235,6 +229,10 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             }
         }
         other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
+    }
+    // `serve` binds its threads to these CPUs; `up` splits them between its instances.
+    if let Some(c) = &a.cpu_bind {
+        cmd.args(["--cpu-bind", &c.to_string()]);
     }
     crate::pd::die_with_parent(&mut cmd);
     let mut child = Kill(

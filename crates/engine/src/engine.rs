@@ -1171,13 +1171,14 @@ impl Core {
             let s = self.running.remove(i);
             self.finish(s, reason, None);
         }
+        let duration = t0.elapsed();
         if traced {
             let cpu = cpu0
                 .zip(placement::thread_cpu_time())
                 .map(|(a, b)| b.saturating_sub(a));
             tracing::trace!(
                 target: "splitserve::step",
-                wall_us = t0.elapsed().as_micros() as u64,
+                wall_us = duration.as_micros() as u64,
                 cpu_us = cpu.map(|c| c.as_micros() as u64),
                 prefill_tokens,
                 decode_tokens,
@@ -1186,7 +1187,7 @@ impl Core {
         }
         if let Some(hook) = &self.on_step {
             hook(StepInfo {
-                duration: t0.elapsed(),
+                duration,
                 prefill_tokens,
                 decode_tokens,
             });

@@ -5,6 +5,11 @@
 mod common;
 
 use common::{run_all, wait_all_free, Output};
+
+/// Each prompt alone on a default engine.
+fn solo(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
+    common::solo(&EngineConfig::default(), prompts, params)
+}
 use splitserve_engine::{EngineConfig, SamplingParams};
 
 const N_TOKENS: usize = 64;
@@ -27,18 +32,6 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
                 ][i % 4]
             );
             m.tokenizer.encode(&text).expect("encode")
-        })
-        .collect()
-}
-
-fn solo(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
-    let m = common::real_model();
-    prompts
-        .iter()
-        .map(|p| {
-            run_all(&m, EngineConfig::default(), std::slice::from_ref(p), params)
-                .0
-                .remove(0)
         })
         .collect()
 }

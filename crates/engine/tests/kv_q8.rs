@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run_all, wait_all_free, Output};
+use common::{run_all, solo, wait_all_free};
 use splitserve_engine::{EngineConfig, EngineError, Event, KvDtype, Model, SamplingParams};
 
 fn q8() -> EngineConfig {
@@ -27,17 +27,6 @@ fn prompts() -> Vec<Vec<u32>> {
     .iter()
     .map(|t| m.tokenizer.encode(t).expect("encode"))
     .collect()
-}
-
-fn solo(cfg: &EngineConfig, ps: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
-    let m = common::real_model();
-    ps.iter()
-        .map(|p| {
-            run_all(&m, cfg.clone(), std::slice::from_ref(p), params)
-                .0
-                .remove(0)
-        })
-        .collect()
 }
 
 #[test]

@@ -124,6 +124,19 @@ pub fn run_all(
     (outs, engine)
 }
 
+/// Each prompt alone on a fresh engine with `cfg`; outputs in prompt order.
+pub fn solo(cfg: &EngineConfig, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
+    let m = real_model();
+    prompts
+        .iter()
+        .map(|p| {
+            run_all(&m, cfg.clone(), std::slice::from_ref(p), params)
+                .0
+                .remove(0)
+        })
+        .collect()
+}
+
 /// Waits (bounded) until the engine's free-block count is back to its total.
 pub fn wait_all_free(engine: &Engine) -> splitserve_engine::StatsSnapshot {
     for _ in 0..200 {
