@@ -7,8 +7,10 @@
 //! K and V, so a group of them reads and converts every block once.
 //!
 //! The AVX2 path computes 8 positions' scores at once from a transposed copy of K (lane =
-//! position) and exponentiates 8 at a time; per value it does exactly the float operations
-//! of the portable path, in the same order, so both give the same bits.
+//! position) and exponentiates 8 at a time. A decode row (one query) instead reads each KV
+//! head's block once, converting f16 in registers, and serves every query head of its
+//! group from it. Per value every path does exactly the float operations of the portable
+//! one, in the same order, so all give the same bits.
 
 use super::quant::Simd;
 use crate::kv_cache::{KvCache, Region};
@@ -60,10 +62,20 @@ pub(crate) fn attend_rows(
     let per_slot = n_kv * hd;
     // Every non-portable level includes AVX2; its kernels read 8 slots and 8 dims at a time.
     let avx2 = Simd::detect() != Simd::Portable && bs % 8 == 0 && hd % 8 == 0;
+    #[cfg(target_arch = "x86_64")]
+    let fused = rows == 1 && avx2 && hd % 16 == 0 && avx2::has_f16c();
+    #[cfg(target_arch = "x86_64")]
+    let dims = Dims {
+        bs,
+        n_kv,
+        hd,
+        group,
+        scale,
+    };
     s.k.resize(bs * per_slot, 0.0);
     s.kt.resize(bs * per_slot, 0.0);
     s.v.resize(bs * per_slot, 0.0);
-    s.scores.resize(bs, 0.0);
+    s.scores.resize(bs * GROUP_PASS, 0.0);
     s.m.clear();
     s.m.resize(rows * n_head, f32::NEG_INFINITY);
     s.l.clear();
@@ -81,6 +93,18 @@ pub(crate) fn attend_rows(
             let n = bs.min(last_ctx - start - bs) * per_slot;
             kr.prefetch(next as usize * bs * per_slot, n);
             vr.prefetch(next as usize * bs * per_slot, n);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fused {
+            let (n, row) = (bs * per_slot, (&mut s.m[..], &mut s.l[..], &mut out[..]));
+            if let Some((k, v)) = kr.f16s(at, n).zip(vr.f16s(at, n)) {
+                decode_block(k, v, ns_max, q, &dims, row, &mut s.scores);
+            } else {
+                kr.read(at, &mut s.k[..ns_max * per_slot]);
+                vr.read(at, &mut s.v[..ns_max * per_slot]);
+                decode_block(&s.k, &s.v, ns_max, q, &dims, row, &mut s.scores);
+            }
+            continue;
         }
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
@@ -113,22 +137,10 @@ pub(crate) fn attend_rows(
                 } else {
                     scores_transposed(avx2, qh, kt, bs, ns, scale, &mut s.scores);
                 }
-                let bmax = s.scores[..ns]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let (m, l) = (&mut s.m[i * n_head + h], &mut s.l[i * n_head + h]);
-                let new_m = m.max(bmax);
-                let corr = if *m == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    (*m - new_m).exp()
-                };
+                let (new_m, corr) = rescale(*m, &s.scores[..ns]);
                 let oh = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
-                if corr != 1.0 {
-                    for o in oh.iter_mut() {
-                        *o *= corr;
-                    }
-                }
+                scale_by(oh, corr);
                 let v = Strided {
                     data: &s.v[g * hd..],
                     stride: per_slot,
@@ -146,6 +158,121 @@ pub(crate) fn attend_rows(
             }
         }
     }
+}
+
+/// Query heads per pass of the decode path: their score and output accumulators fit in the
+/// 16 AVX2 registers.
+const GROUP_PASS: usize = 3;
+
+/// Folds a block's scores into a head's running max `m`: the new max, and the factor that
+/// rescales what was summed under the old one.
+fn rescale(m: f32, scores: &[f32]) -> (f32, f32) {
+    let new_m = scores.iter().fold(m, |a, &b| a.max(b));
+    let corr = if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (m - new_m).exp()
+    };
+    (new_m, corr)
+}
+
+fn scale_by(o: &mut [f32], corr: f32) {
+    if corr != 1.0 {
+        for x in o {
+            *x *= corr;
+        }
+    }
+}
+
+/// Shapes the decode path needs.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Dims {
+    bs: usize,
+    n_kv: usize,
+    hd: usize,
+    group: usize,
+    scale: f32,
+}
+
+/// One block of one decode row: `k` and `v` hold the block's `bs` slots (`n_kv * hd` values
+/// each), `q` the row's heads; folds the first `ns` positions into the row's running max,
+/// sum and output (`row`: `m`, `l`, `out`). AVX2 and F16C are present (the caller checked).
+#[cfg(target_arch = "x86_64")]
+fn decode_block<T: avx2::Lanes>(
+    k: &[T],
+    v: &[T],
+    ns: usize,
+    q: &[f32],
+    dims: &Dims,
+    row: (&mut [f32], &mut [f32], &mut [f32]),
+    scores: &mut [f32],
+) {
+    let Dims {
+        bs,
+        n_kv,
+        hd,
+        group,
+        ..
+    } = *dims;
+    let (m, l, out) = row;
+    let per_slot = n_kv * hd;
+    assert!(k.len() >= bs * per_slot && v.len() >= bs * per_slot && ns <= bs);
+    assert!(q.len() >= n_kv * group * hd && scores.len() >= GROUP_PASS * bs);
+    for g in 0..n_kv {
+        let kv = (&k[g * hd..], &v[g * hd..]);
+        let mut h0 = g * group;
+        while h0 < (g + 1) * group {
+            let hn = ((g + 1) * group - h0).min(GROUP_PASS);
+            let (heads, row) = (h0..h0 + hn, (&mut *m, &mut *l, &mut *out));
+            // SAFETY: AVX2 and F16C are present; `k` and `v` reach `hd` values into each of
+            // the block's `bs` slots (asserted above), and `bs` and `hd` are multiples of 8
+            // and 16, so every lane read or written is in bounds.
+            unsafe {
+                match hn {
+                    1 => decode_pass::<T, 1>(kv, ns, q, dims, heads, row, scores),
+                    2 => decode_pass::<T, 2>(kv, ns, q, dims, heads, row, scores),
+                    _ => decode_pass::<T, 3>(kv, ns, q, dims, heads, row, scores),
+                }
+            }
+            h0 += hn;
+        }
+    }
+}
+
+/// [`decode_block`] for `H` query heads (`heads`) of one KV head (`kv`, from its first
+/// value): their scores, the running max and sum, then their share of V.
+///
+/// # Safety
+/// As for `decode_block`'s kernels.
+#[cfg(target_arch = "x86_64")]
+unsafe fn decode_pass<T: avx2::Lanes, const H: usize>(
+    (k, v): (&[T], &[T]),
+    ns: usize,
+    q: &[f32],
+    dims: &Dims,
+    heads: std::ops::Range<usize>,
+    (m, l, out): (&mut [f32], &mut [f32], &mut [f32]),
+    scores: &mut [f32],
+) {
+    let Dims {
+        bs,
+        n_kv,
+        hd,
+        scale,
+        ..
+    } = *dims;
+    let vals = heads.start * hd..heads.end * hd;
+    avx2::group_scores::<T, H>(&q[vals.clone()], k, n_kv * hd, ns, scale, bs, scores);
+    for (j, h) in heads.enumerate() {
+        let p = &mut scores[j * bs..(j + 1) * bs];
+        let (new_m, corr) = rescale(m[h], &p[..ns]);
+        scale_by(&mut out[h * hd..(h + 1) * hd], corr);
+        avx2::exp_row(p, ns, new_m);
+        l[h] = p[..ns].iter().fold(l[h] * corr, |a, &x| a + x);
+        m[h] = new_m;
+    }
+    avx2::group_weigh::<T, H>(scores, bs, ns, v, n_kv * hd, &mut out[vals]);
 }
 
 /// Rows of `data` that start every `stride` values (V of one KV head across a block's slots).
@@ -329,13 +456,7 @@ mod avx2 {
         o: &mut [f32],
     ) -> f32 {
         let (stride, v, mut l) = (v.stride, v.data, l);
-        let mv = _mm256_set1_ps(m);
-        let mut t0 = 0;
-        while t0 < ns {
-            let p = scores.as_mut_ptr().add(t0);
-            _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
-            t0 += 8;
-        }
+        exp_row(scores, ns, m);
         for &p in &scores[..ns] {
             l += p;
         }
@@ -355,6 +476,128 @@ mod avx2 {
             }
         }
         l
+    }
+
+    /// `scores[t] = exp(scores[t] - m)` for `t < ns`, 8 at a time (`scores` holds `ns`
+    /// rounded up to 8).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
+        let mv = _mm256_set1_ps(m);
+        let mut t0 = 0;
+        while t0 < ns {
+            let p = scores.as_mut_ptr().add(t0);
+            _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
+            t0 += 8;
+        }
+    }
+
+    pub fn has_f16c() -> bool {
+        is_x86_feature_detected!("f16c")
+    }
+
+    /// A storage type the decode kernels read K and V in.
+    pub trait Lanes: Copy {
+        /// 8 values from `p`, as f32.
+        ///
+        /// # Safety
+        /// AVX2 and F16C are present and `p` points at 8 readable values.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
+    /// Scores of `H` query heads against one KV head's block: row `j` of `out` (`bs`
+    /// values each) gets `dot(q_j, K[t]) * scale` for `t < ns` (rounded up to 4), with K[t]
+    /// at `k[t * stride..]`. Four slots per pass; each slot's K is converted once for all
+    /// heads. The sums are [`super::scores_rows`]'s: per head and slot, 8 lanes accumulate
+    /// dims `e % 8` in order, then reduce as `reduce8` does.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn group_scores<T: Lanes, const H: usize>(
+        q: &[f32],
+        k: &[T],
+        stride: usize,
+        ns: usize,
+        scale: f32,
+        bs: usize,
+        out: &mut [f32],
+    ) {
+        let hd = q.len() / H;
+        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+        let sc = _mm_set1_ps(scale);
+        let mut t0 = 0;
+        while t0 < ns {
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            for c in (0..hd).step_by(8) {
+                for s in 0..4 {
+                    let kv = T::load8(kp.add((t0 + s) * stride + c));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let x = _mm256_mul_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv);
+                        a[s] = _mm256_add_ps(a[s], x);
+                    }
+                }
+            }
+            for (h, &[a0, a1, a2, a3]) in acc.iter().enumerate() {
+                // hadd pairs lanes (0,1), (2,3), ...; twice gives each slot's lanes 0..4
+                // and 4..8 sums, and adding the halves finishes reduce8's tree.
+                let x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+                _mm_storeu_ps(op.add(h * bs + t0), _mm_mul_ps(r, sc));
+            }
+            t0 += 4;
+        }
+    }
+
+    /// `o_j += p_j[t] * V[t]` in position order for `t < ns`, for `H` heads: `p` holds
+    /// their rows of `bs` weights, `o` their `hd` outputs each, V[t] is at `v[t * stride..]`.
+    /// Each slot's V is converted once for all heads.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn group_weigh<T: Lanes, const H: usize>(
+        p: &[f32],
+        bs: usize,
+        ns: usize,
+        v: &[T],
+        stride: usize,
+        o: &mut [f32],
+    ) {
+        let hd = o.len() / H;
+        let (pp, vp, op) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
+        // 16 dims per pass: 2 accumulators per head stay in registers.
+        for c in (0..hd).step_by(16) {
+            let mut acc: [[__m256; 2]; H] = std::array::from_fn(|h| {
+                let at = op.add(h * hd + c);
+                [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))]
+            });
+            for t in 0..ns {
+                let vt = vp.add(t * stride + c);
+                let (v0, v1) = (T::load8(vt), T::load8(vt.add(8)));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let pv = _mm256_set1_ps(*pp.add(h * bs + t));
+                    a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(pv, v0));
+                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(pv, v1));
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let at = op.add(h * hd + c);
+                _mm256_storeu_ps(at, a[0]);
+                _mm256_storeu_ps(at.add(8), a[1]);
+            }
+        }
     }
 
     /// `o += p[t] * V[t]` in position order with `o` (`8 * C` values) held in registers.
@@ -432,6 +675,92 @@ mod tests {
             let lb = unsafe { avx2::weigh(&mut b, ns, m, vs, 1.25, &mut ob) };
             assert_eq!(la.to_bits(), lb.to_bits(), "l ns={ns}");
             assert_eq!(bits(&oa), bits(&ob), "o ns={ns}");
+        }
+    }
+
+    /// The decode path (per KV head, heads in passes of up to 3, K and V as f32 or f16)
+    /// gives the bits of the portable per-head path, over two blocks so the running-max
+    /// rescale is exercised too.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn decode_block_matches_portable_bitwise() {
+        if !is_x86_feature_detected!("avx2") || !avx2::has_f16c() {
+            return;
+        }
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        // group 4 takes a pass of 3 heads and one of 1; group 2 one pass of 2.
+        for (n_kv, group) in [(2, 4), (3, 2), (1, 3)] {
+            let (bs, hd) = (16, 64);
+            let (per_slot, n_head) = (n_kv * hd, n_kv * group);
+            let dims = Dims {
+                bs,
+                n_kv,
+                hd,
+                group,
+                scale: 0.125,
+            };
+            // Values f16 holds exactly, so both storage types describe the same block.
+            let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+            let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+                .map(|b| {
+                    let k = (0..bs * per_slot).map(|i| val(i + 7 * b)).collect();
+                    let v = (0..bs * per_slot).map(|i| val(i + 11 + b)).collect();
+                    (k, v)
+                })
+                .collect();
+            let q: Vec<f32> = (0..n_head * hd).map(|i| val(i + 3) / 8.0).collect();
+            for ns in [1, 5, 8, 13, 16] {
+                let fresh = || {
+                    (
+                        vec![f32::NEG_INFINITY; n_head],
+                        vec![0f32; n_head],
+                        vec![0f32; n_head * hd],
+                    )
+                };
+                // Portable: per head, scores from K rows, rescale, weigh.
+                let (mut m, mut l, mut o) = fresh();
+                let mut sc = vec![0f32; bs];
+                for (k, v) in &blocks {
+                    for h in 0..n_head {
+                        let g = h / group;
+                        let (kg, vg) = (&k[g * hd..], &v[g * hd..]);
+                        let qh = &q[h * hd..(h + 1) * hd];
+                        let stride = per_slot;
+                        scores_rows(qh, Strided { data: kg, stride }, ns, 0.125, &mut sc);
+                        let (new_m, corr) = rescale(m[h], &sc[..ns]);
+                        let oh = &mut o[h * hd..(h + 1) * hd];
+                        scale_by(oh, corr);
+                        l[h] = weigh(
+                            &mut sc,
+                            ns,
+                            new_m,
+                            Strided { data: vg, stride },
+                            l[h] * corr,
+                            oh,
+                        );
+                        m[h] = new_m;
+                    }
+                }
+                let (mut m32, mut l32, mut o32) = fresh();
+                let (mut m16, mut l16, mut o16) = fresh();
+                let mut scores = vec![0f32; GROUP_PASS * bs];
+                for (k, v) in &blocks {
+                    let row = (&mut m32[..], &mut l32[..], &mut o32[..]);
+                    decode_block(k, v, ns, &q, &dims, row, &mut scores);
+                    let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                        k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                        v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                    );
+                    let row = (&mut m16[..], &mut l16[..], &mut o16[..]);
+                    decode_block(&k16, &v16, ns, &q, &dims, row, &mut scores);
+                }
+                let case = format!("n_kv={n_kv} group={group} ns={ns}");
+                for (mx, lx, ox) in [(&m32, &l32, &o32), (&m16, &l16, &o16)] {
+                    assert_eq!(bits(&m), bits(mx), "m {case}");
+                    assert_eq!(bits(&l), bits(lx), "l {case}");
+                    assert_eq!(bits(&o), bits(ox), "o {case}");
+                }
+            }
         }
     }
 }
