@@ -60,10 +60,9 @@ pub(crate) fn attend_rows(
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let per_slot = n_kv * hd;
-    // Every non-portable level includes AVX2; its kernels read 8 slots and 8 dims at a time.
-    let avx2 = Simd::detect() != Simd::Portable && bs % 8 == 0 && hd % 8 == 0;
+    let level = Level::for_shape(bs, hd);
     #[cfg(target_arch = "x86_64")]
-    let fused = rows == 1 && avx2 && hd % 16 == 0 && avx2::has_f16c();
+    let fused = rows == 1 && level != Level::Portable && hd % 16 == 0 && avx2::has_f16c();
     #[cfg(target_arch = "x86_64")]
     let dims = Dims {
         bs,
@@ -135,7 +134,7 @@ pub(crate) fn attend_rows(
                     };
                     scores_rows(qh, k, ns, scale, &mut s.scores);
                 } else {
-                    scores_transposed(avx2, qh, kt, bs, ns, scale, &mut s.scores);
+                    scores_transposed(level, qh, kt, bs, ns, scale, &mut s.scores);
                 }
                 let (m, l) = (&mut s.m[i * n_head + h], &mut s.l[i * n_head + h]);
                 let (new_m, corr) = rescale(*m, &s.scores[..ns]);
@@ -145,7 +144,7 @@ pub(crate) fn attend_rows(
                     data: &s.v[g * hd..],
                     stride: per_slot,
                 };
-                *l = weigh_on(avx2, &mut s.scores, ns, new_m, v, *l * corr, oh);
+                *l = weigh_on(level, &mut s.scores, ns, new_m, v, *l * corr, oh);
                 *m = new_m;
             }
         }
@@ -282,9 +281,34 @@ struct Strided<'a> {
     stride: usize,
 }
 
-/// [`scores`], on AVX2 when `avx2` (AVX2 present; `bs` and `q.len()` multiples of 8).
+/// The kernels attention runs: the CPU's level, where the block and head sizes suit it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Portable,
+    /// 8 slots or dims per register: `bs` and `hd` are multiples of 8.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// 16 per register: `bs` and `hd` are multiples of 16.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Level {
+    fn for_shape(bs: usize, hd: usize) -> Self {
+        let fits = |n: usize| bs.is_multiple_of(n) && hd.is_multiple_of(n);
+        match Simd::detect() {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni if fits(16) => Level::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni | Simd::Avx2 if fits(8) => Level::Avx2,
+            _ => Level::Portable,
+        }
+    }
+}
+
+/// [`scores`] at `level`.
 fn scores_transposed(
-    avx2: bool,
+    level: Level,
     q: &[f32],
     kt: &[f32],
     bs: usize,
@@ -292,19 +316,20 @@ fn scores_transposed(
     scale: f32,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the caller's `avx2` vouches for the CPU and the multiples of 8; every
-        // slice covers the lanes read.
-        return unsafe { avx2::scores(q, kt, bs, ns, scale, out) };
+    // SAFETY: `level` vouches for the CPU and the multiples of 8 or 16; every slice covers
+    // the lanes read.
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::scores(q, kt, bs, ns, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::scores(q, kt, bs, ns, scale, out) },
+        Level::Portable => scores(q, kt, bs, ns, scale, out),
     }
-    let _ = avx2;
-    scores(q, kt, bs, ns, scale, out)
 }
 
-/// [`weigh`], on AVX2 when `avx2` (as for [`scores_transposed`]).
+/// [`weigh`] at `level`.
 fn weigh_on(
-    avx2: bool,
+    level: Level,
     scores: &mut [f32],
     ns: usize,
     m: f32,
@@ -312,13 +337,14 @@ fn weigh_on(
     l: f32,
     o: &mut [f32],
 ) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: as in `scores_transposed`.
-        return unsafe { avx2::weigh(scores, ns, m, v, l, o) };
+    // SAFETY: as in `scores_transposed`.
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::weigh(scores, ns, m, v, l, o) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512::weigh(scores, ns, m, v, l, o) },
+        Level::Portable => weigh(scores, ns, m, v, l, o),
     }
-    let _ = avx2;
-    weigh(scores, ns, m, v, l, o)
 }
 
 /// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K as rows.
@@ -618,6 +644,119 @@ mod avx2 {
     }
 }
 
+/// [`avx2`]'s prefill kernels with 16 lanes: positions 16 at a time for the scores and
+/// exponentials, 16 dims at a time for the weighted V. Per value the operations are the same.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+    use std::arch::x86_64::*;
+
+    /// [`super::exp`] on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
+            _mm512_set1_ps(EXP_HI),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5)),
+        );
+        let r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI)));
+        let r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)));
+        let z = _mm512_mul_ps(r, r);
+        let mut y = _mm512_set1_ps(P[0]);
+        for &c in &P[1..] {
+            y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(y, z), r), _mm512_set1_ps(1.0));
+        let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvttps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(pow))
+    }
+
+    /// [`super::scores`], 16 positions per pass; `bs` and `q.len()` are multiples of 16 and
+    /// `out` holds `bs` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
+        let hd = q.len();
+        let mut t0 = 0;
+        while t0 < ns {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for c in 0..hd / 8 {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let e = 8 * c + j;
+                    let k = _mm512_loadu_ps(kt.as_ptr().add(e * bs + t0));
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_set1_ps(*q.get_unchecked(e)), k));
+                }
+            }
+            let r = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])),
+                _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7])),
+            );
+            _mm512_storeu_ps(
+                out.as_mut_ptr().add(t0),
+                _mm512_mul_ps(r, _mm512_set1_ps(scale)),
+            );
+            t0 += 16;
+        }
+    }
+
+    /// [`super::weigh`] with the exponentials 16 at a time; `scores` holds a multiple of 16
+    /// and `o` a multiple of 16 values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weigh(
+        scores: &mut [f32],
+        ns: usize,
+        m: f32,
+        v: Strided<'_>,
+        l: f32,
+        o: &mut [f32],
+    ) -> f32 {
+        let (stride, v, mut l) = (v.stride, v.data, l);
+        let mv = _mm512_set1_ps(m);
+        let mut t0 = 0;
+        while t0 < ns {
+            let p = scores.as_mut_ptr().add(t0);
+            _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), mv)));
+            t0 += 16;
+        }
+        for &p in &scores[..ns] {
+            l += p;
+        }
+        let p = &scores[..ns];
+        match o.len() {
+            64 => accumulate::<4>(p, v, stride, o),
+            128 => accumulate::<8>(p, v, stride, o),
+            hd => {
+                for c in (0..hd).step_by(16) {
+                    accumulate::<1>(p, &v[c..], stride, &mut o[c..c + 16]);
+                }
+            }
+        }
+        l
+    }
+
+    /// `o += p[t] * V[t]` in position order with `o` (`16 * C` values) held in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+        let mut acc: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(o.as_ptr().add(16 * c)));
+        for (t, &pt) in p.iter().enumerate() {
+            let pv = _mm512_set1_ps(pt);
+            let vt = v.as_ptr().add(t * stride);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(pv, _mm512_loadu_ps(vt.add(16 * c))));
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +814,22 @@ mod tests {
             let lb = unsafe { avx2::weigh(&mut b, ns, m, vs, 1.25, &mut ob) };
             assert_eq!(la.to_bits(), lb.to_bits(), "l ns={ns}");
             assert_eq!(bits(&oa), bits(&ob), "o ns={ns}");
+            if !is_x86_feature_detected!("avx512f") {
+                continue;
+            }
+            // The AVX-512 kernels, for hd 64 and for a head size they take in slices (48).
+            let (mut d, mut e) = (vec![0f32; bs], vec![0f32; bs]);
+            unsafe { avx512::scores(&q, &kt, bs, ns, 0.125, &mut e) };
+            scores(&q, &kt, bs, ns, 0.125, &mut d);
+            assert_eq!(bits(&d[..ns]), bits(&e[..ns]), "avx512 scores ns={ns}");
+            for hd in [64, 48] {
+                let (mut d2, mut e2) = (d.clone(), e.clone());
+                let (mut od, mut oe) = (vec![0.5f32; hd], vec![0.5f32; hd]);
+                let ld = weigh(&mut d2, ns, m, vs, 1.25, &mut od);
+                let le = unsafe { avx512::weigh(&mut e2, ns, m, vs, 1.25, &mut oe) };
+                assert_eq!(ld.to_bits(), le.to_bits(), "avx512 l hd={hd} ns={ns}");
+                assert_eq!(bits(&od), bits(&oe), "avx512 o hd={hd} ns={ns}");
+            }
         }
     }
 
