@@ -43,6 +43,9 @@ struct Row {
     prefill_tokens: usize,
     prefill_tok_s: f64,
     decode: Vec<(usize, f64)>,
+    /// Per batch size: mean step time (ms) over the first and the last eighth of the
+    /// decode steps. Attention grows with the context; the weights' cost does not.
+    decode_step_ms: Vec<(usize, f64, f64)>,
 }
 
 fn run_one(
@@ -117,7 +120,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
             best = best.min(t0.elapsed());
         }
         let prefill = a.prompt_len as f64 / best.as_secs_f64();
-        let mut decode = Vec::new();
+        let (mut decode, mut step_ms) = (Vec::new(), Vec::new());
         for &b in &a.batch {
             steps.lock().map(|mut v| v.clear()).ok().context("lock")?;
             let rxs = (0..b)
@@ -138,6 +141,13 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 .collect();
             let secs: f64 = full.iter().map(|s| s.duration.as_secs_f64()).sum();
             decode.push((b, (full.len() * b) as f64 / secs.max(1e-9)));
+            let eighth = (full.len() / 8).max(1);
+            let ms = |s: &[&StepInfo]| {
+                s.iter().map(|s| s.duration.as_secs_f64()).sum::<f64>() * 1e3 / s.len() as f64
+            };
+            if full.len() >= 8 {
+                step_ms.push((b, ms(&full[..eighth]), ms(&full[full.len() - eighth..])));
+            }
         }
         println!(
             "{t:>7} | {prefill:>16.1} | {}",
@@ -151,11 +161,18 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
+        for (b, first, last) in &step_ms {
+            println!(
+                "{t:>7} | decode b={b}: {first:.2} ms per step over the first eighth of {} tokens, {last:.2} over the last",
+                a.decode_tokens
+            );
+        }
         rows.push(Row {
             threads: t,
             prefill_tokens: a.prompt_len,
             prefill_tok_s: prefill,
             decode,
+            decode_step_ms: step_ms,
         });
     }
     if let Some(rss) = peak_rss_mib() {
