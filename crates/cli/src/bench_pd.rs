@@ -141,10 +141,28 @@ impl BenchPdArgs {
     }
 }
 
+/// An arm's process. On drop it is asked to stop (SIGTERM) and waited for: `up` then stops
+/// its own children, so the next arm finds the ports free. Past 10 s it is killed.
 struct Kill(Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: signals our own child, not yet reaped (we hold it), so the pid is its.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            tracing::warn!(
+                pid,
+                "an arm did not stop within 10 s of SIGTERM; killing it"
+            );
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

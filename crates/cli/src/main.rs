@@ -57,7 +57,27 @@ enum BenchCommand {
     Pd(bench_pd::BenchPdArgs),
 }
 
-/// Binds an admin listener on `host:port` and serves `routes` on it until Ctrl-C.
+/// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill`, process managers and `bench pd`
+/// send): both mean shut down cleanly, as in vLLM's server.
+pub(crate) async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch for SIGTERM; Ctrl-C only"),
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Binds an admin listener on `host:port` and serves `routes` on it until shutdown.
 pub(crate) async fn spawn_admin(
     host: &str,
     port: u16,
@@ -71,10 +91,10 @@ pub(crate) async fn spawn_admin(
         .with_context(|| format!("binding the admin listener {addr}"))?;
     tracing::info!(addr = %l.local_addr()?, "{what} enabled");
     tokio::spawn(async move {
-        let stop = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        if let Err(e) = axum::serve(l, routes).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(l, routes)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+        {
             tracing::error!(error = %e, "admin listener failed");
         }
     });

@@ -98,7 +98,7 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
     tracing::info!(addr = %listener.local_addr()?, prefill = ?a.prefill, decode = ?a.decode, "proxy serving OpenAI-compatible API");
     splitserve_router::serve(listener, proxy, async {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = crate::shutdown_signal() => {}
             _ = shutdown => {}
         }
     })

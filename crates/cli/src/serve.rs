@@ -223,10 +223,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .await?;
         }
-        splitserve_server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        splitserve_server::serve(listener, state, crate::shutdown_signal()).await?;
         Ok(())
     })
 }

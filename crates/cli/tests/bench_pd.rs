@@ -24,6 +24,14 @@ fn bench_pd(args: &[&str], out: &std::path::Path) {
         .status()
         .expect("run bench pd");
     assert!(st.success());
+    // Its arms, and the instances an arm starts, are gone: every port is free again (the
+    // next run would otherwise fail to bind).
+    for port in base..base + 48 {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still taken after bench pd returned"
+        );
+    }
 }
 
 #[test]

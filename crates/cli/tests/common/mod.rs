@@ -35,6 +35,29 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM and returns the exit status; panics if it has not exited within 30 s.
+    #[cfg(unix)]
+    pub fn terminate(&self) -> std::process::ExitStatus {
+        let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let c = g.as_mut().expect("process still held");
+        let pid = i32::try_from(c.id()).expect("pid");
+        // SAFETY: our own child, not yet reaped, so the pid is its.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                g.take();
+                return st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{} still running 30 s after SIGTERM",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Panics with the log's tail if the process has exited.
     fn check_alive(&self) {
         let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,8 +157,12 @@ pub fn spawn(args: &[String]) -> Proc {
 
 /// `up` with the default model and a 256-block pool on a free port range, plus `extra`.
 pub fn up(extra: &[&str]) -> Proc {
-    // Instances at base and base + 1, side channel base + 10, admin ports base + 20 and up.
-    let base = free_port_range(24);
+    up_at(free_port_range(24), extra)
+}
+
+/// [`up`] with its instances at `base` and `base + 1`, the side channel at `base + 10` and
+/// admin ports from `base + 21` (24 ports from `base`).
+pub fn up_at(base: u16, extra: &[&str]) -> Proc {
     let mut a: Vec<String> = vec!["up".into(), "--model".into(), model()];
     a.extend(extra.iter().map(|s| s.to_string()));
     a.extend([
