@@ -147,9 +147,13 @@ struct Kill(Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
+        // Already reaped (it died while starting): its pid may belong to someone else now.
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
         #[cfg(unix)]
         if let Ok(pid) = i32::try_from(self.0.id()) {
-            // SAFETY: signals our own child, not yet reaped (we hold it), so the pid is its.
+            // SAFETY: signals our own child, not reaped (checked above), so the pid is its.
             unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {

@@ -31,5 +31,14 @@ async fn sigterm_stops_up_and_its_instances() {
     ready(&up).await;
     let st = up.terminate();
     assert!(st.success(), "up exited with {st}");
-    assert_free(&[up.port, base, base + 1, base + 10]);
+    // Instances, side channel, the proxy's admin port (base + 20) and the instances'.
+    assert_free(&[
+        up.port,
+        base,
+        base + 1,
+        base + 10,
+        base + 20,
+        base + 21,
+        base + 22,
+    ]);
 }

@@ -163,13 +163,17 @@ impl Region {
         let _ = (at, n);
     }
 
-    /// Values `at..at + n` as stored, when they are stored as f16 (`None` otherwise); the
-    /// caller's blocks, as for `read`. Decode attention converts these in registers.
-    pub fn f16s(&self, at: usize, n: usize) -> Option<&[f16]> {
+    /// Values `at..at + n` as stored, when they are stored as f16 (`None` otherwise).
+    /// Decode attention converts these in registers.
+    ///
+    /// # Safety
+    /// The values are in the caller's blocks, as for `read`, and nobody writes them while
+    /// the slice lives.
+    pub unsafe fn f16s(&self, at: usize, n: usize) -> Option<&[f16]> {
         if self.dtype != KvDtype::F16 {
             return None;
         }
-        // SAFETY: as for `read`; f16 values are 2-byte aligned in a u32 allocation.
+        // SAFETY: the caller's promise; f16 values are 2-byte aligned in a u32 allocation.
         let src = unsafe { self.bytes(at, n) };
         Some(unsafe { std::slice::from_raw_parts(src.as_ptr() as *const f16, n) })
     }

@@ -96,7 +96,10 @@ pub(crate) fn attend_rows(
         #[cfg(target_arch = "x86_64")]
         if fused {
             let (n, row) = (bs * per_slot, (&mut s.m[..], &mut s.l[..], &mut out[..]));
-            if let Some((k, v)) = kr.f16s(at, n).zip(vr.f16s(at, n)) {
+            // SAFETY: the block is this sequence's, and the step writes no KV while
+            // attention runs.
+            let kv = unsafe { kr.f16s(at, n).zip(vr.f16s(at, n)) };
+            if let Some((k, v)) = kv {
                 decode_block(k, v, ns_max, q, &dims, row, &mut s.scores);
             } else {
                 kr.read(at, &mut s.k[..ns_max * per_slot]);
@@ -217,6 +220,9 @@ fn decode_block<T: avx2::Lanes>(
     let (m, l, out) = row;
     let per_slot = n_kv * hd;
     assert!(k.len() >= bs * per_slot && v.len() >= bs * per_slot && ns <= bs);
+    // The kernels' shapes: 4 and 8 slots per pass, 8 and 16 dims.
+    assert!(bs.is_multiple_of(8) && hd.is_multiple_of(16));
+    debug_assert!(is_x86_feature_detected!("avx2") && avx2::has_f16c());
     assert!(q.len() >= n_kv * group * hd && scores.len() >= GROUP_PASS * bs);
     for g in 0..n_kv {
         let kv = (&k[g * hd..], &v[g * hd..]);
@@ -843,9 +849,9 @@ mod tests {
             return;
         }
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        // group 4 takes a pass of 3 heads and one of 1; group 2 one pass of 2.
-        for (n_kv, group) in [(2, 4), (3, 2), (1, 3)] {
-            let (bs, hd) = (16, 64);
+        // Groups in passes of 3 + 1, 2, 3, 3 + 2 and 3 + 3 + 2 heads; head sizes 64 and 128.
+        for (n_kv, group, hd) in [(2, 4, 64), (3, 2, 64), (1, 3, 128), (1, 5, 64), (2, 8, 128)] {
+            let bs = 16;
             let (per_slot, n_head) = (n_kv * hd, n_kv * group);
             let dims = Dims {
                 bs,

@@ -301,6 +301,7 @@ impl Simd {
             {
                 if level != "portable"
                     && level != "avx2"
+                    && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
