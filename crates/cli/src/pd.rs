@@ -3,6 +3,8 @@
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -202,10 +204,18 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     let _ = cmd;
 }
 
-fn wait_listening(port: u16, children: &mut Children, deadline: Instant) -> Result<()> {
+fn wait_listening(
+    port: u16,
+    children: &mut Children,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<()> {
     loop {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
+        }
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopped by a signal while the instances were starting");
         }
         for (name, c) in &mut children.0 {
             if let Some(st) = c.try_wait()? {
@@ -250,6 +260,15 @@ pub fn up(a: UpArgs) -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(2),
         n => n,
+    });
+    // Ctrl-C or SIGTERM while the instances load their model must still stop them (the
+    // children are dropped, so killed and waited for), not kill this process outright.
+    let rt = proxy_runtime()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    rt.spawn(async move {
+        crate::shutdown_signal().await;
+        flag.store(true, Ordering::Relaxed);
     });
     let mut next_cpu = 0;
     let n = a.prefill + a.decode;
@@ -337,7 +356,7 @@ pub fn up(a: UpArgs) -> Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     for i in 0..n {
-        wait_listening(a.base_port + i as u16, &mut children, deadline)?;
+        wait_listening(a.base_port + i as u16, &mut children, deadline, &stop)?;
     }
     let args = ProxyArgs {
         prefill: prefill_urls,
@@ -354,11 +373,15 @@ pub fn up(a: UpArgs) -> Result<()> {
         a.port,
         a.admin_base_port.saturating_sub(1)
     );
-    let rt = proxy_runtime()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    // A watcher ends the proxy when any child dies.
+    // A watcher ends the proxy when any child dies, or on a stop signal that came before
+    // the proxy listened for one.
     let watcher = std::thread::spawn(move || -> (Children, Option<String>) {
         loop {
+            if stop.load(Ordering::Relaxed) {
+                let _ = tx.send(());
+                return (children, None);
+            }
             for (name, c) in &mut children.0 {
                 if let Ok(Some(st)) = c.try_wait() {
                     let msg = format!("{name} exited ({st}); stopped everything");
