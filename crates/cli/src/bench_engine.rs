@@ -32,6 +32,9 @@ pub struct BenchEngineArgs {
     /// KV cache storage type (f16, f32 or q8_0).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -105,6 +108,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
             EngineConfig {
                 threads: Some(t),
                 kv_dtype: a.kv_cache_dtype,
+                block_size: a.block_size,
                 max_num_batched_tokens: a.prompt_len.max(512),
                 ..EngineConfig::default()
             },
