@@ -64,6 +64,11 @@ pub struct BenchPdArgs {
     /// Arms to run (colocated, disaggregated).
     #[arg(long, value_delimiter = ',', default_value = "colocated,disaggregated")]
     pub arms: Vec<String>,
+    /// Rounds of the experiment, the arms alternating within each: the table gets a row per
+    /// arm and round, plus each arm's median and range. One run on a shared machine moves
+    /// the tail ratio by ±0.15, too much to judge a target by.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// First port to use on loopback.
     #[arg(long, default_value_t = 18100)]
     pub base_port: u16,
@@ -103,6 +108,7 @@ pub struct BenchPdArgs {
 
 #[derive(Clone, serde::Serialize)]
 struct Settings {
+    runs: usize,
     threads: usize,
     pair_threads: usize,
     disagg_threshold: usize,
@@ -123,6 +129,7 @@ impl BenchPdArgs {
     fn settings(&self) -> Settings {
         let q = self.quick;
         Settings {
+            runs: self.runs,
             threads: self.threads,
             pair_threads: self.pair_threads.unwrap_or(self.threads),
             disagg_threshold: self.disagg_threshold,
@@ -202,6 +209,8 @@ async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Kill) -> Re
 
 struct ArmResult {
     name: String,
+    /// Round of `--runs` (from 0).
+    run: usize,
     streams: Vec<(usize, RequestResult)>,
     big: Vec<RequestResult>,
     big_at: Vec<f64>,
@@ -281,7 +290,13 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     })
 }
 
-async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<ArmResult> {
+async fn run_arm(
+    a: &BenchPdArgs,
+    s: &Settings,
+    arm: &str,
+    model: &str,
+    run: usize,
+) -> Result<ArmResult> {
     let started = start_arm(a, s, arm, model).await?;
     let (url, client, name) = (
         started.url.clone(),
@@ -361,6 +376,7 @@ async fn run_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Resul
     }
     Ok(ArmResult {
         name: arm.to_string(),
+        run,
         streams,
         big,
         big_at,
@@ -381,6 +397,7 @@ fn arm_json(r: &ArmResult) -> Value {
         r.streams.iter().filter(|(_, x)| !x.ok).count() + r.big.iter().filter(|x| !x.ok).count();
     json!({
         "arm": r.name,
+        "run": r.run,
         "wall_s": r.wall_s,
         "t0_unix_us": r.t0_unix_us as u64,
         "completed": r.streams.len() + r.big.len() - failed,
@@ -449,9 +466,15 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     if !a.sweep.is_empty() {
         return rt.block_on(sweep(&a, &s, &model));
     }
+    anyhow::ensure!(a.runs >= 1, "--runs must be at least 1");
     let mut arms = Vec::new();
-    for arm in &a.arms {
-        arms.push(rt.block_on(run_arm(&a, &s, arm, &model))?);
+    for run in 0..a.runs {
+        for arm in &a.arms {
+            if a.runs > 1 {
+                eprintln!("[round {} of {}] {arm}", run + 1, a.runs);
+            }
+            arms.push(rt.block_on(run_arm(&a, &s, arm, &model, run))?);
+        }
     }
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
@@ -462,9 +485,14 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {
         let (i, b, st) = (&j["decode_itl_ms"], &j["big_ttft_ms"], &j["stream_ttft_ms"]);
+        let name = j["arm"].as_str().unwrap_or("");
+        let label = match a.runs {
+            1 => name.to_string(),
+            _ => format!("{name}, round {}", j["run"].as_u64().unwrap_or(0) + 1),
+        };
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |\n",
-            j["arm"].as_str().unwrap_or(""),
+            label,
             cell(f(i, "p50"), 1),
             cell(f(i, "p90"), 1),
             cell(f(i, "p99"), 1),
@@ -478,19 +506,29 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
             j["failed"]
         ));
     }
-    if jsons.len() == 2 {
-        let (c, d) = (&jsons[0], &jsons[1]);
+    if a.runs > 1 {
+        md.push_str(&spread_table(&a.arms, &jsons));
+    }
+    if let [c, d] = &a.arms[..] {
+        // Over rounds, the medians' ratios.
+        let med = |arm: &str, k: &str| {
+            median(
+                jsons
+                    .iter()
+                    .filter(|j| j["arm"] == arm)
+                    .map(|j| f(&j[k], if k == "decode_itl_ms" { "p99" } else { "p50" }))
+                    .collect(),
+            )
+        };
         md.push_str(&format!(
-            "\nITL p99 {} / {}: {}x; big-prompt TTFT p50 {} / {}: {}x\n",
-            c["arm"].as_str().unwrap_or(""),
-            d["arm"].as_str().unwrap_or(""),
-            cell(
-                f(&c["decode_itl_ms"], "p99") / f(&d["decode_itl_ms"], "p99"),
-                2
-            ),
-            d["arm"].as_str().unwrap_or(""),
-            c["arm"].as_str().unwrap_or(""),
-            cell(f(&d["big_ttft_ms"], "p50") / f(&c["big_ttft_ms"], "p50"), 2),
+            "\nITL p99 {c} / {d}: {}x; big-prompt TTFT p50 {d} / {c}: {}x{}\n",
+            cell(med(c, "decode_itl_ms") / med(d, "decode_itl_ms"), 2),
+            cell(med(d, "big_ttft_ms") / med(c, "big_ttft_ms"), 2),
+            if a.runs > 1 {
+                " (medians over the rounds)"
+            } else {
+                ""
+            },
         ));
     }
     let report = json!({"settings": s, "arms": jsons});
@@ -499,18 +537,17 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     std::fs::write(a.out.join("pd.md"), &md)?;
-    let itls: Vec<(String, Vec<f64>)> = arms
+    // The CDF pools an arm's rounds; the timeline shows the first round.
+    let itls: Vec<(String, Vec<f64>)> = a
+        .arms
         .iter()
-        .map(|r| {
-            (
-                r.name.clone(),
-                r.streams
-                    .iter()
-                    .flat_map(|(_, x)| x.itl_ms.iter().copied())
-                    .collect(),
-            )
+        .map(|name| {
+            let of_arm = arms.iter().filter(|r| &r.name == name);
+            let itl = of_arm.flat_map(|r| r.streams.iter().flat_map(|(_, x)| x.itl_ms.clone()));
+            (name.clone(), itl.collect())
         })
         .collect();
+    let arms: Vec<&ArmResult> = arms.iter().filter(|r| r.run == 0).collect();
     if let Err(e) = splitserve_bench::plot::cdf(
         &a.out.join("itl_cdf.svg"),
         "Decode-stream inter-token latency, CDF",
@@ -535,6 +572,56 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The median of the finite values (NaN if none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Per arm, the median and range over the rounds of the figures a target is read from.
+fn spread_table(names: &[String], jsons: &[Value]) -> String {
+    let mut md = String::from(
+        "\n| arm | rounds | ITL p99 ms, median (min–max) | p99/p50, median (min–max) | big-prompt TTFT p50 ms, median (min–max) |\n|---|---|---|---|---|\n",
+    );
+    let spread = |mut v: Vec<f64>, prec: usize| {
+        v.retain(|x| x.is_finite());
+        v.sort_by(f64::total_cmp);
+        match (v.first(), v.last()) {
+            (Some(lo), Some(hi)) => {
+                let m = cell(median(v.clone()), prec);
+                format!("{m} ({}–{})", cell(*lo, prec), cell(*hi, prec))
+            }
+            _ => "–".into(),
+        }
+    };
+    for name in names {
+        let runs: Vec<&Value> = jsons.iter().filter(|j| j["arm"] == name.as_str()).collect();
+        let itl = |k: &str| {
+            runs.iter()
+                .map(|j| f(&j["decode_itl_ms"], k))
+                .collect::<Vec<_>>()
+        };
+        let ratio = runs
+            .iter()
+            .map(|j| f(&j["decode_itl_ms"], "p99") / f(&j["decode_itl_ms"], "p50"))
+            .collect();
+        let big = runs.iter().map(|j| f(&j["big_ttft_ms"], "p50")).collect();
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} |\n",
+            runs.len(),
+            spread(itl("p99"), 1),
+            spread(ratio, 2),
+            spread(big, 0)
+        ));
+    }
+    md
 }
 
 /// The goodput sweep: every arm at every rate, one table, one JSON, one plot.

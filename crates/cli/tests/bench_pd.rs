@@ -34,6 +34,68 @@ fn bench_pd(args: &[&str], out: &std::path::Path) {
     }
 }
 
+/// `out/name`, parsed.
+fn read_json(out: &std::path::Path, name: &str) -> Value {
+    let text = std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// `--runs 2` alternates the arms round by round and adds each arm's median and range.
+#[test]
+fn bench_pd_runs_alternate_the_arms_and_summarize() {
+    let out = std::env::temp_dir().join(format!("splitserve-bench-runs-{}", std::process::id()));
+    bench_pd(
+        &[
+            "--quick",
+            "--runs",
+            "2",
+            "--streams",
+            "1",
+            "--stream-tokens",
+            "4",
+            "--big-prompt-tokens",
+            "32",
+            "--big-prompts",
+            "1",
+        ],
+        &out,
+    );
+    let v = read_json(&out, "pd.json");
+    assert_eq!(v["settings"]["runs"], 2);
+    let order: Vec<(String, u64)> = v["arms"]
+        .as_array()
+        .expect("arms")
+        .iter()
+        .map(|a| {
+            assert_eq!(a["failed"], 0, "{}", a["arm"]);
+            (
+                a["arm"].as_str().unwrap_or("").to_string(),
+                a["run"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = [
+        (0, "colocated"),
+        (0, "disaggregated"),
+        (1, "colocated"),
+        (1, "disaggregated"),
+    ]
+    .iter()
+    .map(|(r, a)| (a.to_string(), *r))
+    .collect();
+    assert_eq!(order, want);
+    let md = std::fs::read_to_string(out.join("pd.md")).expect("pd.md");
+    for row in [
+        "| colocated, round 2 |",
+        "| colocated | 2 |",
+        "| disaggregated | 2 |",
+    ] {
+        assert!(md.contains(row), "{row} missing from:\n{md}");
+    }
+    assert!(md.contains("(medians over the rounds)"), "{md}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
     let out = std::env::temp_dir().join(format!("splitserve-bench-pd-{}", std::process::id()));
@@ -53,9 +115,7 @@ fn bench_pd_quick_runs_both_arms_and_writes_its_report() {
         ],
         &out,
     );
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("pd.json")).expect("pd.json"))
-            .expect("json");
+    let v = read_json(&out, "pd.json");
     assert_eq!(v["settings"]["streams"], 2);
     assert_eq!(v["settings"]["big_prompts"], 2);
     let arms = v["arms"].as_array().expect("arms");
@@ -109,9 +169,7 @@ fn bench_pd_sweep_offers_every_rate_to_both_arms() {
         ],
         &out,
     );
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).expect("json"))
-            .expect("json");
+    let v = read_json(&out, "sweep.json");
     assert_eq!(v["settings"]["rates"], serde_json::json!([1.0, 4.0]));
     let arms = v["arms"].as_array().expect("arms");
     let names: Vec<&str> = arms.iter().filter_map(|a| a["arm"].as_str()).collect();
