@@ -21,7 +21,10 @@ for line in open(log):
     f = dict(re.findall(r"(\w+)=(\d+)", line))
     if f.get("prefill_tokens") != "0" or "cpu_us" not in f:
         continue
-    at = datetime.datetime.strptime(line.split()[0][:26], "%Y-%m-%dT%H:%M:%S.%f")
+    try:
+        at = datetime.datetime.strptime(line.split()[0][:26], "%Y-%m-%dT%H:%M:%S.%f")
+    except ValueError:
+        continue  # another process's output cut into this line
     at = at.replace(tzinfo=datetime.timezone.utc).timestamp() * 1e6
     steps.append((at, int(f["wall_us"]) / 1e3, int(f["cpu_us"]) / 1e3, int(f["decode_tokens"])))
 steps.sort()
