@@ -511,19 +511,21 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     }
     if let [c, d] = &a.arms[..] {
         // Over rounds, the medians' ratios.
-        let med = |arm: &str, k: &str| {
+        let med = |arm: &str, k: &str, p: &str| {
             median(
                 jsons
                     .iter()
                     .filter(|j| j["arm"] == arm)
-                    .map(|j| f(&j[k], if k == "decode_itl_ms" { "p99" } else { "p50" }))
+                    .map(|j| f(&j[k], p))
                     .collect(),
             )
         };
+        let itl = |arm: &str| med(arm, "decode_itl_ms", "p99");
+        let ttft = |arm: &str| med(arm, "big_ttft_ms", "p50");
         md.push_str(&format!(
             "\nITL p99 {c} / {d}: {}x; big-prompt TTFT p50 {d} / {c}: {}x{}\n",
-            cell(med(c, "decode_itl_ms") / med(d, "decode_itl_ms"), 2),
-            cell(med(d, "big_ttft_ms") / med(c, "big_ttft_ms"), 2),
+            cell(itl(c) / itl(d), 2),
+            cell(ttft(d) / ttft(c), 2),
             if a.runs > 1 {
                 " (medians over the rounds)"
             } else {

@@ -403,7 +403,7 @@ const P: [f32; 6] = [
     0.5,
 ];
 
-/// The portable twin of `avx2::exp8`.
+/// The portable twin of the SIMD kernels' `exp_lanes`.
 fn exp(x: f32) -> f32 {
     let x = x.clamp(EXP_LO, EXP_HI);
     let n = (x * LOG2E + 0.5).floor();
@@ -418,109 +418,151 @@ fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// The prefill kernels and the exponential at one register width: `$v` holds `$lanes` f32,
+/// the intrinsics are its add, sub, mul, min, max, broadcast, load and store, and the module
+/// brings `floor` and `pow2` (2ⁿ of an integral `n`). Positions run one per lane for the
+/// scores and exponentials, dims one per lane for the weighted V; per value every width does
+/// the portable path's operations in its order.
+#[cfg(target_arch = "x86_64")]
+macro_rules! prefill_kernels {
+    (
+        feature: $feat:literal, vector: $v:ty, lanes: $lanes:literal,
+        add: $add:ident, sub: $sub:ident, mul: $mul:ident, min: $min:ident, max: $max:ident,
+        set1: $set1:ident, load: $load:ident, store: $store:ident $(,)?
+    ) => {
+        /// [`super::exp`] on every lane.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn exp_lanes(x: $v) -> $v {
+            let x = $min($max(x, $set1(EXP_LO)), $set1(EXP_HI));
+            let n = floor($add($mul(x, $set1(LOG2E)), $set1(0.5)));
+            let r = $sub(x, $mul(n, $set1(LN2_HI)));
+            let r = $sub(r, $mul(n, $set1(LN2_LO)));
+            let z = $mul(r, r);
+            let mut y = $set1(P[0]);
+            for &c in &P[1..] {
+                y = $add($mul(y, r), $set1(c));
+            }
+            let y = $add($add($mul(y, z), r), $set1(1.0));
+            $mul(y, pow2(n))
+        }
+
+        /// `scores[t] = exp(scores[t] - m)` for `t < ns`, a register at a time (`scores`
+        /// holds `ns` rounded up to the lanes).
+        #[target_feature(enable = $feat)]
+        pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
+            let mv = $set1(m);
+            let mut t0 = 0;
+            while t0 < ns {
+                let p = scores.as_mut_ptr().add(t0);
+                $store(p, exp_lanes($sub($load(p), mv)));
+                t0 += $lanes;
+            }
+        }
+
+        /// [`super::scores`], a register of positions per pass; `bs` is a multiple of the
+        /// lanes, `q.len()` of 8, and `out` holds `bs` values.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn scores(
+            q: &[f32],
+            kt: &[f32],
+            bs: usize,
+            ns: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            let hd = q.len();
+            let mut t0 = 0;
+            while t0 < ns {
+                // One accumulator per dim residue mod 8, as the portable sum.
+                let mut acc = [$set1(0.0); 8];
+                for c in 0..hd / 8 {
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let e = 8 * c + j;
+                        let k = $load(kt.as_ptr().add(e * bs + t0));
+                        *a = $add(*a, $mul($set1(*q.get_unchecked(e)), k));
+                    }
+                }
+                let r = $add(
+                    $add($add(acc[0], acc[1]), $add(acc[2], acc[3])),
+                    $add($add(acc[4], acc[5]), $add(acc[6], acc[7])),
+                );
+                $store(out.as_mut_ptr().add(t0), $mul(r, $set1(scale)));
+                t0 += $lanes;
+            }
+        }
+
+        /// [`super::weigh`] with the exponentials a register at a time; `scores` holds `ns`
+        /// rounded up to the lanes and `o` a multiple of the lanes.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn weigh(
+            scores: &mut [f32],
+            ns: usize,
+            m: f32,
+            v: Strided<'_>,
+            l: f32,
+            o: &mut [f32],
+        ) -> f32 {
+            let (stride, v, mut l) = (v.stride, v.data, l);
+            exp_row(scores, ns, m);
+            for &p in &scores[..ns] {
+                l += p;
+            }
+            let p = &scores[..ns];
+            match o.len() / $lanes {
+                4 => accumulate::<4>(p, v, stride, o),
+                8 => accumulate::<8>(p, v, stride, o),
+                16 => accumulate::<16>(p, v, stride, o),
+                regs => {
+                    for c in (0..regs * $lanes).step_by($lanes) {
+                        accumulate::<1>(p, &v[c..], stride, &mut o[c..c + $lanes]);
+                    }
+                }
+            }
+            l
+        }
+
+        /// `o += p[t] * V[t]` in position order with `o` (`C` registers) held in registers.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+            let mut acc: [$v; C] = std::array::from_fn(|c| $load(o.as_ptr().add($lanes * c)));
+            for (t, &pt) in p.iter().enumerate() {
+                let pv = $set1(pt);
+                let vt = v.as_ptr().add(t * stride);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = $add(*a, $mul(pv, $load(vt.add($lanes * c))));
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                $store(o.as_mut_ptr().add($lanes * c), *a);
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
     use std::arch::x86_64::*;
 
-    /// [`super::exp`] on 8 lanes.
+    prefill_kernels! {
+        feature: "avx2", vector: __m256, lanes: 8,
+        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, min: _mm256_min_ps,
+        max: _mm256_max_ps, set1: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
+    }
+
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
-            _mm256_set1_ps(EXP_HI),
-        );
-        let n = _mm256_floor_ps(_mm256_add_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-            _mm256_set1_ps(0.5),
-        ));
-        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI)));
-        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)));
-        let z = _mm256_mul_ps(r, r);
-        let mut y = _mm256_set1_ps(P[0]);
-        for &c in &P[1..] {
-            y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0));
-        let pow = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow))
+    unsafe fn floor(x: __m256) -> __m256 {
+        _mm256_floor_ps(x)
     }
 
-    /// [`super::scores`], 8 positions per pass (lane = position); `bs` and `q.len()` are
-    /// multiples of 8 and `out` holds `bs` values.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
-        let hd = q.len();
-        let mut t0 = 0;
-        while t0 < ns {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for c in 0..hd / 8 {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let e = 8 * c + j;
-                    let k = _mm256_loadu_ps(kt.as_ptr().add(e * bs + t0));
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(_mm256_set1_ps(*q.get_unchecked(e)), k));
-                }
-            }
-            let r = _mm256_add_ps(
-                _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
-                _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])),
-            );
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(t0),
-                _mm256_mul_ps(r, _mm256_set1_ps(scale)),
-            );
-            t0 += 8;
-        }
-    }
-
-    /// [`super::weigh`] with the exponentials 8 at a time; `scores` holds a multiple of 8.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn weigh(
-        scores: &mut [f32],
-        ns: usize,
-        m: f32,
-        v: Strided<'_>,
-        l: f32,
-        o: &mut [f32],
-    ) -> f32 {
-        let (stride, v, mut l) = (v.stride, v.data, l);
-        exp_row(scores, ns, m);
-        for &p in &scores[..ns] {
-            l += p;
-        }
-        match o.len() {
-            64 => accumulate::<8>(&scores[..ns], v, stride, o),
-            128 => accumulate::<16>(&scores[..ns], v, stride, o),
-            hd => {
-                for (t, &p) in scores[..ns].iter().enumerate() {
-                    let pv = _mm256_set1_ps(p);
-                    let vt = v.as_ptr().add(t * stride);
-                    for c in (0..hd).step_by(8) {
-                        let op = o.as_mut_ptr().add(c);
-                        let x = _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(c)));
-                        _mm256_storeu_ps(op, _mm256_add_ps(_mm256_loadu_ps(op), x));
-                    }
-                }
-            }
-        }
-        l
-    }
-
-    /// `scores[t] = exp(scores[t] - m)` for `t < ns`, 8 at a time (`scores` holds `ns`
-    /// rounded up to 8).
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
-        let mv = _mm256_set1_ps(m);
-        let mut t0 = 0;
-        while t0 < ns {
-            let p = scores.as_mut_ptr().add(t0);
-            _mm256_storeu_ps(p, exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
-            t0 += 8;
-        }
+    unsafe fn pow2(n: __m256) -> __m256 {
+        let e = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
+        _mm256_castsi256_ps(_mm256_slli_epi32(e, 23))
     }
 
     pub fn has_f16c() -> bool {
@@ -631,135 +673,31 @@ mod avx2 {
             }
         }
     }
-
-    /// `o += p[t] * V[t]` in position order with `o` (`8 * C` values) held in registers.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
-        let mut acc: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(o.as_ptr().add(8 * c)));
-        for (t, &pt) in p.iter().enumerate() {
-            let pv = _mm256_set1_ps(pt);
-            let vt = v.as_ptr().add(t * stride);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(vt.add(8 * c))));
-            }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
-        }
-    }
 }
 
-/// [`avx2`]'s prefill kernels with 16 lanes: positions 16 at a time for the scores and
-/// exponentials, 16 dims at a time for the weighted V. Per value the operations are the same.
+/// [`avx2`]'s prefill kernels with 16 lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
     use std::arch::x86_64::*;
 
-    /// [`super::exp`] on 16 lanes.
+    prefill_kernels! {
+        feature: "avx512f", vector: __m512, lanes: 16,
+        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, min: _mm512_min_ps,
+        max: _mm512_max_ps, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
-            _mm512_set1_ps(EXP_HI),
-        );
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
-            _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5)),
-        );
-        let r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI)));
-        let r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)));
-        let z = _mm512_mul_ps(r, r);
-        let mut y = _mm512_set1_ps(P[0]);
-        for &c in &P[1..] {
-            y = _mm512_add_ps(_mm512_mul_ps(y, r), _mm512_set1_ps(c));
-        }
-        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(y, z), r), _mm512_set1_ps(1.0));
-        let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvttps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(pow))
+    unsafe fn floor(x: __m512) -> __m512 {
+        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(x)
     }
 
-    /// [`super::scores`], 16 positions per pass; `bs` and `q.len()` are multiples of 16 and
-    /// `out` holds `bs` values.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
-        let hd = q.len();
-        let mut t0 = 0;
-        while t0 < ns {
-            let mut acc = [_mm512_setzero_ps(); 8];
-            for c in 0..hd / 8 {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let e = 8 * c + j;
-                    let k = _mm512_loadu_ps(kt.as_ptr().add(e * bs + t0));
-                    *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_set1_ps(*q.get_unchecked(e)), k));
-                }
-            }
-            let r = _mm512_add_ps(
-                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])),
-                _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7])),
-            );
-            _mm512_storeu_ps(
-                out.as_mut_ptr().add(t0),
-                _mm512_mul_ps(r, _mm512_set1_ps(scale)),
-            );
-            t0 += 16;
-        }
-    }
-
-    /// [`super::weigh`] with the exponentials 16 at a time; `scores` holds a multiple of 16
-    /// and `o` a multiple of 16 values.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weigh(
-        scores: &mut [f32],
-        ns: usize,
-        m: f32,
-        v: Strided<'_>,
-        l: f32,
-        o: &mut [f32],
-    ) -> f32 {
-        let (stride, v, mut l) = (v.stride, v.data, l);
-        let mv = _mm512_set1_ps(m);
-        let mut t0 = 0;
-        while t0 < ns {
-            let p = scores.as_mut_ptr().add(t0);
-            _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), mv)));
-            t0 += 16;
-        }
-        for &p in &scores[..ns] {
-            l += p;
-        }
-        let p = &scores[..ns];
-        match o.len() {
-            64 => accumulate::<4>(p, v, stride, o),
-            128 => accumulate::<8>(p, v, stride, o),
-            hd => {
-                for c in (0..hd).step_by(16) {
-                    accumulate::<1>(p, &v[c..], stride, &mut o[c..c + 16]);
-                }
-            }
-        }
-        l
-    }
-
-    /// `o += p[t] * V[t]` in position order with `o` (`16 * C` values) held in registers.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
-        let mut acc: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(o.as_ptr().add(16 * c)));
-        for (t, &pt) in p.iter().enumerate() {
-            let pv = _mm512_set1_ps(pt);
-            let vt = v.as_ptr().add(t * stride);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(pv, _mm512_loadu_ps(vt.add(16 * c))));
-            }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a);
-        }
+    unsafe fn pow2(n: __m512) -> __m512 {
+        let e = _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e))
     }
 }
 
