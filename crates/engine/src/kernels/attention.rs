@@ -6,34 +6,37 @@
 //! batch it sits in. Consecutive rows of one sequence (a prefill chunk) share each block's
 //! K and V, so a group of them reads and converts every block once.
 //!
-//! The AVX2 path computes 8 positions' scores at once from a transposed copy of K (lane =
-//! position) and exponentiates 8 at a time. A decode row (one query) instead reads each KV
-//! head's block once, converting f16 in registers, and serves every query head of its
-//! group from it. Per value every path does exactly the float operations of the portable
-//! one, in the same order, so all give the same bits.
+//! With SIMD, a prefill chunk runs in tiles of 8 or 16 rows, one row per lane: each K or V
+//! value is broadcast once for the whole tile, and the softmax bookkeeping (max, rescale,
+//! exponentials, sum) runs lane-wise instead of row by row. A decode row (one query)
+//! instead reads each KV head's block once, converting f16 in registers, and serves every
+//! query head of its group from it. Per value every path does exactly the float operations
+//! of the portable one, in the same order, so all give the same bits.
 
 use super::quant::Simd;
 use crate::kv_cache::{KvCache, Region};
 
 pub(crate) struct Scratch {
     k: Vec<f32>,
-    /// K of the block transposed per KV head: `[kv head][dim][slot]`, `block_size` slots.
-    kt: Vec<f32>,
     v: Vec<f32>,
     scores: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    /// Tiled path: queries and outputs per tile and head, transposed (`[dim][lane]`).
+    qt: Vec<f32>,
+    ot: Vec<f32>,
 }
 
 impl Scratch {
     pub fn new() -> Self {
         Self {
             k: Vec::new(),
-            kt: Vec::new(),
             v: Vec::new(),
             scores: Vec::new(),
             m: Vec::new(),
             l: Vec::new(),
+            qt: Vec::new(),
+            ot: Vec::new(),
         }
     }
 }
@@ -52,6 +55,44 @@ pub(crate) fn attend_rows(
     s: &mut Scratch,
 ) {
     let lay = &cache.layout;
+    let level = Level::for_shape(lay.block_size, lay.head_dim);
+    let rows = Rows {
+        table,
+        first_ctx,
+        q,
+        n_head,
+    };
+    attend_at(level, cache, layer, &rows, out, s);
+}
+
+/// The query rows of one call and the sequence they attend to.
+struct Rows<'a> {
+    table: &'a [u32],
+    first_ctx: usize,
+    q: (&'a [f32], usize),
+    n_head: usize,
+}
+
+/// [`attend_rows`] with the kernels of `level`.
+fn attend_at(
+    level: Level,
+    cache: &KvCache,
+    layer: usize,
+    r: &Rows<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if level != Level::Portable && out.len() > r.n_head * cache.layout.head_dim {
+        return attend_tiled(level, cache, layer, r, out, s);
+    }
+    let Rows {
+        table,
+        first_ctx,
+        q,
+        n_head,
+    } = *r;
+    let lay = &cache.layout;
     let (bs, n_kv, hd) = (lay.block_size, lay.n_kv_head, lay.head_dim);
     let d = n_head * hd;
     let rows = out.len() / d;
@@ -60,7 +101,6 @@ pub(crate) fn attend_rows(
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let per_slot = n_kv * hd;
-    let level = Level::for_shape(bs, hd);
     #[cfg(target_arch = "x86_64")]
     let fused = rows == 1 && level != Level::Portable && hd % 16 == 0 && avx2::has_f16c();
     #[cfg(target_arch = "x86_64")]
@@ -72,7 +112,6 @@ pub(crate) fn attend_rows(
         scale,
     };
     s.k.resize(bs * per_slot, 0.0);
-    s.kt.resize(bs * per_slot, 0.0);
     s.v.resize(bs * per_slot, 0.0);
     s.scores.resize(bs * GROUP_PASS, 0.0);
     s.m.clear();
@@ -88,11 +127,7 @@ pub(crate) fn attend_rows(
         }
         let at = blk as usize * bs * per_slot;
         let ns_max = bs.min(last_ctx - start);
-        if let Some(&next) = table.get(bi + 1).filter(|_| start + bs < last_ctx) {
-            let n = bs.min(last_ctx - start - bs) * per_slot;
-            kr.prefetch(next as usize * bs * per_slot, n);
-            vr.prefetch(next as usize * bs * per_slot, n);
-        }
+        prefetch_next(cache, layer, table, bi, last_ctx);
         #[cfg(target_arch = "x86_64")]
         if fused {
             let (n, row) = (bs * per_slot, (&mut s.m[..], &mut s.l[..], &mut out[..]));
@@ -110,16 +145,6 @@ pub(crate) fn attend_rows(
         }
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
-        // One row (a decode) takes its dot products straight from K: the same sums, without
-        // the moves of a transpose that only one row would use.
-        let transposed = rows > 1;
-        if transposed {
-            for t in 0..ns_max {
-                for (e, &kv) in s.k[t * per_slot..(t + 1) * per_slot].iter().enumerate() {
-                    s.kt[e * bs + t] = kv;
-                }
-            }
-        }
         for i in 0..rows {
             let n_ctx = first_ctx + i;
             if start >= n_ctx {
@@ -129,16 +154,11 @@ pub(crate) fn attend_rows(
             for h in 0..n_head {
                 let g = h / group;
                 let qh = &q[i * q_stride + h * hd..i * q_stride + (h + 1) * hd];
-                let kt = &s.kt[g * hd * bs..(g + 1) * hd * bs];
-                if !transposed {
-                    let k = Strided {
-                        data: &s.k[g * hd..],
-                        stride: per_slot,
-                    };
-                    scores_rows(qh, k, ns, scale, &mut s.scores);
-                } else {
-                    scores_transposed(level, qh, kt, bs, ns, scale, &mut s.scores);
-                }
+                let k = Strided {
+                    data: &s.k[g * hd..],
+                    stride: per_slot,
+                };
+                scores_rows(qh, k, ns, scale, &mut s.scores);
                 let (m, l) = (&mut s.m[i * n_head + h], &mut s.l[i * n_head + h]);
                 let (new_m, corr) = rescale(*m, &s.scores[..ns]);
                 let oh = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
@@ -147,7 +167,7 @@ pub(crate) fn attend_rows(
                     data: &s.v[g * hd..],
                     stride: per_slot,
                 };
-                *l = weigh_on(level, &mut s.scores, ns, new_m, v, *l * corr, oh);
+                *l = weigh(&mut s.scores, ns, new_m, v, *l * corr, oh);
                 *m = new_m;
             }
         }
@@ -158,6 +178,180 @@ pub(crate) fn attend_rows(
             for o in &mut out[i * d + h * hd..i * d + (h + 1) * hd] {
                 *o *= inv;
             }
+        }
+    }
+}
+
+/// Starts fetching block `bi + 1` of `table` (the positions before `last_ctx`) while block
+/// `bi` is worked on.
+fn prefetch_next(cache: &KvCache, layer: usize, table: &[u32], bi: usize, last_ctx: usize) {
+    let lay = &cache.layout;
+    let (bs, per_slot) = (lay.block_size, lay.n_kv_head * lay.head_dim);
+    let start = (bi + 1) * bs;
+    if let Some(&next) = table.get(bi + 1).filter(|_| start < last_ctx) {
+        let n = bs.min(last_ctx - start) * per_slot;
+        cache.k(layer).prefetch(next as usize * bs * per_slot, n);
+        cache.v(layer).prefetch(next as usize * bs * per_slot, n);
+    }
+}
+
+/// The prefill path at a SIMD level: the rows in tiles of the level's lanes, one row per
+/// lane. Per block, K and V are read once; per tile and head, the block's kernel folds the
+/// block into the tile's running max, sum and (transposed) output.
+#[cfg(target_arch = "x86_64")]
+fn attend_tiled(
+    level: Level,
+    cache: &KvCache,
+    layer: usize,
+    r: &Rows<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
+    let Rows {
+        table,
+        first_ctx,
+        q: (q, q_stride),
+        n_head,
+    } = *r;
+    let lay = &cache.layout;
+    let (bs, n_kv, hd) = (lay.block_size, lay.n_kv_head, lay.head_dim);
+    let lanes = level.lanes();
+    let d = n_head * hd;
+    let rows = out.len() / d;
+    let tiles = rows.div_ceil(lanes);
+    let (group, per_slot) = (n_head / n_kv, n_kv * hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // One tile and head's queries or outputs: `unit` values, `[dim][lane]`.
+    let unit = hd * lanes;
+    s.qt.clear();
+    s.qt.resize(tiles * n_head * unit, 0.0);
+    for i in 0..rows {
+        let (ti, lane) = (i / lanes, i % lanes);
+        for h in 0..n_head {
+            let base = (ti * n_head + h) * unit + lane;
+            let qh = &q[i * q_stride + h * hd..i * q_stride + (h + 1) * hd];
+            for (e, &x) in qh.iter().enumerate() {
+                s.qt[base + e * lanes] = x;
+            }
+        }
+    }
+    s.ot.clear();
+    s.ot.resize(tiles * n_head * unit, 0.0);
+    s.m.clear();
+    s.m.resize(tiles * n_head * lanes, f32::NEG_INFINITY);
+    s.l.clear();
+    s.l.resize(tiles * n_head * lanes, 0.0);
+    s.k.resize(bs * per_slot, 0.0);
+    s.v.resize(bs * per_slot, 0.0);
+    s.scores.resize(bs * lanes, 0.0);
+    let last_ctx = first_ctx + rows - 1;
+    let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
+    for (bi, &blk) in table.iter().enumerate() {
+        let start = bi * bs;
+        if start >= last_ctx {
+            break;
+        }
+        let at = blk as usize * bs * per_slot;
+        let ns_max = bs.min(last_ctx - start);
+        prefetch_next(cache, layer, table, bi, last_ctx);
+        kr.read(at, &mut s.k[..ns_max * per_slot]);
+        vr.read(at, &mut s.v[..ns_max * per_slot]);
+        for ti in 0..tiles {
+            // The context lengths of the tile's first and last rows.
+            let lo = first_ctx + ti * lanes;
+            let hi = lo + lanes.min(rows - ti * lanes) - 1;
+            if start >= hi {
+                continue;
+            }
+            let ns = bs.min(hi - start);
+            // Lane `r` sees the block's positions below `lim[r]`; only a block that the
+            // tile's first row does not see whole needs the mask.
+            let lim: [i32; 16] =
+                std::array::from_fn(|r| (lo + r).saturating_sub(start).min(bs) as i32);
+            let masked = start + ns > lo;
+            for h in 0..n_head {
+                let (g, u) = (h / group, ti * n_head + h);
+                let block = BlockRows {
+                    k: &s.k[g * hd..],
+                    v: &s.v[g * hd..],
+                    stride: per_slot,
+                    ns,
+                };
+                let tile = Tile {
+                    qt: &s.qt[u * unit..(u + 1) * unit],
+                    m: &mut s.m[u * lanes..(u + 1) * lanes],
+                    l: &mut s.l[u * lanes..(u + 1) * lanes],
+                    ot: &mut s.ot[u * unit..(u + 1) * unit],
+                };
+                tile_block(level, masked, &block, &lim, scale, tile, &mut s.scores);
+            }
+        }
+    }
+    for i in 0..rows {
+        let (ti, lane) = (i / lanes, i % lanes);
+        for h in 0..n_head {
+            let u = ti * n_head + h;
+            let inv = 1.0 / s.l[u * lanes + lane];
+            let ot = &s.ot[u * unit + lane..];
+            for (e, o) in out[i * d + h * hd..i * d + (h + 1) * hd]
+                .iter_mut()
+                .enumerate()
+            {
+                *o = ot[e * lanes] * inv;
+            }
+        }
+    }
+}
+
+/// One block's K and V for one KV head: slot `t`'s values start at `t * stride`; the first
+/// `ns` slots are visited.
+#[cfg(target_arch = "x86_64")]
+struct BlockRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+    ns: usize,
+}
+
+/// A tile's queries and running state for one head, one row per lane: `qt` and `ot` as
+/// `[dim][lane]`, `m` and `l` a value per lane.
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a> {
+    qt: &'a [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    ot: &'a mut [f32],
+}
+
+/// Folds one block into a tile at `level` (a SIMD level), lane `r` taking only positions
+/// below `lim[r]` when `masked`; `scores` is scratch for `bs` lanes-wide rows.
+#[cfg(target_arch = "x86_64")]
+fn tile_block(
+    level: Level,
+    masked: bool,
+    b: &BlockRows<'_>,
+    lim: &[i32; 16],
+    scale: f32,
+    t: Tile<'_>,
+    scores: &mut [f32],
+) {
+    let lanes = level.lanes();
+    let hd = t.qt.len() / lanes;
+    // The kernels' reach: dims in passes of `lanes`, positions in pairs (so `ns` rounded up
+    // to 2, which a block of a multiple of 8 slots holds).
+    assert!(hd.is_multiple_of(lanes) && t.qt.len() == hd * lanes && t.ot.len() == hd * lanes);
+    assert!(t.m.len() == lanes && t.l.len() == lanes);
+    let slots = b.ns.next_multiple_of(2);
+    assert!(scores.len() >= slots * lanes);
+    assert!(b.ns == 0 || ((slots - 1) * b.stride + hd <= b.k.len().min(b.v.len())));
+    // SAFETY: `level` vouches for the CPU; the asserts above bound every lane read or written.
+    unsafe {
+        match (level, masked) {
+            (Level::Avx512, false) => avx512::tile_block::<false>(b, lim, scale, t, scores),
+            (Level::Avx512, true) => avx512::tile_block::<true>(b, lim, scale, t, scores),
+            (Level::Avx2, false) => avx2::tile_block::<false>(b, lim, scale, t, scores),
+            (Level::Avx2, true) => avx2::tile_block::<true>(b, lim, scale, t, scores),
+            (Level::Portable, _) => unreachable!("the tiled path runs at a SIMD level"),
         }
     }
 }
@@ -173,7 +367,7 @@ fn rescale(m: f32, scores: &[f32]) -> (f32, f32) {
     let corr = if m == f32::NEG_INFINITY {
         0.0
     } else {
-        (m - new_m).exp()
+        exp(m - new_m)
     };
     (new_m, corr)
 }
@@ -291,10 +485,11 @@ struct Strided<'a> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Level {
     Portable,
-    /// 8 slots or dims per register: `bs` and `hd` are multiples of 8.
+    /// 8 f32 per register (a prefill tile's rows, a decode row's slots): `bs` and `hd` are
+    /// multiples of 8.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// 16 per register: `bs` and `hd` are multiples of 16.
+    /// 16 per register: `bs` is a multiple of 8 and `hd` of 16.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -304,52 +499,21 @@ impl Level {
         let fits = |n: usize| bs.is_multiple_of(n) && hd.is_multiple_of(n);
         match Simd::detect() {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512Vnni if fits(16) => Level::Avx512,
+            Simd::Avx512Vnni if fits(8) && hd.is_multiple_of(16) => Level::Avx512,
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512Vnni | Simd::Avx2 if fits(8) => Level::Avx2,
             _ => Level::Portable,
         }
     }
-}
 
-/// [`scores`] at `level`.
-fn scores_transposed(
-    level: Level,
-    q: &[f32],
-    kt: &[f32],
-    bs: usize,
-    ns: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    // SAFETY: `level` vouches for the CPU and the multiples of 8 or 16; every slice covers
-    // the lanes read.
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { avx2::scores(q, kt, bs, ns, scale, out) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::scores(q, kt, bs, ns, scale, out) },
-        Level::Portable => scores(q, kt, bs, ns, scale, out),
-    }
-}
-
-/// [`weigh`] at `level`.
-fn weigh_on(
-    level: Level,
-    scores: &mut [f32],
-    ns: usize,
-    m: f32,
-    v: Strided<'_>,
-    l: f32,
-    o: &mut [f32],
-) -> f32 {
-    // SAFETY: as in `scores_transposed`.
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { avx2::weigh(scores, ns, m, v, l, o) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { avx512::weigh(scores, ns, m, v, l, o) },
-        Level::Portable => weigh(scores, ns, m, v, l, o),
+    /// Rows per tile in the prefill path: f32 lanes per register.
+    #[cfg(target_arch = "x86_64")]
+    fn lanes(self) -> usize {
+        match self {
+            Level::Portable => 1,
+            Level::Avx2 => 8,
+            Level::Avx512 => 16,
+        }
     }
 }
 
@@ -357,17 +521,6 @@ fn weigh_on(
 fn scores_rows(q: &[f32], k: Strided<'_>, ns: usize, scale: f32, out: &mut [f32]) {
     for (t, o) in out[..ns].iter_mut().enumerate() {
         *o = super::dot_f32(q, &k.data[t * k.stride..t * k.stride + q.len()]) * scale;
-    }
-}
-
-/// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K transposed (`kt[e * bs + t]`).
-fn scores(q: &[f32], kt: &[f32], bs: usize, ns: usize, scale: f32, out: &mut [f32]) {
-    for (t, o) in out[..ns].iter_mut().enumerate() {
-        let mut acc = [0f32; 8];
-        for (e, &qe) in q.iter().enumerate() {
-            acc[e % 8] += qe * kt[e * bs + t];
-        }
-        *o = super::reduce8(&acc) * scale;
     }
 }
 
@@ -420,13 +573,14 @@ fn exp(x: f32) -> f32 {
 
 /// The prefill kernels and the exponential at one register width: `$v` holds `$lanes` f32,
 /// the intrinsics are its add, sub, mul, min, max, broadcast, load and store, and the module
-/// brings `floor` and `pow2` (2ⁿ of an integral `n`). Positions run one per lane for the
-/// scores and exponentials, dims one per lane for the weighted V; per value every width does
-/// the portable path's operations in its order.
+/// brings `floor` and `pow2` (2ⁿ of an integral `n`) and the lane masks (`Mask`, `below`,
+/// `select`, `add_where`, `is_neg_inf`). `$pair` says whether the score pass takes two
+/// positions at once (enough registers for 16 accumulators). One query row runs per lane;
+/// per value every width does the portable path's operations in its order.
 #[cfg(target_arch = "x86_64")]
 macro_rules! prefill_kernels {
     (
-        feature: $feat:literal, vector: $v:ty, lanes: $lanes:literal,
+        feature: $feat:literal, vector: $v:ty, lanes: $lanes:literal, pair: $pair:literal,
         add: $add:ident, sub: $sub:ident, mul: $mul:ident, min: $min:ident, max: $max:ident,
         set1: $set1:ident, load: $load:ident, store: $store:ident $(,)?
     ) => {
@@ -447,95 +601,97 @@ macro_rules! prefill_kernels {
             $mul(y, pow2(n))
         }
 
-        /// `scores[t] = exp(scores[t] - m)` for `t < ns`, a register at a time (`scores`
-        /// holds `ns` rounded up to the lanes).
+        /// One block of one head folded into a tile of rows, lane = row (see
+        /// [`super::tile_block`], which checks the reach). Per lane the operations are the
+        /// per-row path's: `scores_rows` (8 accumulators by dim residue, `reduce8`'s tree,
+        /// times `scale`), `rescale`, `scale_by`, `weigh`. With `MASKED`, a lane's positions
+        /// from `lim[lane]` on leave its max, sum and output as they were.
         #[target_feature(enable = $feat)]
-        pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
-            let mv = $set1(m);
-            let mut t0 = 0;
-            while t0 < ns {
-                let p = scores.as_mut_ptr().add(t0);
-                $store(p, exp_lanes($sub($load(p), mv)));
-                t0 += $lanes;
-            }
-        }
-
-        /// [`super::scores`], a register of positions per pass; `bs` is a multiple of the
-        /// lanes, `q.len()` of 8, and `out` holds `bs` values.
-        #[target_feature(enable = $feat)]
-        pub unsafe fn scores(
-            q: &[f32],
-            kt: &[f32],
-            bs: usize,
-            ns: usize,
+        pub unsafe fn tile_block<const MASKED: bool>(
+            b: &BlockRows<'_>,
+            lim: &[i32; 16],
             scale: f32,
-            out: &mut [f32],
+            t: Tile<'_>,
+            scores: &mut [f32],
         ) {
-            let hd = q.len();
+            const G: usize = if $pair { 2 } else { 1 };
+            let hd = t.qt.len() / $lanes;
+            let (qp, kp, vp) = (t.qt.as_ptr(), b.k.as_ptr(), b.v.as_ptr());
+            let (sp, lp, ns) = (scores.as_mut_ptr(), lim.as_ptr(), b.ns);
             let mut t0 = 0;
             while t0 < ns {
-                // One accumulator per dim residue mod 8, as the portable sum.
-                let mut acc = [$set1(0.0); 8];
-                for c in 0..hd / 8 {
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let e = 8 * c + j;
-                        let k = $load(kt.as_ptr().add(e * bs + t0));
-                        *a = $add(*a, $mul($set1(*q.get_unchecked(e)), k));
+                let mut acc = [[$set1(0.0); 8]; G];
+                for c in (0..hd).step_by(8) {
+                    for j in 0..8 {
+                        let qv = $load(qp.add((c + j) * $lanes));
+                        for (u, a) in acc.iter_mut().enumerate() {
+                            let kv = $set1(*kp.add((t0 + u) * b.stride + c + j));
+                            a[j] = $add(a[j], $mul(qv, kv));
+                        }
                     }
                 }
-                let r = $add(
-                    $add($add(acc[0], acc[1]), $add(acc[2], acc[3])),
-                    $add($add(acc[4], acc[5]), $add(acc[6], acc[7])),
+                for (u, a) in acc.iter().enumerate() {
+                    let r = $add(
+                        $add($add(a[0], a[1]), $add(a[2], a[3])),
+                        $add($add(a[4], a[5]), $add(a[6], a[7])),
+                    );
+                    $store(sp.add((t0 + u) * $lanes), $mul(r, $set1(scale)));
+                }
+                t0 += G;
+            }
+            let neg = $set1(f32::NEG_INFINITY);
+            let m_old = $load(t.m.as_ptr());
+            let mut m = m_old;
+            for i in 0..ns {
+                let s = $load(sp.add(i * $lanes));
+                m = $max(
+                    m,
+                    if MASKED {
+                        select(below(lp, i), s, neg)
+                    } else {
+                        s
+                    },
                 );
-                $store(out.as_mut_ptr().add(t0), $mul(r, $set1(scale)));
-                t0 += $lanes;
             }
-        }
-
-        /// [`super::weigh`] with the exponentials a register at a time; `scores` holds `ns`
-        /// rounded up to the lanes and `o` a multiple of the lanes.
-        #[target_feature(enable = $feat)]
-        pub unsafe fn weigh(
-            scores: &mut [f32],
-            ns: usize,
-            m: f32,
-            v: Strided<'_>,
-            l: f32,
-            o: &mut [f32],
-        ) -> f32 {
-            let (stride, v, mut l) = (v.stride, v.data, l);
-            exp_row(scores, ns, m);
-            for &p in &scores[..ns] {
-                l += p;
+            let corr = select(is_neg_inf(m_old), $set1(0.0), exp_lanes($sub(m_old, m)));
+            let mut l = $mul($load(t.l.as_ptr()), corr);
+            for i in 0..ns {
+                let p = sp.add(i * $lanes);
+                let e = exp_lanes($sub($load(p), m));
+                let e = if MASKED {
+                    select(below(lp, i), e, $set1(0.0))
+                } else {
+                    e
+                };
+                $store(p, e);
+                l = $add(l, e);
             }
-            let p = &scores[..ns];
-            match o.len() / $lanes {
-                4 => accumulate::<4>(p, v, stride, o),
-                8 => accumulate::<8>(p, v, stride, o),
-                16 => accumulate::<16>(p, v, stride, o),
-                regs => {
-                    for c in (0..regs * $lanes).step_by($lanes) {
-                        accumulate::<1>(p, &v[c..], stride, &mut o[c..c + $lanes]);
+            $store(t.m.as_mut_ptr(), m);
+            $store(t.l.as_mut_ptr(), l);
+            // The output, `$lanes` dims per pass with every accumulator in a register.
+            for c in (0..hd).step_by($lanes) {
+                let op = t.ot.as_mut_ptr().add(c * $lanes);
+                let mut acc = [$set1(0.0); $lanes];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = $mul($load(op.add(i * $lanes)), corr);
+                }
+                for i in 0..ns {
+                    let p = $load(sp.add(i * $lanes));
+                    let vt = vp.add(i * b.stride + c);
+                    if MASKED {
+                        let keep = below(lp, i);
+                        for (e, a) in acc.iter_mut().enumerate() {
+                            *a = add_where(keep, *a, $mul(p, $set1(*vt.add(e))));
+                        }
+                    } else {
+                        for (e, a) in acc.iter_mut().enumerate() {
+                            *a = $add(*a, $mul(p, $set1(*vt.add(e))));
+                        }
                     }
                 }
-            }
-            l
-        }
-
-        /// `o += p[t] * V[t]` in position order with `o` (`C` registers) held in registers.
-        #[inline]
-        #[target_feature(enable = $feat)]
-        unsafe fn accumulate<const C: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
-            let mut acc: [$v; C] = std::array::from_fn(|c| $load(o.as_ptr().add($lanes * c)));
-            for (t, &pt) in p.iter().enumerate() {
-                let pv = $set1(pt);
-                let vt = v.as_ptr().add(t * stride);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = $add(*a, $mul(pv, $load(vt.add($lanes * c))));
+                for (i, a) in acc.iter().enumerate() {
+                    $store(op.add(i * $lanes), *a);
                 }
-            }
-            for (c, a) in acc.iter().enumerate() {
-                $store(o.as_mut_ptr().add($lanes * c), *a);
             }
         }
     };
@@ -543,13 +699,57 @@ macro_rules! prefill_kernels {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+    use super::{BlockRows, Tile, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
     use std::arch::x86_64::*;
 
     prefill_kernels! {
-        feature: "avx2", vector: __m256, lanes: 8,
+        feature: "avx2", vector: __m256, lanes: 8, pair: false,
         add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, min: _mm256_min_ps,
         max: _mm256_max_ps, set1: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
+    }
+
+    /// `scores[t] = exp(scores[t] - m)` for `t < ns`, 8 at a time (`scores` holds `ns`
+    /// rounded up to 8).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
+        let mv = _mm256_set1_ps(m);
+        let mut t0 = 0;
+        while t0 < ns {
+            let p = scores.as_mut_ptr().add(t0);
+            _mm256_storeu_ps(p, exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(p), mv)));
+            t0 += 8;
+        }
+    }
+
+    /// Lanes where a condition holds: all bits set, or clear.
+    type Mask = __m256;
+
+    /// Lanes whose `lim` is above `t`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn below(lim: *const i32, t: usize) -> Mask {
+        let lim = _mm256_loadu_si256(lim as *const __m256i);
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, _mm256_set1_epi32(t as i32)))
+    }
+
+    /// `a` where `m` holds, else `b`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn select(m: Mask, a: __m256, b: __m256) -> __m256 {
+        _mm256_blendv_ps(b, a, m)
+    }
+
+    /// `acc + x` where `m` holds, else `acc` untouched.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_where(m: Mask, acc: __m256, x: __m256) -> __m256 {
+        _mm256_blendv_ps(acc, _mm256_add_ps(acc, x), m)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn is_neg_inf(x: __m256) -> Mask {
+        _mm256_cmp_ps::<_CMP_EQ_OQ>(x, _mm256_set1_ps(f32::NEG_INFINITY))
     }
 
     #[inline]
@@ -678,13 +878,39 @@ mod avx2 {
 /// [`avx2`]'s prefill kernels with 16 lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Strided, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+    use super::{BlockRows, Tile, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
     use std::arch::x86_64::*;
 
     prefill_kernels! {
-        feature: "avx512f", vector: __m512, lanes: 16,
+        feature: "avx512f", vector: __m512, lanes: 16, pair: true,
         add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, min: _mm512_min_ps,
         max: _mm512_max_ps, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
+    }
+
+    type Mask = __mmask16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn below(lim: *const i32, t: usize) -> Mask {
+        _mm512_cmpgt_epi32_mask(_mm512_loadu_epi32(lim), _mm512_set1_epi32(t as i32))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn select(m: Mask, a: __m512, b: __m512) -> __m512 {
+        _mm512_mask_blend_ps(m, b, a)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_where(m: Mask, acc: __m512, x: __m512) -> __m512 {
+        _mm512_mask_add_ps(acc, m, acc, x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn is_neg_inf(x: __m512) -> Mask {
+        _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, _mm512_set1_ps(f32::NEG_INFINITY))
     }
 
     #[inline]
@@ -719,60 +945,77 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
     }
 
-    /// The AVX2 score and weighting paths give the portable bits.
+    /// Every SIMD level this CPU has gives the portable path's bits: prefill tiles with and
+    /// without padding lanes, blocks seen whole and through the causal mask, chunks that
+    /// start mid-sequence, decode rows, and K and V stored as f16, f32 and q8_0.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx2_matches_portable_bitwise() {
-        if !is_x86_feature_detected!("avx2") {
-            return;
+    fn levels_attend_the_same_bits() {
+        use crate::kv_cache::{KvDtype, KvLayout};
+        let (n_kv, n_head, hd, bs, len) = (3, 9, 64, 16, 96);
+        let mut levels = Vec::new();
+        if is_x86_feature_detected!("avx2") {
+            levels.push(Level::Avx2);
         }
-        let (bs, hd, stride) = (16, 64, 192);
-        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 17.0;
-        let q: Vec<f32> = (0..hd).map(|i| val(i + 3) / 8.0).collect();
-        let kt: Vec<f32> = (0..hd * bs).map(val).collect();
-        let v: Vec<f32> = (0..bs * stride).map(|i| val(i + 11)).collect();
-        for ns in [1, 5, 8, 13, 16] {
-            let (mut a, mut b) = (vec![0f32; bs], vec![0f32; bs]);
-            scores(&q, &kt, bs, ns, 0.125, &mut a);
-            unsafe { avx2::scores(&q, &kt, bs, ns, 0.125, &mut b) };
-            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a[..ns]), bits(&b[..ns]), "scores ns={ns}");
-            // K as rows (the decode path) gives the same sums.
-            let k: Vec<f32> = (0..bs * hd).map(|i| kt[(i % hd) * bs + i / hd]).collect();
-            let mut c = vec![0f32; bs];
-            scores_rows(
-                &q,
-                Strided {
-                    data: &k,
-                    stride: hd,
-                },
-                ns,
-                0.125,
-                &mut c,
-            );
-            assert_eq!(bits(&a[..ns]), bits(&c[..ns]), "row scores ns={ns}");
-            let m = a[..ns].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-            let (mut oa, mut ob) = (vec![0.5f32; hd], vec![0.5f32; hd]);
-            let vs = Strided { data: &v, stride };
-            let la = weigh(&mut a, ns, m, vs, 1.25, &mut oa);
-            let lb = unsafe { avx2::weigh(&mut b, ns, m, vs, 1.25, &mut ob) };
-            assert_eq!(la.to_bits(), lb.to_bits(), "l ns={ns}");
-            assert_eq!(bits(&oa), bits(&ob), "o ns={ns}");
-            if !is_x86_feature_detected!("avx512f") {
-                continue;
+        if is_x86_feature_detected!("avx512f") {
+            levels.push(Level::Avx512);
+        }
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+        let d = n_head * hd;
+        let q: Vec<f32> = (0..len * d).map(|i| val(i + 5) / 4.0).collect();
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8_0] {
+            let layout = KvLayout {
+                n_layer: 1,
+                n_kv_head: n_kv,
+                head_dim: hd,
+                block_size: bs,
+                dtype,
+            };
+            let mut cache = KvCache::new(layout, 9);
+            let mut table = cache.allocate(len / bs).expect("blocks");
+            // Blocks out of order in the pool, as a long-running engine has them.
+            table.reverse();
+            let kvd = n_kv * hd;
+            for pos in 0..len {
+                let k: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e) / 2.0).collect();
+                let v: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e + 13)).collect();
+                cache.write(0, &table, pos, &k, &v);
             }
-            // The AVX-512 kernels, for hd 64 and for a head size they take in slices (48).
-            let (mut d, mut e) = (vec![0f32; bs], vec![0f32; bs]);
-            unsafe { avx512::scores(&q, &kt, bs, ns, 0.125, &mut e) };
-            scores(&q, &kt, bs, ns, 0.125, &mut d);
-            assert_eq!(bits(&d[..ns]), bits(&e[..ns]), "avx512 scores ns={ns}");
-            for hd in [64, 48] {
-                let (mut d2, mut e2) = (d.clone(), e.clone());
-                let (mut od, mut oe) = (vec![0.5f32; hd], vec![0.5f32; hd]);
-                let ld = weigh(&mut d2, ns, m, vs, 1.25, &mut od);
-                let le = unsafe { avx512::weigh(&mut e2, ns, m, vs, 1.25, &mut oe) };
-                assert_eq!(ld.to_bits(), le.to_bits(), "avx512 l hd={hd} ns={ns}");
-                assert_eq!(bits(&od), bits(&oe), "avx512 o hd={hd} ns={ns}");
+            let cases = [
+                (1, 40),
+                (1, 5),
+                (9, 8),
+                (20, 33),
+                (70, 17),
+                (33, 64),
+                (96, 1),
+                (50, 1),
+            ];
+            for (first_ctx, rows) in cases {
+                let r = Rows {
+                    table: &table,
+                    first_ctx,
+                    q: (&q[..], d),
+                    n_head,
+                };
+                let mut want = vec![0f32; rows * d];
+                attend_at(
+                    Level::Portable,
+                    &cache,
+                    0,
+                    &r,
+                    &mut want,
+                    &mut Scratch::new(),
+                );
+                assert!(want.iter().all(|x| x.is_finite()));
+                for &level in &levels {
+                    let mut got = vec![0f32; rows * d];
+                    attend_at(level, &cache, 0, &r, &mut got, &mut Scratch::new());
+                    let lanes = level.lanes();
+                    let case = format!("{dtype} lanes={lanes} first_ctx={first_ctx} rows={rows}");
+                    let diff = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits());
+                    assert_eq!(diff, None, "{case}: first differing value");
+                }
             }
         }
     }
