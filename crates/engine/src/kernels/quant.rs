@@ -302,13 +302,17 @@ impl Simd {
                 if level != "portable"
                     && level != "avx2"
                     && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
                 {
                     return Simd::Avx512Vnni;
                 }
-                if level != "portable" && is_x86_feature_detected!("avx2") {
+                if level != "portable"
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                {
                     return Simd::Avx2;
                 }
             }
@@ -365,7 +369,8 @@ unsafe fn by_fours(
 
 /// Canonical float order, shared by every implementation: per activation row, 16
 /// accumulators; block `b`'s 8 lane sums (lane `j` = products of values `4j..4j+4`) go to
-/// `acc[(b % 2) * 8 + j] += (d_w * d_x) * lane`; the result is
+/// `acc[(b % 2) * 8 + j] = fma(d_w * d_x, lane, acc[(b % 2) * 8 + j])` (one rounding; a
+/// fused multiply-add is one instruction where a multiply then an add are two); the result is
 /// `reduce8(acc[..8]) + reduce8(acc[8..])`, plus, for Q4_1, `dot_f32(m_w, s_x)`.
 fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
     match simd {
@@ -404,8 +409,10 @@ fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
 fn dot_portable(kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
     let mut acc = [0f32; 16];
     for b in 0..x.d.len() {
-        for (j, p) in dot_portable_block(kind, w, x, b).into_iter().enumerate() {
-            acc[(b % 2) * 8 + j] += p;
+        let (dd, lanes) = block_lanes(kind, w, x, b);
+        for (j, lane) in lanes.into_iter().enumerate() {
+            let a = &mut acc[(b % 2) * 8 + j];
+            *a = dd.mul_add(lane, *a);
         }
     }
     finish(&acc, kind, w, x)
@@ -503,7 +510,7 @@ mod avx2 {
     /// One weight row against `NA` (1 to 4) activation rows with every accumulator in a
     /// register, so each unpacked weight block feeds `NA` rows. Per output the float
     /// operations are the canonical ones, in the same order.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
         // Blocks per segment of `d_w * d_x` products; even, so a block's parity is its
         // index's parity within the segment.
@@ -562,8 +569,7 @@ mod avx2 {
                         let xs = if Q4 { av } else { _mm256_sign_epi8(av, ws) };
                         let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
                         let d = _mm256_broadcast_ss(dd.get_unchecked(a).get_unchecked(jj));
-                        acc[a][h] =
-                            _mm256_add_ps(acc[a][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(lanes)));
+                        acc[a][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[a][h]);
                     }
                 }
                 j += 2;
@@ -616,7 +622,7 @@ mod avx512 {
     /// lane sums at once, the low 8 lanes (even block) and the high 8 (odd block) being the
     /// two halves of the canonical accumulators. Per output the float operations are the
     /// canonical ones, in the same order.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
         let nb = w.d.len() / 4;
         let nbe = nb - nb % 2;
@@ -663,7 +669,7 @@ mod avx512 {
                     }
                     let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, av);
                     let d = _mm512_permutexvar_ps(pick, dd[a]);
-                    acc[a] = _mm512_add_ps(acc[a], _mm512_mul_ps(d, _mm512_cvtepi32_ps(lanes)));
+                    acc[a] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[a]);
                 }
                 pick = _mm512_add_epi32(pick, two);
                 j += 2;
@@ -678,9 +684,10 @@ mod avx512 {
             odd[a] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
             if nb % 2 == 1 {
                 // Odd tail block: its canonical slot is the even half.
-                let rest =
-                    super::dot_portable_block(kind_of::<Q4>(), w, x.get_unchecked(a), nb - 1);
-                even[a] = _mm256_add_ps(even[a], _mm256_loadu_ps(rest.as_ptr()));
+                let (dd, lanes) =
+                    super::block_lanes(kind_of::<Q4>(), w, x.get_unchecked(a), nb - 1);
+                let (dd, lanes) = (_mm256_set1_ps(dd), _mm256_loadu_ps(lanes.as_ptr()));
+                even[a] = _mm256_fmadd_ps(dd, lanes, even[a]);
             }
         }
         finish_tile::<NA, Q4>(even, odd, w, x, out);
@@ -695,9 +702,9 @@ mod avx512 {
     }
 }
 
-/// The 8 products `(d_w * d_x) * lane_j` of one block (the portable path, and the odd
-/// tail block of the SIMD paths).
-fn dot_portable_block(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> [f32; 8] {
+/// One block's scale product `d_w * d_x` and its 8 integer lane sums (exact in f32), for
+/// the portable path and the odd tail block of the SIMD paths.
+fn block_lanes(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> (f32, [f32; 8]) {
     let dd = f32_at(w.d, b) * x.d[b];
     let a = &x.qs[b * QK..(b + 1) * QK];
     let mut out = [0f32; 8];
@@ -713,9 +720,9 @@ fn dot_portable_block(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> [f32; 8]
             };
             lane += wq * a[e] as i32;
         }
-        *o = dd * lane as f32;
+        *o = lane as f32;
     }
-    out
+    (dd, out)
 }
 
 #[cfg(test)]
@@ -766,7 +773,7 @@ mod tests {
         let mut levels = vec![Simd::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 levels.push(Simd::Avx2);
             }
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
@@ -835,7 +842,7 @@ mod tests {
         let mut levels = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 levels.push(Simd::Avx2);
             }
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
