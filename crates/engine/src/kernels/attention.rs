@@ -485,11 +485,11 @@ struct Strided<'a> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Level {
     Portable,
-    /// 8 f32 per register (a prefill tile's rows, a decode row's slots): `bs` and `hd` are
-    /// multiples of 8.
+    /// Prefill tiles of 8 rows: `bs` and `hd` are multiples of 8.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// 16 per register: `bs` is a multiple of 8 and `hd` of 16.
+    /// Prefill tiles of 16 rows: `bs` is a multiple of 8 and `hd` of 16. Decode rows take
+    /// the AVX2 kernels at both levels.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -588,7 +588,9 @@ macro_rules! prefill_kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn exp_lanes(x: $v) -> $v {
-            let x = $min($max(x, $set1(EXP_LO)), $set1(EXP_HI));
+            // Bounds first: on NaN these intrinsics return their second operand, so a NaN
+            // stays NaN as in the portable `clamp`.
+            let x = $min($set1(EXP_HI), $max($set1(EXP_LO), x));
             let n = floor($add($mul(x, $set1(LOG2E)), $set1(0.5)));
             let r = $sub(x, $mul(n, $set1(LN2_HI)));
             let r = $sub(r, $mul(n, $set1(LN2_LO)));
@@ -644,14 +646,13 @@ macro_rules! prefill_kernels {
             let mut m = m_old;
             for i in 0..ns {
                 let s = $load(sp.add(i * $lanes));
-                m = $max(
-                    m,
-                    if MASKED {
-                        select(below(lp, i), s, neg)
-                    } else {
-                        s
-                    },
-                );
+                // The score first: a NaN score leaves the max as it was, as `f32::max` does.
+                let s = if MASKED {
+                    select(below(lp, i), s, neg)
+                } else {
+                    s
+                };
+                m = $max(s, m);
             }
             let corr = select(is_neg_inf(m_old), $set1(0.0), exp_lanes($sub(m_old, m)));
             let mut l = $mul($load(t.l.as_ptr()), corr);
@@ -952,69 +953,74 @@ mod tests {
     #[test]
     fn levels_attend_the_same_bits() {
         use crate::kv_cache::{KvDtype, KvLayout};
-        let (n_kv, n_head, hd, bs, len) = (3, 9, 64, 16, 96);
-        let mut levels = Vec::new();
-        if is_x86_feature_detected!("avx2") {
-            levels.push(Level::Avx2);
-        }
-        if is_x86_feature_detected!("avx512f") {
-            levels.push(Level::Avx512);
-        }
+        let len = 96;
         let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
-        let d = n_head * hd;
-        let q: Vec<f32> = (0..len * d).map(|i| val(i + 5) / 4.0).collect();
-        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8_0] {
-            let layout = KvLayout {
-                n_layer: 1,
-                n_kv_head: n_kv,
-                head_dim: hd,
-                block_size: bs,
-                dtype,
-            };
-            let mut cache = KvCache::new(layout, 9);
-            let mut table = cache.allocate(len / bs).expect("blocks");
-            // Blocks out of order in the pool, as a long-running engine has them.
-            table.reverse();
-            let kvd = n_kv * hd;
-            for pos in 0..len {
-                let k: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e) / 2.0).collect();
-                let v: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e + 13)).collect();
-                cache.write(0, &table, pos, &k, &v);
+        // One scratch for every call, as a worker thread keeps it: stale values must not leak.
+        let mut scratch = Scratch::new();
+        // (KV heads, query heads, head size, block size): the default model's shape, 8-slot
+        // blocks, and a head size that is a multiple of 8 only (AVX2 tiles, no fused decode).
+        for (n_kv, n_head, hd, bs) in [(3, 9, 64, 16), (2, 4, 64, 8), (1, 2, 40, 16)] {
+            let mut levels = Vec::new();
+            for simd in Simd::runnable() {
+                match simd {
+                    Simd::Avx2 => levels.push(Level::Avx2),
+                    Simd::Avx512Vnni if hd % 16 == 0 => levels.push(Level::Avx512),
+                    _ => {}
+                }
             }
-            let cases = [
-                (1, 40),
-                (1, 5),
-                (9, 8),
-                (20, 33),
-                (70, 17),
-                (33, 64),
-                (96, 1),
-                (50, 1),
-            ];
-            for (first_ctx, rows) in cases {
-                let r = Rows {
-                    table: &table,
-                    first_ctx,
-                    q: (&q[..], d),
-                    n_head,
+            let d = n_head * hd;
+            let q: Vec<f32> = (0..len * d).map(|i| val(i + 5) / 4.0).collect();
+            for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8_0] {
+                if dtype == KvDtype::Q8_0 && hd % 32 != 0 {
+                    continue;
+                }
+                let layout = KvLayout {
+                    n_layer: 1,
+                    n_kv_head: n_kv,
+                    head_dim: hd,
+                    block_size: bs,
+                    dtype,
                 };
-                let mut want = vec![0f32; rows * d];
-                attend_at(
-                    Level::Portable,
-                    &cache,
-                    0,
-                    &r,
-                    &mut want,
-                    &mut Scratch::new(),
-                );
-                assert!(want.iter().all(|x| x.is_finite()));
-                for &level in &levels {
-                    let mut got = vec![0f32; rows * d];
-                    attend_at(level, &cache, 0, &r, &mut got, &mut Scratch::new());
-                    let lanes = level.lanes();
-                    let case = format!("{dtype} lanes={lanes} first_ctx={first_ctx} rows={rows}");
-                    let diff = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits());
-                    assert_eq!(diff, None, "{case}: first differing value");
+                let mut cache = KvCache::new(layout, len / bs + 1);
+                let mut table = cache.allocate(len / bs).expect("blocks");
+                // Blocks out of order in the pool, as a long-running engine has them.
+                table.reverse();
+                let kvd = n_kv * hd;
+                for pos in 0..len {
+                    let k: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e) / 2.0).collect();
+                    let v: Vec<f32> = (0..kvd).map(|e| val(pos * kvd + e + 13)).collect();
+                    cache.write(0, &table, pos, &k, &v);
+                }
+                let cases = [
+                    (1, 40),
+                    (1, 5),
+                    (9, 8),
+                    (20, 33),
+                    (70, 17),
+                    (33, 64),
+                    (96, 1),
+                    (50, 1),
+                ];
+                for (first_ctx, rows) in cases {
+                    let r = Rows {
+                        table: &table,
+                        first_ctx,
+                        q: (&q[..], d),
+                        n_head,
+                    };
+                    let mut want = vec![0f32; rows * d];
+                    attend_at(Level::Portable, &cache, 0, &r, &mut want, &mut scratch);
+                    assert!(want.iter().all(|x| x.is_finite()));
+                    for &level in &levels {
+                        let mut got = vec![0f32; rows * d];
+                        attend_at(level, &cache, 0, &r, &mut got, &mut scratch);
+                        let lanes = level.lanes();
+                        let case = format!(
+                            "{dtype} hd={hd} bs={bs} lanes={lanes} first_ctx={first_ctx} rows={rows}"
+                        );
+                        let diff = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits());
+                        assert_eq!(diff, None, "{case}: first differing value");
+                    }
                 }
             }
         }

@@ -2,8 +2,9 @@
 //!
 //! Activations are quantized per 32 values to 8 bits (like llama.cpp's Q8_1). A block's
 //! integer products are summed in 8 lanes of 4 neighbours each; lane sums are exact integers,
-//! so the AVX2 and portable paths agree bit for bit as long as the float part (scale × lane,
-//! added lane-wise block after block, then a fixed tree) is done in the same order in both.
+//! so the SIMD and portable paths agree bit for bit as long as the float part (scale × lane
+//! fused into the lane's accumulator block after block, then a fixed tree) is done in the
+//! same order in all.
 
 use half::f16;
 use rayon::prelude::*;
@@ -319,6 +320,20 @@ impl Simd {
             let _ = level;
             Simd::Portable
         })
+    }
+
+    /// The levels the kernels may run at here: the portable one and every level up to
+    /// [`Simd::detect`]'s (a level needs every feature of the ones below it).
+    #[cfg(test)]
+    pub fn runnable() -> Vec<Simd> {
+        let mut levels = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        match Simd::detect() {
+            Simd::Avx512Vnni => levels.extend([Simd::Avx2, Simd::Avx512Vnni]),
+            Simd::Avx2 => levels.push(Simd::Avx2),
+            Simd::Portable => {}
+        }
+        levels
     }
 }
 
@@ -770,16 +785,7 @@ mod tests {
     /// so that engines on CPUs with different instruction sets compute the same logits.
     #[test]
     fn simd_and_portable_agree_bitwise() {
-        let mut levels = vec![Simd::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                levels.push(Simd::Avx2);
-            }
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
-                levels.push(Simd::Avx512Vnni);
-            }
-        }
+        let levels = Simd::runnable();
         // 608: a full group of 16 blocks, a masked one of 2, and an odd tail block.
         for cols in [576, 1536, 96, 608] {
             let (xs, xq) = acts(11, cols);
@@ -839,16 +845,7 @@ mod tests {
     /// with the portable path bit for bit at every SIMD level this CPU has.
     #[test]
     fn matvec_levels_agree_bitwise() {
-        let mut levels = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                levels.push(Simd::Avx2);
-            }
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
-                levels.push(Simd::Avx512Vnni);
-            }
-        }
+        let levels = Simd::runnable();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (cols, rows) in [(96, 70), (576, 67)] {
             for kind in [QKind::Q4_1, QKind::Q8_0] {
