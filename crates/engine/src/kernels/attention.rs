@@ -110,6 +110,7 @@ fn attend_at(
         hd,
         group,
         scale,
+        wide: level == Level::Avx512,
     };
     s.k.resize(bs * per_slot, 0.0);
     s.v.resize(bs * per_slot, 0.0);
@@ -389,13 +390,16 @@ struct Dims {
     hd: usize,
     group: usize,
     scale: f32,
+    /// Take the AVX-512 decode kernels (16 lanes) instead of the AVX2 ones.
+    wide: bool,
 }
 
 /// One block of one decode row: `k` and `v` hold the block's `bs` slots (`n_kv * hd` values
 /// each), `q` the row's heads; folds the first `ns` positions into the row's running max,
-/// sum and output (`row`: `m`, `l`, `out`). AVX2 and F16C are present (the caller checked).
+/// sum and output (`row`: `m`, `l`, `out`). AVX2 and F16C are present (the caller checked),
+/// and AVX-512 where `dims.wide` says so.
 #[cfg(target_arch = "x86_64")]
-fn decode_block<T: avx2::Lanes>(
+fn decode_block<T: avx512::Lanes16>(
     k: &[T],
     v: &[T],
     ns: usize,
@@ -417,6 +421,7 @@ fn decode_block<T: avx2::Lanes>(
     // The kernels' shapes: 4 and 8 slots per pass, 8 and 16 dims.
     assert!(bs.is_multiple_of(8) && hd.is_multiple_of(16));
     debug_assert!(is_x86_feature_detected!("avx2") && avx2::has_f16c());
+    debug_assert!(!dims.wide || is_x86_feature_detected!("avx512f"));
     assert!(q.len() >= n_kv * group * hd && scores.len() >= GROUP_PASS * bs);
     for g in 0..n_kv {
         let kv = (&k[g * hd..], &v[g * hd..]);
@@ -445,7 +450,7 @@ fn decode_block<T: avx2::Lanes>(
 /// # Safety
 /// As for `decode_block`'s kernels.
 #[cfg(target_arch = "x86_64")]
-unsafe fn decode_pass<T: avx2::Lanes, const H: usize>(
+unsafe fn decode_pass<T: avx512::Lanes16, const H: usize>(
     (k, v): (&[T], &[T]),
     ns: usize,
     q: &[f32],
@@ -461,8 +466,12 @@ unsafe fn decode_pass<T: avx2::Lanes, const H: usize>(
         scale,
         ..
     } = *dims;
-    let vals = heads.start * hd..heads.end * hd;
-    avx2::group_scores::<T, H>(&q[vals.clone()], k, n_kv * hd, ns, scale, bs, scores);
+    let (vals, stride) = (heads.start * hd..heads.end * hd, n_kv * hd);
+    if dims.wide {
+        avx512::group_scores::<T, H>(&q[vals.clone()], k, stride, ns, scale, bs, scores);
+    } else {
+        avx2::group_scores::<T, H>(&q[vals.clone()], k, stride, ns, scale, bs, scores);
+    }
     for (j, h) in heads.enumerate() {
         let p = &mut scores[j * bs..(j + 1) * bs];
         let (new_m, corr) = rescale(m[h], &p[..ns]);
@@ -471,7 +480,11 @@ unsafe fn decode_pass<T: avx2::Lanes, const H: usize>(
         l[h] = p[..ns].iter().fold(l[h] * corr, |a, &x| a + x);
         m[h] = new_m;
     }
-    avx2::group_weigh::<T, H>(scores, bs, ns, v, n_kv * hd, &mut out[vals]);
+    if dims.wide {
+        avx512::group_weigh::<T, H>(scores, bs, ns, v, stride, &mut out[vals]);
+    } else {
+        avx2::group_weigh::<T, H>(scores, bs, ns, v, stride, &mut out[vals]);
+    }
 }
 
 /// Rows of `data` that start every `stride` values (V of one KV head across a block's slots).
@@ -826,15 +839,22 @@ mod avx2 {
                     }
                 }
             }
-            for (h, &[a0, a1, a2, a3]) in acc.iter().enumerate() {
-                // hadd pairs lanes (0,1), (2,3), ...; twice gives each slot's lanes 0..4
-                // and 4..8 sums, and adding the halves finishes reduce8's tree.
-                let x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-                _mm_storeu_ps(op.add(h * bs + t0), _mm_mul_ps(r, sc));
+            for (h, &a) in acc.iter().enumerate() {
+                store_scores(a, sc, op.add(h * bs + t0));
             }
             t0 += 4;
         }
+    }
+
+    /// Four slots' scores from their 8 lanes each: `reduce8` of each, times `sc`, stored at
+    /// `out`. hadd pairs lanes (0,1), (2,3), ...; twice gives each slot's lanes 0..4 and
+    /// 4..8 sums, and adding the halves finishes reduce8's tree.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn store_scores([a0, a1, a2, a3]: [__m256; 4], sc: __m128, out: *mut f32) {
+        let x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        _mm_storeu_ps(out, _mm_mul_ps(r, sc));
     }
 
     /// `o_j += p_j[t] * V[t]` in position order for `t < ns`, for `H` heads: `p` holds
@@ -879,6 +899,7 @@ mod avx2 {
 /// [`avx2`]'s prefill kernels with 16 lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::avx2::store_scores;
     use super::{BlockRows, Tile, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
     use std::arch::x86_64::*;
 
@@ -912,6 +933,163 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn is_neg_inf(x: __m512) -> Mask {
         _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, _mm512_set1_ps(f32::NEG_INFINITY))
+    }
+
+    /// A storage type the AVX-512 decode kernels read K and V in.
+    pub trait Lanes16: super::avx2::Lanes {
+        /// 16 values from `p`, as f32.
+        ///
+        /// # Safety
+        /// AVX-512F is present and `p` points at 16 readable values.
+        unsafe fn load16(p: *const Self) -> __m512;
+
+        /// 8 values from `a` in the low half and 8 from `b` in the high half, as f32.
+        ///
+        /// # Safety
+        /// AVX-512F is present and both point at 8 readable values.
+        unsafe fn load8x2(a: *const Self, b: *const Self) -> __m512;
+    }
+
+    impl Lanes16 for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load8x2(a: *const f32, b: *const f32) -> __m512 {
+            let lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a)));
+            let hi = _mm256_castps_pd(_mm256_loadu_ps(b));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(lo, hi))
+        }
+    }
+
+    impl Lanes16 for half::f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load8x2(a: *const half::f16, b: *const half::f16) -> __m512 {
+            let (lo, hi) = (a as *const __m128i, b as *const __m128i);
+            _mm512_cvtph_ps(_mm256_set_m128i(_mm_loadu_si128(hi), _mm_loadu_si128(lo)))
+        }
+    }
+
+    /// The low and high 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn halves(x: __m512) -> (__m256, __m256) {
+        let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x));
+        (_mm512_castps512_ps256(x), _mm256_castpd_ps(hi))
+    }
+
+    /// [`super::avx2::group_scores`] with two slots per register (low and high 8 lanes), so
+    /// each lane accumulates the same dims of the same slot in the same order, and the same
+    /// reduction finishes it.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn group_scores<T: Lanes16, const H: usize>(
+        q: &[f32],
+        k: &[T],
+        stride: usize,
+        ns: usize,
+        scale: f32,
+        bs: usize,
+        out: &mut [f32],
+    ) {
+        let hd = q.len() / H;
+        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+        let sc = _mm_set1_ps(scale);
+        let mut t0 = 0;
+        while t0 < ns {
+            // acc[h][0]: slots t0 and t0 + 1; acc[h][1]: slots t0 + 2 and t0 + 3.
+            let mut acc = [[_mm512_setzero_ps(); 2]; H];
+            for c in (0..hd).step_by(8) {
+                let slot = |s: usize| kp.add((t0 + s) * stride + c);
+                let kv = [T::load8x2(slot(0), slot(1)), T::load8x2(slot(2), slot(3))];
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let q8 = _mm256_castps_pd(_mm256_loadu_ps(qp.add(h * hd + c)));
+                    let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(q8));
+                    a[0] = _mm512_add_ps(a[0], _mm512_mul_ps(qv, kv[0]));
+                    a[1] = _mm512_add_ps(a[1], _mm512_mul_ps(qv, kv[1]));
+                }
+            }
+            for (h, &[a01, a23]) in acc.iter().enumerate() {
+                let ((a0, a1), (a2, a3)) = (halves(a01), halves(a23));
+                store_scores([a0, a1, a2, a3], sc, op.add(h * bs + t0));
+            }
+            t0 += 4;
+        }
+    }
+
+    /// [`super::avx2::group_weigh`] with 16 dims per register, 64 per pass (then 16).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn group_weigh<T: Lanes16, const H: usize>(
+        p: &[f32],
+        bs: usize,
+        ns: usize,
+        v: &[T],
+        stride: usize,
+        o: &mut [f32],
+    ) {
+        let hd = o.len() / H;
+        let mut c = 0;
+        while c < hd {
+            if hd - c >= 64 {
+                weigh_dims::<T, H, 4>(p, bs, ns, v.as_ptr().add(c), stride, o, c);
+                c += 64;
+            } else {
+                weigh_dims::<T, H, 1>(p, bs, ns, v.as_ptr().add(c), stride, o, c);
+                c += 16;
+            }
+        }
+    }
+
+    /// `o_j[c..c + 16 * C] += p_j[t] * V[t][c..]` in position order, every accumulator in a
+    /// register (`v` points at V[0][c]).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weigh_dims<T: Lanes16, const H: usize, const C: usize>(
+        p: &[f32],
+        bs: usize,
+        ns: usize,
+        v: *const T,
+        stride: usize,
+        o: &mut [f32],
+        c: usize,
+    ) {
+        let hd = o.len() / H;
+        let (pp, op) = (p.as_ptr(), o.as_mut_ptr());
+        let mut acc = [[_mm512_setzero_ps(); C]; H];
+        for (h, a) in acc.iter_mut().enumerate() {
+            for (r, x) in a.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(op.add(h * hd + c + 16 * r));
+            }
+        }
+        for t in 0..ns {
+            let mut vv = [_mm512_setzero_ps(); C];
+            for (r, x) in vv.iter_mut().enumerate() {
+                *x = T::load16(v.add(t * stride + 16 * r));
+            }
+            for (h, a) in acc.iter_mut().enumerate() {
+                let pv = _mm512_set1_ps(*pp.add(h * bs + t));
+                for (x, &vr) in a.iter_mut().zip(&vv) {
+                    *x = _mm512_add_ps(*x, _mm512_mul_ps(pv, vr));
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            for (r, x) in a.iter().enumerate() {
+                _mm512_storeu_ps(op.add(h * hd + c + 16 * r), *x);
+            }
+        }
     }
 
     #[inline]
@@ -1036,8 +1214,23 @@ mod tests {
             return;
         }
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        // Groups in passes of 3 + 1, 2, 3, 3 + 2 and 3 + 3 + 2 heads; head sizes 64 and 128.
-        for (n_kv, group, hd) in [(2, 4, 64), (3, 2, 64), (1, 3, 128), (1, 5, 64), (2, 8, 128)] {
+        // The AVX2 kernels, and the AVX-512 ones where the CPU has them.
+        let wides = [false, true];
+        let wides = &wides[..1 + usize::from(Simd::runnable().contains(&Simd::Avx512Vnni))];
+        // Groups in passes of 3 + 1, 2, 3, 3 + 2 and 3 + 3 + 2 heads; head sizes 64, 128 and
+        // 80 (64 dims and then 16 per AVX-512 pass).
+        let shapes = [
+            (2, 4, 64),
+            (3, 2, 64),
+            (1, 3, 128),
+            (1, 5, 64),
+            (2, 8, 128),
+            (1, 3, 80),
+        ];
+        for ((n_kv, group, hd), &wide) in shapes
+            .into_iter()
+            .flat_map(|s| wides.iter().map(move |w| (s, w)))
+        {
             let bs = 16;
             let (per_slot, n_head) = (n_kv * hd, n_kv * group);
             let dims = Dims {
@@ -1046,6 +1239,7 @@ mod tests {
                 hd,
                 group,
                 scale: 0.125,
+                wide,
             };
             // Values f16 holds exactly, so both storage types describe the same block.
             let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
@@ -1102,7 +1296,7 @@ mod tests {
                     let row = (&mut m16[..], &mut l16[..], &mut o16[..]);
                     decode_block(&k16, &v16, ns, &q, &dims, row, &mut scores);
                 }
-                let case = format!("n_kv={n_kv} group={group} ns={ns}");
+                let case = format!("n_kv={n_kv} group={group} hd={hd} ns={ns} wide={wide}");
                 for (mx, lx, ox) in [(&m32, &l32, &o32), (&m16, &l16, &o16)] {
                     assert_eq!(bits(&m), bits(mx), "m {case}");
                     assert_eq!(bits(&l), bits(lx), "l {case}");
