@@ -160,9 +160,16 @@ impl KvConnector for TcpConnector {
 }
 
 /// Tells the producer, in the background, to free the KV it holds for a request we will
-/// never load.
+/// never load. Called from ordinary (server) threads, so the job needs no [`Spawner`]. If no
+/// thread can start, the hold lapses at the producer's hold timeout instead.
 pub fn release_hold(fingerprint: Fingerprint, r: RemoteAddr) {
-    std::thread::spawn(move || release_now(&fingerprint, &r));
+    let id = r.request_id.clone();
+    let started = std::thread::Builder::new()
+        .name("kv-release".into())
+        .spawn(move || release_now(&fingerprint, &r));
+    if let Err(e) = started {
+        tracing::error!(%id, error = %e, "cannot start a thread to release the producer's hold; it lapses at its timeout");
+    }
 }
 
 fn release_now(fingerprint: &Fingerprint, r: &RemoteAddr) {

@@ -97,17 +97,23 @@ pub fn serve(
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
         let (engine, fp, hook) = (engine.clone(), fingerprint.clone(), on_sent.clone());
-        std::thread::spawn(move || {
-            let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            match serve_one(&mut s, &addr, &engine, &fp) {
+        let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = addr.clone();
+        let started = std::thread::Builder::new()
+            .name("kv-serve".into())
+            .spawn(move || match serve_one(&mut s, &addr, &engine, &fp) {
                 Ok(bytes) => {
                     if let Some(h) = hook {
                         h(bytes);
                     }
                 }
                 Err(e) => tracing::warn!(peer = %addr, error = %e, "KV pull failed"),
-            }
-        });
+            });
+        // Out of threads: this pull's connection closes (the consumer sees the error) and
+        // the listener goes on.
+        if let Err(e) = started {
+            tracing::error!(%peer, error = %e, "cannot start a thread for a KV pull");
+        }
     }
 }
 
