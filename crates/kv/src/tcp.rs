@@ -95,7 +95,15 @@ pub fn serve(
     on_sent: Option<SentHook>,
 ) {
     for conn in listener.incoming() {
-        let Ok(mut s) = conn else { continue };
+        let mut s = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait a little rather than spin on the error.
+                tracing::warn!(error = %e, "cannot accept a KV pull");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
         let (engine, fp, hook) = (engine.clone(), fingerprint.clone(), on_sent.clone());
         let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let peer = addr.clone();

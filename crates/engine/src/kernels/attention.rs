@@ -420,8 +420,9 @@ fn decode_block<T: avx512::Lanes16>(
     assert!(k.len() >= bs * per_slot && v.len() >= bs * per_slot && ns <= bs);
     // The kernels' shapes: 4 and 8 slots per pass, 8 and 16 dims.
     assert!(bs.is_multiple_of(8) && hd.is_multiple_of(16));
-    debug_assert!(is_x86_feature_detected!("avx2") && avx2::has_f16c());
-    debug_assert!(!dims.wide || is_x86_feature_detected!("avx512f"));
+    // The kernels' instruction sets (cached bit tests, so cheap per block).
+    assert!(is_x86_feature_detected!("avx2") && avx2::has_f16c());
+    assert!(!dims.wide || is_x86_feature_detected!("avx512f"));
     assert!(q.len() >= n_kv * group * hd && scores.len() >= GROUP_PASS * bs);
     for g in 0..n_kv {
         let kv = (&k[g * hd..], &v[g * hd..]);
@@ -429,7 +430,8 @@ fn decode_block<T: avx512::Lanes16>(
         while h0 < (g + 1) * group {
             let hn = ((g + 1) * group - h0).min(GROUP_PASS);
             let (heads, row) = (h0..h0 + hn, (&mut *m, &mut *l, &mut *out));
-            // SAFETY: AVX2 and F16C are present; `k` and `v` reach `hd` values into each of
+            // SAFETY: AVX2 and F16C are present, and AVX-512F where `dims.wide` (asserted
+            // above); `k` and `v` reach `hd` values into each of
             // the block's `bs` slots (asserted above), and `bs` and `hd` are multiples of 8
             // and 16, so every lane read or written is in bounds.
             unsafe {
@@ -501,8 +503,8 @@ enum Level {
     /// Prefill tiles of 8 rows: `bs` and `hd` are multiples of 8.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// Prefill tiles of 16 rows: `bs` is a multiple of 8 and `hd` of 16. Decode rows take
-    /// the AVX2 kernels at both levels.
+    /// Prefill tiles of 16 rows, decode rows two slots or 16 dims per register: `bs` is a
+    /// multiple of 8 and `hd` of 16.
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -896,7 +898,8 @@ mod avx2 {
     }
 }
 
-/// [`avx2`]'s prefill kernels with 16 lanes.
+/// [`avx2`]'s prefill and decode kernels with 16 lanes. Only AVX-512F is assumed: halves of
+/// a register move as f64x4 (the f32x8 forms need AVX512DQ).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::store_scores;
