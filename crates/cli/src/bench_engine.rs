@@ -20,6 +20,10 @@ pub struct BenchEngineArgs {
     /// Tokens generated per stream in the decode measurement.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Prompt tokens of each decode stream (stream `i` gets this many plus `i`), so decode
+    /// is measured at that depth of context; the prefill steps are not counted.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    decode_context: u64,
     /// Thread counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
@@ -45,6 +49,7 @@ struct Row {
     threads: usize,
     prefill_tokens: usize,
     prefill_tok_s: f64,
+    decode_context: usize,
     decode: Vec<(usize, f64)>,
     /// Per batch size: mean step time (ms) over the first and the last eighth of the
     /// decode steps. Attention grows with the context; the weights' cost does not.
@@ -80,9 +85,10 @@ fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) {
 pub fn run(a: BenchEngineArgs) -> Result<()> {
     let path = crate::model_path(&a.model)?;
     let model = Arc::new(Model::load(&path)?);
-    // Decode stream `i` gets the first `16 + i` tokens, so the text covers those too.
+    // Decode stream `i` gets the first `ctx + i` tokens, so the text covers those too.
+    let ctx = usize::try_from(a.decode_context)?;
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
-    let need = a.prompt_len.max(16 + max_batch);
+    let need = a.prompt_len.max(ctx + max_batch);
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(need / 5 + 10);
     let all = model.tokenizer.encode(&text).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(all.len() >= need, "could not build a {need}-token prompt");
@@ -131,7 +137,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 .map(|i| {
                     run_one(
                         &engine,
-                        all[..16 + i].to_vec(),
+                        all[..ctx + i].to_vec(),
                         a.decode_tokens,
                         format!("d{b}-{i}"),
                     )
@@ -174,6 +180,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
             threads: t,
             prefill_tokens: a.prompt_len,
             prefill_tok_s: prefill,
+            decode_context: ctx,
             decode,
             decode_step_ms: step_ms,
         });
