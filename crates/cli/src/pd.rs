@@ -376,25 +376,30 @@ pub fn up(a: UpArgs) -> Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     // A watcher ends the proxy when any child dies, or on a stop signal that came before
     // the proxy listened for one.
-    let watcher = std::thread::spawn(move || -> (Children, Option<String>) {
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                let _ = tx.send(());
-                return (children, None);
-            }
-            for (name, c) in &mut children.0 {
-                if let Ok(Some(st)) = c.try_wait() {
-                    let msg = format!("{name} exited ({st}); stopped everything");
+    // If the thread cannot start, the closure (and the children in it) is dropped, which
+    // stops them.
+    let watcher = std::thread::Builder::new()
+        .name("up-watcher".into())
+        .spawn(move || -> (Children, Option<String>) {
+            loop {
+                if stop.load(Ordering::Relaxed) {
                     let _ = tx.send(());
-                    return (children, Some(msg));
+                    return (children, None);
                 }
+                for (name, c) in &mut children.0 {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        let msg = format!("{name} exited ({st}); stopped everything");
+                        let _ = tx.send(());
+                        return (children, Some(msg));
+                    }
+                }
+                if tx.is_closed() {
+                    return (children, None);
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            if tx.is_closed() {
-                return (children, None);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+        })
+        .context("start the thread that watches the instances")?;
     let r = rt.block_on(run_proxy(&args, rx));
     drop(rt);
     // The proxy's receiver is gone now: the watcher hands the children back to be killed.
