@@ -121,14 +121,7 @@ fn attend_at(
     s.l.resize(rows * n_head, 0.0);
     out.fill(0.0);
     let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
-    for (bi, &blk) in table.iter().enumerate() {
-        let start = bi * bs;
-        if start >= last_ctx {
-            break;
-        }
-        let at = blk as usize * bs * per_slot;
-        let ns_max = bs.min(last_ctx - start);
-        prefetch_next(cache, layer, table, bi, last_ctx);
+    for (start, at, ns_max) in blocks(cache, layer, table, last_ctx) {
         #[cfg(target_arch = "x86_64")]
         if fused {
             let (n, row) = (bs * per_slot, (&mut s.m[..], &mut s.l[..], &mut out[..]));
@@ -183,17 +176,30 @@ fn attend_at(
     }
 }
 
-/// Starts fetching block `bi + 1` of `table` (the positions before `last_ctx`) while block
-/// `bi` is worked on.
-fn prefetch_next(cache: &KvCache, layer: usize, table: &[u32], bi: usize, last_ctx: usize) {
+/// The blocks of `table` that hold positions before `last_ctx`, in position order: each
+/// block's first position, its first value in the layer's K and V, and the slots in use.
+/// Stepping to a block starts fetching the next one, so that reading K and V from memory
+/// overlaps the work on this one.
+fn blocks<'a>(
+    cache: &'a KvCache,
+    layer: usize,
+    table: &'a [u32],
+    last_ctx: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
     let lay = &cache.layout;
     let (bs, per_slot) = (lay.block_size, lay.n_kv_head * lay.head_dim);
-    let start = (bi + 1) * bs;
-    if let Some(&next) = table.get(bi + 1).filter(|_| start < last_ctx) {
-        let n = bs.min(last_ctx - start) * per_slot;
-        cache.k(layer).prefetch(next as usize * bs * per_slot, n);
-        cache.v(layer).prefetch(next as usize * bs * per_slot, n);
-    }
+    let used = move |start: usize| bs.min(last_ctx - start);
+    (0..table.len())
+        .map(move |bi| (bi * bs, table[bi] as usize * bs * per_slot))
+        .take_while(move |&(start, _)| start < last_ctx)
+        .map(move |(start, at)| {
+            if let Some(&next) = table.get(start / bs + 1).filter(|_| start + bs < last_ctx) {
+                let (at, n) = (next as usize * bs * per_slot, used(start + bs) * per_slot);
+                cache.k(layer).prefetch(at, n);
+                cache.v(layer).prefetch(at, n);
+            }
+            (start, at, used(start))
+        })
 }
 
 /// The prefill path at a SIMD level: the rows in tiles of the level's lanes, one row per
@@ -247,14 +253,7 @@ fn attend_tiled(
     s.scores.resize(bs * lanes, 0.0);
     let last_ctx = first_ctx + rows - 1;
     let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
-    for (bi, &blk) in table.iter().enumerate() {
-        let start = bi * bs;
-        if start >= last_ctx {
-            break;
-        }
-        let at = blk as usize * bs * per_slot;
-        let ns_max = bs.min(last_ctx - start);
-        prefetch_next(cache, layer, table, bi, last_ctx);
+    for (start, at, ns_max) in blocks(cache, layer, table, last_ctx) {
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
         for ti in 0..tiles {
