@@ -91,12 +91,23 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             let _ = tx.send(r.clone());
         }
     });
-    let connector = Arc::new(TcpConnector::new(fp.clone(), None, Some(observer)));
+    let secret = splitserve_kv::Secret::random()?;
+    let connector = Arc::new(TcpConnector::new(
+        fp.clone(),
+        secret.clone(),
+        None,
+        Some(observer),
+    ));
     let consumer = Engine::start_with(model.clone(), cfg, None, Some(connector))?;
     let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?.to_string();
-    let (e2, fp2) = (engine.clone(), fp.clone());
-    std::thread::spawn(move || splitserve_kv::tcp::serve(l, e2, fp2, None));
+    let grants = Arc::new(splitserve_kv::Grants::new(secret, l.local_addr()?));
+    let side = splitserve_kv::tcp::SideChannel {
+        engine: engine.clone(),
+        fingerprint: fp.clone(),
+        grants: grants.clone(),
+        on_sent: None,
+    };
+    std::thread::spawn(move || side.serve(l));
     let vocab = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..a.prompt_len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
@@ -118,9 +129,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
                 break;
             }
         }
-        let (host, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
-        let params = serde_json::json!({"remote_host": host, "remote_port": port.parse::<u16>()?,
-            "remote_request_id": id});
+        let params = grants.issue(&id, Duration::from_secs(60))?;
         let mut rx = consumer.submit(Request {
             id: id.clone(),
             prompt: prompt.clone(),

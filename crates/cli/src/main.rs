@@ -85,15 +85,38 @@ pub(crate) async fn spawn_admin(
     what: &str,
 ) -> Result<()> {
     use anyhow::Context;
+    // Off loopback, the admin endpoints (migrate, drain, import) need their own token.
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    let routes = if loopback {
+        routes
+    } else {
+        let token = std::env::var("SPLITSERVE_ADMIN_TOKEN")
+            .ok()
+            .and_then(|t| splitserve_server::http::ApiKey::new(&t))
+            .with_context(|| {
+                format!("the admin listener {host}:{port} is not on loopback: set SPLITSERVE_ADMIN_TOKEN to the token its clients must send (Authorization: Bearer)")
+            })?;
+        routes.layer(axum::middleware::from_fn_with_state(
+            token,
+            splitserve_server::http::require_api_key,
+        ))
+    };
     let addr = format!("{host}:{port}");
     let l = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding the admin listener {addr}"))?;
     tracing::info!(addr = %l.local_addr()?, "{what} enabled");
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(l, routes)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
+        if let Err(e) = splitserve_server::http::serve_router(
+            l,
+            routes,
+            splitserve_server::http::DEFAULT_HEADER_READ_TIMEOUT,
+            shutdown_signal(),
+        )
+        .await
         {
             tracing::error!(error = %e, "admin listener failed");
         }

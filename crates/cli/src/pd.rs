@@ -34,9 +34,14 @@ pub struct ProxyArgs {
     /// Serve the proxy's admin endpoints (drain, undrain, instances) on this port.
     #[arg(long)]
     pub admin_port: Option<u16>,
-    /// Address of the admin listener; loopback unless you mean otherwise.
+    /// Address of the admin listener; loopback unless you mean otherwise (then the admin
+    /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
     #[arg(long, default_value = "127.0.0.1")]
     pub admin_host: String,
+    /// Clients must send `Authorization: Bearer <key>`; the proxy sends it to the
+    /// instances too. Prefer the environment variable: a command line is visible to all.
+    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -87,6 +92,10 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
         decode: a.decode.clone(),
         disagg_threshold: a.disagg_threshold,
         decode_admin: a.decode_admin.clone(),
+        api_key: a
+            .api_key
+            .as_deref()
+            .and_then(splitserve_server::http::ApiKey::new),
     })
     .map_err(anyhow::Error::msg)?;
     if let Some(port) = a.admin_port {
@@ -163,6 +172,10 @@ pub struct UpArgs {
     /// "--long-prefill-token-threshold 64", so short prompts do not queue behind a long one).
     #[arg(long, allow_hyphen_values = true)]
     pub prefill_args: Option<String>,
+    /// Clients of the proxy and of each instance must send `Authorization: Bearer <key>`
+    /// (passed to the instances in their environment). Prefer the environment variable.
+    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 fn split_flags(s: &Option<String>) -> Vec<String> {
@@ -171,7 +184,7 @@ fn split_flags(s: &Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Children that are killed when this is dropped (Ctrl-C, an error, a child's death).
+/// Children that are killed when this is dropped (Ctrl-C, an error, the proxy's end).
 struct Children(Vec<(String, Child)>);
 
 impl Drop for Children {
@@ -273,6 +286,8 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut next_cpu = 0;
     let n = a.prefill + a.decode;
     let mut children = Children(Vec::new());
+    // Kept to restart an instance that dies.
+    let mut commands: Vec<Command> = Vec::new();
     let mut prefill_urls = Vec::new();
     let mut decode_urls = Vec::new();
     let mut decode_admin = Vec::new();
@@ -329,8 +344,17 @@ pub fn up(a: UpArgs) -> Result<()> {
             // Decode instances can be drained: their requests migrate to the others.
             child.args(["--admin-port", &admin_port.to_string()]);
         }
+        // The key travels in the environment, never on a command line.
+        match &a.api_key {
+            Some(k) => child.env("SPLITSERVE_API_KEY", k),
+            None => child.env_remove("SPLITSERVE_API_KEY"),
+        };
         die_with_parent(&mut child);
-        let child = child.spawn().with_context(|| format!("starting {name}"))?;
+        let mut command = child;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        commands.push(command);
         let url = format!("http://127.0.0.1:{port}");
         println!(
             "{name}: {url} ({role}, {threads} thread{}{}{})",
@@ -367,6 +391,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         decode_admin,
         admin_port: Some(a.admin_base_port.saturating_sub(1)),
         admin_host: "127.0.0.1".into(),
+        api_key: a.api_key.clone(),
     };
     println!(
         "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything), admin http://127.0.0.1:{}",
@@ -374,42 +399,93 @@ pub fn up(a: UpArgs) -> Result<()> {
         a.admin_base_port.saturating_sub(1)
     );
     let (tx, rx) = tokio::sync::oneshot::channel();
-    // A watcher ends the proxy when any child dies, or on a stop signal that came before
-    // the proxy listened for one.
+    // A watcher restarts an instance that dies (with backoff; the others keep serving), and
+    // ends the proxy on a stop signal that came before the proxy listened for one.
     // If the thread cannot start, the closure (and the children in it) is dropped, which
     // stops them.
     let watcher = std::thread::Builder::new()
         .name("up-watcher".into())
-        .spawn(move || -> (Children, Option<String>) {
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    let _ = tx.send(());
-                    return (children, None);
-                }
-                for (name, c) in &mut children.0 {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        let msg = format!("{name} exited ({st}); stopped everything");
-                        let _ = tx.send(());
-                        return (children, Some(msg));
-                    }
-                }
-                if tx.is_closed() {
-                    return (children, None);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+        .spawn(move || -> Children {
+            supervise(&mut children, &mut commands, &stop, &tx);
+            // A stop signal: end the proxy too (a no-op if it already ended).
+            let _ = tx.send(());
+            children
         })
         .context("start the thread that watches the instances")?;
     let r = rt.block_on(run_proxy(&args, rx));
     drop(rt);
     // The proxy's receiver is gone now: the watcher hands the children back to be killed.
-    let (children, died) = watcher
+    let children = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
     drop(children);
-    r?;
-    match died {
-        Some(m) => bail!(m),
-        None => Ok(()),
+    r
+}
+
+/// First wait before restarting a dead instance; it doubles per quick death, up to the max.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An instance that ran this long before dying starts over at the first backoff.
+const RESTART_STABLE: Duration = Duration::from_secs(60);
+
+/// Restarts children that exit, each with its own backoff, until a stop is asked for
+/// (signal, or the proxy ended and closed `tx`).
+fn supervise(
+    children: &mut Children,
+    commands: &mut [Command],
+    stop: &AtomicBool,
+    tx: &tokio::sync::oneshot::Sender<()>,
+) {
+    struct State {
+        started: Instant,
+        failures: u32,
+        due: Option<Instant>,
+    }
+    let now = Instant::now();
+    let mut st: Vec<State> = children
+        .0
+        .iter()
+        .map(|_| State {
+            started: now,
+            failures: 0,
+            due: None,
+        })
+        .collect();
+    let stopping = || stop.load(Ordering::Relaxed) || tx.is_closed();
+    while !stopping() {
+        for (i, (name, c)) in children.0.iter_mut().enumerate() {
+            let s = &mut st[i];
+            let now = Instant::now();
+            if s.due.is_none() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    if now.duration_since(s.started) >= RESTART_STABLE {
+                        s.failures = 0;
+                    }
+                    let wait = RESTART_BACKOFF
+                        .saturating_mul(1 << s.failures.min(5))
+                        .min(RESTART_BACKOFF_MAX);
+                    s.failures += 1;
+                    tracing::error!(instance = %name, %status, "instance exited; restarting it in {wait:?} (the others keep serving)");
+                    eprintln!("{name} exited ({status}); restarting it in {wait:?}");
+                    s.due = Some(now + wait);
+                }
+            }
+            if s.due.is_some_and(|d| now >= d) {
+                match commands[i].spawn() {
+                    Ok(child) => {
+                        *c = child;
+                        s.started = now;
+                        s.due = None;
+                        tracing::info!(instance = %name, "instance restarted");
+                        eprintln!("{name} restarted");
+                    }
+                    Err(e) => {
+                        tracing::error!(instance = %name, error = %e, "cannot restart the instance; trying again");
+                        s.due = Some(now + RESTART_BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

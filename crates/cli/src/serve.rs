@@ -95,15 +95,54 @@ pub struct ServeArgs {
     pub port: u16,
     /// Role in a disaggregated pair, vLLM's shape:
     /// '{"kv_connector":"TcpConnector","kv_role":"kv_producer|kv_consumer|kv_both",
-    /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..}}'.
+    /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..,
+    /// "secret_env":..|"secret_file":..}}'. The pair's secret is named, never given here.
     #[arg(long, value_parser = parse_kv_config)]
     pub kv_transfer_config: Option<KvTransferConfig>,
     /// Serve the admin endpoints (list, migrate, drain, import) on this port; off if unset.
     #[arg(long)]
     pub admin_port: Option<u16>,
-    /// Address of the admin listener; loopback unless you mean otherwise.
+    /// Address of the admin listener; loopback unless you mean otherwise (then the admin
+    /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
     #[arg(long, default_value = "127.0.0.1")]
     pub admin_host: String,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// What the HTTP front enforces besides the API.
+#[derive(clap::Args, Clone, Debug)]
+pub struct HttpArgs {
+    /// Clients must send `Authorization: Bearer <key>` (all routes but /health and
+    /// /metrics). Prefer the environment variable: a command line is visible to every user.
+    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds a client has to send a request's headers before its connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout_s: f64,
+}
+
+impl HttpArgs {
+    pub fn api_key(&self) -> Option<splitserve_server::http::ApiKey> {
+        if std::env::args().any(|a| a == "--api-key" || a.starts_with("--api-key=")) {
+            tracing::warn!("--api-key on the command line is visible to other users (ps); prefer SPLITSERVE_API_KEY");
+        }
+        self.api_key
+            .as_deref()
+            .and_then(splitserve_server::http::ApiKey::new)
+    }
+
+    pub fn options(&self) -> Result<splitserve_server::HttpOptions> {
+        let t = self.header_read_timeout_s;
+        anyhow::ensure!(
+            t.is_finite() && t > 0.0 && t <= 3600.0,
+            "--header-read-timeout-s must be in (0, 3600], got {t}"
+        );
+        Ok(splitserve_server::HttpOptions {
+            api_key: self.api_key(),
+            header_read_timeout: std::time::Duration::from_secs_f64(t),
+        })
+    }
 }
 
 fn parse_kv_config(s: &str) -> Result<KvTransferConfig, String> {
@@ -128,6 +167,7 @@ fn pd_setup(
     http_port: u16,
 ) -> Result<(PdConfig, Option<std::net::TcpListener>)> {
     let fingerprint = fingerprint(path, model, cfg)?;
+    let secret = kv.secret(&splitserve_engine::model_file::cache_dir())?;
     let (listener, side_channel) = if kv.kv_role.produces() {
         let x = &kv.kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
@@ -148,6 +188,7 @@ fn pd_setup(
             fingerprint,
             side_channel,
             engine_id,
+            secret,
         },
         listener,
     ))
@@ -179,7 +220,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         (Some(_), None) => Some(fingerprint(&path, &model, &cfg)?),
         _ => None,
     };
+    let http = a.http.options()?;
     let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
+    state.set_http_options(http);
     if let Some(fp) = admin_fp {
         state.set_fingerprint(fp);
     }
@@ -195,9 +238,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             pd.config.kv_role.as_str()
         );
     }
-    // HTTP work is light; one I/O thread leaves the cores to the engine's kernels.
+    // HTTP work is light (tokenizing runs on blocking threads); two I/O threads, so that
+    // one busy connection cannot stall the others.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {

@@ -247,6 +247,7 @@ enum Command {
     /// The last handle is gone: finish what runs, then stop.
     Stop,
     Abort(String),
+    ReleaseHeld(String),
     Export(String, mpsc::Sender<Result<KvImport, EngineError>>),
     Park(PendingPark),
     Unpark(String, bool),
@@ -610,6 +611,11 @@ impl Engine {
         let _ = self.tx.send(Command::Abort(id.to_string()));
     }
 
+    /// Releases the KV held for `id` (producer role); a running request is not touched.
+    pub fn release_held(&self, id: &str) {
+        let _ = self.tx.send(Command::ReleaseHeld(id.to_string()));
+    }
+
     /// Takes the request (the first of `ids` that is live) out of scheduling at the first
     /// step boundary where it has generated at least `after_tokens` tokens, and returns a
     /// copy of it to send elsewhere. Follow with [`Engine::commit_parked`] or
@@ -788,6 +794,11 @@ impl Core {
             }
             Command::List(reply) => {
                 let _ = reply.send(self.list());
+            }
+            Command::ReleaseHeld(id) => {
+                if let Some(mut h) = self.take_held(&id) {
+                    self.cache.release(&mut h.blocks);
+                }
             }
             Command::Abort(id) => {
                 if let Some(i) = self.running.iter().position(|s| s.id == id) {

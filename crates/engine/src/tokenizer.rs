@@ -18,6 +18,10 @@ use tokenizers::AddedToken;
 use crate::error::GgufError;
 use crate::gguf::GgufFile;
 
+/// Breaks special-token text inside chat messages (a private-use character; see
+/// [`Tokenizer::encode_chat`]).
+const ESC: char = '\u{E000}';
+
 // GGUF token types (llama.cpp's llama_token_type).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
@@ -32,6 +36,10 @@ pub struct ChatMessage {
 /// Byte-level BPE tokenizer plus the model's chat template and special ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token text left as text (for message content).
+    plain: tokenizers::Tokenizer,
+    /// Special tokens' texts and ids, longest first (to split rendered chat text).
+    specials: Vec<(String, u32)>,
     add_bos: bool,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
@@ -134,6 +142,15 @@ impl Tokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| err(e.to_string()))?;
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut special_texts: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        special_texts.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         let text_of = |id: Option<u32>| {
             id.and_then(|i| tokens.get(i as usize).cloned())
                 .unwrap_or_default()
@@ -142,6 +159,8 @@ impl Tokenizer {
             bos_text: text_of(bos_id),
             eos_text: text_of(eos_id),
             inner,
+            plain,
+            specials: special_texts,
             add_bos,
             bos_id,
             eos_id,
@@ -162,6 +181,96 @@ impl Tokenizer {
             }
         }
         ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The special token whose text starts `s`, if any (the longest).
+    fn special_at(&self, s: &str) -> Option<(&str, u32)> {
+        self.specials
+            .iter()
+            .find(|(t, _)| s.starts_with(t.as_str()))
+            .map(|(t, id)| (t.as_str(), *id))
+    }
+
+    /// `content` with every special token's text broken by [`ESC`] (and `ESC` doubled), so
+    /// that no split at special tokens can match inside it.
+    fn escape(&self, content: &str) -> String {
+        let mut out = String::with_capacity(content.len());
+        for (i, c) in content.char_indices() {
+            out.push(c);
+            let tail = &content[i..];
+            // Also a special token's beginning at the end: template text could complete it.
+            if c == ESC
+                || self.special_at(tail).is_some()
+                || self
+                    .specials
+                    .iter()
+                    .any(|(t, _)| t.len() > tail.len() && t.starts_with(tail))
+            {
+                out.push(ESC);
+            }
+        }
+        out
+    }
+
+    /// Token ids of `messages` rendered with the chat template. Unlike encoding the
+    /// rendered text, only the template's own special-token text becomes special tokens;
+    /// text inside a message is always plain text (no prompt-format injection). For
+    /// messages without such text the ids equal `encode(apply_chat_template(..))`.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, String> {
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: self.escape(&m.role),
+                content: self.escape(&m.content),
+            })
+            .collect();
+        let text = self.apply_chat_template(&escaped, add_generation_prompt)?;
+        let mut ids = Vec::new();
+        if self.add_bos {
+            if let Some(b) = self.bos_id {
+                if !text.starts_with(&self.bos_text) || self.bos_text.is_empty() {
+                    ids.push(b);
+                }
+            }
+        }
+        let mut plain = String::new();
+        let flush = |plain: &mut String, ids: &mut Vec<u32>| -> Result<(), String> {
+            if !plain.is_empty() {
+                let enc = self
+                    .plain
+                    .encode(plain.as_str(), false)
+                    .map_err(|e| e.to_string())?;
+                ids.extend_from_slice(enc.get_ids());
+                plain.clear();
+            }
+            Ok(())
+        };
+        let mut rest = text.as_str();
+        while let Some(c) = rest.chars().next() {
+            if c == ESC {
+                // An escape: the next character is text (a doubled ESC is one ESC).
+                rest = &rest[c.len_utf8()..];
+                if let Some(n) = rest.chars().next() {
+                    plain.push(n);
+                    rest = &rest[n.len_utf8()..];
+                }
+                continue;
+            }
+            if let Some((t, id)) = self.special_at(rest) {
+                flush(&mut plain, &mut ids)?;
+                ids.push(id);
+                rest = &rest[t.len()..];
+                continue;
+            }
+            plain.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        flush(&mut plain, &mut ids)?;
         Ok(ids)
     }
 

@@ -3,12 +3,18 @@
 //! ```json
 //! {"kv_connector": "TcpConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu",
 //!  "kv_connector_extra_config": {"side_channel_host": "127.0.0.1", "side_channel_port": 5600,
-//!                                "hold_timeout_s": 30}}
+//!                                "hold_timeout_s": 30, "secret_env": "SPLITSERVE_KV_SECRET"}}
 //! ```
+//!
+//! The pair's secret is named, never given: `secret_env` (an environment variable) or
+//! `secret_file` (a file only its owner can read). With neither, a per-user cookie file in
+//! the cache directory serves, and a producer's side channel must bind loopback.
 
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::auth::Secret;
 
 /// Connectors this build has.
 pub const CONNECTORS: &[&str] = &["TcpConnector"];
@@ -54,6 +60,12 @@ pub struct ExtraConfig {
     /// Seconds a producer keeps a prompt's blocks for a consumer that has not pulled them.
     #[serde(default = "default_hold")]
     pub hold_timeout_s: f64,
+    /// Environment variable that holds the pair's shared secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// File that holds the pair's shared secret (mode 600).
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 fn default_host() -> String {
@@ -74,6 +86,8 @@ impl Default for ExtraConfig {
             side_channel_host: default_host(),
             side_channel_port: default_port(),
             hold_timeout_s: default_hold(),
+            secret_env: None,
+            secret_file: None,
         }
     }
 }
@@ -104,6 +118,8 @@ fn default_device() -> String {
 pub enum ConfigError {
     #[error("--kv-transfer-config: {0}")]
     Json(String),
+    #[error("--kv-transfer-config: {0}")]
+    Secret(String),
     #[error("--kv-transfer-config: {field}: {reason}")]
     Field { field: &'static str, reason: String },
 }
@@ -138,14 +154,49 @@ impl KvTransferConfig {
                 reason: format!("{:?} is not supported; use \"cpu\"", c.kv_buffer_device),
             });
         }
-        let h = c.kv_connector_extra_config.hold_timeout_s;
+        let x = &c.kv_connector_extra_config;
+        let h = x.hold_timeout_s;
         if !(h.is_finite() && h > 0.0 && h <= 86_400.0) {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.hold_timeout_s",
                 reason: format!("{h} is not a number of seconds in (0, 86400]"),
             });
         }
+        if x.secret_env.is_some() && x.secret_file.is_some() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.secret_env",
+                reason: "give secret_env or secret_file, not both".into(),
+            });
+        }
         Ok(c)
+    }
+
+    /// The pair's shared secret. Without `secret_env` or `secret_file`, this user's cookie
+    /// in `cache_dir`; then a producer's side channel must be on loopback.
+    pub fn secret(&self, cache_dir: &std::path::Path) -> Result<Secret, ConfigError> {
+        let x = &self.kv_connector_extra_config;
+        let e = |e: crate::auth::SecretError| ConfigError::Secret(e.to_string());
+        match (&x.secret_env, &x.secret_file) {
+            (Some(v), _) => Secret::from_env(v).map_err(e),
+            (None, Some(f)) => Secret::from_file(f).map_err(e),
+            (None, None) => {
+                let loopback = x
+                    .side_channel_host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+                    || x.side_channel_host == "localhost";
+                if self.kv_role.produces() && !loopback {
+                    return Err(ConfigError::Field {
+                        field: "kv_connector_extra_config.side_channel_host",
+                        reason: format!(
+                            "{} is not loopback, and no secret is set: put the pair's shared secret (at least 16 bytes) in a file or an environment variable and name it with \"secret_file\" or \"secret_env\"",
+                            x.side_channel_host
+                        ),
+                    });
+                }
+                Secret::cookie(cache_dir).map_err(e)
+            }
+        }
     }
 
     pub fn hold_timeout(&self) -> Duration {
@@ -194,11 +245,41 @@ mod tests {
                 "side_chanel_port",
             ),
             (r#"{"kv_role":"kv_producer"}"#, "kv_connector"),
+            (
+                r#"{"kv_connector":"TcpConnector","kv_role":"kv_producer","kv_connector_extra_config":{"secret_env":"A","secret_file":"/b"}}"#,
+                "secret_env",
+            ),
             (r#"{"kv_connector":"TcpConnector","#, "EOF"),
         ];
         for (json, field) in cases {
             let e = KvTransferConfig::parse(json).unwrap_err().to_string();
             assert!(e.contains(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn secrets_are_named_not_given() {
+        let dir = std::env::temp_dir().join(format!("ss-cfg-{}", std::process::id()));
+        let remote = KvTransferConfig::parse(
+            r#"{"kv_connector":"TcpConnector","kv_role":"kv_producer","kv_connector_extra_config":{"side_channel_host":"0.0.0.0"}}"#,
+        )
+        .unwrap();
+        let e = remote.secret(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("not loopback") && e.contains("secret_file"),
+            "{e}"
+        );
+        let env = KvTransferConfig::parse(
+            r#"{"kv_connector":"TcpConnector","kv_role":"kv_producer","kv_connector_extra_config":{"side_channel_host":"0.0.0.0","secret_env":"SPLITSERVE_TEST_UNSET_SECRET"}}"#,
+        )
+        .unwrap();
+        let e = env.secret(&dir).unwrap_err().to_string();
+        assert!(e.contains("SPLITSERVE_TEST_UNSET_SECRET"), "{e}");
+        let local =
+            KvTransferConfig::parse(r#"{"kv_connector":"TcpConnector","kv_role":"kv_producer"}"#)
+                .unwrap();
+        local.secret(&dir).expect("loopback uses the cookie");
+        assert!(dir.join("kv-secret").exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

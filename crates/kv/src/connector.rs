@@ -1,7 +1,9 @@
 //! `TcpConnector`: the engine's [`KvConnector`] over the TCP transport (consumer side).
 //!
-//! Scheduler side: a request whose `kv_transfer_params` name a producer (`remote_host`,
-//! `remote_port`, `remote_request_id`) can have its whole prompt's KV loaded. Worker side: a
+//! Scheduler side: a request whose `kv_transfer_params` are a grant signed by a producer of
+//! this pair (`remote_host`, `remote_port`, `remote_request_id`, `remote_capability`,
+//! `remote_expires_at`, `kv_signature`; see [`crate::grant`]) can have its whole prompt's KV
+//! loaded; params that do not verify name no producer, and nothing is connected to. Worker side: a
 //! thread per load pulls it straight into the blocks the engine lent, then ends the load
 //! with the producer's first token (our `first_token_ids`) or, under vLLM's contract
 //! (none given), with no token: the engine recomputes the last prompt position.
@@ -9,9 +11,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use splitserve_engine::{KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 
+use crate::auth::Secret;
+use crate::grant::RemoteAddr;
 use crate::tcp;
 use crate::Fingerprint;
 
@@ -31,54 +34,23 @@ pub type LoadObserver = Arc<dyn Fn(&LoadReport) + Send + Sync>;
 
 pub struct TcpConnector {
     fingerprint: Fingerprint,
+    secret: Secret,
     spawner: Spawner,
     /// Called when a load starts (`None`) and when it ends.
     observer: Option<LoadObserver>,
     on_start: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-/// Where a request's KV waits, read from its `kv_transfer_params`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RemoteAddr {
-    pub addr: String,
-    pub request_id: String,
-    pub first_tokens: Option<Vec<u32>>,
-}
-
-impl RemoteAddr {
-    /// `None` if the params name no producer.
-    pub fn parse(p: &Value) -> Option<Self> {
-        let host = p.get("remote_host")?.as_str()?;
-        let port = p
-            .get("remote_port")?
-            .as_u64()
-            .filter(|&x| x > 0 && x <= u16::MAX as u64)?;
-        let request_id = p.get("remote_request_id")?.as_str()?.to_string();
-        let first_tokens = match p.get("first_token_ids") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(serde_json::from_value::<Vec<u32>>(v.clone()).ok()?),
-        };
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        Some(Self {
-            addr,
-            request_id,
-            first_tokens,
-        })
-    }
-}
-
 impl TcpConnector {
     pub fn new(
         fingerprint: Fingerprint,
+        secret: Secret,
         on_start: Option<Arc<dyn Fn() + Send + Sync>>,
         observer: Option<LoadObserver>,
     ) -> Self {
         Self {
             fingerprint,
+            secret,
             spawner: Spawner::new(),
             observer,
             on_start,
@@ -88,26 +60,29 @@ impl TcpConnector {
 
 impl KvConnector for TcpConnector {
     fn remote_tokens(&self, remote: &RemoteKv, prompt_len: usize) -> usize {
-        match RemoteAddr::parse(&remote.params) {
-            Some(_) => prompt_len,
-            None => 0,
+        match RemoteAddr::verify(&remote.params, &self.secret) {
+            Ok(_) => prompt_len,
+            Err(_) => 0,
         }
     }
 
     fn start_load(&self, remote: RemoteKv, mut target: LoadTarget) {
-        let Some(r) = RemoteAddr::parse(&remote.params) else {
-            target.finish(Err("kv_transfer_params name no producer".into()));
-            return;
+        let r = match RemoteAddr::verify(&remote.params, &self.secret) {
+            Ok(r) => r,
+            Err(e) => {
+                target.finish(Err(e.to_string()));
+                return;
+            }
         };
         if let Some(f) = &self.on_start {
             f();
         }
-        let fp = self.fingerprint.clone();
+        let (fp, secret) = (self.fingerprint.clone(), self.secret.clone());
         let observer = self.observer.clone();
         self.spawner.spawn("kv-load", move || {
             let t0 = Instant::now();
             let blocks = target.n_blocks();
-            let result = tcp::load_into(&r.addr, &fp, &r.request_id, &mut target);
+            let result = tcp::load_into(&r, &fp, &secret, &mut target);
             let (bytes, outcome) = match result {
                 Ok(l) => {
                     let first = match &r.first_tokens {
@@ -151,10 +126,10 @@ impl KvConnector for TcpConnector {
     }
 
     fn release(&self, remote: RemoteKv) {
-        if let Some(r) = RemoteAddr::parse(&remote.params) {
-            let fp = self.fingerprint.clone();
+        if let Ok(r) = RemoteAddr::verify(&remote.params, &self.secret) {
+            let (fp, secret) = (self.fingerprint.clone(), self.secret.clone());
             self.spawner
-                .spawn("kv-release", move || release_now(&fp, &r));
+                .spawn("kv-release", move || release_now(&fp, &secret, &r));
         }
     }
 }
@@ -162,19 +137,19 @@ impl KvConnector for TcpConnector {
 /// Tells the producer, in the background, to free the KV it holds for a request we will
 /// never load. Called from ordinary (server) threads, so the job needs no [`Spawner`]. If no
 /// thread can start, the hold lapses at the producer's hold timeout instead.
-pub fn release_hold(fingerprint: Fingerprint, r: RemoteAddr) {
+pub fn release_hold(fingerprint: Fingerprint, secret: Secret, r: RemoteAddr) {
     let id = r.request_id.clone();
     let started = std::thread::Builder::new()
         .name("kv-release".into())
-        .spawn(move || release_now(&fingerprint, &r));
+        .spawn(move || release_now(&fingerprint, &secret, &r));
     if let Err(e) = started {
         tracing::error!(%id, error = %e, "cannot start a thread to release the producer's hold; it lapses at its timeout");
     }
 }
 
-fn release_now(fingerprint: &Fingerprint, r: &RemoteAddr) {
+fn release_now(fingerprint: &Fingerprint, secret: &Secret, r: &RemoteAddr) {
     tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
-    if let Err(e) = tcp::release(&r.addr, fingerprint, &r.request_id) {
+    if let Err(e) = tcp::release(r, fingerprint, secret) {
         tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
     }
 }

@@ -1,14 +1,18 @@
-//! KV transfer between engines: the role configuration, the handshake fingerprint, the wire
-//! format and the TCP transport.
+//! KV transfer between engines: the role configuration, the pair's secret and the grants it
+//! signs, the handshake fingerprint, the wire format and the TCP transport.
 
+pub mod auth;
 pub mod config;
 pub mod connector;
 pub mod fingerprint;
+pub mod grant;
 pub mod migration;
 pub mod tcp;
 pub mod wire;
 
+pub use auth::{Secret, SecretError};
 pub use config::{ConfigError, KvRole, KvTransferConfig};
-pub use connector::{LoadReport, RemoteAddr, TcpConnector};
+pub use connector::{LoadReport, TcpConnector};
 pub use fingerprint::{Fingerprint, HandshakeError};
+pub use grant::{GrantError, Grants, RemoteAddr};
 pub use wire::{Frame, WireError};

@@ -1,24 +1,47 @@
 //! TCP transport: the consumer pulls a held request's KV from the producer's side channel.
 //!
-//! Exchange: both sides send `Hello` (fingerprint JSON) and check the other's. The consumer
-//! then sends `Release` (answered by `Done`: the held blocks are freed unread) or `Pull`,
-//! answered by `Meta`, one `Layer` frame per layer, then `Done` (or `Error` at any point).
+//! Exchange: both sides send `Hello` (fingerprint and a fresh random nonce), then `Auth`:
+//! an HMAC under the pair's secret over the sender's role and both nonces, the consumer's
+//! first; the producer sends its own only after checking the consumer's. Each side checks
+//! the other's proof before anything else (mutual challenge-response: neither a client
+//! without the secret nor a replayed proof gets further), then compares fingerprints. The
+//! consumer then sends `Release` (answered by `Done`: the held blocks are freed unread) or
+//! `Pull`, answered by `Meta`, one `Layer` frame per layer, then `Done` (or `Error` at any
+//! point). Both carry the capability of a grant ([`crate::grant`]), which is served once.
 //! The producer writes the layers from its held blocks and frees them once sent; the
 //! consumer reads them straight into the blocks its engine lent for the request. Neither
 //! side stages the whole prompt's KV.
+//!
+//! Bounds: a frame's announced size is checked before any allocation (control frames
+//! [`MAX_CONTROL_PAYLOAD`], layers the size the layout implies), the side channel serves at
+//! most [`MAX_CONNECTIONS`] connections at once, the handshake must finish within
+//! [`HANDSHAKE_TIMEOUT`], and every later read or write within [`IO_TIMEOUT`].
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use splitserve_engine::{Engine, KvLayout, LoadTarget, Sampler};
 
+use crate::auth::{hex, random_bytes, unhex, Secret};
 use crate::fingerprint::{Fingerprint, HandshakeError};
-use crate::wire::{Frame, WireError, HEADER};
+use crate::grant::{Grants, RemoteAddr};
+use crate::wire::{Frame, WireError, HEADER, MAX_CONTROL_PAYLOAD};
 
 /// Called by the producer after each served pull with the KV bytes sent.
 pub type SentHook = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Side-channel connections served at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time for a peer to finish the handshake (hello, proof, fingerprint).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for any one read or write after it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const AUTH_LABEL: &[u8] = b"splitserve-kv-auth-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -29,6 +52,8 @@ pub enum KvError {
     },
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error("KV side channel: the peer does not hold this pair's secret (authentication failed)")]
+    Auth,
     #[error("KV wire: {0}")]
     Wire(#[from] WireError),
     #[error("peer refused: {0}")]
@@ -45,6 +70,12 @@ struct Meta {
     sampler: Sampler,
 }
 
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    fingerprint: Fingerprint,
+    nonce: String,
+}
+
 fn io(addr: &str) -> impl Fn(std::io::Error) -> KvError + '_ {
     move |source| KvError::Io {
         addr: addr.to_string(),
@@ -52,10 +83,17 @@ fn io(addr: &str) -> impl Fn(std::io::Error) -> KvError + '_ {
     }
 }
 
+/// Reads one control frame; a payload over `MAX_CONTROL_PAYLOAD` is refused unread.
 fn read_frame(s: &mut impl Read, addr: &str) -> Result<Frame, KvError> {
     let mut header = [0u8; HEADER];
     s.read_exact(&mut header).map_err(io(addr))?;
     let len = Frame::payload_len(&header)?;
+    if len > MAX_CONTROL_PAYLOAD {
+        return Err(KvError::Protocol(format!(
+            "a frame of kind {} announces {len} bytes; control frames have at most {MAX_CONTROL_PAYLOAD}",
+            Frame::header_kind(&header)
+        )));
+    }
     let mut buf = header.to_vec();
     buf.resize(HEADER + len, 0);
     s.read_exact(&mut buf[HEADER..]).map_err(io(addr))?;
@@ -69,146 +107,268 @@ fn write_frame(s: &mut TcpStream, addr: &str, f: &Frame) -> Result<(), KvError> 
     s.write_all(&f.encode()).map_err(io(addr))
 }
 
-fn hello(s: &mut TcpStream, addr: &str, ours: &Fingerprint) -> Result<(), KvError> {
-    let json = serde_json::to_vec(ours).map_err(|e| KvError::Protocol(e.to_string()))?;
-    write_frame(s, addr, &Frame::Hello(json))?;
-    match read_frame(s, addr)? {
-        Frame::Hello(j) => {
-            let theirs: Fingerprint = serde_json::from_slice(&j)
-                .map_err(|e| KvError::Protocol(format!("bad fingerprint: {e}")))?;
-            if let Err(e) = ours.check(&theirs) {
-                let _ = write_frame(s, addr, &Frame::Error(e.to_string()));
-                return Err(e.into());
-            }
-            Ok(())
-        }
-        Frame::Error(m) => Err(KvError::Peer(m)),
-        other => Err(KvError::Protocol(format!("{other:?}"))),
-    }
+#[derive(Clone, Copy)]
+enum Role {
+    Producer,
+    Consumer,
 }
 
-/// Producer side: serves pulls of held requests until the listener fails.
-pub fn serve(
-    listener: TcpListener,
-    engine: Engine,
-    fingerprint: Fingerprint,
-    on_sent: Option<SentHook>,
-) {
-    for conn in listener.incoming() {
-        let mut s = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors, say: wait a little rather than spin on the error.
-                tracing::warn!(error = %e, "cannot accept a KV pull");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let (engine, fp, hook) = (engine.clone(), fingerprint.clone(), on_sent.clone());
-        let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let peer = addr.clone();
-        let started = std::thread::Builder::new()
-            .name("kv-serve".into())
-            .spawn(move || match serve_one(&mut s, &addr, &engine, &fp) {
-                Ok(bytes) => {
-                    if let Some(h) = hook {
-                        h(bytes);
-                    }
-                }
-                Err(e) => tracing::warn!(peer = %addr, error = %e, "KV pull failed"),
-            });
-        // Out of threads: this pull's connection closes (the consumer sees the error) and
-        // the listener goes on.
-        if let Err(e) = started {
-            tracing::error!(%peer, error = %e, "cannot start a thread for a KV pull");
+impl Role {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Role::Producer => b"producer",
+            Role::Consumer => b"consumer",
+        }
+    }
+
+    fn peer(self) -> Role {
+        match self {
+            Role::Producer => Role::Consumer,
+            Role::Consumer => Role::Producer,
         }
     }
 }
 
-fn serve_one(
+/// Hello and proof each way; then the fingerprints must match.
+fn handshake(
     s: &mut TcpStream,
     addr: &str,
-    engine: &Engine,
-    fp: &Fingerprint,
-) -> Result<u64, KvError> {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    // A peer that stops reading must not keep lent blocks forever.
-    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
-    let _ = s.set_nodelay(true);
-    hello(s, addr, fp)?;
-    let id = match read_frame(s, addr)? {
-        Frame::Pull { request_id, .. } => request_id,
-        Frame::Release(id) => {
+    ours: &Fingerprint,
+    secret: &Secret,
+    role: Role,
+) -> Result<(), KvError> {
+    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let nonce = random_bytes(16).map_err(|e| KvError::Protocol(e.to_string()))?;
+    let hello = Hello {
+        fingerprint: ours.clone(),
+        nonce: hex(&nonce),
+    };
+    let json = serde_json::to_vec(&hello).map_err(|e| KvError::Protocol(e.to_string()))?;
+    write_frame(s, addr, &Frame::Hello(json))?;
+    let theirs: Hello = match read_frame(s, addr)? {
+        Frame::Hello(j) => {
+            serde_json::from_slice(&j).map_err(|e| KvError::Protocol(format!("bad hello: {e}")))?
+        }
+        Frame::Error(m) => return Err(KvError::Peer(m)),
+        other => return Err(KvError::Protocol(format!("{other:?} where hello was due"))),
+    };
+    let their_nonce = unhex(&theirs.nonce)
+        .filter(|n| n.len() == 16)
+        .ok_or_else(|| KvError::Protocol("hello without a 16-byte nonce".into()))?;
+    // The consumer proves first; the producer answers only a peer that has proven, so it
+    // hands a stranger nothing computed with the secret.
+    let proof = Frame::Auth(
+        secret
+            .mac(&[AUTH_LABEL, role.label(), &nonce, &their_nonce])
+            .to_vec(),
+    );
+    if matches!(role, Role::Consumer) {
+        write_frame(s, addr, &proof)?;
+    }
+    match read_frame(s, addr)? {
+        Frame::Auth(tag) => {
+            let want = [AUTH_LABEL, role.peer().label(), &their_nonce, &nonce];
+            if !secret.verify(&want, &tag) {
+                let _ = write_frame(s, addr, &Frame::Error(KvError::Auth.to_string()));
+                return Err(KvError::Auth);
+            }
+        }
+        Frame::Error(m) => return Err(KvError::Peer(m)),
+        other => {
+            return Err(KvError::Protocol(format!(
+                "{other:?} where a proof was due"
+            )))
+        }
+    }
+    if matches!(role, Role::Producer) {
+        write_frame(s, addr, &proof)?;
+    }
+    if let Err(e) = ours.check(&theirs.fingerprint) {
+        let _ = write_frame(s, addr, &Frame::Error(e.to_string()));
+        return Err(e.into());
+    }
+    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+    Ok(())
+}
+
+/// The producer's side channel: serves pulls and releases of granted, held KV.
+pub struct SideChannel {
+    pub engine: Engine,
+    pub fingerprint: Fingerprint,
+    pub grants: Arc<Grants>,
+    pub on_sent: Option<SentHook>,
+}
+
+/// Decrements the open-connection count when a connection's thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl SideChannel {
+    /// Serves connections until the listener fails.
+    pub fn serve(self, listener: TcpListener) {
+        let open = Arc::new(AtomicUsize::new(0));
+        let this = Arc::new(self);
+        for conn in listener.incoming() {
+            let mut s = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors, say: wait a little rather than spin on the error.
+                    tracing::warn!(error = %e, "cannot accept a KV pull");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(peer = %addr, "KV side channel at {MAX_CONNECTIONS} connections; closing a new one");
+                continue;
+            }
+            let slot = Slot(open.clone());
+            let this = this.clone();
+            let peer = addr.clone();
+            let started = std::thread::Builder::new()
+                .name("kv-serve".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    match this.serve_one(&mut s, &addr) {
+                        Ok(bytes) => {
+                            if let Some(h) = &this.on_sent {
+                                h(bytes);
+                            }
+                        }
+                        Err(e) => {
+                            // Tell an honest peer what was wrong with what it sent.
+                            if matches!(e, KvError::Protocol(_) | KvError::Wire(_)) {
+                                let _ = write_frame(&mut s, &addr, &Frame::Error(e.to_string()));
+                            }
+                            tracing::warn!(peer = %addr, error = %e, "KV side-channel connection failed")
+                        }
+                    }
+                });
+            // Out of threads: this connection closes (the consumer sees the error) and the
+            // listener goes on.
+            if let Err(e) = started {
+                tracing::error!(%peer, error = %e, "cannot start a thread for a KV pull");
+            }
+        }
+    }
+
+    fn refuse(s: &mut TcpStream, addr: &str, id: &str) -> KvError {
+        let m = format!("no live grant of KV for request {id} with that capability");
+        let _ = write_frame(s, addr, &Frame::Error(m.clone()));
+        KvError::Peer(m)
+    }
+
+    fn serve_one(&self, s: &mut TcpStream, addr: &str) -> Result<u64, KvError> {
+        // A peer that stops reading must not keep lent blocks forever.
+        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_nodelay(true);
+        handshake(
+            s,
+            addr,
+            &self.fingerprint,
+            self.grants.secret(),
+            Role::Producer,
+        )?;
+        let engine = &self.engine;
+        let (id, capability, release) = match read_frame(s, addr)? {
+            Frame::Pull {
+                request_id,
+                capability,
+                ..
+            } => (request_id, capability, false),
+            Frame::Release {
+                request_id,
+                capability,
+            } => (request_id, capability, true),
+            other => return Err(KvError::Protocol(format!("{other:?}"))),
+        };
+        if !self.grants.redeem(&id, &capability) {
+            return Err(Self::refuse(s, addr, &id));
+        }
+        if release {
             tracing::info!(id = %id, "consumer released held KV");
-            engine.abort(&id);
+            engine.release_held(&id);
             write_frame(s, addr, &Frame::Done)?;
             return Ok(0);
         }
-        other => return Err(KvError::Protocol(format!("{other:?}"))),
-    };
-    // The held blocks are lent to us; they are written to the socket as they lie in the
-    // cache (no staging copy) and freed when `held` is dropped.
-    let held = match engine.lease_held(&id) {
-        Ok(h) => h,
-        Err(e) => {
-            write_frame(s, addr, &Frame::Error(e.to_string()))?;
-            return Err(KvError::Peer(e.to_string()));
-        }
-    };
-    let layout = held.layout();
-    let blocks = held.n_blocks();
-    let meta = Meta {
-        layout,
-        n_tokens: held.n_tokens,
-        generated: held.generated.clone(),
-        sampler: held.sampler.clone(),
-    };
-    let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
-    write_frame(s, addr, &Frame::Meta(json))?;
-    let per_block = layout.layer_block_bytes();
-    let mut bytes = 0u64;
-    // One buffered writer: many small block writes become few syscalls.
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *s);
-    for layer in 0..layout.n_layer {
-        w.write_all(&Frame::layer_prefix(
-            layer as u32,
-            blocks as u32,
-            blocks * per_block,
-        ))
-        .map_err(io(addr))?;
-        for i in 0..blocks {
-            for part in held.block(layer, i) {
-                w.write_all(part).map_err(io(addr))?;
+        // The held blocks are lent to us; they are written to the socket as they lie in the
+        // cache (no staging copy) and freed when `held` is dropped.
+        let held = match engine.lease_held(&id) {
+            Ok(h) => h,
+            Err(e) => {
+                write_frame(s, addr, &Frame::Error(e.to_string()))?;
+                return Err(KvError::Peer(e.to_string()));
             }
+        };
+        let layout = held.layout();
+        let blocks = held.n_blocks();
+        let meta = Meta {
+            layout,
+            n_tokens: held.n_tokens,
+            generated: held.generated.clone(),
+            sampler: held.sampler.clone(),
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
+        write_frame(s, addr, &Frame::Meta(json))?;
+        let per_block = layout.layer_block_bytes();
+        let mut bytes = 0u64;
+        // One buffered writer: many small block writes become few syscalls.
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *s);
+        for layer in 0..layout.n_layer {
+            w.write_all(&Frame::layer_prefix(
+                layer as u32,
+                blocks as u32,
+                blocks * per_block,
+            ))
+            .map_err(io(addr))?;
+            for i in 0..blocks {
+                for part in held.block(layer, i) {
+                    w.write_all(part).map_err(io(addr))?;
+                }
+            }
+            bytes += (blocks * per_block) as u64;
         }
-        bytes += (blocks * per_block) as u64;
+        w.flush().map_err(io(addr))?;
+        drop(w);
+        drop(held);
+        write_frame(s, addr, &Frame::Done)?;
+        Ok(bytes)
     }
-    w.flush().map_err(io(addr))?;
-    drop(w);
-    drop(held);
-    write_frame(s, addr, &Frame::Done)?;
-    Ok(bytes)
 }
 
-fn connect(addr: &str, fingerprint: &Fingerprint) -> Result<TcpStream, KvError> {
+fn connect(addr: &str, fingerprint: &Fingerprint, secret: &Secret) -> Result<TcpStream, KvError> {
     let sock = addr
         .to_socket_addrs()
         .map_err(io(addr))?
         .next()
         .ok_or_else(|| KvError::Protocol(format!("{addr} resolves to nothing")))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(io(addr))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut s = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(io(addr))?;
     // A peer that stops reading must not keep lent blocks forever.
-    let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
     let _ = s.set_nodelay(true);
-    hello(&mut s, addr, fingerprint)?;
+    handshake(&mut s, addr, fingerprint, secret, Role::Consumer)?;
     Ok(s)
 }
 
-/// Consumer side: tells the producer at `addr` that request `id`'s KV will not be pulled.
-pub fn release(addr: &str, fingerprint: &Fingerprint, id: &str) -> Result<(), KvError> {
-    let mut s = connect(addr, fingerprint)?;
-    write_frame(&mut s, addr, &Frame::Release(id.to_string()))?;
+/// Consumer side: tells the producer that the granted KV of `r` will not be pulled.
+pub fn release(r: &RemoteAddr, fingerprint: &Fingerprint, secret: &Secret) -> Result<(), KvError> {
+    let addr = r.addr.as_str();
+    let mut s = connect(addr, fingerprint, secret)?;
+    write_frame(
+        &mut s,
+        addr,
+        &Frame::Release {
+            request_id: r.request_id.clone(),
+            capability: r.capability.clone(),
+        },
+    )?;
     match read_frame(&mut s, addr)? {
         Frame::Done => Ok(()),
         Frame::Error(m) => Err(KvError::Peer(m)),
@@ -224,20 +384,22 @@ pub struct Loaded {
     pub bytes: u64,
 }
 
-/// Consumer side: pulls request `id`'s KV from the producer at `addr` straight into the
-/// blocks of `target`, layer by layer as the frames arrive.
+/// Consumer side: pulls the granted KV of `r` straight into the blocks of `target`, layer
+/// by layer as the frames arrive.
 pub fn load_into(
-    addr: &str,
+    r: &RemoteAddr,
     fingerprint: &Fingerprint,
-    id: &str,
+    secret: &Secret,
     target: &mut LoadTarget,
 ) -> Result<Loaded, KvError> {
-    let mut s = connect(addr, fingerprint)?;
+    let addr = r.addr.as_str();
+    let mut s = connect(addr, fingerprint, secret)?;
     write_frame(
         &mut s,
         addr,
         &Frame::Pull {
-            request_id: id.to_string(),
+            request_id: r.request_id.clone(),
+            capability: r.capability.clone(),
             blocks: vec![],
         },
     )?;
@@ -271,6 +433,11 @@ pub fn load_into(
         r.read_exact(&mut header).map_err(io(addr))?;
         let len = Frame::payload_len(&header)?;
         if Frame::header_kind(&header) != 3 {
+            if len > MAX_CONTROL_PAYLOAD {
+                return Err(KvError::Protocol(format!(
+                    "a frame of {len} bytes where layer {layer} was due"
+                )));
+            }
             let mut buf = header.to_vec();
             buf.resize(HEADER + len, 0);
             r.read_exact(&mut buf[HEADER..]).map_err(io(addr))?;

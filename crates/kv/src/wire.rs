@@ -1,30 +1,37 @@
-//! Our KV wire format, version 1. Every integer is little-endian.
+//! Our KV wire format, version 2. Every integer is little-endian.
 //!
 //! ```text
 //! frame   := magic "SSKV" (4) | version u16 | kind u8 | flags u8 | payload_len u32 | payload
-//! Hello   (1): fingerprint as JSON                     — first frame each way
-//! Pull    (2): request_id_len u16 | request_id | n u32 | n × block id u32
+//! Hello   (1): JSON {fingerprint, nonce}                — first frame each way
+//! Auth    (8): 32-byte HMAC proving the pair's secret    — second frame each way
+//! Pull    (2): id_len u16 | request_id | cap_len u16 | capability | n u32 | n × block id u32
 //! Layer   (3): layer u32 | n u32 | n × (block K bytes then V bytes)  — one per layer, in order
 //! Done    (4): empty                                   — consumer confirms; producer frees
 //! Error   (5): UTF-8 message
 //! Meta    (6): JSON of what travels besides KV (token count, generated tokens, sampler state)
-//! Release (7): UTF-8 request id                        — consumer gave up; producer frees
+//! Release (7): id_len u16 | request_id | cap_len u16 | capability — consumer gave up
 //! ```
 //!
 //! Decoding checks every length against what is there and a maximum payload size, so bad
-//! bytes give a [`WireError`], never a panic or an unbounded allocation.
+//! bytes give a [`WireError`], never a panic or an unbounded allocation. Readers of a
+//! stream check the announced length against what they expect (a control frame's
+//! [`MAX_CONTROL_PAYLOAD`], a layer's size from the layout) before allocating anything.
 
 pub const MAGIC: &[u8; 4] = b"SSKV";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER: usize = 12;
 /// Largest payload accepted (a layer of a long prompt of a small model fits many times).
 pub const MAX_PAYLOAD: usize = 256 << 20;
+/// Largest payload of any frame but `Layer`.
+pub const MAX_CONTROL_PAYLOAD: usize = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello(Vec<u8>),
+    Auth(Vec<u8>),
     Pull {
         request_id: String,
+        capability: String,
         blocks: Vec<u32>,
     },
     Layer {
@@ -35,7 +42,10 @@ pub enum Frame {
     Done,
     Error(String),
     Meta(Vec<u8>),
-    Release(String),
+    Release {
+        request_id: String,
+        capability: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +72,35 @@ fn header(kind: u8, len: usize) -> [u8; HEADER] {
     h
 }
 
+/// A u16-length-prefixed string (cut at 65,535 bytes, on a character boundary).
+fn put_str(p: &mut Vec<u8>, s: &str) {
+    let mut n = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    p.extend_from_slice(&(n as u16).to_le_bytes());
+    p.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+/// Reads a string written by [`put_str`] at `at`; returns it and where it ends.
+fn get_str(
+    p: &[u8],
+    at: usize,
+    kind: &'static str,
+    what: &str,
+) -> Result<(String, usize), WireError> {
+    let bad = |reason: String| WireError::Malformed { kind, reason };
+    let n = p
+        .get(at..at + 2)
+        .map(|x| u16::from_le_bytes([x[0], x[1]]) as usize)
+        .ok_or_else(|| bad(format!("no {what} length")))?;
+    let b = p
+        .get(at + 2..at + 2 + n)
+        .ok_or_else(|| bad(format!("{what} shorter than its length")))?;
+    let s = String::from_utf8(b.to_vec()).map_err(|_| bad(format!("{what} is not UTF-8")))?;
+    Ok((s, at + 2 + n))
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
@@ -76,19 +115,22 @@ impl Frame {
             Frame::Done => 4,
             Frame::Error(_) => 5,
             Frame::Meta(_) => 6,
-            Frame::Release(_) => 7,
+            Frame::Release { .. } => 7,
+            Frame::Auth(_) => 8,
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         match self {
-            Frame::Hello(j) | Frame::Meta(j) => p.extend_from_slice(j),
-            Frame::Pull { request_id, blocks } => {
-                let id = request_id.as_bytes();
-                let id = &id[..id.len().min(u16::MAX as usize)];
-                p.extend_from_slice(&(id.len() as u16).to_le_bytes());
-                p.extend_from_slice(id);
+            Frame::Hello(j) | Frame::Meta(j) | Frame::Auth(j) => p.extend_from_slice(j),
+            Frame::Pull {
+                request_id,
+                capability,
+                blocks,
+            } => {
+                put_str(&mut p, request_id);
+                put_str(&mut p, capability);
                 p.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
                 for b in blocks {
                     p.extend_from_slice(&b.to_le_bytes());
@@ -104,7 +146,14 @@ impl Frame {
                 p.extend_from_slice(data);
             }
             Frame::Done => {}
-            Frame::Error(m) | Frame::Release(m) => p.extend_from_slice(m.as_bytes()),
+            Frame::Error(m) => p.extend_from_slice(m.as_bytes()),
+            Frame::Release {
+                request_id,
+                capability,
+            } => {
+                put_str(&mut p, request_id);
+                put_str(&mut p, capability);
+            }
         }
         let mut out = Vec::with_capacity(HEADER + p.len());
         out.extend_from_slice(&header(self.kind(), p.len()));
@@ -164,17 +213,10 @@ impl Frame {
         let frame = match header[6] {
             1 => Frame::Hello(p.to_vec()),
             2 => {
-                let n_id = p
-                    .get(..2)
-                    .map(|x| u16::from_le_bytes([x[0], x[1]]) as usize)
-                    .ok_or_else(|| bad("Pull", "no id length"))?;
-                let id = p
-                    .get(2..2 + n_id)
-                    .ok_or_else(|| bad("Pull", "id shorter than its length"))?;
-                let request_id =
-                    String::from_utf8(id.to_vec()).map_err(|_| bad("Pull", "id is not UTF-8"))?;
-                let n = u32_at(p, 2 + n_id).ok_or_else(|| bad("Pull", "no block count"))? as usize;
-                let rest = &p[2 + n_id + 4..];
+                let (request_id, at) = get_str(p, 0, "Pull", "id")?;
+                let (capability, at) = get_str(p, at, "Pull", "capability")?;
+                let n = u32_at(p, at).ok_or_else(|| bad("Pull", "no block count"))? as usize;
+                let rest = &p[at + 4..];
                 if rest.len() != n.saturating_mul(4) {
                     return Err(bad(
                         "Pull",
@@ -183,6 +225,7 @@ impl Frame {
                 }
                 Frame::Pull {
                     request_id,
+                    capability,
                     blocks: rest
                         .chunks_exact(4)
                         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -202,9 +245,18 @@ impl Frame {
             4 => return Err(bad("Done", "non-empty payload")),
             5 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
             6 => Frame::Meta(p.to_vec()),
-            7 => Frame::Release(
-                String::from_utf8(p.to_vec()).map_err(|_| bad("Release", "id is not UTF-8"))?,
-            ),
+            7 => {
+                let (request_id, at) = get_str(p, 0, "Release", "id")?;
+                let (capability, at) = get_str(p, at, "Release", "capability")?;
+                if at != p.len() {
+                    return Err(bad("Release", "bytes after the capability"));
+                }
+                Frame::Release {
+                    request_id,
+                    capability,
+                }
+            }
+            8 => Frame::Auth(p.to_vec()),
             k => return Err(WireError::Kind(k)),
         };
         Ok(Some((frame, HEADER + len)))
@@ -220,8 +272,10 @@ mod tests {
             Frame::Hello(br#"{"block_size":16}"#.to_vec()),
             Frame::Pull {
                 request_id: "cmpl-1".into(),
+                capability: "ab".repeat(16),
                 blocks: vec![3, 1, 4, 1, 5],
             },
+            Frame::Auth(vec![7; 32]),
             Frame::Layer {
                 layer: 29,
                 blocks: 2,
@@ -230,7 +284,10 @@ mod tests {
             Frame::Done,
             Frame::Error("refused".into()),
             Frame::Meta(b"{}".to_vec()),
-            Frame::Release("cmpl-9-0".into()),
+            Frame::Release {
+                request_id: "cmpl-9-0".into(),
+                capability: "cd".repeat(16),
+            },
         ]
     }
 
@@ -246,14 +303,18 @@ mod tests {
         }
         assert_eq!(
             Frame::Done.encode(),
-            b"SSKV\x01\x00\x04\x00\x00\x00\x00\x00".to_vec()
+            b"SSKV\x02\x00\x04\x00\x00\x00\x00\x00".to_vec()
         );
         let pull = Frame::Pull {
             request_id: "a".into(),
+            capability: "c".into(),
             blocks: vec![7],
         }
         .encode();
-        assert_eq!(&pull[12..], &[1, 0, b'a', 1, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(
+            &pull[12..],
+            &[1, 0, b'a', 1, 0, b'c', 1, 0, 0, 0, 7, 0, 0, 0]
+        );
         // A layer written as prefix + data is the same bytes as the encoded frame.
         let data = vec![9u8, 8, 7, 6, 5];
         let mut split = Frame::layer_prefix(4, 1, data.len()).to_vec();
@@ -284,10 +345,11 @@ mod tests {
         // A Pull whose block count lies.
         let mut b = Frame::Pull {
             request_id: "x".into(),
+            capability: "y".into(),
             blocks: vec![1, 2],
         }
         .encode();
-        b[15] = 200;
+        b[18] = 200;
         assert!(matches!(
             Frame::decode(&b),
             Err(WireError::Malformed { kind: "Pull", .. })
@@ -304,7 +366,7 @@ mod tests {
             if len >= 12 && len % 3 == 0 {
                 g[..4].copy_from_slice(MAGIC);
                 g[4..6].copy_from_slice(&VERSION.to_le_bytes());
-                g[6] = (len % 6) as u8;
+                g[6] = (len % 9) as u8;
                 g[8..12].copy_from_slice(&((len - 12) as u32).to_le_bytes());
             }
             let _ = Frame::decode(&g);

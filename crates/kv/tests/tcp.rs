@@ -1,16 +1,16 @@
 //! Two engines, one TCP side channel on loopback: the consumer's `TcpConnector` loads the
 //! producer's KV straight into its blocks and the request continues token-identical to a
-//! colocated engine; a mismatched peer is refused by name before any KV crosses.
+//! colocated engine; a mismatched peer is refused by name before any KV crosses; a grant is
+//! served once.
 
 use std::sync::{Arc, OnceLock};
 
-use serde_json::json;
 use splitserve_engine::{
     model_file, Engine, EngineConfig, EngineError, Event, KvDtype, KvTransfer, Model, RemoteKv,
     Request, SamplingParams,
 };
-use splitserve_kv::tcp::serve;
-use splitserve_kv::{Fingerprint, TcpConnector};
+use splitserve_kv::tcp::SideChannel;
+use splitserve_kv::{Fingerprint, Grants, Secret, TcpConnector};
 
 fn model() -> (Arc<Model>, String) {
     static M: OnceLock<(Arc<Model>, String)> = OnceLock::new();
@@ -61,21 +61,33 @@ fn try_run(
     Ok(out)
 }
 
-/// A consumer engine whose connector speaks with fingerprint `fp`.
-fn consumer(fp: Fingerprint, cfg: EngineConfig) -> Engine {
+/// A consumer engine whose connector speaks with fingerprint `fp` and holds `secret`.
+fn consumer_with(fp: Fingerprint, secret: Secret, cfg: EngineConfig) -> Engine {
     let (m, _) = model();
-    let c = Arc::new(TcpConnector::new(fp, None, None));
+    let c = Arc::new(TcpConnector::new(fp, secret, None, None));
     Engine::start_with(m, cfg, None, Some(c)).expect("engine")
 }
 
-fn remote(addr: &str, id: &str, first: Option<&[u32]>) -> KvTransfer {
-    let (host, port) = addr.rsplit_once(':').expect("host:port");
-    let mut p = json!({"do_remote_prefill": true, "remote_host": host,
-        "remote_port": port.parse::<u16>().expect("port"), "remote_request_id": id});
+fn consumer(fp: Fingerprint, g: &Grants, cfg: EngineConfig) -> Engine {
+    consumer_with(fp, g.secret().clone(), cfg)
+}
+
+/// The signed params of a fresh grant of `id`'s held KV.
+fn grant(g: &Grants, id: &str, first: Option<&[u32]>) -> serde_json::Value {
+    let mut p = g
+        .issue(id, std::time::Duration::from_secs(30))
+        .expect("grant");
+    p["do_remote_prefill"] = true.into();
     if let Some(f) = first {
-        p["first_token_ids"] = json!(f);
+        p["first_token_ids"] = serde_json::json!(f);
     }
-    KvTransfer::Remote(RemoteKv { params: p })
+    p
+}
+
+fn remote(g: &Grants, id: &str, first: Option<&[u32]>) -> KvTransfer {
+    KvTransfer::Remote(RemoteKv {
+        params: grant(g, id, first),
+    })
 }
 
 /// Waits (bounded) until every block of `e` is free again.
@@ -90,15 +102,21 @@ fn all_free(e: &Engine) -> bool {
     false
 }
 
-fn producer(cfg: EngineConfig) -> (Engine, Fingerprint, String) {
+fn producer(cfg: EngineConfig) -> (Engine, Fingerprint, Arc<Grants>) {
     let (m, sha) = model();
     let e = Engine::start(m.clone(), cfg, None).expect("engine");
     let fp = Fingerprint::new(&sha, &m.config, &e.kv_layout());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let (e2, fp2) = (e.clone(), fp.clone());
-    std::thread::spawn(move || serve(listener, e2, fp2, None));
-    (e, fp, addr)
+    let addr = listener.local_addr().expect("addr");
+    let grants = Arc::new(Grants::new(Secret::random().expect("secret"), addr));
+    let side = SideChannel {
+        engine: e.clone(),
+        fingerprint: fp.clone(),
+        grants: grants.clone(),
+        on_sent: None,
+    };
+    std::thread::spawn(move || side.serve(listener));
+    (e, fp, grants)
 }
 
 #[test]
@@ -113,8 +131,8 @@ fn loaded_over_tcp_equals_colocated() {
 
 fn over_tcp_equals_colocated(cfg: EngineConfig) {
     let (m, _) = model();
-    let (p, fp, addr) = producer(cfg.clone());
-    let d = consumer(fp, cfg.clone());
+    let (p, fp, g) = producer(cfg.clone());
+    let d = consumer(fp, &g, cfg.clone());
     let colo = Engine::start(m.clone(), cfg, None).expect("engine");
     let params = SamplingParams {
         ignore_eos: true,
@@ -142,7 +160,7 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
                 KvTransfer::Hold,
             );
             assert_eq!(first, reference[..1]);
-            let kv = remote(&addr, &id, with_first.then_some(&first[..]));
+            let kv = remote(&g, &id, with_first.then_some(&first[..]));
             let before = d.stats().prompt_tokens_computed;
             let got = run(&d, &id, &prompt, &params, kv);
             assert_eq!(got, reference, "{}", p.kv_layout().dtype);
@@ -164,7 +182,7 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
         "again",
         &prompt,
         &params,
-        remote(&addr, "req-0-true", None),
+        remote(&g, "req-0-true", None),
     )
     .expect_err("nothing held");
     assert!(err.to_string().contains("no KV held"), "{err}");
@@ -173,7 +191,7 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
 
 #[test]
 fn mismatched_fingerprint_is_refused_before_kv_crosses() {
-    let (p, fp, addr) = producer(EngineConfig::default());
+    let (p, fp, g) = producer(EngineConfig::default());
     let (m, _) = model();
     let prompt = m.tokenizer.encode("Hello").expect("encode");
     run(
@@ -206,13 +224,13 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
             },
         ),
     ] {
-        let d = consumer(theirs, EngineConfig::default());
+        let d = consumer(theirs, &g, EngineConfig::default());
         let err = try_run(
             &d,
             "r",
             &prompt,
             &SamplingParams::greedy(4),
-            remote(&addr, "held", None),
+            remote(&g, "held", None),
         )
         .expect_err("refused");
         assert!(
@@ -223,14 +241,27 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
     }
     // The KV is still held (nothing crossed) and can be taken by a matching peer.
     assert!(p.stats().free_blocks < p.stats().total_blocks);
-    let d = consumer(fp, EngineConfig::default());
-    let got = run(
-        &d,
-        "r",
-        &prompt,
-        &SamplingParams::greedy(4),
-        remote(&addr, "held", None),
-    );
+    let d = consumer(fp, &g, EngineConfig::default());
+    let params = grant(&g, "held", None);
+    let again = || {
+        KvTransfer::Remote(RemoteKv {
+            params: params.clone(),
+        })
+    };
+    let got = run(&d, "r", &prompt, &SamplingParams::greedy(4), again());
     assert_eq!(got.len(), 4);
     assert!(all_free(&p));
+    // Held again under the same id, the spent grant is still refused: served once.
+    run(
+        &p,
+        "held",
+        &prompt,
+        &SamplingParams::greedy(1),
+        KvTransfer::Hold,
+    );
+    let err =
+        try_run(&d, "r2", &prompt, &SamplingParams::greedy(4), again()).expect_err("a spent grant");
+    assert!(err.to_string().contains("no live grant"), "{err}");
+    assert!(all_free(&d));
+    assert!(p.stats().held_blocks > 0, "the new hold is untouched");
 }

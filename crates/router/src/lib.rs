@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use splitserve_server::http::ApiKey;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -36,6 +37,8 @@ pub struct Pools {
     pub disagg_threshold: usize,
     /// Admin base URL of each decode instance, in `decode`'s order (empty: no draining).
     pub decode_admin: Vec<String>,
+    /// Clients must present this key; the proxy presents it to the instances too.
+    pub api_key: Option<ApiKey>,
 }
 
 struct Inner {
@@ -68,9 +71,14 @@ impl Proxy {
                 .map(|u| u.trim_end_matches('/').to_string())
                 .collect()
         };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = pools.api_key.as_ref().and_then(ApiKey::header) {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self(Arc::new(Inner {
@@ -80,6 +88,7 @@ impl Proxy {
                 decode: trim(pools.decode),
                 disagg_threshold: pools.disagg_threshold,
                 decode_admin: trim(pools.decode_admin),
+                api_key: pools.api_key,
             },
             next_prefill: AtomicUsize::new(0),
             next_decode: AtomicUsize::new(0),
@@ -103,14 +112,18 @@ impl Proxy {
     }
 }
 
-/// The proxy's routes.
+/// The proxy's routes: the API behind `--api-key` when one is set, `/health` open.
 pub fn router(proxy: Proxy) -> Router {
-    Router::new()
+    let key = proxy.0.pools.api_key.clone();
+    let protected = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .with_state(proxy.clone());
+    let open = Router::new()
         .route("/health", get(health))
-        .with_state(proxy)
+        .with_state(proxy);
+    splitserve_server::http::with_layers(protected, open, key)
 }
 
 pub async fn serve(
@@ -118,18 +131,13 @@ pub async fn serve(
     proxy: Proxy,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Each SSE event is a small write: with Nagle's algorithm on, one that follows another
-    // unacknowledged one waits for the peer's delayed ACK (40 ms on Linux), which a
-    // streamed token must not.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(proxy))
-        .with_graceful_shutdown(shutdown)
-        .await
+    splitserve_server::http::serve_router(
+        listener,
+        router(proxy),
+        splitserve_server::http::DEFAULT_HEADER_READ_TIMEOUT,
+        shutdown,
+    )
+    .await
 }
 
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {

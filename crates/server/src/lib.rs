@@ -5,6 +5,7 @@
 mod admin;
 mod error;
 mod generation;
+pub mod http;
 mod metrics;
 mod openai;
 mod pd;
@@ -22,7 +23,7 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model, RemoteKv};
-use splitserve_kv::Fingerprint;
+use splitserve_kv::{Fingerprint, Grants};
 
 pub use admin::admin_router;
 pub use error::ApiError;
@@ -40,10 +41,14 @@ struct Inner {
     model_name: String,
     counter: AtomicU64,
     pd: Option<PdConfig>,
+    /// The producer's outstanding grants of held KV.
+    grants: Option<Arc<Grants>>,
     /// Set by a drain: new requests are refused, live ones migrate away.
     draining: AtomicBool,
     /// What a migration's peer must match (set when admin endpoints are on).
     fingerprint: OnceLock<Fingerprint>,
+    /// `--api-key` and the header-read timeout (set once, before serving).
+    http: OnceLock<HttpOptions>,
     client: reqwest::Client,
 }
 
@@ -84,14 +89,20 @@ impl AppState {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| splitserve_engine::EngineError::Internal(e.to_string()))?;
+        let grants = pd.as_ref().and_then(|p| {
+            let addr = p.side_channel.filter(|_| p.config.kv_role.produces())?;
+            Some(Arc::new(Grants::new(p.secret.clone(), addr)))
+        });
         Ok(Self(Arc::new(Inner {
             engine,
             metrics,
             model_name,
             counter: AtomicU64::new(0),
             pd,
+            grants,
             draining: AtomicBool::new(false),
             fingerprint: OnceLock::new(),
+            http: OnceLock::new(),
             client,
         })))
     }
@@ -101,11 +112,25 @@ impl AppState {
         let _ = self.0.fingerprint.set(fp);
     }
 
+    /// The API key clients must present and the header-read timeout; set once, before
+    /// serving (defaults: no key, [`http::DEFAULT_HEADER_READ_TIMEOUT`]).
+    pub fn set_http_options(&self, o: HttpOptions) {
+        let _ = self.0.http.set(o);
+    }
+
+    fn http_options(&self) -> HttpOptions {
+        self.0.http.get().cloned().unwrap_or_default()
+    }
+
     fn fingerprint(&self) -> Option<&Fingerprint> {
         self.0
             .fingerprint
             .get()
             .or_else(|| self.0.pd.as_ref().map(|p| &p.fingerprint))
+    }
+
+    pub(crate) fn grants(&self) -> Option<Arc<Grants>> {
+        self.0.grants.clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -117,17 +142,38 @@ impl AppState {
     }
 }
 
+/// What the HTTP front enforces besides the API itself.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Clients must send `Authorization: Bearer <key>` (all routes but health and metrics).
+    pub api_key: Option<http::ApiKey>,
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
 /// All routes of the OpenAI-compatible server.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let key = state.http_options().api_key;
+    let protected = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
-        .with_state(state)
+        .with_state(state.clone());
+    let open = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .with_state(state);
+    http::with_layers(protected, open, key)
 }
 
 /// Serves until `shutdown` completes.
@@ -136,18 +182,37 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Each SSE event is a small write: with Nagle's algorithm on, one that follows another
-    // unacknowledged one waits for the peer's delayed ACK (40 ms on Linux), which a
-    // streamed token must not.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    let timeout = state.http_options().header_read_timeout;
+    http::serve_router(listener, router(state), timeout, shutdown).await
+}
+
+/// Runs tokenizer work off the async workers: a long prompt must not stall `/health` or
+/// the token streams of other requests.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
         .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+}
+
+/// Roles a chat message may have; anything else is refused, not rendered.
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+fn check_roles<'a>(roles: impl Iterator<Item = &'a str>) -> Result<(), ApiError> {
+    for (i, r) in roles.enumerate() {
+        if !ROLES.contains(&r) {
+            return Err(ApiError::bad(
+                format!(
+                    "messages[{i}].role {:?} is not one of {}",
+                    r.chars().take(64).collect::<String>(),
+                    ROLES.join(", ")
+                ),
+                Some("messages"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -220,34 +285,39 @@ async fn completions_inner(
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
     check_model(state, &req.common.model)?;
-    let engine = &state.0.engine;
-    let tok = &engine.model().tokenizer;
-    let prompts: Vec<Vec<u32>> = match &req.prompt {
-        PromptInput::Text(s) => vec![tok
-            .encode(s)
-            .map_err(|e| ApiError::bad(e, Some("prompt")))?],
-        PromptInput::Texts(v) => v
-            .iter()
-            .map(|s| tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt"))))
-            .collect::<Result<_, _>>()?,
-        PromptInput::Ids(ids) => vec![ids.clone()],
-        PromptInput::IdLists(v) => v.clone(),
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::bad("prompt must not be empty", Some("prompt")));
-    }
-    let mut jobs = Vec::new();
-    for ids in prompts {
-        let echo = if req.echo {
-            Some(
-                tok.decode(&ids, false)
-                    .map_err(|e| ApiError::bad(e, Some("prompt")))?,
-            )
-        } else {
-            None
+    let model = state.0.engine.model().clone();
+    let (prompt, echo) = (req.prompt.clone(), req.echo);
+    let jobs = blocking(move || {
+        let tok = &model.tokenizer;
+        let prompts: Vec<Vec<u32>> = match prompt {
+            PromptInput::Text(s) => vec![tok
+                .encode(&s)
+                .map_err(|e| ApiError::bad(e, Some("prompt")))?],
+            PromptInput::Texts(v) => v
+                .iter()
+                .map(|s| tok.encode(s).map_err(|e| ApiError::bad(e, Some("prompt"))))
+                .collect::<Result<_, _>>()?,
+            PromptInput::Ids(ids) => vec![ids],
+            PromptInput::IdLists(v) => v,
         };
-        jobs.push(PromptJob { ids, echo });
-    }
+        if prompts.is_empty() {
+            return Err(ApiError::bad("prompt must not be empty", Some("prompt")));
+        }
+        let mut jobs = Vec::new();
+        for ids in prompts {
+            let echo = if echo {
+                Some(
+                    tok.decode(&ids, false)
+                        .map_err(|e| ApiError::bad(e, Some("prompt")))?,
+                )
+            } else {
+                None
+            };
+            jobs.push(PromptJob { ids, echo });
+        }
+        Ok(jobs)
+    })
+    .await?;
     run(
         state,
         Kind::Completion,
@@ -279,6 +349,7 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
             Some("messages"),
         ));
     }
+    check_roles(req.messages.iter().map(|m| m.role.as_str()))?;
     let messages: Vec<ChatMessage> = req
         .messages
         .iter()
@@ -296,13 +367,16 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
             },
         })
         .collect();
-    let tok = &state.0.engine.model().tokenizer;
-    let text = tok
-        .apply_chat_template(&messages, req.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::bad(e, Some("messages")))?;
-    let ids = tok
-        .encode(&text)
-        .map_err(|e| ApiError::bad(e, Some("messages")))?;
+    let model = state.0.engine.model().clone();
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+    // Message text never becomes special tokens (no prompt-format injection).
+    let ids = blocking(move || {
+        model
+            .tokenizer
+            .encode_chat(&messages, add_generation_prompt)
+            .map_err(|e| ApiError::bad(e, Some("messages")))
+    })
+    .await?;
     let logprobs = if req.logprobs {
         Some(req.top_logprobs.unwrap_or(0))
     } else {
@@ -357,6 +431,16 @@ async fn run(
             Some("stream"),
         ));
     }
+    // A held request's id must not be one a client can choose or guess: another request
+    // under the same id would replace its hold.
+    let id = if matches!(plan, pd::Plan::Produce) {
+        let nonce =
+            splitserve_kv::auth::random_bytes(8).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{id}-{nonce}")
+    } else {
+        id
+    };
     let engine = &state.0.engine;
     let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
     let max_len = engine.max_model_len();
@@ -432,8 +516,8 @@ async fn run(
                 c.remove("prompt_token_ids");
             }
         }
-        if let Some(pdc) = &state.0.pd {
-            v["kv_transfer_params"] = pd::produced_params(pdc, &engine_id, &first);
+        if let (Some(pdc), Some(grants)) = (&state.0.pd, &state.0.grants) {
+            v["kv_transfer_params"] = pd::produced_params(pdc, grants, &engine_id, &first)?;
         }
         abort.disarm();
         return Ok(Json(v).into_response());
@@ -518,28 +602,28 @@ fn yes() -> bool {
 }
 
 async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
-    let r = (|| -> Result<Value, ApiError> {
+    let model = state.0.engine.model().clone();
+    let max_model_len = state.0.engine.max_model_len();
+    let r = blocking(move || -> Result<Value, ApiError> {
         let req: TokenizeRequest = parse(&body)?;
-        let tok = &state.0.engine.model().tokenizer;
-        let text = match (req.prompt, req.messages) {
-            (Some(p), None) => p,
-            (None, Some(m)) => tok
-                .apply_chat_template(&m, req.add_generation_prompt)
-                .map_err(|e| ApiError::bad(e, Some("messages")))?,
+        let tok = &model.tokenizer;
+        let ids = match (req.prompt, req.messages) {
+            (Some(p), None) => tok.encode(&p),
+            (None, Some(m)) => {
+                check_roles(m.iter().map(|x| x.role.as_str()))?;
+                tok.encode_chat(&m, req.add_generation_prompt)
+            }
             _ => {
                 return Err(ApiError::bad(
                     "give exactly one of prompt or messages",
                     Some("prompt"),
                 ))
             }
-        };
-        let ids = tok
-            .encode(&text)
-            .map_err(|e| ApiError::bad(e, Some("prompt")))?;
-        Ok(
-            json!({"count": ids.len(), "max_model_len": state.0.engine.max_model_len(), "tokens": ids}),
-        )
-    })();
+        }
+        .map_err(|e| ApiError::bad(e, Some("prompt")))?;
+        Ok(json!({"count": ids.len(), "max_model_len": max_model_len, "tokens": ids}))
+    })
+    .await;
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),

@@ -4,7 +4,9 @@
 //! Producer, given `{"do_remote_decode": true}`: prefills, samples the first token, holds the
 //! prompt's blocks and answers with `{"do_remote_prefill": true, "remote_engine_id",
 //! "remote_request_id", "remote_block_ids", "remote_host", "remote_port", "first_token_ids",
-//! "fingerprint"}`. Consumer, given those: submits the request with them; its engine's
+//! "fingerprint"}` plus a grant: `remote_capability`, `remote_expires_at` and `kv_signature`
+//! (see `splitserve_kv::grant`). Consumer, given those: refuses them unless the signature
+//! checks (nothing is connected to), else submits the request with them; its engine's
 //! `TcpConnector` loads the KV into the request's blocks (WAITING_FOR_REMOTE_KVS, off the
 //! engine thread, so running requests keep decoding), then it decodes from there. Without
 //! `first_token_ids` (a proxy that only knows vLLM's fields) the consumer recomputes the last
@@ -16,7 +18,9 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use splitserve_engine::KvConnector;
 use splitserve_kv::tcp;
-use splitserve_kv::{Fingerprint, KvTransferConfig, LoadReport, RemoteAddr, TcpConnector};
+use splitserve_kv::{
+    Fingerprint, Grants, KvTransferConfig, LoadReport, RemoteAddr, Secret, TcpConnector,
+};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -30,6 +34,8 @@ pub struct PdConfig {
     /// Where consumers reach our side channel (producer role).
     pub side_channel: Option<SocketAddr>,
     pub engine_id: String,
+    /// The pair's shared secret: authenticates the side channel, signs and checks grants.
+    pub secret: Secret,
 }
 
 /// What one request asks of the connector.
@@ -41,15 +47,6 @@ pub(crate) enum Plan {
 
 fn flag(p: &Value, name: &str) -> bool {
     p.get(name).and_then(Value::as_bool).unwrap_or(false)
-}
-
-fn field<'a>(p: &'a Value, name: &'static str) -> Result<&'a Value, ApiError> {
-    p.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
-        ApiError::bad(
-            format!("kv_transfer_params.{name} is required with do_remote_prefill"),
-            Some("kv_transfer_params"),
-        )
-    })
 }
 
 /// Reads `kv_transfer_params` against this server's role.
@@ -102,64 +99,37 @@ pub(crate) fn plan(pd: Option<&PdConfig>, params: &Option<Value>) -> Result<Plan
             Some("kv_transfer_params"),
         ));
     }
-    // Each field checked on its own so that a bad one is named.
-    field(p, "remote_host")?.as_str().ok_or_else(|| {
-        ApiError::bad(
-            "kv_transfer_params.remote_host must be a string",
-            Some("kv_transfer_params"),
-        )
-    })?;
-    field(p, "remote_port")?
-        .as_u64()
-        .filter(|&x| x > 0 && x <= u16::MAX as u64)
-        .ok_or_else(|| {
-            ApiError::bad(
-                "kv_transfer_params.remote_port must be a port number",
-                Some("kv_transfer_params"),
-            )
-        })?;
-    field(p, "remote_request_id")?.as_str().ok_or_else(|| {
-        ApiError::bad(
-            "kv_transfer_params.remote_request_id must be a string",
-            Some("kv_transfer_params"),
-        )
-    })?;
-    if let Some(v) = p.get("first_token_ids").filter(|v| !v.is_null()) {
-        serde_json::from_value::<Vec<u32>>(v.clone()).map_err(|_| {
-            ApiError::bad(
-                "kv_transfer_params.first_token_ids must be a list of token ids",
-                Some("kv_transfer_params"),
-            )
-        })?;
-    }
-    let remote = RemoteAddr::parse(p).ok_or_else(|| {
-        ApiError::bad(
-            "kv_transfer_params do not name a producer",
-            Some("kv_transfer_params"),
-        )
-    })?;
+    // Only a grant signed with this pair's secret is acted on: a client cannot send this
+    // server to an address of its choosing, nor redeem someone else's grant.
+    let remote = RemoteAddr::verify(p, &pd.secret)
+        .map_err(|e| ApiError::bad(e.to_string(), Some("kv_transfer_params")))?;
     Ok(Plan::Consume(remote))
 }
 
-/// The producer's answer: where and under which id a consumer finds the held KV.
-pub(crate) fn produced_params(pd: &PdConfig, request_id: &str, first: &[u32]) -> Value {
-    let (host, port) = match pd.side_channel {
-        Some(a) => (a.ip().to_string(), a.port()),
-        None => (String::new(), 0),
-    };
-    json!({
+/// The producer's answer: a signed, single-use grant of the held KV.
+pub(crate) fn produced_params(
+    pd: &PdConfig,
+    grants: &Grants,
+    request_id: &str,
+    first: &[u32],
+) -> Result<Value, ApiError> {
+    let mut v = grants
+        .issue(request_id, pd.config.hold_timeout())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let extra = json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
         "remote_engine_id": pd.engine_id,
-        "remote_request_id": request_id,
-        // Blocks are found by request id on our side channel; ids are not needed remotely.
+        // Blocks are found by the grant on our side channel; ids are not needed remotely.
         "remote_block_ids": [],
-        "remote_host": host,
-        "remote_port": port,
         "tp_size": 1,
         "first_token_ids": first,
         "fingerprint": pd.fingerprint,
-    })
+    });
+    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    Ok(v)
 }
 
 /// The consumer's connector, its loads counted in `metrics` and logged.
@@ -188,6 +158,7 @@ pub(crate) fn connector(pd: &PdConfig, metrics: &Arc<Metrics>) -> Arc<dyn KvConn
     });
     Arc::new(TcpConnector::new(
         pd.fingerprint.clone(),
+        pd.secret.clone(),
         Some(on_start),
         Some(observer),
     ))
@@ -195,18 +166,25 @@ pub(crate) fn connector(pd: &PdConfig, metrics: &Arc<Metrics>) -> Arc<dyn KvConn
 
 /// Tells the producer, in the background, to free KV it holds for a request we dropped.
 pub(crate) fn release(pd: &PdConfig, remote: RemoteAddr) {
-    splitserve_kv::connector::release_hold(pd.fingerprint.clone(), remote);
+    splitserve_kv::connector::release_hold(pd.fingerprint.clone(), pd.secret.clone(), remote);
 }
 
 /// Starts the producer's side channel on `listener`, counting bytes sent in the metrics.
 pub fn start_side_channel(state: &AppState, pd: &PdConfig, listener: std::net::TcpListener) {
-    let engine = state.engine().clone();
+    let Some(grants) = state.grants() else {
+        tracing::error!("a side channel was asked of a server that produces no KV");
+        return;
+    };
     let metrics = state.metrics().clone();
-    let fp = pd.fingerprint.clone();
-    let hook: tcp::SentHook = Arc::new(move |bytes| metrics.kv_bytes_sent.inc_by(bytes));
+    let side = tcp::SideChannel {
+        engine: state.engine().clone(),
+        fingerprint: pd.fingerprint.clone(),
+        grants,
+        on_sent: Some(Arc::new(move |bytes| metrics.kv_bytes_sent.inc_by(bytes))),
+    };
     std::thread::Builder::new()
         .name("kv-side-channel".into())
-        .spawn(move || tcp::serve(listener, engine, fp, Some(hook)))
+        .spawn(move || side.serve(listener))
         .map(|_| ())
         .unwrap_or_else(|e| tracing::error!(error = %e, "could not start the KV side channel"));
 }

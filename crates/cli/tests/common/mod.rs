@@ -59,7 +59,7 @@ impl Proc {
     }
 
     /// Panics with the log's tail if the process has exited.
-    fn check_alive(&self) {
+    pub fn check_alive(&self) {
         let mut g = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = g.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
@@ -135,6 +135,11 @@ pub fn model() -> String {
 
 /// Starts `splitserve <args> --port P`.
 pub fn spawn(args: &[String]) -> Proc {
+    spawn_env(args, &[])
+}
+
+/// [`spawn`] with extra environment variables.
+pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
     let port = free_port();
     let log =
         std::env::temp_dir().join(format!("splitserve-test-{}-{port}.log", std::process::id()));
@@ -144,6 +149,7 @@ pub fn spawn(args: &[String]) -> Proc {
         .args(["--port", &port.to_string()])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::from(file))
         .spawn()
@@ -180,6 +186,11 @@ pub fn up_at(base: u16, extra: &[&str]) -> Proc {
 
 /// `serve` with the default model, one thread, and an optional KV role.
 pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
+    serve_env(extra, kv, &[])
+}
+
+/// [`serve`] with extra environment variables.
+pub fn serve_env(extra: &[&str], kv: Option<String>, env: &[(&str, &str)]) -> Proc {
     let mut a: Vec<String> = vec!["serve".into()];
     if !extra.contains(&"--model") {
         a.extend(["--model".into(), model()]);
@@ -195,7 +206,7 @@ pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
         a.push("--kv-transfer-config".into());
         a.push(kv);
     }
-    spawn(&a)
+    spawn_env(&a, env)
 }
 
 pub fn kv_config(role: &str, side_port: u16, hold_s: f64) -> String {
