@@ -5,6 +5,8 @@ pub mod auth;
 pub mod config;
 pub mod connector;
 pub mod fingerprint;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod grant;
 pub mod migration;
 pub mod tcp;

@@ -84,7 +84,7 @@ fn io(addr: &str) -> impl Fn(std::io::Error) -> KvError + '_ {
 }
 
 /// Reads one control frame; a payload over `MAX_CONTROL_PAYLOAD` is refused unread.
-fn read_frame(s: &mut impl Read, addr: &str) -> Result<Frame, KvError> {
+pub(crate) fn read_frame(s: &mut impl Read, addr: &str) -> Result<Frame, KvError> {
     let mut header = [0u8; HEADER];
     s.read_exact(&mut header).map_err(io(addr))?;
     let len = Frame::payload_len(&header)?;
@@ -103,12 +103,23 @@ fn read_frame(s: &mut impl Read, addr: &str) -> Result<Frame, KvError> {
     }
 }
 
-fn write_frame(s: &mut TcpStream, addr: &str, f: &Frame) -> Result<(), KvError> {
+fn write_frame(s: &mut impl Write, addr: &str, f: &Frame) -> Result<(), KvError> {
     s.write_all(&f.encode()).map_err(io(addr))
 }
 
+/// A byte stream the handshake runs over (a socket; in the fuzz targets, bytes in memory).
+pub(crate) trait Conn: Read + Write {
+    fn set_read_wait(&mut self, d: Duration);
+}
+
+impl Conn for TcpStream {
+    fn set_read_wait(&mut self, d: Duration) {
+        let _ = self.set_read_timeout(Some(d));
+    }
+}
+
 #[derive(Clone, Copy)]
-enum Role {
+pub(crate) enum Role {
     Producer,
     Consumer,
 }
@@ -130,14 +141,14 @@ impl Role {
 }
 
 /// Hello and proof each way; then the fingerprints must match.
-fn handshake(
-    s: &mut TcpStream,
+pub(crate) fn handshake(
+    s: &mut impl Conn,
     addr: &str,
     ours: &Fingerprint,
     secret: &Secret,
     role: Role,
 ) -> Result<(), KvError> {
-    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    s.set_read_wait(HANDSHAKE_TIMEOUT);
     let nonce = random_bytes(16).map_err(|e| KvError::Protocol(e.to_string()))?;
     let hello = Hello {
         fingerprint: ours.clone(),
@@ -187,7 +198,7 @@ fn handshake(
         let _ = write_frame(s, addr, &Frame::Error(e.to_string()));
         return Err(e.into());
     }
-    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+    s.set_read_wait(IO_TIMEOUT);
     Ok(())
 }
 
