@@ -341,8 +341,21 @@ pub fn up(a: UpArgs) -> Result<()> {
         }
         let admin_port = a.admin_base_port + (i - a.prefill.min(i)) as u16;
         if !producer {
-            // Decode instances can be drained: their requests migrate to the others.
+            // Decode instances can be drained: their requests migrate to the others, and
+            // only to them.
+            let others: Vec<String> = (a.prefill..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    format!(
+                        "http://127.0.0.1:{}",
+                        a.admin_base_port + (j - a.prefill) as u16
+                    )
+                })
+                .collect();
             child.args(["--admin-port", &admin_port.to_string()]);
+            if !others.is_empty() {
+                child.args(["--migrate-targets", &others.join(",")]);
+            }
         }
         // The key travels in the environment, never on a command line.
         match &a.api_key {

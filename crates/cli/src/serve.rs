@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
     #[arg(long, default_value = "127.0.0.1")]
     pub admin_host: String,
+    /// Admin base URLs (their --admin-port) that migrate and drain may send requests to;
+    /// comma-separated. Any other target is refused (403), and none is allowed if unset.
+    #[arg(long, value_delimiter = ',')]
+    pub migrate_targets: Vec<String>,
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -223,6 +227,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let http = a.http.options()?;
     let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
     state.set_http_options(http);
+    state.set_migrate_targets(a.migrate_targets.clone());
     if let Some(fp) = admin_fp {
         state.set_fingerprint(fp);
     }

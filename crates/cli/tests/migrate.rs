@@ -1,8 +1,9 @@
 //! Live migration end to end: real `serve` processes on loopback with the real model and
 //! their admin listeners. A streamed request moved after 1, 17 or 63 tokens continues on the
 //! same connection token-identical to an uninterrupted run; refusals (unreachable target,
-//! other fingerprint, full target) leave it running where it was; draining an instance
-//! through the proxy moves all its streams and frees all its blocks.
+//! other fingerprint, full target, a target off `--migrate-targets`) leave it running where
+//! it was; draining an instance through the proxy moves all its streams and frees all its
+//! blocks.
 
 mod common;
 
@@ -135,7 +136,18 @@ async fn migrated_streams_continue_token_identical_and_refusals_keep_them() {
         pc.to_string(),
         pd.to_string(),
     );
-    let a = serve(&["--admin-port", &pa_s], None);
+    let unreachable = admin_url(free_port());
+    let targets = [
+        admin_url(pb),
+        admin_url(pc),
+        admin_url(pd),
+        unreachable.clone(),
+    ]
+    .join(",");
+    let a = serve(
+        &["--admin-port", &pa_s, "--migrate-targets", &targets],
+        None,
+    );
     let b = serve(&["--admin-port", &pb_s], None);
     // A target that holds most of its small pool for a remote reader.
     let c = serve(
@@ -207,7 +219,23 @@ async fn migrated_streams_continue_token_identical_and_refusals_keep_them() {
             .await
         }
     };
-    let (status, e) = migrate(admin_url(free_port()), 3).await;
+    // A target off the allow-list: refused before any connection is made to it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let off_list = admin_url(listener.local_addr().expect("addr").port());
+    let (status, e) = migrate(off_list.clone(), 2).await;
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(e["error"]["type"], "permission_error", "{e}");
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("{off_list} is not in --migrate-targets")),
+        "{msg}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the server connected to a target off the allow-list"
+    );
+    let (status, e) = migrate(unreachable, 3).await;
     assert_eq!(status, 502, "{e}");
     let msg = e["error"]["message"].as_str().unwrap_or_default();
     assert!(
@@ -251,11 +279,25 @@ async fn draining_an_instance_through_the_proxy_moves_every_stream() {
     let (pa, pb, proxy_admin) = (free_port(), free_port(), free_port());
     let p = serve(&[], Some(kv_config("kv_producer", free_port(), 30.0)));
     let a = serve(
-        &["--admin-port", &pa.to_string(), "--max-num-seqs", "8"],
+        &[
+            "--admin-port",
+            &pa.to_string(),
+            "--max-num-seqs",
+            "8",
+            "--migrate-targets",
+            &admin_url(pb),
+        ],
         Some(kv_config("kv_consumer", free_port(), 30.0)),
     );
     let b = serve(
-        &["--admin-port", &pb.to_string(), "--max-num-seqs", "16"],
+        &[
+            "--admin-port",
+            &pb.to_string(),
+            "--max-num-seqs",
+            "16",
+            "--migrate-targets",
+            &admin_url(pa),
+        ],
         Some(kv_config("kv_consumer", free_port(), 30.0)),
     );
     for x in [&p, &a, &b] {

@@ -107,6 +107,29 @@ async fn migrate(State(state): State<AppState>, body: Bytes) -> Response {
     reply(r.await)
 }
 
+/// Refuses a target that is not on the allow-list, before anything is parked or sent.
+fn check_target(state: &AppState, target: &str) -> Result<(), ApiError> {
+    let allowed = state
+        .0
+        .migrate_targets
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if allowed.iter().any(|t| t == target) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(if allowed.is_empty() {
+        format!(
+            "migration target {target} refused: this server was started without --migrate-targets, so it sends requests nowhere"
+        )
+    } else {
+        format!(
+            "migration target {target} is not in --migrate-targets ({})",
+            allowed.join(", ")
+        )
+    }))
+}
+
 /// Moves the request (the first live one of `ids`) to the engine whose admin base URL is
 /// `target`; on any refusal the request continues here and the error says why.
 pub(crate) async fn migrate_one(
@@ -115,6 +138,7 @@ pub(crate) async fn migrate_one(
     target: &str,
     after_tokens: usize,
 ) -> Result<Value, ApiError> {
+    check_target(state, target)?;
     let fp = state
         .fingerprint()
         .ok_or_else(|| ApiError::Internal("migration needs the model's fingerprint".into()))?
@@ -408,6 +432,9 @@ async fn drain(State(state): State<AppState>, body: Bytes) -> Response {
                 "give at least one target engine's admin URL",
                 Some("targets"),
             ));
+        }
+        for t in &targets {
+            check_target(&state, t)?;
         }
         state.0.draining.store(true, Ordering::Relaxed);
         tracing::info!(targets = ?targets, "draining: new requests are refused, live ones move");

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// A peer (the KV producer) failed or refused us.
     #[error("{0}")]
     BadGateway(String),
+    /// Allowed to nobody who asks this way (a migration target off the allow-list).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 #[derive(Serialize)]
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -74,6 +78,7 @@ impl ApiError {
             ApiError::Internal(_) => "internal_error",
             ApiError::BadGateway(_) | ApiError::Conflict(_) => "kv_transfer_error",
             ApiError::NotFound(_) => "invalid_request_error",
+            ApiError::Forbidden(_) => "permission_error",
         }
     }
 

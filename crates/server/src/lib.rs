@@ -47,6 +47,8 @@ struct Inner {
     draining: AtomicBool,
     /// What a migration's peer must match (set when admin endpoints are on).
     fingerprint: OnceLock<Fingerprint>,
+    /// Admin base URLs a migration or a drain may send requests to (`--migrate-targets`).
+    migrate_targets: OnceLock<Vec<String>>,
     /// `--api-key` and the header-read timeout (set once, before serving).
     http: OnceLock<HttpOptions>,
     client: reqwest::Client,
@@ -102,9 +104,21 @@ impl AppState {
             grants,
             draining: AtomicBool::new(false),
             fingerprint: OnceLock::new(),
+            migrate_targets: OnceLock::new(),
             http: OnceLock::new(),
             client,
         })))
+    }
+
+    /// The admin base URLs this server may migrate requests to; set once, before serving.
+    /// Without it every target is refused: an admin client must not make this server post
+    /// a request's state to an address of its choosing.
+    pub fn set_migrate_targets(&self, targets: Vec<String>) {
+        let targets = targets
+            .iter()
+            .map(|t| t.trim_end_matches('/').to_string())
+            .collect();
+        let _ = self.0.migrate_targets.set(targets);
     }
 
     /// The fingerprint migrations carry and check (DESIGN.md); set once, before serving.
