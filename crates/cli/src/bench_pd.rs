@@ -150,7 +150,7 @@ impl BenchPdArgs {
 
 /// An arm's process. On drop it is asked to stop (SIGTERM) and waited for: `up` then stops
 /// its own children, so the next arm finds the ports free. Past 10 s it is killed.
-struct Kill(Child);
+pub(crate) struct Kill(pub(crate) Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -179,7 +179,7 @@ impl Drop for Kill {
     }
 }
 
-fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
+pub(crate) fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
     // Ordinary-text token ids (skip the special tokens at the start of the vocabulary).
     (0..n as u32)
         .map(|i| {

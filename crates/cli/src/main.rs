@@ -3,6 +3,7 @@
 mod bench_engine;
 mod bench_kv;
 mod bench_pd;
+mod bench_soak;
 mod econ;
 mod generate;
 mod pd;
@@ -55,6 +56,9 @@ enum BenchCommand {
     Kv(bench_kv::BenchKvArgs),
     /// The interference experiment: colocated vs disaggregated, same threads, same workload.
     Pd(bench_pd::BenchPdArgs),
+    /// Soak a pair: mixed load, client aborts, an instance killed and restarted; RSS over
+    /// time, blocks back at the end, outcomes by kind.
+    Soak(bench_soak::BenchSoakArgs),
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill`, process managers and `bench pd`
@@ -179,5 +183,6 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(a),
+        Command::Bench(BenchCommand::Soak(a)) => bench_soak::run(a),
     }
 }

@@ -190,6 +190,14 @@ async fn migrated_streams_continue_token_identical_and_refusals_keep_them() {
     }
     all_free(&a, Duration::from_secs(10)).await;
     all_free(&b, Duration::from_secs(10)).await;
+    // The target's engine generated each continuation, one stream at a time: a decode step
+    // per token after the move, (72 - after) for each of the six, and no prefill at all.
+    // (generation_tokens_total counts at the HTTP front, so on the source.)
+    assert_eq!(
+        metric(&b, "decode_step_seconds_count").await,
+        2.0 * ((max - 1) + (max - 17) + (max - 63)) as f64
+    );
+    assert_eq!(metric(&b, "prefill_step_seconds_count").await, 0.0);
 
     // Fill the full target: a held 560-token prompt keeps 35 of its 40 blocks.
     let filler: Vec<u32> = (0..560).map(|i| 2000 + i).collect();

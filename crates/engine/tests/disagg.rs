@@ -1,6 +1,7 @@
 //! Prefill on one engine, decode on another: the KV crosses as bytes and the continuation
-//! is token- and logit-identical to one colocated engine. (In process: the transport and the
-//! HTTP roles of the disaggregation issue are not built yet.)
+//! is token- and logit-identical to one colocated engine. In process, at the engine's API;
+//! the TCP side channel and the HTTP roles are tested in `kv/tests/tcp.rs` and
+//! `cli/tests/pd.rs`.
 
 mod common;
 

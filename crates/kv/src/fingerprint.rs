@@ -46,43 +46,27 @@ impl Fingerprint {
 
     /// Accepts `theirs` only if every field equals ours; the first difference is named.
     pub fn check(&self, theirs: &Fingerprint) -> Result<(), HandshakeError> {
+        // Destructured without `..`: a field added to the struct does not compile until it
+        // is compared here too.
+        let Fingerprint {
+            format_version,
+            model_sha256,
+            architecture,
+            n_layer,
+            n_kv_head,
+            head_dim,
+            kv_dtype,
+            block_size,
+        } = self;
         let fields: [(&'static str, String, String); 8] = [
-            (
-                "format_version",
-                self.format_version.to_string(),
-                theirs.format_version.to_string(),
-            ),
-            (
-                "model_sha256",
-                self.model_sha256.clone(),
-                theirs.model_sha256.clone(),
-            ),
-            (
-                "architecture",
-                self.architecture.clone(),
-                theirs.architecture.clone(),
-            ),
-            (
-                "n_layer",
-                self.n_layer.to_string(),
-                theirs.n_layer.to_string(),
-            ),
-            (
-                "n_kv_head",
-                self.n_kv_head.to_string(),
-                theirs.n_kv_head.to_string(),
-            ),
-            (
-                "head_dim",
-                self.head_dim.to_string(),
-                theirs.head_dim.to_string(),
-            ),
-            ("kv_dtype", self.kv_dtype.clone(), theirs.kv_dtype.clone()),
-            (
-                "block_size",
-                self.block_size.to_string(),
-                theirs.block_size.to_string(),
-            ),
+            pair("format_version", format_version, &theirs.format_version),
+            pair("model_sha256", model_sha256, &theirs.model_sha256),
+            pair("architecture", architecture, &theirs.architecture),
+            pair("n_layer", n_layer, &theirs.n_layer),
+            pair("n_kv_head", n_kv_head, &theirs.n_kv_head),
+            pair("head_dim", head_dim, &theirs.head_dim),
+            pair("kv_dtype", kv_dtype, &theirs.kv_dtype),
+            pair("block_size", block_size, &theirs.block_size),
         ];
         for (field, ours, theirs) in fields {
             if ours != theirs {
@@ -95,6 +79,10 @@ impl Fingerprint {
         }
         Ok(())
     }
+}
+
+fn pair<T: ToString>(field: &'static str, ours: &T, theirs: &T) -> (&'static str, String, String) {
+    (field, ours.to_string(), theirs.to_string())
 }
 
 #[cfg(test)]
@@ -121,32 +109,54 @@ mod tests {
 
     #[test]
     fn each_difference_is_named_with_both_values() {
-        let mut t = fp();
-        t.block_size = 32;
-        let e = fp().check(&t).expect_err("block size");
+        let e = fp()
+            .check(&Fingerprint {
+                block_size: 32,
+                ..fp()
+            })
+            .expect_err("block size");
         assert_eq!(
             e.to_string(),
             "KV handshake refused: block_size differs (ours 16, theirs 32)"
         );
-        let mut t = fp();
-        t.kv_dtype = "f32".into();
-        assert_eq!(
-            fp().check(&t),
-            Err(HandshakeError::Mismatch {
-                field: "kv_dtype",
-                ours: "f16".into(),
-                theirs: "f32".into()
-            })
-        );
-        let mut t = fp();
-        t.model_sha256 = "00ff".into();
-        assert!(matches!(
-            fp().check(&t),
-            Err(HandshakeError::Mismatch {
-                field: "model_sha256",
-                ..
-            })
-        ));
+        // Every field, through its serialized name: a field the check skipped would pass.
+        let ours = serde_json::to_value(fp()).unwrap_or_default();
+        let names: Vec<String> = ours
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(names.len(), 8, "{ours}");
+        for name in names {
+            let mut v = ours.clone();
+            let (o, t) = match &ours[&name] {
+                serde_json::Value::String(s) => (s.clone(), format!("{s}x")),
+                n => {
+                    let n = n.as_u64().unwrap_or_default();
+                    (n.to_string(), (n + 1).to_string())
+                }
+            };
+            v[&name] = serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t.clone()));
+            let theirs: Fingerprint = serde_json::from_value(v).unwrap_or_else(|_| fp());
+            assert_eq!(
+                fp().check(&theirs),
+                Err(HandshakeError::Mismatch {
+                    field: match name.as_str() {
+                        "format_version" => "format_version",
+                        "model_sha256" => "model_sha256",
+                        "architecture" => "architecture",
+                        "n_layer" => "n_layer",
+                        "n_kv_head" => "n_kv_head",
+                        "head_dim" => "head_dim",
+                        "kv_dtype" => "kv_dtype",
+                        "block_size" => "block_size",
+                        other => panic!("unknown field {other}"),
+                    },
+                    ours: o,
+                    theirs: t,
+                }),
+                "{name}"
+            );
+        }
     }
 
     #[test]
