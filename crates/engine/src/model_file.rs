@@ -73,14 +73,60 @@ pub fn default_model(progress: bool) -> Result<PathBuf, FetchError> {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir();
     let path = dir.join(DEFAULT_MODEL_FILE);
-    // A cached file is trusted if its size matches; `fetch-model` re-verifies the hash.
-    if std::fs::metadata(&path)
-        .map(|m| m.len() == 98_362_432)
-        .unwrap_or(false)
-    {
-        return Ok(path);
+    // A cached file is used only once its sha256 has checked; the check is remembered
+    // beside it with the size and mtime it had, and redone when either changes.
+    if std::fs::metadata(&path).is_ok() {
+        if verified(&path, progress)? {
+            return Ok(path);
+        }
+        tracing::warn!(path = %path.display(), "cached model's sha256 differs; fetching it again");
     }
-    fetch(&dir, progress)
+    let path = fetch(&dir, progress)?;
+    remember_verified(&path);
+    Ok(path)
+}
+
+/// The file's size and mtime, as the record of a verified hash holds them.
+fn stamp(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some(format!("{DEFAULT_MODEL_SHA256} {} {mtime}", m.len()))
+}
+
+fn record_path(path: &Path) -> PathBuf {
+    path.with_extension("gguf.verified")
+}
+
+/// Whether `path` has the default model's sha256: from the record if its size and mtime
+/// are unchanged since the last check, else by hashing it (and recording a match).
+pub fn verified(path: &Path, progress: bool) -> Result<bool, FetchError> {
+    let Some(now) = stamp(path) else {
+        return Ok(false);
+    };
+    if std::fs::read_to_string(record_path(path)).ok().as_deref() == Some(now.as_str()) {
+        return Ok(true);
+    }
+    if sha256_file(path, progress)? != DEFAULT_MODEL_SHA256 {
+        return Ok(false);
+    }
+    remember_verified(path);
+    Ok(true)
+}
+
+fn remember_verified(path: &Path) {
+    let Some(now) = stamp(path) else {
+        return;
+    };
+    // Written whole, then renamed: another process never reads half a record.
+    let tmp = path.with_extension(format!("verified.{}", std::process::id()));
+    if std::fs::write(&tmp, now).is_ok() {
+        let _ = std::fs::rename(&tmp, record_path(path));
+    }
 }
 
 /// Downloads the wheel with pip, extracts the GGUF, checks its sha256, moves it in place.
