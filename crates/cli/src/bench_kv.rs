@@ -106,6 +106,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         fingerprint: fp.clone(),
         grants: grants.clone(),
         on_sent: None,
+        tls: Default::default(),
     };
     std::thread::spawn(move || side.serve(l));
     let vocab = model.config.vocab_size as u32;

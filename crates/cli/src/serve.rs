@@ -96,7 +96,8 @@ pub struct ServeArgs {
     /// Role in a disaggregated pair, vLLM's shape:
     /// '{"kv_connector":"TcpConnector","kv_role":"kv_producer|kv_consumer|kv_both",
     /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..,
-    /// "secret_env":..|"secret_file":..}}'. The pair's secret is named, never given here.
+    /// "secret_env":..|"secret_file":..,"tls_cert_file":..,"tls_key_file":..,"tls_ca_file":..}}'.
+    /// The pair's secret is named, never given here.
     #[arg(long, value_parser = parse_kv_config)]
     pub kv_transfer_config: Option<KvTransferConfig>,
     /// Serve the admin endpoints (list, migrate, drain, import) on this port; off if unset.
@@ -193,6 +194,7 @@ fn pd_setup(
             side_channel,
             engine_id,
             secret,
+            tls: kv.tls()?,
         },
         listener,
     ))

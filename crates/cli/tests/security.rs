@@ -1,7 +1,9 @@
 //! The findings of a loopback attack on a pair, each as a regression test with real
 //! processes and real clients: grants that cannot be forged, stolen or replayed, no
 //! connection anywhere a client points, frames refused before memory is spent, the API
-//! behind a key, slow clients closed, chat text that stays text.
+//! behind a key, slow clients closed, chat text that stays text; a pair in TLS answers as
+//! one in plain TCP does, and a consumer that does not trust the producer's certificate
+//! gets a 502 and no KV.
 
 mod common;
 
@@ -337,4 +339,93 @@ async fn the_api_is_locked_bounded_and_chat_text_stays_text() {
     );
     let r = c.get(format!("{url}/health")).send().await.expect("send");
     assert_eq!(r.status().as_u16(), 200);
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
+fn pki(dir: &std::path::Path) -> [String; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).expect("dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("cert");
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("cert.pem", cert.pem()),
+        ("key.pem", key.serialize_pem()),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).expect("write");
+        p.display().to_string()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_in_tls_answers_like_plain_tcp_and_refuses_untrusting_consumers() {
+    let tmp = std::env::temp_dir().join(format!("splitserve-pair-tls-{}", std::process::id()));
+    let [ca, cert, key] = pki(&tmp.join("good"));
+    let [other_ca, _, _] = pki(&tmp.join("other"));
+    let side = free_port();
+    let extra = |x: Value| {
+        let mut v: Value = serde_json::from_str(&kv_config("kv_producer", side, 30.0)).expect("kv");
+        v["kv_role"] = x["role"].clone();
+        for (k, val) in x.as_object().expect("obj") {
+            if k != "role" {
+                v["kv_connector_extra_config"][k] = val.clone();
+            }
+        }
+        if x["role"] == "kv_consumer" {
+            v["kv_connector_extra_config"]["side_channel_port"] = json!(free_port());
+        }
+        v.to_string()
+    };
+    let p = serve(
+        &[],
+        Some(extra(
+            json!({"role": "kv_producer", "tls_cert_file": cert, "tls_key_file": key}),
+        )),
+    );
+    let d = serve(
+        &[],
+        Some(extra(json!({"role": "kv_consumer", "tls_ca_file": ca}))),
+    );
+    let untrusting = serve(
+        &[],
+        Some(extra(
+            json!({"role": "kv_consumer", "tls_ca_file": other_ca}),
+        )),
+    );
+    let colo = serve(&[], None);
+    for x in [&p, &d, &untrusting, &colo] {
+        ready(x).await;
+    }
+    let prompt = "The capital of France is";
+    let (st, reference) = post(
+        &format!("{}/v1/completions", colo.url()),
+        &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{reference}");
+
+    let params = prefill(&p, prompt).await;
+    let (st, v) = decode(&untrusting, prompt, &params).await;
+    assert_eq!(st, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+    println!("untrusting consumer: {msg}");
+    // The grant was not spent on it: the consumer that trusts the producer pulls it.
+    let (st, v) = decode(&d, prompt, &params).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], reference["choices"][0]["text"]);
+    assert!(metric(&d, "kv_transfer_bytes_received_total").await > 0.0);
+    for x in [&p, &d, &untrusting] {
+        all_free(x, Duration::from_secs(10)).await;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::Secret;
+use crate::tls::Tls;
 
 /// Connectors this build has.
 pub const CONNECTORS: &[&str] = &["TcpConnector"];
@@ -66,6 +67,15 @@ pub struct ExtraConfig {
     /// File that holds the pair's shared secret (mode 600).
     #[serde(default)]
     pub secret_file: Option<std::path::PathBuf>,
+    /// Producer: serve the side channel in TLS with this certificate chain (PEM)...
+    #[serde(default)]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// ...and this private key (PEM).
+    #[serde(default)]
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// Consumer: pull in TLS, trusting producers' certificates signed by this CA (PEM).
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_host() -> String {
@@ -88,6 +98,9 @@ impl Default for ExtraConfig {
             hold_timeout_s: default_hold(),
             secret_env: None,
             secret_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -162,6 +175,25 @@ impl KvTransferConfig {
                 reason: format!("{h} is not a number of seconds in (0, 86400]"),
             });
         }
+        if x.tls_cert_file.is_some() != x.tls_key_file.is_some() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.tls_cert_file",
+                reason: "give tls_cert_file and tls_key_file together".into(),
+            });
+        }
+        if x.tls_cert_file.is_some() && !c.kv_role.produces() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.tls_cert_file",
+                reason: "only a producer serves the side channel; a consumer names the CA it trusts with tls_ca_file".into(),
+            });
+        }
+        if x.tls_ca_file.is_some() && !c.kv_role.consumes() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.tls_ca_file",
+                reason: "only a consumer pulls KV; a producer gives tls_cert_file and tls_key_file"
+                    .into(),
+            });
+        }
         if x.secret_env.is_some() && x.secret_file.is_some() {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.secret_env",
@@ -169,6 +201,23 @@ impl KvTransferConfig {
             });
         }
         Ok(c)
+    }
+
+    /// The side channel's TLS settings (none unless the tls_* files are named).
+    pub fn tls(&self) -> Result<Tls, ConfigError> {
+        let x = &self.kv_connector_extra_config;
+        let e = |e: crate::tls::TlsError| ConfigError::Field {
+            field: "kv_connector_extra_config.tls",
+            reason: e.to_string(),
+        };
+        let mut tls = Tls::default();
+        if let (Some(c), Some(k)) = (&x.tls_cert_file, &x.tls_key_file) {
+            tls = tls.merge(Tls::server(c, k).map_err(e)?);
+        }
+        if let Some(ca) = &x.tls_ca_file {
+            tls = tls.merge(Tls::client(ca).map_err(e)?);
+        }
+        Ok(tls)
     }
 
     /// The pair's shared secret. Without `secret_env` or `secret_file`, this user's cookie
@@ -255,6 +304,30 @@ mod tests {
             let e = KvTransferConfig::parse(json).unwrap_err().to_string();
             assert!(e.contains(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn tls_files_are_checked_by_role_and_read() {
+        let parse = |role: &str, x: &str| {
+            KvTransferConfig::parse(&format!(
+                r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{{x}}}}}"#
+            ))
+        };
+        let e = parse("kv_producer", r#""tls_cert_file":"c.pem""#).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("tls_cert_file and tls_key_file together"),
+            "{e}"
+        );
+        let e = parse("kv_consumer", r#""tls_cert_file":"c","tls_key_file":"k""#).unwrap_err();
+        assert!(e.to_string().contains("only a producer serves"), "{e}");
+        let e = parse("kv_producer", r#""tls_ca_file":"ca.pem""#).unwrap_err();
+        assert!(e.to_string().contains("only a consumer pulls"), "{e}");
+        let c = parse("kv_consumer", r#""tls_ca_file":"/nonexistent/ca.pem""#).unwrap();
+        let e = c.tls().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let plain = parse("kv_both", "").unwrap().tls().unwrap();
+        assert!(!plain.serves_tls());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use splitserve_engine::{KvConnector, LoadTarget, RemoteFirst, RemoteKv};
 use crate::auth::Secret;
 use crate::grant::RemoteAddr;
 use crate::tcp;
+use crate::tls::Tls;
 use crate::Fingerprint;
 
 /// One load as it ended, for metrics and logs.
@@ -35,6 +36,7 @@ pub type LoadObserver = Arc<dyn Fn(&LoadReport) + Send + Sync>;
 pub struct TcpConnector {
     fingerprint: Fingerprint,
     secret: Secret,
+    tls: Tls,
     spawner: Spawner,
     /// Called when a load starts (`None`) and when it ends.
     observer: Option<LoadObserver>,
@@ -51,10 +53,19 @@ impl TcpConnector {
         Self {
             fingerprint,
             secret,
+            tls: Tls::default(),
             spawner: Spawner::new(),
             observer,
             on_start,
         }
+    }
+}
+
+impl TcpConnector {
+    /// Pulls in TLS (the producer's certificate checked against these trust roots).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -77,12 +88,16 @@ impl KvConnector for TcpConnector {
         if let Some(f) = &self.on_start {
             f();
         }
-        let (fp, secret) = (self.fingerprint.clone(), self.secret.clone());
+        let (fp, secret, tls) = (
+            self.fingerprint.clone(),
+            self.secret.clone(),
+            self.tls.clone(),
+        );
         let observer = self.observer.clone();
         self.spawner.spawn("kv-load", move || {
             let t0 = Instant::now();
             let blocks = target.n_blocks();
-            let result = tcp::load_into(&r, &fp, &secret, &mut target);
+            let result = tcp::load_into(&r, &fp, &secret, &tls, &mut target);
             let (bytes, outcome) = match result {
                 Ok(l) => {
                     let first = match &r.first_tokens {
@@ -127,9 +142,13 @@ impl KvConnector for TcpConnector {
 
     fn release(&self, remote: RemoteKv) {
         if let Ok(r) = RemoteAddr::verify(&remote.params, &self.secret) {
-            let (fp, secret) = (self.fingerprint.clone(), self.secret.clone());
+            let (fp, secret, tls) = (
+                self.fingerprint.clone(),
+                self.secret.clone(),
+                self.tls.clone(),
+            );
             self.spawner
-                .spawn("kv-release", move || release_now(&fp, &secret, &r));
+                .spawn("kv-release", move || release_now(&fp, &secret, &tls, &r));
         }
     }
 }
@@ -137,19 +156,19 @@ impl KvConnector for TcpConnector {
 /// Tells the producer, in the background, to free the KV it holds for a request we will
 /// never load. Called from ordinary (server) threads, so the job needs no [`Spawner`]. If no
 /// thread can start, the hold lapses at the producer's hold timeout instead.
-pub fn release_hold(fingerprint: Fingerprint, secret: Secret, r: RemoteAddr) {
+pub fn release_hold(fingerprint: Fingerprint, secret: Secret, tls: Tls, r: RemoteAddr) {
     let id = r.request_id.clone();
     let started = std::thread::Builder::new()
         .name("kv-release".into())
-        .spawn(move || release_now(&fingerprint, &secret, &r));
+        .spawn(move || release_now(&fingerprint, &secret, &tls, &r));
     if let Err(e) = started {
         tracing::error!(%id, error = %e, "cannot start a thread to release the producer's hold; it lapses at its timeout");
     }
 }
 
-fn release_now(fingerprint: &Fingerprint, secret: &Secret, r: &RemoteAddr) {
+fn release_now(fingerprint: &Fingerprint, secret: &Secret, tls: &Tls, r: &RemoteAddr) {
     tracing::info!(id = %r.request_id, producer = %r.addr, "releasing the producer's hold on KV we will not pull");
-    if let Err(e) = tcp::release(r, fingerprint, secret) {
+    if let Err(e) = tcp::release(r, fingerprint, secret, tls) {
         tracing::warn!(id = %r.request_id, producer = %r.addr, error = %e, "could not release the producer's hold");
     }
 }

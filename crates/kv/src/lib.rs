@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod grant;
 pub mod migration;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 pub use auth::{Secret, SecretError};

@@ -29,6 +29,7 @@ use splitserve_engine::{Engine, KvLayout, LoadTarget, Sampler};
 use crate::auth::{hex, random_bytes, unhex, Secret};
 use crate::fingerprint::{Fingerprint, HandshakeError};
 use crate::grant::{Grants, RemoteAddr};
+use crate::tls::{Link, Tls};
 use crate::wire::{Frame, WireError, HEADER, MAX_CONTROL_PAYLOAD};
 
 /// Called by the producer after each served pull with the KV bytes sent.
@@ -208,6 +209,8 @@ pub struct SideChannel {
     pub fingerprint: Fingerprint,
     pub grants: Arc<Grants>,
     pub on_sent: Option<SentHook>,
+    /// TLS the side channel serves in (`Tls::default()`: plain TCP).
+    pub tls: Tls,
 }
 
 /// Decrements the open-connection count when a connection's thread ends.
@@ -225,7 +228,7 @@ impl SideChannel {
         let open = Arc::new(AtomicUsize::new(0));
         let this = Arc::new(self);
         for conn in listener.incoming() {
-            let mut s = match conn {
+            let s = match conn {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors, say: wait a little rather than spin on the error.
@@ -235,6 +238,7 @@ impl SideChannel {
                 }
             };
             let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let _ = s.set_nodelay(true);
             if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(peer = %addr, "KV side channel at {MAX_CONNECTIONS} connections; closing a new one");
@@ -247,6 +251,13 @@ impl SideChannel {
                 .name("kv-serve".into())
                 .spawn(move || {
                     let _slot = slot;
+                    let mut s = match this.tls.accept(s) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(peer = %addr, error = %e, "KV side channel: TLS setup failed");
+                            return;
+                        }
+                    };
                     match this.serve_one(&mut s, &addr) {
                         Ok(bytes) => {
                             if let Some(h) = &this.on_sent {
@@ -270,16 +281,15 @@ impl SideChannel {
         }
     }
 
-    fn refuse(s: &mut TcpStream, addr: &str, id: &str) -> KvError {
+    fn refuse(s: &mut Link, addr: &str, id: &str) -> KvError {
         let m = format!("no live grant of KV for request {id} with that capability");
         let _ = write_frame(s, addr, &Frame::Error(m.clone()));
         KvError::Peer(m)
     }
 
-    fn serve_one(&self, s: &mut TcpStream, addr: &str) -> Result<u64, KvError> {
+    fn serve_one(&self, s: &mut Link, addr: &str) -> Result<u64, KvError> {
         // A peer that stops reading must not keep lent blocks forever.
-        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-        let _ = s.set_nodelay(true);
+        s.set_write_wait(IO_TIMEOUT);
         handshake(
             s,
             addr,
@@ -354,24 +364,43 @@ impl SideChannel {
     }
 }
 
-fn connect(addr: &str, fingerprint: &Fingerprint, secret: &Secret) -> Result<TcpStream, KvError> {
+fn connect(
+    addr: &str,
+    fingerprint: &Fingerprint,
+    secret: &Secret,
+    tls: &Tls,
+) -> Result<Link, KvError> {
     let sock = addr
         .to_socket_addrs()
         .map_err(io(addr))?
         .next()
         .ok_or_else(|| KvError::Protocol(format!("{addr} resolves to nothing")))?;
-    let mut s = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(io(addr))?;
-    // A peer that stops reading must not keep lent blocks forever.
-    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let s = TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(io(addr))?;
     let _ = s.set_nodelay(true);
+    // The grant's host, without the port, is the name the producer's certificate must have.
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let mut s = tls
+        .connect(s, host)
+        .map_err(|e| KvError::Protocol(format!("TLS to {addr}: {e}")))?;
+    // A peer that stops reading must not keep lent blocks forever.
+    s.set_write_wait(IO_TIMEOUT);
     handshake(&mut s, addr, fingerprint, secret, Role::Consumer)?;
     Ok(s)
 }
 
 /// Consumer side: tells the producer that the granted KV of `r` will not be pulled.
-pub fn release(r: &RemoteAddr, fingerprint: &Fingerprint, secret: &Secret) -> Result<(), KvError> {
+pub fn release(
+    r: &RemoteAddr,
+    fingerprint: &Fingerprint,
+    secret: &Secret,
+    tls: &Tls,
+) -> Result<(), KvError> {
     let addr = r.addr.as_str();
-    let mut s = connect(addr, fingerprint, secret)?;
+    let mut s = connect(addr, fingerprint, secret, tls)?;
     write_frame(
         &mut s,
         addr,
@@ -401,10 +430,11 @@ pub fn load_into(
     r: &RemoteAddr,
     fingerprint: &Fingerprint,
     secret: &Secret,
+    tls: &Tls,
     target: &mut LoadTarget,
 ) -> Result<Loaded, KvError> {
     let addr = r.addr.as_str();
-    let mut s = connect(addr, fingerprint, secret)?;
+    let mut s = connect(addr, fingerprint, secret, tls)?;
     write_frame(
         &mut s,
         addr,

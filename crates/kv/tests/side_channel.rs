@@ -35,6 +35,7 @@ fn producer() -> Producer {
         fingerprint: fp.clone(),
         grants: grants.clone(),
         on_sent: None,
+        tls: Default::default(),
     };
     std::thread::spawn(move || side.serve(listener));
     Producer {

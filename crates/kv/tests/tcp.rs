@@ -1,7 +1,8 @@
 //! Two engines, one TCP side channel on loopback: the consumer's `TcpConnector` loads the
 //! producer's KV straight into its blocks and the request continues token-identical to a
 //! colocated engine; a mismatched peer is refused by name before any KV crosses; a grant is
-//! served once.
+//! served once; in TLS, a consumer that does not trust the producer's certificate gets
+//! nothing and the grant stays for one that does.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,6 +11,7 @@ use splitserve_engine::{
     Request, SamplingParams,
 };
 use splitserve_kv::tcp::SideChannel;
+use splitserve_kv::tls::Tls;
 use splitserve_kv::{Fingerprint, Grants, Secret, TcpConnector};
 
 fn model() -> (Arc<Model>, String) {
@@ -103,6 +105,10 @@ fn all_free(e: &Engine) -> bool {
 }
 
 fn producer(cfg: EngineConfig) -> (Engine, Fingerprint, Arc<Grants>) {
+    producer_in(cfg, Tls::default())
+}
+
+fn producer_in(cfg: EngineConfig, tls: Tls) -> (Engine, Fingerprint, Arc<Grants>) {
     let (m, sha) = model();
     let e = Engine::start(m.clone(), cfg, None).expect("engine");
     let fp = Fingerprint::new(&sha, &m.config, &e.kv_layout());
@@ -114,6 +120,7 @@ fn producer(cfg: EngineConfig) -> (Engine, Fingerprint, Arc<Grants>) {
         fingerprint: fp.clone(),
         grants: grants.clone(),
         on_sent: None,
+        tls,
     };
     std::thread::spawn(move || side.serve(listener));
     (e, fp, grants)
@@ -264,4 +271,78 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
     assert!(err.to_string().contains("no live grant"), "{err}");
     assert!(all_free(&d));
     assert!(p.stats().held_blocks > 0, "the new hold is untouched");
+}
+
+/// A CA, and a certificate it signed for 127.0.0.1 with its key; PEM files in `dir`.
+fn pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).expect("dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("cert");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    paths
+}
+
+#[test]
+fn tls_pulls_are_token_identical_and_untrusted_consumers_get_nothing() {
+    let tmp = std::env::temp_dir().join(format!("splitserve-tls-{}", std::process::id()));
+    let (ca, cert, key) = pki(&tmp.join("good"));
+    let (other_ca, _, _) = pki(&tmp.join("other"));
+    let cfg = EngineConfig::default();
+    let (m, _) = model();
+    let (p, fp, g) = producer_in(cfg.clone(), Tls::server(&cert, &key).expect("server"));
+    let connector = |tls: Tls| {
+        let c = TcpConnector::new(fp.clone(), g.secret().clone(), None, None).with_tls(tls);
+        Engine::start_with(m.clone(), cfg.clone(), None, Some(Arc::new(c))).expect("engine")
+    };
+    let trusting = connector(Tls::client(&ca).expect("client"));
+    let plain = connector(Tls::default());
+    let wrong_ca = connector(Tls::client(&other_ca).expect("client"));
+    let colo = Engine::start(m.clone(), cfg.clone(), None).expect("engine");
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(24)
+    };
+    let prompt = m
+        .tokenizer
+        .encode("Disaggregation ships the KV cache of each prompt.")
+        .expect("encode");
+    let reference = run(&colo, "c", &prompt, &params, KvTransfer::None);
+    let first = run(
+        &p,
+        "held",
+        &prompt,
+        &SamplingParams {
+            max_tokens: 1,
+            ..params.clone()
+        },
+        KvTransfer::Hold,
+    );
+    let kv = grant(&g, "held", Some(&first));
+    let again = || KvTransfer::Remote(RemoteKv { params: kv.clone() });
+    let e = try_run(&plain, "p", &prompt, &params, again()).expect_err("plain TCP to TLS");
+    assert!(e.to_string().contains("failed"), "{e}");
+    let e = try_run(&wrong_ca, "w", &prompt, &params, again()).expect_err("untrusted cert");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // Neither got the grant: the consumer that trusts the certificate still can.
+    let got = run(&trusting, "t", &prompt, &params, again());
+    assert_eq!(got, reference);
+    for e in [&p, &trusting, &plain, &wrong_ca] {
+        assert!(all_free(e));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

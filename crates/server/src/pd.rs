@@ -36,6 +36,8 @@ pub struct PdConfig {
     pub engine_id: String,
     /// The pair's shared secret: authenticates the side channel, signs and checks grants.
     pub secret: Secret,
+    /// TLS of the side channel (producer: served; consumer: required of the producer).
+    pub tls: splitserve_kv::tls::Tls,
 }
 
 /// What one request asks of the connector.
@@ -156,17 +158,25 @@ pub(crate) fn connector(pd: &PdConfig, metrics: &Arc<Metrics>) -> Arc<dyn KvConn
             }
         }
     });
-    Arc::new(TcpConnector::new(
-        pd.fingerprint.clone(),
-        pd.secret.clone(),
-        Some(on_start),
-        Some(observer),
-    ))
+    Arc::new(
+        TcpConnector::new(
+            pd.fingerprint.clone(),
+            pd.secret.clone(),
+            Some(on_start),
+            Some(observer),
+        )
+        .with_tls(pd.tls.clone()),
+    )
 }
 
 /// Tells the producer, in the background, to free KV it holds for a request we dropped.
 pub(crate) fn release(pd: &PdConfig, remote: RemoteAddr) {
-    splitserve_kv::connector::release_hold(pd.fingerprint.clone(), pd.secret.clone(), remote);
+    splitserve_kv::connector::release_hold(
+        pd.fingerprint.clone(),
+        pd.secret.clone(),
+        pd.tls.clone(),
+        remote,
+    );
 }
 
 /// Starts the producer's side channel on `listener`, counting bytes sent in the metrics.
@@ -181,6 +191,7 @@ pub fn start_side_channel(state: &AppState, pd: &PdConfig, listener: std::net::T
         fingerprint: pd.fingerprint.clone(),
         grants,
         on_sent: Some(Arc::new(move |bytes| metrics.kv_bytes_sent.inc_by(bytes))),
+        tls: pd.tls.clone(),
     };
     std::thread::Builder::new()
         .name("kv-side-channel".into())
