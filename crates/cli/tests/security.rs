@@ -429,3 +429,29 @@ async fn a_pair_in_tls_answers_like_plain_tcp_and_refuses_untrusting_consumers()
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_gives_up_releases_the_producers_hold_at_once() {
+    // A hold timeout far beyond the test: only the consumer's Release frees the blocks.
+    let p = serve(&[], Some(kv_config("kv_producer", free_port(), 300.0)));
+    let d = serve(&[], Some(kv_config("kv_consumer", free_port(), 300.0)));
+    ready(&p).await;
+    ready(&d).await;
+    let prompt = "A prompt whose KV the consumer will never pull";
+    let params = prefill(&p, prompt).await;
+    assert!(health(&p).await["held_blocks"].as_u64().unwrap_or(0) > 0);
+    // Signed params, but a request the consumer refuses after accepting the grant.
+    let (st, v) = post(
+        &format!("{}/v1/completions", d.url()),
+        &json!({"prompt": [prompt, prompt], "max_tokens": 4, "kv_transfer_params": params}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let took = all_free(&p, Duration::from_secs(10)).await;
+    assert_eq!(health(&p).await["held_blocks"], 0);
+    println!("hold released {} ms after the refusal", took.as_millis());
+    // The grant was spent by the release: nobody pulls it afterwards.
+    let (st, v) = decode(&d, prompt, &params).await;
+    assert_eq!(st, 502, "{v}");
+    all_free(&d, Duration::from_secs(10)).await;
+}

@@ -70,6 +70,13 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
     assert_same(&reference, &batched, "16 batched");
     let s = wait_all_free(&e);
     assert_eq!(s.free_blocks, s.total_blocks);
+    // They shared steps: alone, each takes at least N_TOKENS steps (16 x 64 in all); here
+    // a few prefill steps more than one request's decode.
+    assert!(
+        s.steps <= (N_TOKENS + 16) as u64,
+        "16 batched requests took {} steps",
+        s.steps
+    );
 
     // Chunked prefill with odd budgets (chunks of 1 row take the padded path), 4 at a time.
     for budget in [1usize, 7, 33] {
@@ -84,13 +91,32 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
         assert_eq!(s.free_blocks, s.total_blocks);
     }
 
-    // Chunking off: each prompt prefilled whole.
-    let cfg = EngineConfig {
-        enable_chunked_prefill: false,
-        ..EngineConfig::default()
-    };
-    let (got, _) = run_all(&m, cfg, &ps[4..8], &greedy);
-    assert_same(&reference[4..8], &got, "unchunked");
+    // A budget of 32 tokens, shorter than these prompts: chunked, they are prefilled 32
+    // tokens a step beside the others' decodes; with chunking off, each is prefilled whole
+    // in a step with nothing else, so it waits for the running ones to finish.
+    let lens = &lens[4..8];
+    assert!(lens.iter().filter(|&&l| l > 32).count() >= 2, "{lens:?}");
+    let mut steps = Vec::new();
+    for chunked in [true, false] {
+        let cfg = EngineConfig {
+            enable_chunked_prefill: chunked,
+            max_num_batched_tokens: 32,
+            ..EngineConfig::default()
+        };
+        let (got, e) = run_all(&m, cfg, &ps[4..8], &greedy);
+        assert_same(
+            &reference[4..8],
+            &got,
+            &format!("chunked {chunked}, budget 32"),
+        );
+        steps.push(wait_all_free(&e).steps);
+    }
+    assert!(
+        steps[1] > steps[0],
+        "unchunked took {} steps, chunked {}: the schedules did not differ",
+        steps[1],
+        steps[0]
+    );
 
     // A pool too small for all of them: requests are preempted and recomputed.
     let need: usize = ps[8..16]

@@ -41,26 +41,43 @@ fn try_run(
     params: &SamplingParams,
     kv: KvTransfer,
 ) -> Result<Vec<u32>, EngineError> {
+    try_run_logits(engine, id, prompt, params, kv).map(|(tokens, _)| tokens)
+}
+
+/// Each token's logits as bits: `None` for a token this engine did not compute (the
+/// producer's first token, carried with the KV).
+type LogitBits = Vec<Option<Vec<u32>>>;
+
+fn try_run_logits(
+    engine: &Engine,
+    id: &str,
+    prompt: &[u32],
+    params: &SamplingParams,
+    kv: KvTransfer,
+) -> Result<(Vec<u32>, LogitBits), EngineError> {
     let mut rx = engine
         .submit(Request {
             id: id.into(),
             prompt: prompt.to_vec(),
             params: params.clone(),
-            return_logits: false,
+            return_logits: true,
             kv,
         })
         .expect("submit");
-    let mut out = vec![];
+    let (mut out, mut bits) = (vec![], vec![]);
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            Event::Token(t) => out.push(t.token),
+            Event::Token(t) => {
+                out.push(t.token);
+                bits.push(t.logits.map(|l| l.iter().map(|x| x.to_bits()).collect()));
+            }
             Event::Finished(f) => match f.error {
                 Some(e) => return Err(e),
                 None => break,
             },
         }
     }
-    Ok(out)
+    Ok((out, bits))
 }
 
 /// A consumer engine whose connector speaks with fingerprint `fp` and holds `secret`.
@@ -153,7 +170,8 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
     .enumerate()
     {
         let prompt = m.tokenizer.encode(text).expect("encode");
-        let reference = run(&colo, "c", &prompt, &params, KvTransfer::None);
+        let (reference, ref_bits) =
+            try_run_logits(&colo, "c", &prompt, &params, KvTransfer::None).expect("colocated");
         for with_first in [true, false] {
             let id = format!("req-{i}-{with_first}");
             let first = run(
@@ -169,8 +187,21 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
             assert_eq!(first, reference[..1]);
             let kv = remote(&g, &id, with_first.then_some(&first[..]));
             let before = d.stats().prompt_tokens_computed;
-            let got = run(&d, &id, &prompt, &params, kv);
+            let (got, bits) = try_run_logits(&d, &id, &prompt, &params, kv).expect("pulled");
             assert_eq!(got, reference, "{}", p.kv_layout().dtype);
+            // Logits bit for bit, on the KV that crossed: every token the consumer computed
+            // (all but the producer's first when it travels with the KV).
+            for (i, (b, r)) in bits.iter().zip(&ref_bits).enumerate() {
+                let computed_here = i > 0 || !with_first;
+                assert_eq!(b.is_some(), computed_here, "token {i}");
+                if let Some(b) = b {
+                    assert!(
+                        Some(b) == r.as_ref(),
+                        "{}: logits bits of token {i} differ",
+                        p.kv_layout().dtype
+                    );
+                }
+            }
             // Without the first token (vLLM's contract) the last prompt position is recomputed.
             assert_eq!(
                 d.stats().prompt_tokens_computed - before,
