@@ -57,6 +57,9 @@ pub struct BenchSoakArgs {
 /// One process of the pair, restartable with the command that started it.
 struct Instance {
     name: &'static str,
+    /// Resolved once at the start: once the binary file is replaced (a rebuild), the
+    /// running process's own path no longer names a file.
+    exe: PathBuf,
     url: String,
     args: Vec<String>,
     child: Option<Kill>,
@@ -65,7 +68,7 @@ struct Instance {
 
 impl Instance {
     fn start(&mut self) -> Result<()> {
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(&self.exe);
         cmd.args(&self.args)
             .env(
                 "RUST_LOG",
@@ -138,6 +141,9 @@ struct Shared {
     down: AtomicBool,
     kills: AtomicU64,
 }
+
+/// Set when the soak ends early; clients finish their request and stop.
+static STOP: AtomicBool = AtomicBool::new(false);
 
 struct Rng(u64);
 
@@ -246,7 +252,7 @@ async fn client_loop(
     };
     let mut r = Rng(seed | 1);
     let timeout = Duration::from_secs_f64(a.request_timeout_s);
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
         let kills = shared.kills.load(Ordering::Relaxed);
         let down_before = shared.down.load(Ordering::Relaxed);
         let kind = one(&client, &url, &model, &mut r, a.abort_fraction, timeout).await;
@@ -296,6 +302,7 @@ pub fn run(a: BenchSoakArgs) -> Result<()> {
 
 async fn soak(a: BenchSoakArgs) -> Result<()> {
     let model = crate::model_path(&a.model)?.display().to_string();
+    let exe = std::env::current_exe()?;
     let p = a.base_port;
     let url = |port: u16| format!("http://127.0.0.1:{port}");
     let kv = |role: &str, side: u16| {
@@ -321,6 +328,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     };
     let mut prefill = Instance {
         name: "prefill",
+        exe: exe.clone(),
         url: url(p + 1),
         args: serve(p + 1, kv("kv_producer", p + 3)),
         child: None,
@@ -328,6 +336,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     };
     let mut decode = Instance {
         name: "decode",
+        exe: exe.clone(),
         url: url(p + 2),
         args: serve(p + 2, kv("kv_consumer", p + 4)),
         child: None,
@@ -335,6 +344,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     };
     let mut proxy = Instance {
         name: "proxy",
+        exe: exe.clone(),
         url: url(p),
         args: [
             "proxy",
@@ -394,6 +404,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     let mut next_kill = Duration::from_secs_f64(a.kill_every_s);
     let mut restarts: Vec<Value> = Vec::new();
     let every = Duration::from_secs(5);
+    let stop = &STOP;
     while Instant::now() < deadline {
         let now = t0.elapsed();
         let rss = [&prefill, &decode, &proxy].map(|i| i.pid().map_or(0.0, rss_mib));
@@ -426,8 +437,20 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
             shared.kills.fetch_add(1, Ordering::Relaxed);
             let t_kill = Instant::now();
             victim.kill_hard();
-            victim.start()?;
-            victim.ready(&client).await?;
+            let back = match victim.start() {
+                Ok(()) => victim.ready(&client).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = back {
+                // Reported with everything measured so far; the clients stop at once.
+                println!(
+                    "  {} did not come back: {e:#}; ending the soak",
+                    victim.name
+                );
+                restarts.push(json!({"at_s": now.as_secs_f64(), "instance": victim.name, "error": format!("{e:#}")}));
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
             shared.down.store(false, Ordering::Relaxed);
             let back = t_kill.elapsed().as_secs_f64();
             println!(
@@ -465,6 +488,10 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
         }
         let free = last["free_blocks"].as_u64().unwrap_or(0);
         let total = last["total_blocks"].as_u64().unwrap_or(0);
+        if last.is_null() {
+            blocks.push(json!({"instance": i.name, "unreachable": true}));
+            continue;
+        }
         blocks.push(json!({"instance": i.name, "free": free, "total": total,
             "leaked": total.saturating_sub(free), "held": last["held_blocks"]}));
     }
@@ -530,7 +557,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     println!("\noutcomes (steady): {steady:?}");
     println!("outcomes (overlapping a restart): {during:?}");
     println!("hung requests: {hung}");
-    for b in &blocks {
+    for b in blocks.iter().filter(|b| b.get("unreachable").is_none()) {
         println!(
             "{}: {} of {} blocks free at the end ({} leaked)",
             b["instance"].as_str().unwrap_or("?"),
@@ -543,5 +570,11 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
         println!("RSS {g}");
     }
     println!("wrote {} and {}", json_path.display(), svg.display());
+    if restarts.iter().any(|r| r.get("error").is_some()) {
+        bail!("an instance did not come back after its restart (see soak.json)");
+    }
+    if blocks.iter().any(|b| b.get("unreachable").is_some()) {
+        bail!("an instance did not answer /health at the end (see soak.json)");
+    }
     Ok(())
 }

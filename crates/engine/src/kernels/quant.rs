@@ -323,7 +323,9 @@ impl Simd {
     }
 
     /// The levels the kernels may run at here: the portable one and every level up to
-    /// [`Simd::detect`]'s (a level needs every feature of the ones below it).
+    /// [`Simd::detect`]'s (a level needs every feature of the ones below it). Printed, so a
+    /// test log says what was compared; `SPLITSERVE_REQUIRE_SIMD=avx2|avx512` fails the
+    /// test where that level is missing (a CPU without it, or `SPLITSERVE_SIMD` set lower).
     #[cfg(test)]
     pub fn runnable() -> Vec<Simd> {
         let mut levels = vec![Simd::Portable];
@@ -332,6 +334,21 @@ impl Simd {
             Simd::Avx512Vnni => levels.extend([Simd::Avx2, Simd::Avx512Vnni]),
             Simd::Avx2 => levels.push(Simd::Avx2),
             Simd::Portable => {}
+        }
+        println!("SIMD levels compared: {levels:?}");
+        #[cfg(target_arch = "x86_64")]
+        let required = match std::env::var("SPLITSERVE_REQUIRE_SIMD").as_deref() {
+            Ok("avx512") => Some(Simd::Avx512Vnni),
+            Ok("avx2") => Some(Simd::Avx2),
+            _ => None,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let required: Option<Simd> = None;
+        if let Some(r) = required {
+            assert!(
+                levels.contains(&r),
+                "SPLITSERVE_REQUIRE_SIMD asks for {r:?}, but only {levels:?} can run here"
+            );
         }
         levels
     }
@@ -824,7 +841,9 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn quantize_avx2_matches_portable() {
+        let _ = Simd::runnable();
         if !is_x86_feature_detected!("avx2") {
+            println!("no AVX2 here: nothing to compare");
             return;
         }
         let mut x: Vec<f32> = (0..576)
