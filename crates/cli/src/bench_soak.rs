@@ -67,6 +67,17 @@ struct Instance {
 }
 
 impl Instance {
+    fn new(name: &'static str, exe: &std::path::Path, port: u16, args: Vec<String>) -> Self {
+        Self {
+            name,
+            exe: exe.to_path_buf(),
+            url: format!("http://127.0.0.1:{port}"),
+            args,
+            child: None,
+            starts: 0,
+        }
+    }
+
     fn start(&mut self) -> Result<()> {
         let mut cmd = Command::new(&self.exe);
         cmd.args(&self.args)
@@ -140,10 +151,9 @@ struct Shared {
     /// True from a kill until the instance answers /health again.
     down: AtomicBool,
     kills: AtomicU64,
+    /// Set when the soak ends early; clients finish their request and stop.
+    stop: AtomicBool,
 }
-
-/// Set when the soak ends early; clients finish their request and stop.
-static STOP: AtomicBool = AtomicBool::new(false);
 
 struct Rng(u64);
 
@@ -252,7 +262,7 @@ async fn client_loop(
     };
     let mut r = Rng(seed | 1);
     let timeout = Duration::from_secs_f64(a.request_timeout_s);
-    while Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+    while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
         let kills = shared.kills.load(Ordering::Relaxed);
         let down_before = shared.down.load(Ordering::Relaxed);
         let kind = one(&client, &url, &model, &mut r, a.abort_fraction, timeout).await;
@@ -326,27 +336,23 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
         .map(String::from)
         .to_vec()
     };
-    let mut prefill = Instance {
-        name: "prefill",
-        exe: exe.clone(),
-        url: url(p + 1),
-        args: serve(p + 1, kv("kv_producer", p + 3)),
-        child: None,
-        starts: 0,
-    };
-    let mut decode = Instance {
-        name: "decode",
-        exe: exe.clone(),
-        url: url(p + 2),
-        args: serve(p + 2, kv("kv_consumer", p + 4)),
-        child: None,
-        starts: 0,
-    };
-    let mut proxy = Instance {
-        name: "proxy",
-        exe: exe.clone(),
-        url: url(p),
-        args: [
+    let mut prefill = Instance::new(
+        "prefill",
+        &exe,
+        p + 1,
+        serve(p + 1, kv("kv_producer", p + 3)),
+    );
+    let mut decode = Instance::new(
+        "decode",
+        &exe,
+        p + 2,
+        serve(p + 2, kv("kv_consumer", p + 4)),
+    );
+    let mut proxy = Instance::new(
+        "proxy",
+        &exe,
+        p,
+        [
             "proxy",
             "--port",
             &p.to_string(),
@@ -357,9 +363,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
         ]
         .map(String::from)
         .to_vec(),
-        child: None,
-        starts: 0,
-    };
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -374,6 +378,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
         outcomes: Mutex::new(Outcomes::default()),
         down: AtomicBool::new(false),
         kills: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
     });
     let total = Duration::from_secs_f64(a.minutes * 60.0);
     let t0 = Instant::now();
@@ -404,7 +409,6 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
     let mut next_kill = Duration::from_secs_f64(a.kill_every_s);
     let mut restarts: Vec<Value> = Vec::new();
     let every = Duration::from_secs(5);
-    let stop = &STOP;
     while Instant::now() < deadline {
         let now = t0.elapsed();
         let rss = [&prefill, &decode, &proxy].map(|i| i.pid().map_or(0.0, rss_mib));
@@ -448,7 +452,7 @@ async fn soak(a: BenchSoakArgs) -> Result<()> {
                     victim.name
                 );
                 restarts.push(json!({"at_s": now.as_secs_f64(), "instance": victim.name, "error": format!("{e:#}")}));
-                stop.store(true, Ordering::Relaxed);
+                shared.stop.store(true, Ordering::Relaxed);
                 break;
             }
             shared.down.store(false, Ordering::Relaxed);
