@@ -23,9 +23,22 @@ pub struct ServeBenchArgs {
     /// Model name to send (default: the first of /v1/models).
     #[arg(long)]
     pub model: Option<String>,
-    /// `random` (seeded token ids) or a path to a JSONL file with a "prompt" per line.
+    /// `random` (seeded token ids); `prefix` (a head of --prefix-len tokens shared by
+    /// the prompts, one of --num-prefixes, then a suffix of --input-len of their own);
+    /// `multiturn` (conversations of --turns turns, each turn resending the conversation:
+    /// earlier turns with a reply of --output-len tokens, then --input-len new tokens;
+    /// sent turn by turn); or a path to a JSONL file with a "prompt" per line.
     #[arg(long, default_value = "random")]
     pub dataset: String,
+    /// `prefix`: tokens of each shared head.
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_len: usize,
+    /// `prefix`: distinct heads, used in turn.
+    #[arg(long, default_value_t = 1)]
+    pub num_prefixes: usize,
+    /// `multiturn`: turns of each conversation.
+    #[arg(long, default_value_t = 4)]
+    pub turns: usize,
     #[arg(long, default_value_t = 64)]
     pub num_prompts: usize,
     /// Mean prompt length for `random`.
@@ -104,12 +117,52 @@ pub fn make_jobs(a: &ServeBenchArgs) -> Result<Vec<Job>, BenchError> {
         })?),
     };
     let mut prompts: Vec<(Value, usize)> = Vec::new();
-    if a.dataset == "random" {
+    // Ordinary vocabulary ids, away from the special tokens at the start.
+    let random_ids = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> {
+        (0..n).map(|_| 300 + (rng.next_u32() % 20_000)).collect()
+    };
+    if a.dataset == "prefix" {
+        if a.prefix_len == 0 || a.num_prefixes == 0 {
+            return Err(BenchError::Config(
+                "prefix: --prefix-len and --num-prefixes must be positive".into(),
+            ));
+        }
+        let heads: Vec<Vec<u32>> = (0..a.num_prefixes)
+            .map(|_| random_ids(&mut rng, a.prefix_len))
+            .collect();
+        for i in 0..a.num_prompts {
+            let n = draw_len(&mut rng, a.input_len, a.range_ratio);
+            let ids = [heads[i % heads.len()].clone(), random_ids(&mut rng, n)].concat();
+            let len = ids.len();
+            prompts.push((json!(ids), len));
+        }
+    } else if a.dataset == "multiturn" {
+        if a.turns == 0 {
+            return Err(BenchError::Config(
+                "multiturn: --turns must be positive".into(),
+            ));
+        }
+        let conversations = a.num_prompts.div_ceil(a.turns);
+        let mut history: Vec<Vec<u32>> = vec![Vec::new(); conversations];
+        // Turn by turn across the conversations, so a turn goes after its conversation's
+        // previous one (with --max-concurrency at most the number of conversations).
+        'turns: for _ in 0..a.turns {
+            for h in history.iter_mut() {
+                if prompts.len() == a.num_prompts {
+                    break 'turns;
+                }
+                let n = draw_len(&mut rng, a.input_len, a.range_ratio);
+                h.extend(random_ids(&mut rng, n));
+                prompts.push((json!(h.clone()), h.len()));
+                // The reply that the next turn resends (fixed here, not the one generated).
+                h.extend(random_ids(&mut rng, a.output_len));
+            }
+        }
+    } else if a.dataset == "random" {
         for _ in 0..a.num_prompts {
             let n = draw_len(&mut rng, a.input_len, a.range_ratio);
             // Ordinary vocabulary ids, away from the special tokens at the start.
-            let ids: Vec<u32> = (0..n).map(|_| 300 + (rng.next_u32() % 20_000)).collect();
-            prompts.push((json!(ids), n));
+            prompts.push((json!(random_ids(&mut rng, n)), n));
         }
     } else {
         let text = std::fs::read_to_string(&a.dataset)
@@ -171,6 +224,7 @@ pub async fn send(
         ttft_ms: f64::NAN,
         e2e_ms: f64::NAN,
         itl_ms: vec![],
+        cached_tokens: None,
     };
     let mut body = json!({
         "model": model, "prompt": job.prompt, "max_tokens": job.max_tokens,
@@ -197,6 +251,7 @@ pub async fn send(
         let mut parser = SseParser::default();
         let mut stream = r.bytes_stream();
         let mut usage_tokens = None;
+        let mut cached = None;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| e.to_string())?;
             let now = (Instant::now() - start).as_secs_f64();
@@ -212,17 +267,21 @@ pub async fn send(
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n as usize);
                 }
+                if let Some(n) = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                    cached = Some(n as usize);
+                }
                 if chunk_has_token(&v) {
                     arrivals.push(now);
                 }
             }
         }
-        Ok((arrivals, usage_tokens))
+        Ok((arrivals, usage_tokens, cached))
     };
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => res.error = Some(format!("timed out after {timeout:?}")),
         Ok(Err(e)) => res.error = Some(e),
-        Ok(Ok((arrivals, usage))) => {
+        Ok(Ok((arrivals, usage, cached))) => {
+            res.cached_tokens = cached;
             res.ok = !arrivals.is_empty();
             if !res.ok {
                 res.error = Some("no tokens received".into());
@@ -338,6 +397,14 @@ pub fn summarise(config: ServeBenchArgs, results: Vec<RequestResult>, duration_s
 }
 
 impl Report {
+    /// Prompt tokens the server reported cached, and all prompt tokens, over the completed
+    /// requests (`None` where the server does not report them).
+    pub fn cached_prompt_tokens(&self) -> Option<(usize, usize)> {
+        let ok = self.requests.iter().filter(|r| r.ok);
+        let cached: Option<usize> = ok.clone().map(|r| r.cached_tokens).sum();
+        Some((cached?, ok.map(|r| r.prompt_tokens).sum()))
+    }
+
     /// The table printed on stdout.
     pub fn table(&self) -> String {
         let row = |name: &str, s: &Summary| {
@@ -358,6 +425,12 @@ impl Report {
         t.push_str(&row("TTFT", &self.ttft_ms));
         t.push_str(&row("ITL", &self.itl_ms));
         t.push_str(&row("E2E", &self.e2e_ms));
+        if let Some((cached, prompt)) = self.cached_prompt_tokens() {
+            t.push_str(&format!(
+                "prefix cache: {cached} of {prompt} prompt tokens cached ({:.0}%)\n",
+                100.0 * cached as f64 / prompt.max(1) as f64
+            ));
+        }
         if let Some(e) = self.requests.iter().find_map(|r| r.error.as_ref()) {
             t.push_str(&format!("first error: {e}\n"));
         }

@@ -31,8 +31,25 @@ fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .map_err(err)
 }
 
-/// Empirical CDF of each series (milliseconds, log x axis).
+/// Empirical CDF of each series of inter-token gaps (milliseconds, log x axis).
 pub fn cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<(), BenchError> {
+    cdf_of(
+        path,
+        title,
+        "inter-token latency (ms, log scale)",
+        "fraction of gaps ≤ x",
+        series,
+    )
+}
+
+/// Empirical CDF of each series (milliseconds, log x axis), with the axes named.
+pub fn cdf_of(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<f64>)],
+) -> Result<(), BenchError> {
     let all = series.iter().flat_map(|(_, v)| v.iter().copied());
     let (lo, hi) = all
         .filter(|x| x.is_finite() && *x > 0.0)
@@ -51,8 +68,8 @@ pub fn cdf(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> Result<()
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("inter-token latency (ms, log scale)")
-        .y_desc("fraction of gaps ≤ x")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()
         .map_err(err)?;
     for (i, (name, v)) in series.iter().enumerate() {

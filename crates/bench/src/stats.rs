@@ -79,6 +79,9 @@ pub struct RequestResult {
     pub ttft_ms: f64,
     pub e2e_ms: f64,
     pub itl_ms: Vec<f64>,
+    /// Prompt tokens the server found in its prefix cache, where it reports them
+    /// (`usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<usize>,
 }
 
 /// DistServe's goodput: completed requests meeting both the TTFT and the ITL SLO, per second.
@@ -163,6 +166,7 @@ mod tests {
             ttft_ms: ttft,
             e2e_ms: ttft + itl.iter().sum::<f64>(),
             itl_ms: itl.to_vec(),
+            cached_tokens: None,
         }
     }
 

@@ -71,6 +71,7 @@ fn run_one(
         },
         return_logits: false,
         kv: KvTransfer::None,
+        cache_salt: None,
     })?)
 }
 
@@ -116,6 +117,8 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 kv_dtype: a.kv_cache_dtype,
                 block_size: a.block_size,
                 max_num_batched_tokens: a.prompt_len.max(512),
+                // The same prompt again and again: time it computed, not found cached.
+                enable_prefix_caching: false,
                 ..EngineConfig::default()
             },
             Some(Arc::new(move |s| {

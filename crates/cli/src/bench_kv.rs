@@ -80,6 +80,8 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
     let cfg = EngineConfig {
         kv_dtype: a.kv_cache_dtype,
         max_model_len: Some(a.prompt_len + 16),
+        // Each rep prefills the same prompt: the producer computes it every time.
+        enable_prefix_caching: false,
         ..EngineConfig::default()
     };
     let engine = Engine::start(model.clone(), cfg.clone(), None)?;
@@ -123,6 +125,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             params: SamplingParams::greedy(1),
             return_logits: false,
             kv: KvTransfer::Hold,
+            cache_salt: None,
         })?;
         while let Some(ev) = rx.blocking_recv() {
             if let Event::Finished(f) = ev {
@@ -137,6 +140,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             params: SamplingParams::greedy(1),
             return_logits: false,
             kv: KvTransfer::Remote(RemoteKv { params }),
+            cache_salt: None,
         })?;
         while let Some(ev) = rx.blocking_recv() {
             if let Event::Finished(f) = ev {

@@ -189,7 +189,24 @@ pub(crate) fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Kill) -> Result<()> {
+/// Starts a child that dies with us and logs warnings only, unless the user asks for
+/// more (e.g. the step trace).
+pub(crate) fn spawn_quiet(mut cmd: Command) -> std::io::Result<Kill> {
+    crate::pd::die_with_parent(&mut cmd);
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .map(Kill)
+}
+
+pub(crate) async fn wait_ready(
+    client: &reqwest::Client,
+    url: &str,
+    child: &mut Kill,
+) -> Result<()> {
     let t0 = Instant::now();
     loop {
         if let Ok(r) = client.get(format!("{url}/health")).send().await {
@@ -265,17 +282,7 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     if let Some(c) = &a.cpu_bind {
         cmd.args(["--cpu-bind", &c.to_string()]);
     }
-    crate::pd::die_with_parent(&mut cmd);
-    let mut child = Kill(
-        // The arms log warnings only, unless the user asks for more (e.g. the step trace).
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting the {arm} arm"))?,
-    );
+    let mut child = spawn_quiet(cmd).with_context(|| format!("starting the {arm} arm"))?;
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
@@ -656,6 +663,9 @@ async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
                 base_url: started.url.clone(),
                 model: Some(started.name.clone()),
                 dataset: "random".into(),
+                prefix_len: 0,
+                num_prefixes: 1,
+                turns: 1,
                 num_prompts: prompts,
                 input_len,
                 output_len,

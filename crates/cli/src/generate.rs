@@ -88,6 +88,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         params,
         return_logits: false,
         kv: KvTransfer::None,
+        cache_salt: None,
     })?;
     let mut out = std::io::stdout().lock();
     let mut first = None;

@@ -3,6 +3,7 @@
 mod bench_engine;
 mod bench_kv;
 mod bench_pd;
+mod bench_prefix;
 mod bench_soak;
 mod econ;
 mod generate;
@@ -59,6 +60,8 @@ enum BenchCommand {
     /// Soak a pair: mixed load, client aborts, an instance killed and restarted; RSS over
     /// time, blocks back at the end, outcomes by kind.
     Soak(bench_soak::BenchSoakArgs),
+    /// Prefix caching on vs off in one run: a shared-prefix or multi-turn workload, TTFT.
+    Prefix(bench_prefix::BenchPrefixArgs),
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill`, process managers and `bench pd`
@@ -184,5 +187,6 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
         Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(a),
         Command::Bench(BenchCommand::Soak(a)) => bench_soak::run(a),
+        Command::Bench(BenchCommand::Prefix(a)) => bench_prefix::run(a),
     }
 }

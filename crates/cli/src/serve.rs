@@ -62,6 +62,13 @@ pub struct EngineArgs {
     /// Requests allowed to wait; beyond this new requests get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_waiting_requests: usize,
+    /// Reuse the KV of cached full blocks for prompts that begin with the same tokens
+    /// (automatic prefix caching; on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn automatic prefix caching off.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
 }
 
 impl EngineArgs {
@@ -80,6 +87,7 @@ impl EngineArgs {
             threads: self.threads,
             compute_priority: self.compute_priority,
             cpu_bind: self.cpu_bind.clone().unwrap_or_default(),
+            enable_prefix_caching: !self.no_enable_prefix_caching,
             ..EngineConfig::default()
         }
     }
@@ -111,6 +119,10 @@ pub struct ServeArgs {
     /// comma-separated. Any other target is refused (403), and none is allowed if unset.
     #[arg(long, value_delimiter = ',')]
     pub migrate_targets: Vec<String>,
+    /// Report `usage.prompt_tokens_details.cached_tokens`: prompt tokens whose KV came
+    /// from the prefix cache.
+    #[arg(long)]
+    pub enable_prompt_tokens_details: bool,
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -146,6 +158,7 @@ impl HttpArgs {
         Ok(splitserve_server::HttpOptions {
             api_key: self.api_key(),
             header_read_timeout: std::time::Duration::from_secs_f64(t),
+            prompt_tokens_details: false,
         })
     }
 }
@@ -217,6 +230,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (pd, side) = match &a.kv_transfer_config {
         Some(kv) => {
             cfg.kv_hold_timeout = kv.hold_timeout();
+            cfg.kv_load_failure_policy = kv.kv_load_failure_policy;
             let (pd, l) = pd_setup(kv, &path, &model, &cfg, a.port)?;
             (Some(pd), l)
         }
@@ -226,7 +240,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         (Some(_), None) => Some(fingerprint(&path, &model, &cfg)?),
         _ => None,
     };
-    let http = a.http.options()?;
+    if let Some(fp) = pd.as_ref().map(|p| &p.fingerprint).or(admin_fp.as_ref()) {
+        // Block hashes that may meet another process's are rooted in the file's hash.
+        cfg.prefix_cache_identity = serde_json::to_string(fp)?;
+    }
+    let mut http = a.http.options()?;
+    http.prompt_tokens_details = a.enable_prompt_tokens_details;
     let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
     state.set_http_options(http);
     state.set_migrate_targets(a.migrate_targets.clone());

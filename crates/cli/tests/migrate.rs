@@ -334,7 +334,9 @@ async fn draining_an_instance_through_the_proxy_moves_every_stream() {
         })
         .collect();
     let seed = |i: usize| (i % 2 == 1).then_some(i as u64 + 100);
-    let max = 64;
+    // Long enough that no stream can finish between its first token and the drain, even on
+    // a machine slowed several-fold: the drain must find all eight running.
+    let max = 256;
     // References: uninterrupted runs on the instance that will receive the streams.
     let refs = futures_util::future::join_all(prompts.iter().enumerate().map(|(i, pr)| {
         let url = format!("{}/v1/completions", b.url());

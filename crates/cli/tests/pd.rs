@@ -246,6 +246,7 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
     drop(proxy2);
 
     eprintln!("section 4 at {:?}", t0.elapsed());
+    let steps_before = metric(&cons, "decode_step_seconds_count").await;
     // 4. Fifty mixed requests through the proxy; then every block is free on both sides.
     let mut futs = Vec::new();
     for k in 0..50u64 {
@@ -263,6 +264,12 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
             b["max_tokens"] = json!(4 + k % 13);
             b["temperature"] = json!(if k % 3 == 0 { 0.0 } else { 0.7 });
             b["stream"] = json!(k % 4 < 2);
+            if k % 10 == 3 {
+                // Goes away after its first chunk, long before its last token is made.
+                b["stream"] = json!(true);
+                b["max_tokens"] = json!(1000);
+                b["ignore_eos"] = json!(true);
+            }
             if k % 10 == 7 {
                 b["max_tokens"] = json!(-1);
                 let (s, v) = post(&format!("{url}{path}"), &b).await;
@@ -283,7 +290,7 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
                     r.text().await.unwrap_or_default()
                 );
             }
-            if k % 10 == 3 && b["stream"] == true {
+            if k % 10 == 3 {
                 // A client that goes away after the first chunk.
                 let mut s = r.bytes_stream();
                 let _ = s.next().await;
@@ -298,6 +305,12 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
     futures_util::future::join_all(futs).await;
     all_free(&prod, Duration::from_secs(10)).await;
     all_free(&cons, Duration::from_secs(10)).await;
+    // The five clients that went away were seen to go: their requests ended as aborted, and
+    // the consumer stopped decoding them long before their 1,000 tokens.
+    let aborted = r#"request_success_total{finished_reason="abort"}"#;
+    assert_eq!(metric(&cons, aborted).await, 5.0);
+    let steps = metric(&cons, "decode_step_seconds_count").await - steps_before;
+    assert!(steps < 600.0, "{steps} decode steps");
 
     eprintln!("section 5 at {:?}", t0.elapsed());
     // 5. The consumer dies mid-stream: the client gets an error event, the stream ends, and
@@ -325,7 +338,19 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
         "no error event after the consumer died: {rest:?}"
     );
     assert!(!rest.contains("[DONE]"));
-    all_free(&prod, Duration::from_secs(5)).await;
+
+    // The consumer is dead before it pulls: the proxy answers 502 naming the decode side,
+    // and the producer's hold for that request is freed by its hold timeout (15 s).
+    let (st, v) = post(&p_url, &json!({"prompt": "Hello there", "max_tokens": 4})).await;
+    assert_eq!(st, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("decode"), "{msg}");
+    assert!(
+        metric(&prod, "kv_held_blocks").await > 0.0,
+        "the KV is held"
+    );
+    let freed = all_free(&prod, Duration::from_secs(30)).await;
+    eprintln!("unpulled hold freed after {freed:?}");
 
     eprintln!("section 6 at {:?}", t0.elapsed());
     // 6. The producer dies: the next request fails at once with a clear 502.

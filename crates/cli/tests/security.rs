@@ -173,7 +173,7 @@ async fn the_side_channel_spends_no_memory_or_threads_on_strangers() {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut h = [0u8; 12];
         h[..4].copy_from_slice(b"SSKV");
-        h[4..6].copy_from_slice(&2u16.to_le_bytes());
+        h[4..6].copy_from_slice(&splitserve_kv::wire::VERSION.to_le_bytes());
         h[6] = kind;
         h[8..].copy_from_slice(&(200u32 << 20).to_le_bytes());
         s.write_all(&h).expect("write");
@@ -265,6 +265,11 @@ async fn the_api_is_locked_bounded_and_chat_text_stays_text() {
         .await
         .expect("send");
     assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(
+        r.headers().get("connection").and_then(|v| v.to_str().ok()),
+        Some("close"),
+        "the unread body ends the connection"
+    );
     let v: Value = r.json().await.expect("json body");
     assert_eq!(v["error"]["code"], "request_too_large", "{v}");
 
@@ -454,4 +459,38 @@ async fn a_consumer_that_gives_up_releases_the_producers_hold_at_once() {
     let (st, v) = decode(&d, prompt, &params).await;
     assert_eq!(st, 502, "{v}");
     all_free(&d, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_whose_caller_goes_away_holds_nothing() {
+    // A hold timeout far beyond the test: only noticing the caller's departure frees the KV.
+    let p = serve(&[], Some(kv_config("kv_producer", free_port(), 300.0)));
+    ready(&p).await;
+    let total = health(&p).await["total_blocks"].as_u64().expect("total");
+    // About 1,200 tokens: prefilling takes seconds here, the caller waits 800 ms.
+    let prompt = "The history of the city, told street by street. ".repeat(100);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .expect("client");
+    let r = impatient
+        .post(format!("{}/v1/completions", p.url()))
+        .json(&json!({"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                      "kv_transfer_params": {"do_remote_decode": true}}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the caller gave up before the answer");
+    let took = all_free(&p, Duration::from_secs(20)).await;
+    let h = health(&p).await;
+    assert_eq!(h["held_blocks"], 0, "{h}");
+    assert_eq!(h["free_blocks"].as_u64(), Some(total), "{h}");
+    println!(
+        "the producer let go {} ms after its caller left",
+        took.as_millis()
+    );
+    // The abort is counted, and the producer still serves the next caller.
+    let aborted = r#"request_success_total{finished_reason="abort"}"#;
+    assert_eq!(metric(&p, aborted).await, 1.0);
+    let params = prefill(&p, "Hello").await;
+    assert!(params["remote_host"].is_string(), "{params}");
 }

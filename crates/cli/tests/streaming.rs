@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const TOKENS: usize = 24;
-const REQUESTS: usize = 3;
+const REQUESTS: usize = 7;
 
 /// Streams one completion and returns the arrival time of each token event.
 async fn arrivals(c: &reqwest::Client, base: &str) -> Vec<Instant> {
@@ -44,37 +44,46 @@ async fn arrivals(c: &reqwest::Client, base: &str) -> Vec<Instant> {
     out
 }
 
-/// Gaps under 1 ms between token events, over `REQUESTS` streamed requests on one kept-alive
-/// connection. A decode step takes several ms, so such a gap means tokens that were made
-/// apart arrived together.
-async fn bunched(base: &str) -> (usize, usize) {
+/// Gaps under 1 ms between token events in each of `REQUESTS` streamed requests on one
+/// kept-alive connection. A decode step takes several ms, so such a gap means tokens that
+/// were made apart arrived together.
+async fn bunched(base: &str) -> Vec<usize> {
     let c = client();
     // The first request opens the connection; the measured ones reuse it, as clients do.
     arrivals(&c, base).await;
-    let (mut bunched, mut gaps) = (0, 0);
+    let mut out = Vec::new();
     for _ in 0..REQUESTS {
         let t = arrivals(&c, base).await;
         assert!(t.len() >= TOKENS - 1, "{} token events", t.len());
-        for w in t.windows(2) {
-            gaps += 1;
-            if w[1] - w[0] < Duration::from_millis(1) {
-                bunched += 1;
-            }
-        }
+        out.push(
+            t.windows(2)
+                .filter(|w| w[1] - w[0] < Duration::from_millis(1))
+                .count(),
+        );
     }
-    (bunched, gaps)
+    out
+}
+
+/// Held-back tokens (Nagle against delayed ACKs) bunch in nearly every response on the
+/// connection (with Nagle on here, the proxy's seven responses had 2, 2, 2, 2, 1, 2 and 1
+/// such gaps, and this check failed); a loaded machine that descheduled the client bunches some responses, at random.
+/// So most responses must be clean, while a few may be unlucky.
+fn check(what: &str, b: &[usize]) {
+    println!("{what}: token gaps under 1 ms per response: {b:?}");
+    let mut sorted = b.to_vec();
+    sorted.sort_unstable();
+    let median = sorted[sorted.len() / 2];
+    assert_eq!(median, 0, "{what}: most responses bunched tokens: {b:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_tokens_are_not_held_back() {
     let engine = serve(&[], None);
     ready(&engine).await;
-    let (b, n) = bunched(&engine.url()).await;
-    assert!(b <= 5, "engine server: {b} of {n} token gaps under 1 ms");
+    check("engine server", &bunched(&engine.url()).await);
     drop(engine);
 
     let pair = up(&["--threads", "2"]);
     ready(&pair).await;
-    let (b, n) = bunched(&pair.url()).await;
-    assert!(b <= 5, "proxy of a pair: {b} of {n} token gaps under 1 ms");
+    check("proxy of a pair", &bunched(&pair.url()).await);
 }

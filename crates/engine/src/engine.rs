@@ -13,6 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::error::EngineError;
 use crate::kv_cache::{KvCache, KvDtype, KvLayout, Q8_GROUP};
 use crate::model::{Model, SeqChunk};
+use crate::prefix_cache::{self, BlockHash};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{schedule, RequestState, Schedulable, SchedulerConfig};
 use crate::tokenizer::IncrementalDecoder;
@@ -53,6 +54,14 @@ pub struct EngineConfig {
     pub cpu_bind: CpuList,
     /// How long a producer holds a finished request's blocks for a consumer to take.
     pub kv_hold_timeout: Duration,
+    /// What a failed KV load does to its request (consumer role).
+    pub kv_load_failure_policy: LoadFailurePolicy,
+    /// Reuse the KV of cached full blocks for prompts that start with the same tokens.
+    pub enable_prefix_caching: bool,
+    /// What block hashes are rooted in: the model fingerprint (empty: the model's shape and
+    /// the KV layout, enough within one process; set it to the file's fingerprint wherever
+    /// hashes meet another process's).
+    pub prefix_cache_identity: String,
 }
 
 impl Default for EngineConfig {
@@ -72,8 +81,22 @@ impl Default for EngineConfig {
             compute_priority: ComputePriority::Normal,
             cpu_bind: CpuList::default(),
             kv_hold_timeout: Duration::from_secs(30),
+            kv_load_failure_policy: LoadFailurePolicy::Fail,
+            enable_prefix_caching: true,
+            prefix_cache_identity: String::new(),
         }
     }
+}
+
+/// What a failed KV load does to its request (vLLM's `kv_load_failure_policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadFailurePolicy {
+    /// The request fails with the connector's error.
+    #[default]
+    Fail,
+    /// The engine computes the prompt itself, as if no KV had been offered.
+    Recompute,
 }
 
 /// A request for the engine: token ids in, tokens out.
@@ -86,6 +109,9 @@ pub struct Request {
     pub return_logits: bool,
     /// Whether its KV leaves for, or arrives from, another engine.
     pub kv: KvTransfer,
+    /// Requests share cached prefix blocks only with requests of the same salt (vLLM's
+    /// `cache_salt`: tenants that must not observe each other's cache give different ones).
+    pub cache_salt: Option<String>,
 }
 
 /// The KV side of disaggregation, as the engine sees it.
@@ -186,6 +212,8 @@ pub struct Finished {
     pub queue_time: Duration,
     /// Set when the engine failed (the reason is then `Abort`).
     pub error: Option<EngineError>,
+    /// Prompt tokens whose KV came from the prefix cache when it was first scheduled.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -205,8 +233,11 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
-    /// Blocks held for remote readers (producer role).
-    pub held_blocks: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache, and of those the tokens found.
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    /// Failed KV loads whose requests were computed here instead.
+    pub load_failures_recomputed: AtomicU64,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -221,6 +252,9 @@ pub struct StatsSnapshot {
     pub preemptions: u64,
     pub steps: u64,
     pub held_blocks: usize,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub load_failures_recomputed: u64,
 }
 
 /// Timing of one step, for metrics.
@@ -270,6 +304,7 @@ pub struct Engine {
     max_model_len: usize,
     max_waiting: usize,
     layout: KvLayout,
+    prefix_identity: Arc<str>,
 }
 
 /// Tells the engine thread to stop when the last handle is dropped (the thread keeps a
@@ -299,6 +334,31 @@ struct Seq {
     sent: usize,
     arrived: Instant,
     first_scheduled: Option<Instant>,
+    /// Prefix caching: the hash root (identity and salt), the hashes of full blocks so far,
+    /// how many of its blocks are registered, and the tokens the cache gave it.
+    cache: SeqCache,
+}
+
+struct SeqCache {
+    /// `None`: this request's blocks are never shared (e.g. it came by migration, without
+    /// its salt).
+    root: Option<BlockHash>,
+    block_size: usize,
+    hashes: Vec<BlockHash>,
+    registered: usize,
+    cached_tokens: Option<usize>,
+}
+
+impl SeqCache {
+    fn new(root: Option<BlockHash>, block_size: usize) -> Self {
+        Self {
+            root,
+            block_size,
+            hashes: Vec::new(),
+            registered: 0,
+            cached_tokens: None,
+        }
+    }
 }
 
 impl Schedulable for Seq {
@@ -316,6 +376,21 @@ impl Schedulable for Seq {
     }
     fn reset_computed(&mut self) {
         self.num_computed = 0;
+        self.cache.registered = 0;
+    }
+    fn block_hashes(&mut self) -> &[BlockHash] {
+        let c = &mut self.cache;
+        match &c.root {
+            Some(root) => {
+                prefix_cache::extend(root, &self.tokens, c.block_size, &mut c.hashes);
+                &c.hashes
+            }
+            None => &[],
+        }
+    }
+    fn set_cached(&mut self, tokens: usize) {
+        self.num_computed = tokens;
+        self.cache.cached_tokens.get_or_insert(tokens);
     }
 }
 
@@ -445,7 +520,11 @@ impl Engine {
         let holds = Arc::new(Holds::default());
         let mut core = Core {
             model: model.clone(),
-            cache: KvCache::new(layout, cfg.num_blocks),
+            cache: {
+                let mut c = KvCache::new(layout, cfg.num_blocks);
+                c.set_prefix_caching(cfg.enable_prefix_caching);
+                c
+            },
             sched: SchedulerConfig {
                 max_num_seqs: cfg.max_num_seqs,
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
@@ -461,6 +540,7 @@ impl Engine {
             on_step,
             holds: holds.clone(),
             hold_timeout: cfg.kv_hold_timeout,
+            load_failure: cfg.kv_load_failure_policy,
             parked: Default::default(),
             pending_parks: Vec::new(),
             connector,
@@ -477,6 +557,11 @@ impl Engine {
                 None => core.run(rx),
             })
             .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let prefix_identity: Arc<str> = if cfg.prefix_cache_identity.is_empty() {
+            format!("{:?} {:?}", model.config, layout).into()
+        } else {
+            cfg.prefix_cache_identity.as_str().into()
+        };
         Ok(Self {
             _stop: Arc::new(StopOnDrop(tx.clone())),
             tx,
@@ -487,6 +572,7 @@ impl Engine {
             max_model_len,
             max_waiting: cfg.max_waiting,
             layout,
+            prefix_identity,
         })
     }
 
@@ -549,6 +635,13 @@ impl Engine {
             sent: 0,
             arrived: Instant::now(),
             first_scheduled: None,
+            cache: SeqCache::new(
+                Some(prefix_cache::root(
+                    &self.prefix_identity,
+                    req.cache_salt.as_deref(),
+                )),
+                self.layout.block_size,
+            ),
         };
         // Counted here so that a burst of submissions sees the queue grow at once.
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -664,7 +757,12 @@ impl Engine {
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
             preemptions: s.preemptions.load(Ordering::Relaxed),
             steps: s.steps.load(Ordering::Relaxed),
-            held_blocks: s.held_blocks.load(Ordering::Relaxed),
+            // Read from the holds themselves: a hold exists before its request's last event
+            // is sent, while the published counters lag until the step ends.
+            held_blocks: self.holds.blocks(),
+            prefix_cache_queries: s.prefix_cache_queries.load(Ordering::Relaxed),
+            prefix_cache_hits: s.prefix_cache_hits.load(Ordering::Relaxed),
+            load_failures_recomputed: s.load_failures_recomputed.load(Ordering::Relaxed),
         }
     }
 }
@@ -680,6 +778,7 @@ struct Core {
     on_step: Option<StepHook>,
     holds: Arc<Holds>,
     hold_timeout: Duration,
+    load_failure: LoadFailurePolicy,
     /// Requests taken out of scheduling while they migrate; `true` if they were running.
     parked: std::collections::HashMap<String, (Seq, bool)>,
     pending_parks: Vec<PendingPark>,
@@ -751,7 +850,6 @@ impl Core {
             self.waiting.len() + self.remote_waiting.len() + self.loading.len(),
             Ordering::Relaxed,
         );
-        s.held_blocks.store(self.holds.blocks(), Ordering::Relaxed);
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -882,17 +980,42 @@ impl Core {
                 }
                 continue;
             }
-            let Some(blocks) = self
-                .cache
-                .allocate(n.div_ceil(self.cache.layout.block_size))
-            else {
+            // Blocks this engine has cached already are not loaded again; at least one block
+            // always is (as a local prompt computes at least its last token).
+            let bs = self.cache.layout.block_size;
+            let hit = if self.cache.prefix_caching() {
+                let max = (n - 1) / bs;
+                let Some((s, _)) = self.remote_waiting.front_mut() else {
+                    break;
+                };
+                let hashes = s.block_hashes();
+                self.cache.lookup(&hashes[..hashes.len().min(max)])
+            } else {
+                Vec::new()
+            };
+            let need = n.div_ceil(bs) - hit.len();
+            if self.cache.num_free_besides(&hit) < need {
+                break;
+            }
+            self.cache.share(&hit);
+            let Some(blocks) = self.cache.allocate(need) else {
+                self.cache.release(&mut hit.clone());
                 break;
             };
             let Some((mut s, remote)) = self.remote_waiting.pop_front() else {
                 break;
             };
+            self.stats
+                .prefix_cache_queries
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats
+                .prefix_cache_hits
+                .fetch_add((hit.len() * bs) as u64, Ordering::Relaxed);
+            s.cache.cached_tokens.get_or_insert(hit.len() * bs);
             s.state = RequestState::WaitingForRemoteKvs;
-            let target = LoadTarget::new(self.lease(blocks, &s.id), n);
+            let first = hit.len();
+            s.blocks = hit;
+            let target = LoadTarget::new(self.lease(blocks, &s.id), n, first);
             self.loading.insert(s.id.clone(), (s, n));
             conn.start_load(remote, target);
         }
@@ -910,10 +1033,23 @@ impl Core {
             Ok(f) => f,
             Err(e) => {
                 self.cache.release(&mut blocks);
+                if self.load_failure == LoadFailurePolicy::Recompute {
+                    tracing::warn!(id = %s.id, error = %e, "KV load failed; computing the prompt here instead");
+                    self.stats
+                        .load_failures_recomputed
+                        .fetch_add(1, Ordering::Relaxed);
+                    // From scratch, as a new request: the scheduler looks up the cache again.
+                    self.cache.release(&mut s.blocks);
+                    s.num_computed = 0;
+                    s.state = RequestState::Waiting;
+                    self.waiting.push_front(s);
+                    return;
+                }
                 return self.finish(s, FinishReason::Abort, Some(EngineError::KvTransfer(e)));
             }
         };
-        s.blocks = blocks;
+        // The blocks found in the prefix cache, then the loaded ones.
+        s.blocks.extend(blocks);
         s.state = RequestState::Waiting;
         self.resume_from_kv(s, n, first.generated, first.sampler);
     }
@@ -1104,6 +1240,7 @@ impl Core {
             completion_tokens: s.completion_tokens(),
             queue_time,
             error,
+            cached_tokens: s.cache.cached_tokens.unwrap_or(0),
         }));
     }
 
@@ -1117,6 +1254,12 @@ impl Core {
         self.stats
             .preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        self.stats
+            .prefix_cache_queries
+            .fetch_add(plan.cache_queries as u64, Ordering::Relaxed);
+        self.stats
+            .prefix_cache_hits
+            .fetch_add(plan.cache_hits as u64, Ordering::Relaxed);
         if plan.items.is_empty() {
             return;
         }
@@ -1172,6 +1315,17 @@ impl Core {
             let s = &mut self.running[i];
             s.first_scheduled.get_or_insert(now);
             s.num_computed += n;
+            if self.cache.prefix_caching() {
+                // Blocks whose every token is now computed can serve later prompts.
+                let full = s.num_computed / self.cache.layout.block_size;
+                if full > s.cache.registered {
+                    s.block_hashes();
+                    for j in s.cache.registered..full.min(s.cache.hashes.len()) {
+                        self.cache.register(s.cache.hashes[j], s.blocks[j]);
+                    }
+                    s.cache.registered = full;
+                }
+            }
             let Some(lg) = lg else { continue };
             if let Some(reason) = self.sample_into(i, lg) {
                 done.push((i, reason));

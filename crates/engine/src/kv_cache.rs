@@ -4,9 +4,13 @@
 //! table (block ids in position order); position `p` lives in block `table[p / block_size]`,
 //! slot `p % block_size`.
 
+use std::collections::{BTreeMap, HashMap};
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
+
+use crate::prefix_cache::BlockHash;
 
 /// How K and V values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,10 +379,23 @@ impl Memory {
     }
 }
 
+/// The block pool. A block is free (no owner, no content worth keeping), owned (by one or
+/// more requests or holds: a reference count), or evictable (no owner, but its content is a
+/// cached full block under its hash; reused by a prefix match or, least recently released
+/// first, taken by an allocation that finds no free block).
 pub(crate) struct KvCache {
     pub layout: KvLayout,
     pub mem: std::sync::Arc<Memory>,
     free: Vec<u32>,
+    refs: Vec<u32>,
+    /// The hash a cached block is known by.
+    hash: Vec<Option<BlockHash>>,
+    cached: HashMap<BlockHash, u32>,
+    /// Evictable blocks by release order (oldest first), and each one's key in it.
+    evictable: BTreeMap<u64, u32>,
+    lru_key: Vec<u64>,
+    tick: u64,
+    prefix_caching: bool,
 }
 
 impl KvCache {
@@ -397,8 +414,25 @@ impl KvCache {
             mem: std::sync::Arc::new(mem),
             // Pop from the end: low ids first, which keeps runs reproducible.
             free: (0..num_blocks as u32).rev().collect(),
+            refs: vec![0; num_blocks],
+            hash: vec![None; num_blocks],
+            cached: HashMap::new(),
+            evictable: BTreeMap::new(),
+            lru_key: vec![0; num_blocks],
+            tick: 0,
+            prefix_caching: false,
             layout,
         }
+    }
+
+    /// Keep released full blocks by their hash for later prompts (off: released blocks are
+    /// plain free blocks).
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        self.prefix_caching = on;
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
     }
 
     pub fn k(&self, layer: usize) -> &Region {
@@ -409,23 +443,104 @@ impl KvCache {
         &self.mem.v[layer]
     }
 
+    /// Blocks an allocation can take: free ones and evictable cached ones.
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
     }
 
-    /// Takes `n` blocks, or none if fewer are free.
+    /// Blocks in the prefix cache (owned or evictable).
+    #[cfg(test)]
+    pub fn num_cached(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Takes `n` blocks, or none if fewer can be had; evicts cached blocks, least recently
+    /// released first, when free ones run out.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
-        if n > self.free.len() {
+        if n > self.num_free() {
             return None;
         }
-        let at = self.free.len() - n;
-        let mut got = self.free.split_off(at);
-        got.reverse();
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => {
+                    let (_, b) = self.evictable.pop_first()?;
+                    if let Some(h) = self.hash[b as usize].take() {
+                        self.cached.remove(&h);
+                    }
+                    b
+                }
+            };
+            self.refs[b as usize] = 1;
+            got.push(b);
+        }
         Some(got)
     }
 
+    /// Drops one reference to each block; a block nobody references becomes evictable if it
+    /// is cached, else free. The last block of a request is released first, so that its
+    /// tail, the part least likely shared, is evicted before its head.
     pub fn release(&mut self, blocks: &mut Vec<u32>) {
-        self.free.extend(blocks.drain(..).rev());
+        for b in blocks.drain(..).rev() {
+            let r = &mut self.refs[b as usize];
+            debug_assert!(*r > 0, "block {b} released twice");
+            *r = r.saturating_sub(1);
+            if *r > 0 {
+                continue;
+            }
+            if self.hash[b as usize].is_some() {
+                self.tick += 1;
+                self.lru_key[b as usize] = self.tick;
+                self.evictable.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// The blocks of the longest run of `hashes`, from the first, that are cached.
+    pub fn lookup(&self, hashes: &[BlockHash]) -> Vec<u32> {
+        if !self.prefix_caching {
+            return Vec::new();
+        }
+        hashes
+            .iter()
+            .map_while(|h| self.cached.get(h).copied())
+            .collect()
+    }
+
+    /// Blocks an allocation could take if `hit` (blocks about to be shared) were owned.
+    pub fn num_free_besides(&self, hit: &[u32]) -> usize {
+        let idle = hit.iter().filter(|&&b| self.refs[b as usize] == 0).count();
+        self.num_free() - idle
+    }
+
+    /// Takes a reference to each cached block of `hit` (from [`Self::lookup`]).
+    pub fn share(&mut self, hit: &[u32]) {
+        for &b in hit {
+            if self.refs[b as usize] == 0 {
+                self.evictable.remove(&self.lru_key[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+        }
+    }
+
+    /// Records that `block`, owned and fully computed, holds the tokens `hash` names. A
+    /// hash already cached in another block keeps that block (this one stays private).
+    pub fn register(&mut self, hash: BlockHash, block: u32) {
+        if !self.prefix_caching || self.hash[block as usize].is_some() {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
+            e.insert(block);
+            self.hash[block as usize] = Some(hash);
+        }
+    }
+
+    /// Whether `block` may be written: owned by one request only and not in the cache.
+    pub fn writable(&self, block: u32) -> bool {
+        self.refs[block as usize] == 1 && self.hash[block as usize].is_none()
     }
 
     fn offset(&self, table: &[u32], pos: usize) -> usize {
@@ -454,6 +569,10 @@ impl KvCache {
 
     /// Stores one token's K and V (`n_kv_head * head_dim` each) for `layer`.
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        debug_assert!(
+            self.writable(table[pos / self.layout.block_size]),
+            "a shared or cached block is never written"
+        );
         let at = self.offset(table, pos);
         self.mem.k[layer].write(at, k);
         self.mem.v[layer].write(at, v);

@@ -11,6 +11,7 @@ mod kernels;
 mod kv_cache;
 mod model;
 pub mod model_file;
+pub mod prefix_cache;
 mod sampler;
 mod scheduler;
 pub mod synthetic;
@@ -18,8 +19,9 @@ mod tokenizer;
 
 pub use engine::{
     ComputePriority, CpuList, Engine, EngineConfig, EngineStats, Event, FinishReason, Finished,
-    HeldKv, KvConnector, KvImport, KvTransfer, LiveState, LoadTarget, Migration, Parked,
-    RemoteFirst, RemoteKv, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo, TokenOut,
+    HeldKv, KvConnector, KvImport, KvTransfer, LiveState, LoadFailurePolicy, LoadTarget, Migration,
+    Parked, RemoteFirst, RemoteKv, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo,
+    TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};

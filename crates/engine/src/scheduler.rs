@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 
 use crate::kv_cache::KvCache;
+use crate::prefix_cache::BlockHash;
 
 /// Request lifecycle states (DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,10 @@ pub(crate) trait Schedulable {
     fn set_state(&mut self, s: RequestState);
     /// Forget computed KV (preemption by recompute).
     fn reset_computed(&mut self);
+    /// Hashes of the full blocks of the tokens known so far (prefix caching).
+    fn block_hashes(&mut self) -> &[BlockHash];
+    /// The first `tokens` came from the prefix cache.
+    fn set_cached(&mut self, tokens: usize);
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +74,9 @@ impl SchedulerConfig {
 pub(crate) struct Plan {
     pub items: Vec<(usize, usize)>,
     pub preempted: usize,
+    /// Prompt tokens of the requests admitted, and of those the tokens the cache had.
+    pub cache_queries: usize,
+    pub cache_hits: usize,
 }
 
 pub(crate) fn schedule<S: Schedulable>(
@@ -127,7 +135,17 @@ pub(crate) fn schedule<S: Schedulable>(
         let Some(front) = waiting.get_mut(w) else {
             break;
         };
-        let (total, done) = (front.num_tokens(), front.num_computed());
+        let (total, mut done) = (front.num_tokens(), front.num_computed());
+        // The longest cached run of its full blocks, leaving at least the last token to
+        // compute (its logits are the ones sampled).
+        let hit = if done == 0 && front.blocks().is_empty() && cache.prefix_caching() {
+            let max = (total - 1) / cfg.block_size;
+            let hashes = front.block_hashes();
+            cache.lookup(&hashes[..hashes.len().min(max)])
+        } else {
+            Vec::new()
+        };
+        done += hit.len() * cfg.block_size;
         let remaining = total - done;
         let long = cfg.is_long(remaining);
         if long && long_prefills >= cfg.max_long_partial_prefills.max(1) {
@@ -145,12 +163,25 @@ pub(crate) fn schedule<S: Schedulable>(
         } else {
             break;
         };
-        let need = blocks_for(done + n).saturating_sub(front.blocks().len());
+        let need = blocks_for(done + n).saturating_sub(front.blocks().len() + hit.len());
+        if cache.num_free_besides(&hit) < need {
+            break;
+        }
+        cache.share(&hit);
         let Some(mut got) = cache.allocate(need) else {
+            cache.release(&mut hit.clone());
             break;
         };
         long_prefills += usize::from(long);
-        let mut s = waiting.remove(w).expect("candidate exists");
+        let Some(mut s) = waiting.remove(w) else {
+            break;
+        };
+        if cache.prefix_caching() && s.num_computed() == 0 {
+            plan.cache_queries += total;
+            plan.cache_hits += hit.len() * cfg.block_size;
+            s.set_cached(hit.len() * cfg.block_size);
+        }
+        s.blocks().extend_from_slice(&hit);
         s.blocks().append(&mut got);
         s.set_state(RequestState::Running);
         running.push(s);
@@ -170,6 +201,7 @@ mod tests {
         done: usize,
         blocks: Vec<u32>,
         state: RequestState,
+        hashes: Vec<BlockHash>,
     }
     impl Schedulable for S {
         fn num_tokens(&self) -> usize {
@@ -186,6 +218,12 @@ mod tests {
         }
         fn reset_computed(&mut self) {
             self.done = 0;
+        }
+        fn block_hashes(&mut self) -> &[BlockHash] {
+            &self.hashes
+        }
+        fn set_cached(&mut self, tokens: usize) {
+            self.done = tokens;
         }
     }
     fn cache(n: usize) -> KvCache {
@@ -206,6 +244,7 @@ mod tests {
             done: 0,
             blocks: vec![],
             state: RequestState::Waiting,
+            hashes: vec![],
         }
     }
     fn cfg(budget: usize, chunked: bool) -> SchedulerConfig {
@@ -315,5 +354,69 @@ mod tests {
         let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
         assert_eq!(p.items, vec![(0, 1)]);
         assert_eq!(waiting.len(), 1);
+    }
+
+    /// A queue of one request of `total` tokens whose full blocks hash to `hashes`.
+    fn queued(total: usize, hashes: &[BlockHash]) -> VecDeque<S> {
+        VecDeque::from([S {
+            hashes: hashes.to_vec(),
+            ..s(total)
+        }])
+    }
+
+    #[test]
+    fn cached_prefixes_are_shared_and_the_last_token_is_computed() {
+        let mut c = cache(6);
+        c.set_prefix_caching(true);
+        let h = |i: u8| [i; 32];
+        // A first request of 3 full blocks computes them; they are registered and released.
+        let mut running = vec![];
+        let mut waiting = queued(12, &[h(1), h(2), h(3)]);
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(
+            (p.items.clone(), p.cache_hits, p.cache_queries),
+            (vec![(0, 12)], 0, 12)
+        );
+        let mut first = running.remove(0);
+        for (i, &b) in first.blocks.iter().enumerate() {
+            c.register(first.hashes[i], b);
+        }
+        let owned = first.blocks.clone();
+        c.release(&mut first.blocks);
+        assert_eq!((c.num_free(), c.num_cached()), (6, 3));
+        // The same 12 tokens again: 2 blocks come from the cache, the third is computed so
+        // that its last token has logits.
+        let mut waiting = queued(12, &[h(1), h(2), h(3)]);
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(p.items, vec![(0, 4)]);
+        assert_eq!((p.cache_hits, p.cache_queries), (8, 12));
+        assert_eq!(running[0].done, 8);
+        assert_eq!(running[0].blocks[..2], owned[..2]);
+        assert!(c.writable(running[0].blocks[2]));
+        assert!(
+            !c.writable(running[0].blocks[0]),
+            "shared blocks are read-only"
+        );
+        // A prompt diverging after one block shares only that one, and may still take
+        // evictable blocks; the shared head is never evicted while in use.
+        let mut waiting = queued(17, &[h(1), h(9), h(8), h(7)]);
+        let p = schedule(&cfg(16, true), &mut c, &mut running, &mut waiting);
+        assert_eq!(
+            p.items,
+            vec![(0, 4), (1, 12)],
+            "4 cached, then 12 of 13 in the budget"
+        );
+        assert_eq!(running[1].blocks[0], owned[0]);
+        assert_eq!(c.lookup(&[h(1), h(2)]), owned[..2].to_vec());
+        assert_eq!(c.num_free(), 0);
+        assert_eq!(
+            c.lookup(&[h(1), h(2), h(3)]).len(),
+            2,
+            "the evicted block left the cache"
+        );
+        // Off: nothing is looked up.
+        let mut off = cache(6);
+        off.register(h(1), 0);
+        assert_eq!(off.lookup(&[h(1)]), Vec::<u32>::new());
     }
 }

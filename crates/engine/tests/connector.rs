@@ -66,7 +66,8 @@ fn fill(target: &mut LoadTarget, kv: &KvImport) {
     let per_block = lay.layer_block_bytes();
     for (layer, bytes) in kv.layers.iter().enumerate() {
         for i in 0..target.n_blocks() {
-            let src = &bytes[i * per_block..(i + 1) * per_block];
+            let at = target.first_block() + i;
+            let src = &bytes[at * per_block..(at + 1) * per_block];
             let [k, v] = target.block_mut(layer, i);
             let half = k.len();
             k.copy_from_slice(&src[..half]);
@@ -117,7 +118,7 @@ fn loads_run_beside_decoding_and_continue_identically() {
     let mut target = conn.next_load();
     assert_eq!(target.n_tokens(), prompt.len());
     assert_eq!(target.n_blocks(), prompt.len().div_ceil(16));
-    let s = d.stats();
+    let s = common::wait_stats(&d, |s| s.free_blocks < total);
     assert_eq!(s.free_blocks, total - target.n_blocks(), "blocks lent");
     assert_eq!((s.waiting, s.running), (1, 0));
 
@@ -197,5 +198,46 @@ fn failed_and_aborted_loads_free_their_blocks() {
     assert!(s.free_blocks < s.total_blocks, "still lent");
     drop(target);
     let s = common::wait_all_free(&d);
+    assert_eq!(s.free_blocks, s.total_blocks);
+}
+
+#[test]
+fn a_failed_load_is_recomputed_under_the_recompute_policy() {
+    let m = common::real_model();
+    let prompt = m
+        .tokenizer
+        .encode("The producer died before this prompt's KV arrived.")
+        .expect("encode");
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(8)
+    };
+    let colo = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    let reference = collect(
+        colo.submit(request("c", &prompt, &params, KvTransfer::None))
+            .expect("submit"),
+    );
+    let conn = Arc::new(Manual::default());
+    let d = Engine::start_with(
+        m,
+        EngineConfig {
+            kv_load_failure_policy: splitserve_engine::LoadFailurePolicy::Recompute,
+            ..EngineConfig::default()
+        },
+        None,
+        Some(conn.clone() as Arc<dyn KvConnector>),
+    )
+    .expect("engine");
+    let rx = d
+        .submit(request("r", &prompt, &params, remote()))
+        .expect("submit");
+    conn.next_load()
+        .finish(Err("producer 127.0.0.1:1 went away".into()));
+    let got = collect(rx);
+    assert_eq!(got.tokens, reference.tokens);
+    assert_eq!(got.logit_hashes, reference.logit_hashes, "logits bits");
+    let s = common::wait_all_free(&d);
+    assert_eq!(s.load_failures_recomputed, 1);
+    assert_eq!(s.prompt_tokens_computed, prompt.len() as u64);
     assert_eq!(s.free_blocks, s.total_blocks);
 }

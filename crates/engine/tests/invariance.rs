@@ -83,6 +83,9 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
         let cfg = EngineConfig {
             max_num_batched_tokens: budget,
             max_num_seqs: 4,
+            // These prompts share a head: with the prefix cache, part of each would not be
+            // computed at all, and these arms are about how it is computed.
+            enable_prefix_caching: false,
             ..EngineConfig::default()
         };
         let (got, e) = run_all(&m, cfg, &ps[..4], &greedy);
@@ -101,6 +104,7 @@ fn batched_chunked_and_preempted_runs_match_solo_runs() {
         let cfg = EngineConfig {
             enable_chunked_prefill: chunked,
             max_num_batched_tokens: 32,
+            enable_prefix_caching: false,
             ..EngineConfig::default()
         };
         let (got, e) = run_all(&m, cfg, &ps[4..8], &greedy);

@@ -117,6 +117,7 @@ fn a_full_target_refuses_and_the_source_finishes() {
             params: SamplingParams::greedy(1),
             return_logits: false,
             kv: KvTransfer::Hold,
+            cache_salt: None,
         })
         .expect("submit filler");
     while let Some(ev) = rx.blocking_recv() {

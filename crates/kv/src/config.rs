@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::auth::Secret;
 use crate::tls::Tls;
+use splitserve_engine::LoadFailurePolicy;
 
 /// Connectors this build has.
 pub const CONNECTORS: &[&str] = &["TcpConnector"];
@@ -121,6 +122,10 @@ pub struct KvTransferConfig {
     pub kv_parallel_size: Option<u32>,
     #[serde(default)]
     pub engine_id: Option<String>,
+    /// What a consumer does when a KV load fails: `fail` the request (vLLM's default) or
+    /// `recompute` the prompt itself.
+    #[serde(default)]
+    pub kv_load_failure_policy: LoadFailurePolicy,
 }
 
 fn default_device() -> String {
@@ -268,6 +273,17 @@ mod tests {
         assert_eq!(c.kv_connector_extra_config.side_channel_port, 0);
         assert_eq!(c.kv_connector_extra_config.side_channel_host, "127.0.0.1");
         assert_eq!(c.hold_timeout(), Duration::from_millis(2500));
+        assert_eq!(c.kv_load_failure_policy, LoadFailurePolicy::Fail);
+        let c = KvTransferConfig::parse(
+            r#"{"kv_connector":"TcpConnector","kv_role":"kv_consumer","kv_load_failure_policy":"recompute"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.kv_load_failure_policy, LoadFailurePolicy::Recompute);
+        let e = KvTransferConfig::parse(
+            r#"{"kv_connector":"TcpConnector","kv_role":"kv_consumer","kv_load_failure_policy":"retry"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `retry`"), "{e}");
     }
 
     #[test]

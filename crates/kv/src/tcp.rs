@@ -30,7 +30,7 @@ use crate::auth::{hex, random_bytes, unhex, Secret};
 use crate::fingerprint::{Fingerprint, HandshakeError};
 use crate::grant::{Grants, RemoteAddr};
 use crate::tls::{Link, Tls};
-use crate::wire::{Frame, WireError, HEADER, MAX_CONTROL_PAYLOAD};
+use crate::wire::{kind, Frame, WireError, HEADER, MAX_CONTROL_PAYLOAD};
 
 /// Called by the producer after each served pull with the KV bytes sent.
 pub type SentHook = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
@@ -298,16 +298,16 @@ impl SideChannel {
             Role::Producer,
         )?;
         let engine = &self.engine;
-        let (id, capability, release) = match read_frame(s, addr)? {
+        let (id, capability, from, release) = match read_frame(s, addr)? {
             Frame::Pull {
                 request_id,
                 capability,
-                ..
-            } => (request_id, capability, false),
+                from_block,
+            } => (request_id, capability, from_block as usize, false),
             Frame::Release {
                 request_id,
                 capability,
-            } => (request_id, capability, true),
+            } => (request_id, capability, 0, true),
             other => return Err(KvError::Protocol(format!("{other:?}"))),
         };
         if !self.grants.redeem(&id, &capability) {
@@ -329,7 +329,17 @@ impl SideChannel {
             }
         };
         let layout = held.layout();
-        let blocks = held.n_blocks();
+        if from >= held.n_blocks() {
+            // Every request loads at least its last block; more than it holds is a lie.
+            let m = format!(
+                "the pull starts at block {from}; request {id} holds {} blocks",
+                held.n_blocks()
+            );
+            write_frame(s, addr, &Frame::Error(m.clone()))?;
+            return Err(KvError::Peer(m));
+        }
+        // The consumer has the blocks before `from` in its prefix cache.
+        let blocks = held.n_blocks() - from;
         let meta = Meta {
             layout,
             n_tokens: held.n_tokens,
@@ -349,7 +359,7 @@ impl SideChannel {
                 blocks * per_block,
             ))
             .map_err(io(addr))?;
-            for i in 0..blocks {
+            for i in from..held.n_blocks() {
                 for part in held.block(layer, i) {
                     w.write_all(part).map_err(io(addr))?;
                 }
@@ -441,7 +451,7 @@ pub fn load_into(
         &Frame::Pull {
             request_id: r.request_id.clone(),
             capability: r.capability.clone(),
-            blocks: vec![],
+            from_block: target.first_block() as u32,
         },
     )?;
     let meta: Meta = match read_frame(&mut s, addr)? {
@@ -473,7 +483,7 @@ pub fn load_into(
         let mut header = [0u8; HEADER];
         r.read_exact(&mut header).map_err(io(addr))?;
         let len = Frame::payload_len(&header)?;
-        if Frame::header_kind(&header) != 3 {
+        if Frame::header_kind(&header) != kind::LAYER {
             if len > MAX_CONTROL_PAYLOAD {
                 return Err(KvError::Protocol(format!(
                     "a frame of {len} bytes where layer {layer} was due"

@@ -1,10 +1,11 @@
-//! Our KV wire format, version 2. Every integer is little-endian.
+//! Our KV wire format, version 3. Every integer is little-endian.
 //!
 //! ```text
 //! frame   := magic "SSKV" (4) | version u16 | kind u8 | flags u8 | payload_len u32 | payload
 //! Hello   (1): JSON {fingerprint, nonce}                — first frame each way
 //! Auth    (8): 32-byte HMAC proving the pair's secret    — second frame each way
-//! Pull    (2): id_len u16 | request_id | cap_len u16 | capability | n u32 | n × block id u32
+//! Pull    (2): id_len u16 | request_id | cap_len u16 | capability | from_block u32
+//!              — the consumer has the blocks before `from_block` already (its prefix cache)
 //! Layer   (3): layer u32 | n u32 | n × (block K bytes then V bytes)  — one per layer, in order
 //! Done    (4): empty                                   — consumer confirms; producer frees
 //! Error   (5): UTF-8 message
@@ -18,7 +19,7 @@
 //! [`MAX_CONTROL_PAYLOAD`], a layer's size from the layout) before allocating anything.
 
 pub const MAGIC: &[u8; 4] = b"SSKV";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER: usize = 12;
 /// Largest payload accepted (a layer of a long prompt of a small model fits many times).
 pub const MAX_PAYLOAD: usize = 256 << 20;
@@ -32,7 +33,8 @@ pub enum Frame {
     Pull {
         request_id: String,
         capability: String,
-        blocks: Vec<u32>,
+        /// Blocks (in position order) the consumer does not need sent.
+        from_block: u32,
     },
     Layer {
         layer: u32,
@@ -106,17 +108,29 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
         .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
 }
 
+/// The `kind` byte of each frame.
+pub mod kind {
+    pub const HELLO: u8 = 1;
+    pub const PULL: u8 = 2;
+    pub const LAYER: u8 = 3;
+    pub const DONE: u8 = 4;
+    pub const ERROR: u8 = 5;
+    pub const META: u8 = 6;
+    pub const RELEASE: u8 = 7;
+    pub const AUTH: u8 = 8;
+}
+
 impl Frame {
     fn kind(&self) -> u8 {
         match self {
-            Frame::Hello(_) => 1,
-            Frame::Pull { .. } => 2,
-            Frame::Layer { .. } => 3,
-            Frame::Done => 4,
-            Frame::Error(_) => 5,
-            Frame::Meta(_) => 6,
-            Frame::Release { .. } => 7,
-            Frame::Auth(_) => 8,
+            Frame::Hello(_) => kind::HELLO,
+            Frame::Pull { .. } => kind::PULL,
+            Frame::Layer { .. } => kind::LAYER,
+            Frame::Done => kind::DONE,
+            Frame::Error(_) => kind::ERROR,
+            Frame::Meta(_) => kind::META,
+            Frame::Release { .. } => kind::RELEASE,
+            Frame::Auth(_) => kind::AUTH,
         }
     }
 
@@ -127,14 +141,11 @@ impl Frame {
             Frame::Pull {
                 request_id,
                 capability,
-                blocks,
+                from_block,
             } => {
                 put_str(&mut p, request_id);
                 put_str(&mut p, capability);
-                p.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
-                for b in blocks {
-                    p.extend_from_slice(&b.to_le_bytes());
-                }
+                p.extend_from_slice(&from_block.to_le_bytes());
             }
             Frame::Layer {
                 layer,
@@ -211,28 +222,24 @@ impl Frame {
             reason: reason.into(),
         };
         let frame = match header[6] {
-            1 => Frame::Hello(p.to_vec()),
-            2 => {
+            kind::HELLO => Frame::Hello(p.to_vec()),
+            kind::PULL => {
                 let (request_id, at) = get_str(p, 0, "Pull", "id")?;
                 let (capability, at) = get_str(p, at, "Pull", "capability")?;
-                let n = u32_at(p, at).ok_or_else(|| bad("Pull", "no block count"))? as usize;
-                let rest = &p[at + 4..];
-                if rest.len() != n.saturating_mul(4) {
+                let from_block = u32_at(p, at).ok_or_else(|| bad("Pull", "no first block"))?;
+                if p.len() != at + 4 {
                     return Err(bad(
                         "Pull",
-                        &format!("{n} blocks announced, {} bytes of ids", rest.len()),
+                        &format!("{} bytes after the first block", p.len() - at - 4),
                     ));
                 }
                 Frame::Pull {
                     request_id,
                     capability,
-                    blocks: rest
-                        .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
+                    from_block,
                 }
             }
-            3 => {
+            kind::LAYER => {
                 let layer = u32_at(p, 0).ok_or_else(|| bad("Layer", "no layer index"))?;
                 let blocks = u32_at(p, 4).ok_or_else(|| bad("Layer", "no block count"))?;
                 Frame::Layer {
@@ -241,11 +248,11 @@ impl Frame {
                     data: p[8..].to_vec(),
                 }
             }
-            4 if p.is_empty() => Frame::Done,
-            4 => return Err(bad("Done", "non-empty payload")),
-            5 => Frame::Error(String::from_utf8_lossy(p).into_owned()),
-            6 => Frame::Meta(p.to_vec()),
-            7 => {
+            kind::DONE if p.is_empty() => Frame::Done,
+            kind::DONE => return Err(bad("Done", "non-empty payload")),
+            kind::ERROR => Frame::Error(String::from_utf8_lossy(p).into_owned()),
+            kind::META => Frame::Meta(p.to_vec()),
+            kind::RELEASE => {
                 let (request_id, at) = get_str(p, 0, "Release", "id")?;
                 let (capability, at) = get_str(p, at, "Release", "capability")?;
                 if at != p.len() {
@@ -256,7 +263,7 @@ impl Frame {
                     capability,
                 }
             }
-            8 => Frame::Auth(p.to_vec()),
+            kind::AUTH => Frame::Auth(p.to_vec()),
             k => return Err(WireError::Kind(k)),
         };
         Ok(Some((frame, HEADER + len)))
@@ -273,7 +280,7 @@ mod tests {
             Frame::Pull {
                 request_id: "cmpl-1".into(),
                 capability: "ab".repeat(16),
-                blocks: vec![3, 1, 4, 1, 5],
+                from_block: 5,
             },
             Frame::Auth(vec![7; 32]),
             Frame::Layer {
@@ -303,18 +310,15 @@ mod tests {
         }
         assert_eq!(
             Frame::Done.encode(),
-            b"SSKV\x02\x00\x04\x00\x00\x00\x00\x00".to_vec()
+            b"SSKV\x03\x00\x04\x00\x00\x00\x00\x00".to_vec()
         );
         let pull = Frame::Pull {
             request_id: "a".into(),
             capability: "c".into(),
-            blocks: vec![7],
+            from_block: 7,
         }
         .encode();
-        assert_eq!(
-            &pull[12..],
-            &[1, 0, b'a', 1, 0, b'c', 1, 0, 0, 0, 7, 0, 0, 0]
-        );
+        assert_eq!(&pull[12..], &[1, 0, b'a', 1, 0, b'c', 7, 0, 0, 0]);
         // A layer written as prefix + data is the same bytes as the encoded frame.
         let data = vec![9u8, 8, 7, 6, 5];
         let mut split = Frame::layer_prefix(4, 1, data.len()).to_vec();
@@ -342,14 +346,15 @@ mod tests {
         let mut b = Frame::Done.encode();
         b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(Frame::decode(&b), Err(WireError::TooLarge(_))));
-        // A Pull whose block count lies.
+        // A Pull with bytes after its first block, its length saying so.
         let mut b = Frame::Pull {
             request_id: "x".into(),
             capability: "y".into(),
-            blocks: vec![1, 2],
+            from_block: 1,
         }
         .encode();
-        b[18] = 200;
+        b.push(0);
+        b[8] += 1;
         assert!(matches!(
             Frame::decode(&b),
             Err(WireError::Malformed { kind: "Pull", .. })

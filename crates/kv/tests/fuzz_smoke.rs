@@ -59,7 +59,7 @@ fn seeds() -> Vec<Vec<u8>> {
         Frame::Pull {
             request_id: "cmpl-1-0".into(),
             capability: "ab".repeat(16),
-            blocks: vec![1, 2],
+            from_block: 2,
         }
         .encode(),
         Frame::Release {

@@ -106,6 +106,7 @@ fn hold(e: &Engine, id: &str, max_tokens: usize, kv: KvTransfer) -> Vec<u32> {
             },
             return_logits: false,
             kv,
+            cache_salt: None,
         })
         .expect("submit");
     let mut out = vec![];
@@ -139,7 +140,7 @@ fn no_secret_no_pull_and_no_capability_no_kv() {
         &Frame::Pull {
             request_id: "victim-0".into(),
             capability: cap.clone(),
-            blocks: vec![],
+            from_block: 0,
         }
         .encode(),
     );
@@ -154,7 +155,7 @@ fn no_secret_no_pull_and_no_capability_no_kv() {
             &Frame::Pull {
                 request_id: "victim-0".into(),
                 capability: forged.to_string(),
-                blocks: vec![],
+                from_block: 0,
             }
             .encode(),
         )
@@ -199,6 +200,14 @@ fn no_secret_no_pull_and_no_capability_no_kv() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(held(&p.engine), 0);
+    // Free blocks are published at the end of the engine's loop turn, just after the release.
+    for _ in 0..500 {
+        let s = p.engine.stats();
+        if s.free_blocks == s.total_blocks {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let s = p.engine.stats();
     assert_eq!(s.free_blocks, s.total_blocks);
 }

@@ -62,6 +62,7 @@ fn try_run_logits(
             params: params.clone(),
             return_logits: true,
             kv,
+            cache_salt: None,
         })
         .expect("submit");
     let (mut out, mut bits) = (vec![], vec![]);
@@ -107,6 +108,15 @@ fn remote(g: &Grants, id: &str, first: Option<&[u32]>) -> KvTransfer {
     KvTransfer::Remote(RemoteKv {
         params: grant(g, id, first),
     })
+}
+
+/// The producer's part: prefills `prompt`, samples its first token and holds its KV.
+fn prefill(p: &Engine, id: &str, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    let one = SamplingParams {
+        max_tokens: 1,
+        ..params.clone()
+    };
+    run(p, id, prompt, &one, KvTransfer::Hold)
 }
 
 /// Waits (bounded) until every block of `e` is free again.
@@ -174,16 +184,7 @@ fn over_tcp_equals_colocated(cfg: EngineConfig) {
             try_run_logits(&colo, "c", &prompt, &params, KvTransfer::None).expect("colocated");
         for with_first in [true, false] {
             let id = format!("req-{i}-{with_first}");
-            let first = run(
-                &p,
-                &id,
-                &prompt,
-                &SamplingParams {
-                    max_tokens: 1,
-                    ..params.clone()
-                },
-                KvTransfer::Hold,
-            );
+            let first = prefill(&p, &id, &prompt, &params);
             assert_eq!(first, reference[..1]);
             let kv = remote(&g, &id, with_first.then_some(&first[..]));
             let before = d.stats().prompt_tokens_computed;
@@ -353,16 +354,7 @@ fn tls_pulls_are_token_identical_and_untrusted_consumers_get_nothing() {
         .encode("Disaggregation ships the KV cache of each prompt.")
         .expect("encode");
     let reference = run(&colo, "c", &prompt, &params, KvTransfer::None);
-    let first = run(
-        &p,
-        "held",
-        &prompt,
-        &SamplingParams {
-            max_tokens: 1,
-            ..params.clone()
-        },
-        KvTransfer::Hold,
-    );
+    let first = prefill(&p, "held", &prompt, &params);
     let kv = grant(&g, "held", Some(&first));
     let again = || KvTransfer::Remote(RemoteKv { params: kv.clone() });
     let e = try_run(&plain, "p", &prompt, &params, again()).expect_err("plain TCP to TLS");
@@ -376,4 +368,75 @@ fn tls_pulls_are_token_identical_and_untrusted_consumers_get_nothing() {
         assert!(all_free(e));
     }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn a_consumer_loads_only_what_its_prefix_cache_lacks() {
+    let (m, _) = model();
+    let cfg = EngineConfig::default();
+    let (p, fp, g) = producer(cfg.clone());
+    let bytes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bytes.clone();
+    let observer: splitserve_kv::connector::LoadObserver = Arc::new(move |r| {
+        seen.lock().expect("lock").push((r.bytes, r.error.clone()));
+    });
+    let c = Arc::new(TcpConnector::new(
+        fp,
+        g.secret().clone(),
+        None,
+        Some(observer),
+    ));
+    let d = Engine::start_with(m.clone(), cfg.clone(), None, Some(c)).expect("engine");
+    let colo = Engine::start(m.clone(), cfg, None).expect("engine");
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(8)
+    };
+    // A 64-token system prompt (4 blocks) shared by two requests with their own questions.
+    let head = m
+        .tokenizer
+        .encode(&"Answer briefly and cite your sources. ".repeat(12))
+        .expect("encode");
+    let head = &head[..64];
+    let block_bytes = p.kv_layout().block_bytes() as u64;
+    for (k, q) in [
+        "Question: why is the sky blue?",
+        "Question: how do tides work?",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tail = m.tokenizer.encode(q).expect("encode");
+        let prompt = [head, &tail[..]].concat();
+        let (reference, ref_bits) =
+            try_run_logits(&colo, "c", &prompt, &params, KvTransfer::None).expect("colocated");
+        let id = format!("q{k}");
+        let computed = p.stats().prompt_tokens_computed;
+        let first = prefill(&p, &id, &prompt, &params);
+        // The producer prefills what its own cache lacks: all of the first prompt, only
+        // the question of the second (at least the last token is always computed).
+        let cached = if k == 0 { 0 } else { 64 };
+        assert_eq!(
+            p.stats().prompt_tokens_computed - computed,
+            (prompt.len() - cached) as u64
+        );
+        let kv = remote(&g, &id, Some(&first[..]));
+        let (got, bits) = try_run_logits(&d, &id, &prompt, &params, kv).expect("pulled");
+        assert_eq!(got, reference, "request {k}");
+        assert_eq!(bits[1..], ref_bits[1..], "request {k}: logits bits");
+        // On the wire: every block of the first prompt; of the second, only the blocks
+        // after the head the consumer cached while decoding the first.
+        let sent = bytes.lock().expect("lock").pop().expect("a load report");
+        assert_eq!(sent.1, None);
+        let blocks = prompt.len().div_ceil(16) as u64 - if k == 0 { 0 } else { 4 };
+        assert_eq!(sent.0, blocks * block_bytes, "request {k}: bytes pulled");
+    }
+    assert_eq!(
+        d.stats().prompt_tokens_computed,
+        0,
+        "the consumer computed no prompt"
+    );
+    assert_eq!(d.stats().prefix_cache_hits, 64);
+    assert!(all_free(&p));
+    assert!(all_free(&d));
 }

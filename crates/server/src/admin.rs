@@ -309,6 +309,7 @@ fn relay(
                             completion_tokens,
                             queue_time: Duration::ZERO,
                             error: error.map(EngineError::Internal),
+                            cached_tokens: 0,
                         }));
                         return;
                     }
@@ -325,6 +326,7 @@ fn relay(
             prompt_tokens,
             completion_tokens,
             queue_time: Duration::ZERO,
+            cached_tokens: 0,
             error: Some(EngineError::Internal(format!(
                 "migration target {target} failed: {failure}"
             ))),

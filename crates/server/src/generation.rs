@@ -40,6 +40,9 @@ pub struct Spec {
     pub include_usage: bool,
     pub return_token_ids: bool,
     pub logprobs: bool,
+    /// Report `usage.prompt_tokens_details.cached_tokens` (vLLM's
+    /// `--enable-prompt-tokens-details`).
+    pub prompt_tokens_details: bool,
     /// Extra top-level fields of the final response (e.g. `kv_transfer_params`).
     pub extra: Option<Value>,
 }
@@ -135,6 +138,7 @@ pub fn submit_all(
     jobs: &[PromptJob],
     params: &SamplingParams,
     kv: KvTransfer,
+    cache_salt: Option<&str>,
 ) -> Result<impl Stream<Item = Out> + Send + Unpin + 'static, ApiError> {
     let mut streams = Vec::with_capacity(jobs.len());
     let mut kv = Some(kv);
@@ -146,6 +150,7 @@ pub fn submit_all(
             return_logits: false,
             // Only single-prompt requests carry a KV transfer (checked by the caller).
             kv: kv.take().unwrap_or(KvTransfer::None),
+            cache_salt: cache_salt.map(str::to_string),
         })?;
         metrics.prompt_tokens.inc_by(j.ids.len() as u64);
         let tracker = Tracker {
@@ -192,8 +197,14 @@ struct Choice {
     finish: Option<Finished>,
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Token counts of a response; `cached` (prompt tokens that came from the prefix cache)
+/// only where the server reports prompt-token details.
+fn usage(spec: &Spec, prompt: usize, completion: usize, cached: usize) -> Value {
+    let mut u = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    if spec.prompt_tokens_details {
+        u["prompt_tokens_details"] = json!({"cached_tokens": cached});
+    }
+    u
 }
 
 fn completion_logprobs(engine: &Engine, lp: &[TokenLogprob], text_start: usize) -> Value {
@@ -274,12 +285,13 @@ pub async fn collect(
             }
         }
     }
-    let (mut p, mut c) = (0, 0);
+    let (mut p, mut c, mut cached) = (0, 0, 0);
     let mut out = Vec::new();
     for (i, (ch, job)) in choices.iter().zip(jobs).enumerate() {
         if let Some(f) = &ch.finish {
             p += f.prompt_tokens;
             c += f.completion_tokens;
+            cached += f.cached_tokens;
         }
         let mut v = match spec.kind {
             Kind::Completion => {
@@ -310,7 +322,7 @@ pub async fn collect(
         "created": spec.created,
         "model": spec.model,
         "choices": out,
-        "usage": usage(p, c),
+        "usage": usage(spec, p, c, cached),
     });
     if let Some(Value::Object(extra)) = &spec.extra {
         for (k, v) in extra {
@@ -365,7 +377,7 @@ pub fn stream_sse(
                 return;
             }
         }
-        let (mut p, mut c) = (0, 0);
+        let (mut p, mut c, mut cached) = (0, 0, 0);
         while let Some(ev) = events.next().await {
             let v = match ev {
                 Out::Token(i, t) => {
@@ -394,6 +406,7 @@ pub fn stream_sse(
                     }
                     p += f.prompt_tokens;
                     c += f.completion_tokens;
+                    cached += f.cached_tokens;
                     let ch = match spec.kind {
                         Kind::Chat => {
                             json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": f.reason.as_str()})
@@ -416,7 +429,7 @@ pub fn stream_sse(
             }
         }
         if spec.include_usage {
-            let _ = send(chunk(&spec, json!([]), Some(usage(p, c)))).await;
+            let _ = send(chunk(&spec, json!([]), Some(usage(&spec, p, c, cached)))).await;
         }
         let _ = send(Value::String("[DONE]".into())).await;
     });

@@ -132,6 +132,14 @@ pub async fn openai_errors(req: Request, next: Next) -> Response {
             r.headers_mut().insert(k.clone(), v.clone());
         }
     }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body was never read: the connection cannot carry another
+        // request, and a client that tried would see it cut.
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     r
 }
 

@@ -162,6 +162,8 @@ pub struct HttpOptions {
     /// Clients must send `Authorization: Bearer <key>` (all routes but health and metrics).
     pub api_key: Option<http::ApiKey>,
     pub header_read_timeout: std::time::Duration,
+    /// Report prompt-token details (cached tokens) in `usage`.
+    pub prompt_tokens_details: bool,
 }
 
 impl Default for HttpOptions {
@@ -169,6 +171,7 @@ impl Default for HttpOptions {
         Self {
             api_key: None,
             header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
+            prompt_tokens_details: false,
         }
     }
 }
@@ -475,6 +478,7 @@ async fn run(
         // The producer reads its first token id from the response it builds.
         return_token_ids: common.return_token_ids || produce,
         logprobs: params.logprobs.is_some(),
+        prompt_tokens_details: state.http_options().prompt_tokens_details,
         extra: None,
     };
     let consume = matches!(plan, pd::Plan::Consume(_));
@@ -485,7 +489,9 @@ async fn run(
             params: common.kv_transfer_params.clone().unwrap_or_default(),
         }),
     };
-    let mut events = generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv)?;
+    let salt = common.cache_salt()?;
+    let mut events =
+        generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv, salt)?;
     // Submitted: from here the engine's connector releases the hold if the load never runs.
     release.disarm();
     if consume {

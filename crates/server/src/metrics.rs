@@ -19,6 +19,10 @@ pub struct Metrics {
     preemptions: IntGauge,
     pub prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
+    prefix_cache_queries: IntCounter,
+    prefix_cache_hits: IntCounter,
+    /// Two scrapes at once must not both add the same engine-side increment.
+    catch_up: std::sync::Mutex<()>,
     pub request_success: IntCounterVec,
     pub ttft: Histogram,
     pub itl: Histogram,
@@ -75,6 +79,15 @@ impl Metrics {
             preemptions: g("num_preemptions", "Requests preempted so far."),
             prompt_tokens: c("prompt_tokens_total", "Prompt tokens of requests received."),
             generation_tokens: c("generation_tokens_total", "Tokens generated."),
+            prefix_cache_queries: c(
+                "prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            ),
+            prefix_cache_hits: c(
+                "prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache.",
+            ),
+            catch_up: std::sync::Mutex::new(()),
             request_success: IntCounterVec::new(
                 Opts::new(
                     format!("{PREFIX}request_success_total"),
@@ -151,6 +164,8 @@ impl Metrics {
         let _ = r.register(Box::new(m.preemptions.clone()));
         let _ = r.register(Box::new(m.prompt_tokens.clone()));
         let _ = r.register(Box::new(m.generation_tokens.clone()));
+        let _ = r.register(Box::new(m.prefix_cache_queries.clone()));
+        let _ = r.register(Box::new(m.prefix_cache_hits.clone()));
         let _ = r.register(Box::new(m.request_success.clone()));
         let _ = r.register(Box::new(m.held_blocks.clone()));
         let _ = r.register(Box::new(m.kv_bytes_sent.clone()));
@@ -200,6 +215,14 @@ impl Metrics {
             .set(s.prompt_tokens_computed as i64);
         self.preemptions.set(s.preemptions as i64);
         self.held_blocks.set(s.held_blocks as i64);
+        // Counters that live in the engine: add what it counted since the last scrape.
+        let _one = self.catch_up.lock().unwrap_or_else(|e| e.into_inner());
+        for (c, v) in [
+            (&self.prefix_cache_queries, s.prefix_cache_queries),
+            (&self.prefix_cache_hits, s.prefix_cache_hits),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

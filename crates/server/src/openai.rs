@@ -5,6 +5,9 @@ use splitserve_engine::SamplingParams;
 
 use crate::error::ApiError;
 
+/// Longest `cache_salt` accepted, in bytes.
+pub const MAX_CACHE_SALT: usize = 1024;
+
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
 pub enum PromptInput {
@@ -51,6 +54,9 @@ pub struct CommonParams {
     pub return_token_ids: bool,
     /// Disaggregation contract (vLLM's NIXL proxy names).
     pub kv_transfer_params: Option<serde_json::Value>,
+    /// vLLM extension: requests share cached prefix blocks only with requests of the same
+    /// salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -178,6 +184,24 @@ impl CommonParams {
             min_tokens: self.min_tokens.unwrap_or(0),
             logprobs,
         })
+    }
+
+    /// The request's cache salt, checked: not empty, at most [`MAX_CACHE_SALT`] bytes.
+    pub fn cache_salt(&self) -> Result<Option<&str>, ApiError> {
+        match self.cache_salt.as_deref() {
+            Some("") => Err(ApiError::bad(
+                "cache_salt must be a non-empty string",
+                Some("cache_salt"),
+            )),
+            Some(s) if s.len() > MAX_CACHE_SALT => Err(ApiError::bad(
+                format!(
+                    "cache_salt is {} bytes; at most {MAX_CACHE_SALT} are allowed",
+                    s.len()
+                ),
+                Some("cache_salt"),
+            )),
+            s => Ok(s),
+        }
     }
 
     pub fn include_usage(&self) -> bool {

@@ -3,7 +3,7 @@
 //!
 //! Producer, given `{"do_remote_decode": true}`: prefills, samples the first token, holds the
 //! prompt's blocks and answers with `{"do_remote_prefill": true, "remote_engine_id",
-//! "remote_request_id", "remote_block_ids", "remote_host", "remote_port", "first_token_ids",
+//! "remote_request_id", "remote_host", "remote_port", "first_token_ids",
 //! "fingerprint"}` plus a grant: `remote_capability`, `remote_expires_at` and `kv_signature`
 //! (see `splitserve_kv::grant`). Consumer, given those: refuses them unless the signature
 //! checks (nothing is connected to), else submits the request with them; its engine's
@@ -122,8 +122,6 @@ pub(crate) fn produced_params(
         "do_remote_prefill": true,
         "do_remote_decode": false,
         "remote_engine_id": pd.engine_id,
-        // Blocks are found by the grant on our side channel; ids are not needed remotely.
-        "remote_block_ids": [],
         "tp_size": 1,
         "first_token_ids": first,
         "fingerprint": pd.fingerprint,

@@ -23,7 +23,12 @@ struct Server {
 }
 
 async fn start(cfg: EngineConfig) -> Server {
+    start_with(cfg, splitserve_server::HttpOptions::default()).await
+}
+
+async fn start_with(cfg: EngineConfig, http: splitserve_server::HttpOptions) -> Server {
     let state = AppState::start(model(), cfg, "smol".into()).expect("engine");
+    state.set_http_options(http);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -515,4 +520,93 @@ async fn stop_echo_logprobs_and_seed() {
     let (_, b) = s.post("/v1/completions", sampled).await;
     assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"]);
     s.idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_hits_show_in_usage_and_metrics_and_salts_are_checked() {
+    let details = splitserve_server::HttpOptions {
+        prompt_tokens_details: true,
+        ..Default::default()
+    };
+    let s = start_with(EngineConfig::default(), details).await;
+    let prompt = "A long shared instruction that many requests begin with. ".repeat(8);
+    let (st, first) = s.post("/v1/completions", greedy(&prompt, 6)).await;
+    assert_eq!(st, 200, "{first}");
+    let n = first["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt tokens");
+    let hit = (n - 1) / 16 * 16;
+    assert!(hit >= 64, "{n} prompt tokens");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, again) = s.post("/v1/completions", greedy(&prompt, 6)).await;
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        hit
+    );
+    assert_eq!(
+        again["choices"][0]["token_ids"],
+        first["choices"][0]["token_ids"]
+    );
+    // Streamed, with usage: the same count in the last chunk.
+    let mut b = greedy(&prompt, 6);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let (chunks, done) = s.stream("/v1/completions", b).await;
+    assert!(done);
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], hit,
+        "{usage}"
+    );
+
+    // Another tenant's salt finds nothing; its own salt finds its blocks.
+    let mut b = greedy(&prompt, 6);
+    b["cache_salt"] = json!("tenant-b");
+    let (_, v) = s.post("/v1/completions", b.clone()).await;
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, v) = s.post("/v1/completions", b).await;
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], hit);
+    for (salt, what) in [
+        (json!(""), "non-empty"),
+        (json!("x".repeat(1025)), "1025 bytes"),
+    ] {
+        let mut b = greedy(&prompt, 2);
+        b["cache_salt"] = salt;
+        let (st, v) = s.post("/v1/completions", b).await;
+        assert_eq!(st, 400, "{v}");
+        assert_eq!(v["error"]["param"], "cache_salt", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(what),
+            "{v}"
+        );
+    }
+
+    // vLLM's counters, in tokens: five lookups, three hits.
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("splitserve:{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(value("prefix_cache_queries_total"), (5 * n) as f64);
+    assert_eq!(value("prefix_cache_hits_total"), (3 * hit) as f64);
+    let h = s.idle().await;
+    assert_eq!(
+        h["free_blocks"], h["total_blocks"],
+        "cached blocks count as free"
+    );
+
+    // Without prompt-token details (the default, as in vLLM) usage has only the counts.
+    let plain = start(EngineConfig::default()).await;
+    let (_, v) = plain.post("/v1/completions", greedy(&prompt, 2)).await;
+    assert!(v["usage"]["prompt_tokens_details"].is_null(), "{v}");
 }

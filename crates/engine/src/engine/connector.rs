@@ -69,19 +69,29 @@ impl Lease {
 }
 
 /// The blocks allocated for a request's remote KV, lent to the connector to write into.
+/// The request's first [`LoadTarget::first_block`] blocks are already here (found in the
+/// prefix cache): only the blocks after them are lent and loaded.
 pub struct LoadTarget {
     lease: Lease,
     n_tokens: usize,
+    first_block: usize,
     done: bool,
 }
 
 impl LoadTarget {
-    pub(super) fn new(lease: Lease, n_tokens: usize) -> Self {
+    pub(super) fn new(lease: Lease, n_tokens: usize, first_block: usize) -> Self {
         Self {
             lease,
             n_tokens,
+            first_block,
             done: false,
         }
+    }
+
+    /// Blocks of the prompt (in position order) before the first lent one: the connector
+    /// loads from this block on.
+    pub fn first_block(&self) -> usize {
+        self.first_block
     }
 
     pub fn request_id(&self) -> &str {
@@ -92,16 +102,19 @@ impl LoadTarget {
         self.lease.mem.layout
     }
 
-    /// Tokens whose KV is to be loaded.
+    /// Prompt tokens whose KV the request has once the load is done (those of the blocks
+    /// already here included).
     pub fn n_tokens(&self) -> usize {
         self.n_tokens
     }
 
+    /// Blocks lent to be filled.
     pub fn n_blocks(&self) -> usize {
         self.lease.blocks.len()
     }
 
-    /// The K bytes and the V bytes of block `i` (position order) in `layer`, to fill.
+    /// The K bytes and the V bytes of lent block `i` (position order, from
+    /// [`LoadTarget::first_block`]) in `layer`, to fill.
     pub fn block_mut(&mut self, layer: usize, i: usize) -> [&mut [u8]; 2] {
         let b = self.lease.blocks[i];
         // SAFETY: the block is lent to this target alone (the engine keeps away until the

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
-use super::{Core, Event, Seq};
+use super::{Core, Event, Seq, SeqCache};
 use crate::error::EngineError;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::RequestState;
@@ -246,6 +246,8 @@ impl Core {
             sent: st.sent,
             arrived: Instant::now(),
             first_scheduled: None,
+            // Its cache salt did not travel with it: its blocks are never shared here.
+            cache: SeqCache::new(None, self.cache.layout.block_size),
         };
         self.waiting.push_back(seq);
         self.publish();

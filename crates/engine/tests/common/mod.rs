@@ -32,6 +32,7 @@ pub fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer
         params: params.clone(),
         return_logits: true,
         kv,
+        cache_salt: None,
     }
 }
 
@@ -54,6 +55,8 @@ pub struct Output {
     pub logit_hashes: Vec<u64>,
     pub text: String,
     pub reason: FinishReason,
+    /// Prompt tokens the prefix cache gave it.
+    pub cached_tokens: usize,
 }
 
 pub fn hash_bits(v: &[f32]) -> u64 {
@@ -77,6 +80,7 @@ pub fn submit(
             params,
             return_logits: true,
             kv: KvTransfer::None,
+            cache_salt: None,
         })
         .expect("submit")
 }
@@ -87,6 +91,7 @@ pub fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
         logit_hashes: vec![],
         text: String::new(),
         reason: FinishReason::Abort,
+        cached_tokens: 0,
     };
     while let Some(ev) = rx.blocking_recv() {
         match ev {
@@ -100,6 +105,7 @@ pub fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Output {
             Event::Finished(f) => {
                 assert!(f.error.is_none(), "engine error: {:?}", f.error);
                 out.reason = f.reason;
+                out.cached_tokens = f.cached_tokens;
                 break;
             }
         }
@@ -139,9 +145,20 @@ pub fn solo(cfg: &EngineConfig, prompts: &[Vec<u32>], params: &SamplingParams) -
 
 /// Waits (bounded) until the engine's free-block count is back to its total.
 pub fn wait_all_free(engine: &Engine) -> splitserve_engine::StatsSnapshot {
-    for _ in 0..200 {
+    wait_stats(engine, |s| {
+        s.free_blocks == s.total_blocks && s.running == 0 && s.waiting == 0
+    })
+}
+
+/// The engine publishes its counters at the end of each loop turn, after the events of
+/// that turn went out: waits (up to 10 s) until they say `done`, and returns the last seen.
+pub fn wait_stats(
+    engine: &Engine,
+    done: impl Fn(&splitserve_engine::StatsSnapshot) -> bool,
+) -> splitserve_engine::StatsSnapshot {
+    for _ in 0..1000 {
         let s = engine.stats();
-        if s.free_blocks == s.total_blocks && s.running == 0 && s.waiting == 0 {
+        if done(&s) {
             return s;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));

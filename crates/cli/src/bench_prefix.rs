@@ -1,0 +1,174 @@
+//! `splitserve bench prefix`: the prefix cache's worth in one run. The same workload
+//! (`bench serve`'s `prefix` or `multiturn` dataset) goes to a server with automatic prefix
+//! caching and then to one without; prints TTFT side by side and their ratio, writes JSON
+//! and a TTFT CDF plot.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use splitserve_bench::load::{Report, ServeBenchArgs};
+
+#[derive(clap::Args, Clone, serde::Serialize)]
+pub struct BenchPrefixArgs {
+    /// GGUF model file (default: the default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `prefix` (a shared head + suffixes of their own) or `multiturn`.
+    #[arg(long, default_value = "prefix")]
+    pub dataset: String,
+    /// Tokens of the shared head (`prefix`).
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_len: usize,
+    /// Tokens of each prompt's own suffix (`prefix`), or of each new turn (`multiturn`).
+    #[arg(long, default_value_t = 64)]
+    pub input_len: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 8)]
+    pub output_len: usize,
+    /// Turns per conversation (`multiturn`).
+    #[arg(long, default_value_t = 4)]
+    pub turns: usize,
+    /// Requests per arm.
+    #[arg(long, default_value_t = 24)]
+    pub num_prompts: usize,
+    /// Requests in flight at most (1: each TTFT is the server's alone).
+    #[arg(long, default_value_t = 1)]
+    pub max_concurrency: usize,
+    /// Kernel threads of the server.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Loopback port of the server under test.
+    #[arg(long, default_value_t = 18400)]
+    pub port: u16,
+    /// Where the JSON and the plot go.
+    #[arg(long, default_value = "bench-results/prefix")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(a: BenchPrefixArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.num_prompts >= 2 && a.num_prompts <= 10_000,
+        "--num-prompts must be in [2, 10000]"
+    );
+    anyhow::ensure!(
+        a.max_concurrency >= 1 && a.max_concurrency <= 256,
+        "--max-concurrency must be in [1, 256]"
+    );
+    let model = crate::model_path(&a.model)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut reports = Vec::new();
+    for caching in [true, false] {
+        let name = if caching { "caching on" } else { "caching off" };
+        eprintln!("[{name}] starting the server");
+        let r = rt.block_on(arm(&a, &model, caching))?;
+        println!("[{name}]\n{}", r.table());
+        reports.push((name, r));
+    }
+    let (on, off) = (&reports[0].1, &reports[1].1);
+    let p50 = on.ttft_ms.p50 / off.ttft_ms.p50;
+    let p99 = on.ttft_ms.p99 / off.ttft_ms.p99;
+    let summary = format!(
+        "{} dataset, {} requests per arm: TTFT p50 {:.1} ms with caching, {:.1} ms without ({p50:.3}x); p99 {:.1} vs {:.1} ms ({p99:.3}x)\n",
+        a.dataset, a.num_prompts, on.ttft_ms.p50, off.ttft_ms.p50, on.ttft_ms.p99, off.ttft_ms.p99
+    );
+    print!("{summary}");
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let cpu = cpu_model();
+    let out = json!({
+        "args": a,
+        "cpu": cpu,
+        "ttft_p50_ratio": p50,
+        "ttft_p99_ratio": p99,
+        "arms": reports.iter().map(|(n, r)| json!({
+            "arm": n,
+            "ttft_ms": r.ttft_ms,
+            "itl_ms": r.itl_ms,
+            "e2e_ms": r.e2e_ms,
+            "completed": r.completed,
+            "failed": r.failed,
+            "cached_prompt_tokens": r.cached_prompt_tokens(),
+        })).collect::<Vec<Value>>(),
+    });
+    let json_path = a.out.join(format!("{}.json", a.dataset));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&out)?)?;
+    let plot = a.out.join(format!("{}-ttft.svg", a.dataset));
+    let series: Vec<(String, Vec<f64>)> = reports
+        .iter()
+        .map(|(n, r)| {
+            let v = r.requests.iter().filter(|q| q.ok).map(|q| q.ttft_ms);
+            (n.to_string(), v.collect())
+        })
+        .collect();
+    splitserve_bench::plot::cdf_of(
+        &plot,
+        &format!("TTFT, {} dataset, prefix caching on vs off", a.dataset),
+        "time to first token (ms, log scale)",
+        "fraction of requests ≤ x",
+        &series,
+    )?;
+    println!("wrote {} and {}", json_path.display(), plot.display());
+    Ok(())
+}
+
+/// The CPU's model name, for the record next to the numbers.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Result<Report> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("serve")
+        .arg("--model")
+        .arg(model)
+        .args(["--port", &a.port.to_string()])
+        .args(["--threads", &a.threads.to_string()])
+        .arg("--enable-prompt-tokens-details");
+    if !caching {
+        cmd.arg("--no-enable-prefix-caching");
+    }
+    let mut child = crate::bench_pd::spawn_quiet(cmd).context("starting the server")?;
+    let url = format!("http://127.0.0.1:{}", a.port);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    crate::bench_pd::wait_ready(&client, &url, &mut child).await?;
+    let args = ServeBenchArgs {
+        base_url: url,
+        model: None,
+        dataset: a.dataset.clone(),
+        prefix_len: a.prefix_len,
+        num_prefixes: 1,
+        turns: a.turns,
+        num_prompts: a.num_prompts,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        range_ratio: 0.0,
+        request_rate: "inf".into(),
+        max_concurrency: Some(a.max_concurrency),
+        seed: a.seed,
+        slo_ttft_ms: 1000.0,
+        slo_itl_ms: 50.0,
+        result_json: None,
+        timeout_s: 600.0,
+        no_progress: false,
+    };
+    let r = splitserve_bench::load::run(&args, Value::Null).await?;
+    drop(child);
+    Ok(r)
+}
