@@ -134,12 +134,15 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             }
         }
         let params = grants.issue(&id, Duration::from_secs(60))?;
+        let params = splitserve_kv::KvTransferParams::parse(Some(&params))?
+            .context("a grant is an object")?;
+        let remote = RemoteKv::new(splitserve_kv::RemoteAddr::verify(&params, grants.secret())?);
         let mut rx = consumer.submit(Request {
             id: id.clone(),
             prompt: prompt.clone(),
             params: SamplingParams::greedy(1),
             return_logits: false,
-            kv: KvTransfer::Remote(RemoteKv { params }),
+            kv: KvTransfer::Remote(remote),
             cache_salt: None,
         })?;
         while let Some(ev) = rx.blocking_recv() {

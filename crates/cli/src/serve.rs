@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use splitserve_engine::{ComputePriority, CpuList, EngineConfig, KvDtype, KvLayout, Model};
 use splitserve_kv::{Fingerprint, KvTransferConfig};
-use splitserve_server::{AppState, PdConfig};
+use splitserve_server::{AppState, PdSetup};
 
 /// Engine flags, named as vLLM names them.
 #[derive(clap::Args, Clone, Debug)]
@@ -175,42 +175,38 @@ fn fingerprint(path: &std::path::Path, model: &Model, cfg: &EngineConfig) -> Res
     Ok(Fingerprint::new(&sha, &model.config, &layout))
 }
 
-/// The role's config: fingerprint (hashing the model file) and, for a producer, the bound
-/// side channel.
+/// The role's setup: fingerprint (hashing the model file), the pair's secret and, for a
+/// producer, the bound side channel.
 fn pd_setup(
     kv: &KvTransferConfig,
     path: &std::path::Path,
     model: &Model,
     cfg: &EngineConfig,
     http_port: u16,
-) -> Result<(PdConfig, Option<std::net::TcpListener>)> {
+) -> Result<PdSetup> {
     let fingerprint = fingerprint(path, model, cfg)?;
     let secret = kv.secret(&splitserve_engine::model_file::cache_dir())?;
-    let (listener, side_channel) = if kv.kv_role.produces() {
+    let listener = if kv.kv_role.produces() {
         let x = &kv.kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
         let l = std::net::TcpListener::bind(&addr)
             .with_context(|| format!("binding the KV side channel {addr}"))?;
-        let a = l.local_addr()?;
-        (Some(l), Some(a))
+        Some(l)
     } else {
-        (None, None)
+        None
     };
     let engine_id = kv
         .engine_id
         .clone()
         .unwrap_or_else(|| format!("splitserve-{}-{http_port}", std::process::id()));
-    Ok((
-        PdConfig {
-            config: kv.clone(),
-            fingerprint,
-            side_channel,
-            engine_id,
-            secret,
-            tls: kv.tls()?,
-        },
+    Ok(PdSetup {
+        config: kv.clone(),
+        fingerprint,
+        secret,
+        tls: kv.tls()?,
+        engine_id,
         listener,
-    ))
+    })
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -227,14 +223,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let mut cfg = a.engine.engine_config();
-    let (pd, side) = match &a.kv_transfer_config {
+    let pd = match &a.kv_transfer_config {
         Some(kv) => {
             cfg.kv_hold_timeout = kv.hold_timeout();
             cfg.kv_load_failure_policy = kv.kv_load_failure_policy;
-            let (pd, l) = pd_setup(kv, &path, &model, &cfg, a.port)?;
-            (Some(pd), l)
+            Some(pd_setup(kv, &path, &model, &cfg, a.port)?)
         }
-        None => (None, None),
+        None => None,
     };
     let admin_fp = match (&a.admin_port, &pd) {
         (Some(_), None) => Some(fingerprint(&path, &model, &cfg)?),
@@ -246,22 +241,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let mut http = a.http.options()?;
     http.prompt_tokens_details = a.enable_prompt_tokens_details;
-    let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd.clone())?;
+    let state = AppState::start_pd(model, cfg.clone(), name.clone(), pd)?;
     state.set_http_options(http);
     state.set_migrate_targets(a.migrate_targets.clone());
     if let Some(fp) = admin_fp {
         state.set_fingerprint(fp);
     }
-    if let Some(pd) = &pd {
-        if let Some(l) = side {
-            splitserve_server::start_side_channel(&state, pd, l);
-        }
+    if let Some(role) = state.kv_role() {
+        let c = role.config();
         tracing::info!(
-            side_channel = ?pd.side_channel,
-            engine_id = %pd.engine_id,
+            side_channel = ?role.side_channel(),
             "{}: registered as {}",
-            pd.config.kv_connector,
-            pd.config.kv_role.as_str()
+            c.kv_connector,
+            c.kv_role.as_str()
         );
     }
     // HTTP work is light (tokenizing runs on blocking threads); two I/O threads, so that

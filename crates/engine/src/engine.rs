@@ -22,7 +22,7 @@ mod connector;
 mod migrate;
 mod placement;
 use connector::Lease;
-pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv};
+pub use connector::{HeldKv, KvConnector, LoadTarget, RemoteFirst, RemoteKv, SavedBlock};
 use migrate::PendingPark;
 pub use migrate::{LiveState, Migration, Parked, RequestInfo};
 pub use placement::{ComputePriority, CpuList};
@@ -1320,8 +1320,15 @@ impl Core {
                 let full = s.num_computed / self.cache.layout.block_size;
                 if full > s.cache.registered {
                     s.block_hashes();
+                    let saver = self.connector.as_ref().filter(|c| c.wants_saves());
                     for j in s.cache.registered..full.min(s.cache.hashes.len()) {
-                        self.cache.register(s.cache.hashes[j], s.blocks[j]);
+                        let new = self.cache.register(s.cache.hashes[j], s.blocks[j]);
+                        if let Some(c) = saver.filter(|_| new) {
+                            c.save_block(
+                                &s.cache.hashes[j],
+                                SavedBlock::new(&self.cache.mem, s.blocks[j]),
+                            );
+                        }
                     }
                     s.cache.registered = full;
                 }

@@ -526,16 +526,19 @@ impl KvCache {
         }
     }
 
-    /// Records that `block`, owned and fully computed, holds the tokens `hash` names. A
-    /// hash already cached in another block keeps that block (this one stays private).
-    pub fn register(&mut self, hash: BlockHash, block: u32) {
+    /// Records that `block`, owned and fully computed, holds the tokens `hash` names;
+    /// whether it is newly cached. A hash already cached in another block keeps that block
+    /// (this one stays private).
+    pub fn register(&mut self, hash: BlockHash, block: u32) -> bool {
         if !self.prefix_caching || self.hash[block as usize].is_some() {
-            return;
+            return false;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(block);
             self.hash[block as usize] = Some(hash);
+            return true;
         }
+        false
     }
 
     /// Whether `block` may be written: owned by one request only and not in the cache.

@@ -20,8 +20,8 @@ mod tokenizer;
 pub use engine::{
     ComputePriority, CpuList, Engine, EngineConfig, EngineStats, Event, FinishReason, Finished,
     HeldKv, KvConnector, KvImport, KvTransfer, LiveState, LoadFailurePolicy, LoadTarget, Migration,
-    Parked, RemoteFirst, RemoteKv, Request, RequestInfo, StatsSnapshot, StepHook, StepInfo,
-    TokenOut,
+    Parked, RemoteFirst, RemoteKv, Request, RequestInfo, SavedBlock, StatsSnapshot, StepHook,
+    StepInfo, TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};

@@ -55,9 +55,7 @@ fn consumer(conn: &Arc<Manual>) -> Engine {
 }
 
 fn remote() -> KvTransfer {
-    KvTransfer::Remote(RemoteKv {
-        params: serde_json::json!({}),
-    })
+    KvTransfer::Remote(RemoteKv::new(()))
 }
 
 /// Writes a producer's exported KV into the lent blocks, as a transport would.
@@ -240,4 +238,87 @@ fn a_failed_load_is_recomputed_under_the_recompute_policy() {
     assert_eq!(s.load_failures_recomputed, 1);
     assert_eq!(s.prompt_tokens_computed, prompt.len() as u64);
     assert_eq!(s.free_blocks, s.total_blocks);
+}
+
+/// Keeps every block the engine offers, as a store connector would.
+#[derive(Default)]
+struct Store {
+    saved: Mutex<Vec<([u8; 32], Vec<u8>)>>,
+}
+
+impl KvConnector for Store {
+    fn remote_tokens(&self, _: &RemoteKv, _: usize) -> usize {
+        0
+    }
+    fn start_load(&self, _: RemoteKv, target: LoadTarget) {
+        target.finish(Err("a store loads nothing here".into()));
+    }
+    fn release(&self, _: RemoteKv) {}
+    fn wants_saves(&self) -> bool {
+        true
+    }
+    fn save_block(&self, hash: &[u8; 32], block: splitserve_engine::SavedBlock<'_>) {
+        let mut bytes = Vec::new();
+        for layer in 0..block.layout().n_layer {
+            for part in block.layer(layer) {
+                bytes.extend_from_slice(part);
+            }
+        }
+        self.saved.lock().expect("lock").push((*hash, bytes));
+    }
+}
+
+#[test]
+fn full_blocks_are_offered_for_saving_once_by_their_hash() {
+    let m = common::real_model();
+    let prompt = m
+        .tokenizer
+        .encode(&"Blocks are saved by the hash of their tokens. ".repeat(4))
+        .expect("encode");
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(20)
+    };
+    let run = |budget: usize| {
+        let store = Arc::new(Store::default());
+        let e = Engine::start_with(
+            m.clone(),
+            EngineConfig {
+                max_num_batched_tokens: budget,
+                prefix_cache_identity: "the model's fingerprint".into(),
+                ..EngineConfig::default()
+            },
+            None,
+            Some(store.clone() as Arc<dyn KvConnector>),
+        )
+        .expect("engine");
+        let out = collect(
+            e.submit(request("s", &prompt, &params, KvTransfer::None))
+                .expect("submit"),
+        );
+        // The same prompt again: its blocks are cached, nothing new to save but what
+        // its own generated tokens fill.
+        let again = collect(
+            e.submit(request("s2", &prompt, &params, KvTransfer::None))
+                .expect("submit"),
+        );
+        assert_eq!(again.tokens, out.tokens);
+        let layout = e.kv_layout();
+        let saved = std::mem::take(&mut *store.saved.lock().expect("lock"));
+        (saved, layout, out.tokens)
+    };
+    let (saved, layout, tokens) = run(512);
+    // Every full block of prompt + generated tokens whose KV was computed (the last
+    // token's is not), once, under the hash the prefix cache gives it.
+    let all: Vec<u32> = [&prompt[..], &tokens[..]].concat();
+    let computed = all.len() - 1;
+    let root = splitserve_engine::prefix_cache::root("the model's fingerprint", None);
+    let mut hashes = Vec::new();
+    splitserve_engine::prefix_cache::extend(&root, &all[..computed], 16, &mut hashes);
+    let got: Vec<[u8; 32]> = saved.iter().map(|(h, _)| *h).collect();
+    assert_eq!(got, hashes);
+    assert!(saved.iter().all(|(_, b)| b.len() == layout.block_bytes()));
+    // Computed in chunks of 7, the same blocks hold the same bytes.
+    let (chunked, _, _) = run(7);
+    assert_eq!(chunked, saved);
 }

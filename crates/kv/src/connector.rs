@@ -1,9 +1,9 @@
 //! `TcpConnector`: the engine's [`KvConnector`] over the TCP transport (consumer side).
 //!
-//! Scheduler side: a request whose `kv_transfer_params` are a grant signed by a producer of
+//! Scheduler side: a request whose `kv_transfer_params` were a grant signed by a producer of
 //! this pair (`remote_host`, `remote_port`, `remote_request_id`, `remote_capability`,
-//! `remote_expires_at`, `kv_signature`; see [`crate::grant`]) can have its whole prompt's KV
-//! loaded; params that do not verify name no producer, and nothing is connected to. Worker side: a
+//! `remote_expires_at`, `kv_signature`; see [`crate::grant`]), verified when it arrived
+//! ([`crate::role`]), can have its prompt's KV loaded; nothing else names a producer. Worker side: a
 //! thread per load pulls it straight into the blocks the engine lent, then ends the load
 //! with the producer's first token (our `first_token_ids`) or, under vLLM's contract
 //! (none given), with no token: the engine recomputes the last prompt position.
@@ -71,19 +71,17 @@ impl TcpConnector {
 
 impl KvConnector for TcpConnector {
     fn remote_tokens(&self, remote: &RemoteKv, prompt_len: usize) -> usize {
-        match RemoteAddr::verify(&remote.params, &self.secret) {
-            Ok(_) => prompt_len,
-            Err(_) => 0,
+        // A grant verified when the request arrived (`role::KvRoleConnector::plan`).
+        match remote.get::<RemoteAddr>() {
+            Some(_) => prompt_len,
+            None => 0,
         }
     }
 
     fn start_load(&self, remote: RemoteKv, mut target: LoadTarget) {
-        let r = match RemoteAddr::verify(&remote.params, &self.secret) {
-            Ok(r) => r,
-            Err(e) => {
-                target.finish(Err(e.to_string()));
-                return;
-            }
+        let Some(r) = remote.get::<RemoteAddr>().cloned() else {
+            target.finish(Err("not a TcpConnector grant".into()));
+            return;
         };
         if let Some(f) = &self.on_start {
             f();
@@ -141,7 +139,7 @@ impl KvConnector for TcpConnector {
     }
 
     fn release(&self, remote: RemoteKv) {
-        if let Ok(r) = RemoteAddr::verify(&remote.params, &self.secret) {
+        if let Some(r) = remote.get::<RemoteAddr>().cloned() {
             let (fp, secret, tls) = (
                 self.fingerprint.clone(),
                 self.secret.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::auth::Secret;
 use crate::fingerprint::Fingerprint;
 use crate::grant::{Grants, RemoteAddr};
+use crate::params::KvTransferParams;
 use crate::tcp::{handshake as shake, read_frame, Conn, Role};
 use crate::wire::Frame;
 
@@ -77,10 +78,12 @@ pub fn handshake(data: &[u8]) {
 pub fn transfer_params(data: &[u8]) {
     let (_, secret) = producer();
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-        assert!(
-            RemoteAddr::verify(&v, &secret).is_err(),
-            "unsigned params verified: {v}"
-        );
+        if let Ok(Some(p)) = KvTransferParams::parse(Some(&v)) {
+            assert!(
+                RemoteAddr::verify(&p, &secret).is_err(),
+                "unsigned params verified: {v}"
+            );
+        }
     }
     let grants = Grants::new(secret.clone(), ([127, 0, 0, 1], 5600).into());
     let Ok(grant) = grants.issue("fuzz-0", Duration::from_secs(60)) else {
@@ -102,10 +105,12 @@ pub fn transfer_params(data: &[u8]) {
             continue;
         }
         v[field] = new;
-        assert!(
-            RemoteAddr::verify(&v, &secret).is_err(),
-            "{field} changed, still verified"
-        );
+        if let Ok(Some(p)) = KvTransferParams::parse(Some(&v)) {
+            assert!(
+                RemoteAddr::verify(&p, &secret).is_err(),
+                "{field} changed, still verified"
+            );
+        }
     }
 }
 

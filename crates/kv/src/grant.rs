@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::auth::{hex, random_bytes, unhex, Secret, SecretError};
+use crate::params::KvTransferParams;
 
 const LABEL: &[u8] = b"splitserve-kv-grant-v1";
 /// Grants outstanding at most; a hold's blocks bound them in practice.
@@ -62,13 +63,8 @@ fn signed_parts<'a>(
 }
 
 impl RemoteAddr {
-    /// Whether the params ask for a remote prefill at all (name a producer).
-    pub fn named(p: &Value) -> bool {
-        p.get("remote_host").is_some_and(|v| !v.is_null())
-    }
-
     /// Checks the producer's signature and expiry; only then are the params acted on.
-    pub fn verify(p: &Value, secret: &Secret) -> Result<Self, GrantError> {
+    pub fn verify(p: &KvTransferParams, secret: &Secret) -> Result<Self, GrantError> {
         let s = |name: &'static str| {
             p.get(name)
                 .and_then(Value::as_str)
@@ -199,6 +195,12 @@ impl Grants {
 mod tests {
     use super::*;
 
+    fn kp(v: &Value) -> KvTransferParams {
+        KvTransferParams::parse(Some(v))
+            .expect("an object")
+            .expect("not null")
+    }
+
     fn grants() -> Grants {
         Grants::new(
             Secret::from_bytes(b"a shared secret of this pair", "test").unwrap(),
@@ -210,7 +212,11 @@ mod tests {
     fn a_grant_verifies_and_redeems_once() {
         let g = grants();
         let p = g.issue("cmpl-1-0", Duration::from_secs(30)).unwrap();
-        let r = RemoteAddr::verify(&p, g.secret()).unwrap();
+        let r = RemoteAddr::verify(&kp(&p), g.secret()).unwrap();
+        // Fields a proxy adds on the way are not signed and change nothing.
+        let mut hop = p.clone();
+        hop["x_proxy_hop"] = json!({"via": "router-1"});
+        assert_eq!(RemoteAddr::verify(&kp(&hop), g.secret()), Ok(r.clone()));
         assert_eq!(r.addr, "127.0.0.1:5600");
         assert_eq!(r.request_id, "cmpl-1-0");
         assert_eq!(r.capability.len(), 32);
@@ -238,7 +244,7 @@ mod tests {
             let mut q = p.clone();
             q[field] = v;
             assert_eq!(
-                RemoteAddr::verify(&q, g.secret()),
+                RemoteAddr::verify(&kp(&q), g.secret()),
                 Err(GrantError::Signature),
                 "{field}"
             );
@@ -246,17 +252,20 @@ mod tests {
         let mut q = p.clone();
         q.as_object_mut().unwrap().remove("kv_signature");
         assert_eq!(
-            RemoteAddr::verify(&q, g.secret()),
+            RemoteAddr::verify(&kp(&q), g.secret()),
             Err(GrantError::Field("kv_signature"))
         );
         // Another pair's secret.
         let other = Secret::from_bytes(b"another pair's secret......", "t").unwrap();
-        assert_eq!(RemoteAddr::verify(&p, &other), Err(GrantError::Signature));
+        assert_eq!(
+            RemoteAddr::verify(&kp(&p), &other),
+            Err(GrantError::Signature)
+        );
         // first_token_ids is not signed but must be well-formed.
         let mut q = p.clone();
         q["first_token_ids"] = json!(["x"]);
         assert_eq!(
-            RemoteAddr::verify(&q, g.secret()),
+            RemoteAddr::verify(&kp(&q), g.secret()),
             Err(GrantError::Field("first_token_ids"))
         );
     }
@@ -276,7 +285,7 @@ mod tests {
         q["remote_expires_at"] = json!(1000);
         q["kv_signature"] = json!(hex(&tag));
         assert!(matches!(
-            RemoteAddr::verify(&q, g.secret()),
+            RemoteAddr::verify(&kp(&q), g.secret()),
             Err(GrantError::Expired(_))
         ));
     }

@@ -12,7 +12,7 @@ use splitserve_engine::{
 };
 use splitserve_kv::tcp::SideChannel;
 use splitserve_kv::tls::Tls;
-use splitserve_kv::{Fingerprint, Grants, Secret, TcpConnector};
+use splitserve_kv::{Fingerprint, Grants, KvTransferParams, RemoteAddr, Secret, TcpConnector};
 
 fn model() -> (Arc<Model>, String) {
     static M: OnceLock<(Arc<Model>, String)> = OnceLock::new();
@@ -104,10 +104,18 @@ fn grant(g: &Grants, id: &str, first: Option<&[u32]>) -> serde_json::Value {
     p
 }
 
+/// What the consumer's server submits for `params`: the grant, verified as a request
+/// arrives.
+fn verified(g: &Grants, params: &serde_json::Value) -> KvTransfer {
+    let p = KvTransferParams::parse(Some(params))
+        .expect("an object")
+        .expect("not null");
+    let r = RemoteAddr::verify(&p, g.secret()).expect("signed by the pair");
+    KvTransfer::Remote(RemoteKv::new(r))
+}
+
 fn remote(g: &Grants, id: &str, first: Option<&[u32]>) -> KvTransfer {
-    KvTransfer::Remote(RemoteKv {
-        params: grant(g, id, first),
-    })
+    verified(g, &grant(g, id, first))
 }
 
 /// The producer's part: prefills `prompt`, samples its first token and holds its KV.
@@ -282,11 +290,7 @@ fn mismatched_fingerprint_is_refused_before_kv_crosses() {
     assert!(p.stats().free_blocks < p.stats().total_blocks);
     let d = consumer(fp, &g, EngineConfig::default());
     let params = grant(&g, "held", None);
-    let again = || {
-        KvTransfer::Remote(RemoteKv {
-            params: params.clone(),
-        })
-    };
+    let again = || verified(&g, &params);
     let got = run(&d, "r", &prompt, &SamplingParams::greedy(4), again());
     assert_eq!(got.len(), 4);
     assert!(all_free(&p));
@@ -356,7 +360,7 @@ fn tls_pulls_are_token_identical_and_untrusted_consumers_get_nothing() {
     let reference = run(&colo, "c", &prompt, &params, KvTransfer::None);
     let first = prefill(&p, "held", &prompt, &params);
     let kv = grant(&g, "held", Some(&first));
-    let again = || KvTransfer::Remote(RemoteKv { params: kv.clone() });
+    let again = || verified(&g, &kv);
     let e = try_run(&plain, "p", &prompt, &params, again()).expect_err("plain TCP to TLS");
     assert!(e.to_string().contains("failed"), "{e}");
     let e = try_run(&wrong_ca, "w", &prompt, &params, again()).expect_err("untrusted cert");

@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use splitserve_kv::{Ask, KvTransferParams};
 use splitserve_server::http::ApiKey;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -361,16 +362,20 @@ async fn prefill(p: &Proxy, id: &HeaderValue, req: &Value, path: &str) -> Result
             format!("prefill instance {purl} sent a bad response: {e}"),
         )
     })?;
-    let params = pjson["kv_transfer_params"].clone();
-    if !params.is_object() {
-        return Err(error(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            format!(
-                "prefill instance {purl} returned no kv_transfer_params (is it a kv_producer?)"
-            ),
-        ));
-    }
+    // Passed on as they came (a producer's own fields included), once they say where the
+    // KV waits.
+    let params = match KvTransferParams::parse(pjson.get("kv_transfer_params")) {
+        Ok(Some(p)) if p.ask == Ask::Consume => p.to_value(),
+        _ => {
+            return Err(error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!(
+                    "prefill instance {purl} returned no kv_transfer_params for a remote decode (is it a kv_producer?)"
+                ),
+            ))
+        }
+    };
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::debug!(id = ?id, prefill = %purl, prefill_ms, "prefilled");
     Ok(params)

@@ -22,13 +22,14 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model, RemoteKv};
-use splitserve_kv::{Fingerprint, Grants};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model};
+use splitserve_kv::role::{KvRoleConnector, Plan};
+use splitserve_kv::Fingerprint;
 
 pub use admin::admin_router;
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use pd::{start_side_channel, PdConfig};
+pub use splitserve_kv::role::Setup as PdSetup;
 
 use generation::{Kind, PromptJob, Spec};
 use openai::{ChatRequest, CompletionRequest, ContentInput, PromptInput};
@@ -40,9 +41,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     model_name: String,
     counter: AtomicU64,
-    pd: Option<PdConfig>,
-    /// The producer's outstanding grants of held KV.
-    grants: Option<Arc<Grants>>,
+    /// The KV connector of this server's role in a pair.
+    pd: Option<Arc<dyn KvRoleConnector>>,
     /// Set by a drain: new requests are refused, live ones migrate away.
     draining: AtomicBool,
     /// What a migration's peer must match (set when admin endpoints are on).
@@ -68,19 +68,22 @@ impl AppState {
         Self::start_pd(model, cfg, model_name, None)
     }
 
-    /// Starts an engine that plays a part in a disaggregated pair (`pd`) or none.
+    /// Starts an engine that plays a part in a disaggregated pair (`pd`) or none; a
+    /// producer serves its held KV from here on.
     pub fn start_pd(
         model: Arc<Model>,
         cfg: EngineConfig,
         model_name: String,
-        pd: Option<PdConfig>,
+        pd: Option<PdSetup>,
     ) -> Result<Self, splitserve_engine::EngineError> {
         let metrics = Arc::new(Metrics::new());
         let m = metrics.clone();
-        let connector = pd
-            .as_ref()
-            .filter(|p| p.config.kv_role.consumes())
-            .map(|p| pd::connector(p, &metrics));
+        let internal = splitserve_engine::EngineError::Internal;
+        let pd = pd
+            .map(|s| splitserve_kv::role::build(s, pd::hooks(&metrics)))
+            .transpose()
+            .map_err(|e| internal(e.to_string()))?;
+        let connector = pd.as_ref().and_then(|p| p.engine_connector());
         let engine = Engine::start_with(
             model,
             cfg,
@@ -91,17 +94,15 @@ impl AppState {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| splitserve_engine::EngineError::Internal(e.to_string()))?;
-        let grants = pd.as_ref().and_then(|p| {
-            let addr = p.side_channel.filter(|_| p.config.kv_role.produces())?;
-            Some(Arc::new(Grants::new(p.secret.clone(), addr)))
-        });
+        if let Some(p) = pd.as_ref().filter(|p| p.config().kv_role.produces()) {
+            p.start(&engine).map_err(|e| internal(e.to_string()))?;
+        }
         Ok(Self(Arc::new(Inner {
             engine,
             metrics,
             model_name,
             counter: AtomicU64::new(0),
             pd,
-            grants,
             draining: AtomicBool::new(false),
             fingerprint: OnceLock::new(),
             migrate_targets: OnceLock::new(),
@@ -140,11 +141,12 @@ impl AppState {
         self.0
             .fingerprint
             .get()
-            .or_else(|| self.0.pd.as_ref().map(|p| &p.fingerprint))
+            .or_else(|| self.0.pd.as_ref().map(|p| p.fingerprint()))
     }
 
-    pub(crate) fn grants(&self) -> Option<Arc<Grants>> {
-        self.0.grants.clone()
+    /// The KV connector of this server's role, if it has one.
+    pub fn kv_role(&self) -> Option<&Arc<dyn KvRoleConnector>> {
+        self.0.pd.as_ref()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -430,19 +432,19 @@ async fn run(
     // Until its KV is pulled, a failure (or the client leaving) must tell the producer that
     // the blocks it holds for this request will not be read.
     let release = match (&plan, &state.0.pd) {
-        (pd::Plan::Consume(r), Some(pdc)) => {
-            let (pdc, r) = (pdc.clone(), r.clone());
-            OnDrop::new(move || pd::release(&pdc, r))
+        (Plan::Consume(r), Some(role)) => {
+            let (role, r) = (role.clone(), r.clone());
+            OnDrop::new(move || role.release(&r))
         }
         _ => OnDrop::none(),
     };
-    if !matches!(plan, pd::Plan::Local) && jobs.len() != 1 {
+    if !matches!(plan, Plan::Local) && jobs.len() != 1 {
         return Err(ApiError::bad(
             "kv_transfer_params needs exactly one prompt",
             Some("prompt"),
         ));
     }
-    if matches!(plan, pd::Plan::Produce) && common.stream {
+    if matches!(plan, Plan::Produce) && common.stream {
         return Err(ApiError::bad(
             "do_remote_decode needs stream=false (the response carries kv_transfer_params)",
             Some("stream"),
@@ -450,7 +452,7 @@ async fn run(
     }
     // A held request's id must not be one a client can choose or guess: another request
     // under the same id would replace its hold.
-    let id = if matches!(plan, pd::Plan::Produce) {
+    let id = if matches!(plan, Plan::Produce) {
         let nonce =
             splitserve_kv::auth::random_bytes(8).map_err(|e| ApiError::Internal(e.to_string()))?;
         let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
@@ -468,7 +470,7 @@ async fn run(
         ));
     }
     let params = common.sampling(max_tokens, max_len - longest, logprobs)?;
-    let produce = matches!(plan, pd::Plan::Produce);
+    let produce = matches!(plan, Plan::Produce);
     let spec = Spec {
         kind,
         id: id.clone(),
@@ -481,13 +483,11 @@ async fn run(
         prompt_tokens_details: state.http_options().prompt_tokens_details,
         extra: None,
     };
-    let consume = matches!(plan, pd::Plan::Consume(_));
+    let consume = matches!(plan, Plan::Consume(_));
     let kv = match plan {
-        pd::Plan::Local => KvTransfer::None,
-        pd::Plan::Produce => KvTransfer::Hold,
-        pd::Plan::Consume(_) => KvTransfer::Remote(RemoteKv {
-            params: common.kv_transfer_params.clone().unwrap_or_default(),
-        }),
+        Plan::Local => KvTransfer::None,
+        Plan::Produce => KvTransfer::Hold,
+        Plan::Consume(r) => KvTransfer::Remote(r),
     };
     let salt = common.cache_salt()?;
     let mut events =
@@ -536,8 +536,10 @@ async fn run(
                 c.remove("prompt_token_ids");
             }
         }
-        if let (Some(pdc), Some(grants)) = (&state.0.pd, &state.0.grants) {
-            v["kv_transfer_params"] = pd::produced_params(pdc, grants, &engine_id, &first)?;
+        if let Some(role) = &state.0.pd {
+            v["kv_transfer_params"] = role
+                .request_finished(&engine_id, &first)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
         }
         abort.disarm();
         return Ok(Json(v).into_response());

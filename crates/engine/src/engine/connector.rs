@@ -15,13 +15,29 @@ use std::sync::Arc;
 
 use super::Command;
 use crate::kv_cache::{KvLayout, Memory};
+use crate::prefix_cache::BlockHash;
 use crate::sampler::Sampler;
 
-/// Where a request's prompt KV waits (the `kv_transfer_params` its producer answered with);
-/// opaque to the engine, read by the connector.
-#[derive(Debug, Clone)]
-pub struct RemoteKv {
-    pub params: serde_json::Value,
+/// Where a request's prompt KV waits, as the connector understood its `kv_transfer_params`
+/// when the request arrived (for `TcpConnector`, a verified grant); opaque to the engine.
+#[derive(Clone)]
+pub struct RemoteKv(Arc<dyn std::any::Any + Send + Sync>);
+
+impl RemoteKv {
+    pub fn new<T: std::any::Any + Send + Sync>(what: T) -> Self {
+        Self(Arc::new(what))
+    }
+
+    /// What the connector put in, if it is a `T`.
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for RemoteKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoteKv(..)")
+    }
 }
 
 /// What a finished load brings besides KV: tokens the producer already sampled and its
@@ -42,6 +58,38 @@ pub trait KvConnector: Send + Sync {
     fn start_load(&self, remote: RemoteKv, target: LoadTarget);
     /// The request ended before its KV was loaded: the remote side may free it.
     fn release(&self, remote: RemoteKv);
+    /// Worker side, for connectors that store KV (shared storage, offloading): whether
+    /// [`KvConnector::save_block`] is called at all.
+    fn wants_saves(&self) -> bool {
+        false
+    }
+    /// A full block, every token of it computed, by its prefix-cache hash; called once per
+    /// hash the engine's cache did not have, on the engine thread as the step that
+    /// completed it ends, so copy what is kept and return.
+    fn save_block(&self, _hash: &BlockHash, _block: SavedBlock<'_>) {}
+}
+
+/// A computed block offered to [`KvConnector::save_block`]: read-only while it is cached.
+pub struct SavedBlock<'a> {
+    mem: &'a Memory,
+    block: u32,
+}
+
+impl<'a> SavedBlock<'a> {
+    pub(super) fn new(mem: &'a Memory, block: u32) -> Self {
+        Self { mem, block }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.mem.layout
+    }
+
+    /// The K bytes and the V bytes of this block in `layer`.
+    pub fn layer(&self, layer: usize) -> [&[u8]; 2] {
+        // SAFETY: a cached block is never written (a shared or cached block is read-only),
+        // and the borrow of the engine's memory ends with this call's caller.
+        unsafe { self.mem.block(layer, self.block) }
+    }
 }
 
 /// Blocks lent out of the engine; they go back through the engine's command channel.
