@@ -73,6 +73,32 @@ pub struct ServeBenchArgs {
     pub no_progress: bool,
 }
 
+impl ServeBenchArgs {
+    /// The command's defaults against `base_url`, for callers that set a few fields.
+    pub fn new(base_url: String) -> Self {
+        Self {
+            base_url,
+            model: None,
+            dataset: "random".into(),
+            prefix_len: 1024,
+            num_prefixes: 1,
+            turns: 4,
+            num_prompts: 64,
+            input_len: 64,
+            output_len: 128,
+            range_ratio: 0.0,
+            request_rate: "inf".into(),
+            max_concurrency: None,
+            seed: 0,
+            slo_ttft_ms: 1000.0,
+            slo_itl_ms: 50.0,
+            result_json: None,
+            timeout_s: 600.0,
+            no_progress: false,
+        }
+    }
+}
+
 /// One prompt to send: text or token ids, and the output length.
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -660,24 +660,16 @@ async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
         let mut points = Vec::new();
         for (k, &rate) in a.sweep.iter().enumerate() {
             let args = splitserve_bench::load::ServeBenchArgs {
-                base_url: started.url.clone(),
                 model: Some(started.name.clone()),
-                dataset: "random".into(),
-                prefix_len: 0,
-                num_prefixes: 1,
-                turns: 1,
                 num_prompts: prompts,
                 input_len,
                 output_len,
-                range_ratio: 0.0,
                 request_rate: rate.to_string(),
-                max_concurrency: None,
                 seed: k as u64,
                 slo_ttft_ms: a.slo_ttft_ms,
                 slo_itl_ms: a.slo_itl_ms,
-                result_json: None,
                 timeout_s: 900.0,
-                no_progress: false,
+                ..splitserve_bench::load::ServeBenchArgs::new(started.url.clone())
             };
             eprintln!("[{arm}] {rate} req/s");
             let r = splitserve_bench::load::run(&args, Value::Null).await?;

@@ -149,24 +149,15 @@ async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Res
         .build()?;
     crate::bench_pd::wait_ready(&client, &url, &mut child).await?;
     let args = ServeBenchArgs {
-        base_url: url,
-        model: None,
         dataset: a.dataset.clone(),
         prefix_len: a.prefix_len,
-        num_prefixes: 1,
         turns: a.turns,
         num_prompts: a.num_prompts,
         input_len: a.input_len,
         output_len: a.output_len,
-        range_ratio: 0.0,
-        request_rate: "inf".into(),
         max_concurrency: Some(a.max_concurrency),
         seed: a.seed,
-        slo_ttft_ms: 1000.0,
-        slo_itl_ms: 50.0,
-        result_json: None,
-        timeout_s: 600.0,
-        no_progress: false,
+        ..ServeBenchArgs::new(url)
     };
     let r = splitserve_bench::load::run(&args, Value::Null).await?;
     drop(child);

@@ -4,6 +4,7 @@ mod bench_engine;
 mod bench_kv;
 mod bench_pd;
 mod bench_prefix;
+mod bench_router;
 mod bench_soak;
 mod econ;
 mod generate;
@@ -62,6 +63,8 @@ enum BenchCommand {
     Soak(bench_soak::BenchSoakArgs),
     /// Prefix caching on vs off in one run: a shared-prefix or multi-turn workload, TTFT.
     Prefix(bench_prefix::BenchPrefixArgs),
+    /// The proxy's decode policies side by side on one skewed workload through `up`.
+    Router(bench_router::BenchRouterArgs),
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill`, process managers and `bench pd`
@@ -188,5 +191,6 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(a),
         Command::Bench(BenchCommand::Soak(a)) => bench_soak::run(a),
         Command::Bench(BenchCommand::Prefix(a)) => bench_prefix::run(a),
+        Command::Bench(BenchCommand::Router(a)) => bench_router::run(a),
     }
 }

@@ -42,6 +42,68 @@ pub struct ProxyArgs {
     /// instances too. Prefer the environment variable: a command line is visible to all.
     #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+}
+
+/// How the proxy chooses instances, watches their health and falls back.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RoutingArgs {
+    /// Prefill instance choice: round_robin, random, least_load, power_of_two, free_blocks
+    /// or cache_aware.
+    #[arg(long, default_value = "least_load")]
+    pub prefill_policy: String,
+    /// Decode instance choice (same names); free_blocks: the most free KV blocks after
+    /// this request.
+    #[arg(long, default_value = "free_blocks")]
+    pub decode_policy: String,
+    /// Seconds between polls of every instance's /health.
+    #[arg(long, default_value_t = 1.0)]
+    pub health_interval_s: f64,
+    /// Seconds a /health poll may take.
+    #[arg(long, default_value_t = 2.0)]
+    pub health_timeout_s: f64,
+    /// Failures in a row (unreachable, 5xx, failed poll) that take an instance out.
+    #[arg(long, default_value_t = 3)]
+    pub failure_threshold: u32,
+    /// Successes in a row, after the cool-down, that bring it back.
+    #[arg(long, default_value_t = 1)]
+    pub success_threshold: u32,
+    /// Seconds an instance that failed gets no requests before it is tried again.
+    #[arg(long, default_value_t = 2.0)]
+    pub circuit_cooldown_s: f64,
+    /// Prefill on the decode instance while every prefill instance has at least this many
+    /// requests running, waiting or on their way (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_busy_threshold: u64,
+    /// Answer 502 instead of prefilling on a decode instance when no prefill instance can.
+    #[arg(long)]
+    pub no_fallback: bool,
+}
+
+impl RoutingArgs {
+    pub fn routing(&self) -> Result<splitserve_router::Routing> {
+        let secs = |name: &str, v: f64| -> Result<Duration> {
+            anyhow::ensure!(
+                v.is_finite() && (0.05..=3600.0).contains(&v),
+                "--{name} must be between 0.05 and 3600 seconds, got {v}"
+            );
+            Ok(Duration::from_secs_f64(v))
+        };
+        Ok(splitserve_router::Routing {
+            prefill_policy: self.prefill_policy.clone(),
+            decode_policy: self.decode_policy.clone(),
+            health_interval: secs("health-interval-s", self.health_interval_s)?,
+            health_timeout: secs("health-timeout-s", self.health_timeout_s)?,
+            thresholds: splitserve_router::health::Thresholds {
+                failure_threshold: self.failure_threshold,
+                success_threshold: self.success_threshold,
+                cooldown: secs("circuit-cooldown-s", self.circuit_cooldown_s)?,
+            },
+            prefill_busy_threshold: self.prefill_busy_threshold,
+            fallback: !self.no_fallback,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -96,6 +158,7 @@ async fn run_proxy(a: &ProxyArgs, shutdown: tokio::sync::oneshot::Receiver<()>) 
             .api_key
             .as_deref()
             .and_then(splitserve_server::http::ApiKey::new),
+        routing: a.routing.routing()?,
     })
     .map_err(anyhow::Error::msg)?;
     if let Some(port) = a.admin_port {
@@ -176,6 +239,8 @@ pub struct UpArgs {
     /// (passed to the instances in their environment). Prefer the environment variable.
     #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
 }
 
 fn split_flags(s: &Option<String>) -> Vec<String> {
@@ -405,6 +470,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         admin_port: Some(a.admin_base_port.saturating_sub(1)),
         admin_host: "127.0.0.1".into(),
         api_key: a.api_key.clone(),
+        routing: a.routing.clone(),
     };
     println!(
         "proxy: http://127.0.0.1:{} (OpenAI API; Ctrl-C stops everything), admin http://127.0.0.1:{}",

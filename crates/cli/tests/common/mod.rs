@@ -140,7 +140,11 @@ pub fn spawn(args: &[String]) -> Proc {
 
 /// [`spawn`] with extra environment variables.
 pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
-    let port = free_port();
+    spawn_at(free_port(), args, env)
+}
+
+/// [`spawn_env`] on a given port (to restart an instance where it was).
+pub fn spawn_at(port: u16, args: &[String], env: &[(&str, &str)]) -> Proc {
     let log =
         std::env::temp_dir().join(format!("splitserve-test-{}-{port}.log", std::process::id()));
     let file = std::fs::File::create(&log).expect("log file");
@@ -191,6 +195,15 @@ pub fn serve(extra: &[&str], kv: Option<String>) -> Proc {
 
 /// [`serve`] with extra environment variables.
 pub fn serve_env(extra: &[&str], kv: Option<String>, env: &[(&str, &str)]) -> Proc {
+    spawn_env(&serve_args(extra, kv), env)
+}
+
+/// [`serve`] on a given port.
+pub fn serve_at(port: u16, extra: &[&str], kv: Option<String>) -> Proc {
+    spawn_at(port, &serve_args(extra, kv), &[])
+}
+
+fn serve_args(extra: &[&str], kv: Option<String>) -> Vec<String> {
     let mut a: Vec<String> = vec!["serve".into()];
     if !extra.contains(&"--model") {
         a.extend(["--model".into(), model()]);
@@ -206,7 +219,7 @@ pub fn serve_env(extra: &[&str], kv: Option<String>, env: &[(&str, &str)]) -> Pr
         a.push("--kv-transfer-config".into());
         a.push(kv);
     }
-    spawn_env(&a, env)
+    a
 }
 
 pub fn kv_config(role: &str, side_port: u16, hold_s: f64) -> String {
@@ -270,17 +283,23 @@ pub async fn all_free(p: &Proc, within: Duration) -> Duration {
     }
 }
 
-/// A gauge or counter from `/metrics`.
-pub async fn metric(p: &Proc, name: &str) -> f64 {
-    let text = client()
+/// `/metrics` as text.
+pub async fn metrics_text(p: &Proc) -> String {
+    client()
         .get(format!("{}/metrics", p.url()))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("metrics text");
-    text.lines()
+        .expect("metrics text")
+}
+
+/// A gauge or counter from `/metrics`.
+pub async fn metric(p: &Proc, name: &str) -> f64 {
+    metrics_text(p)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(&format!("splitserve:{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("metric {name} not found"))

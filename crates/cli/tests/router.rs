@@ -1,0 +1,179 @@
+//! Drills on the router with real processes on loopback (2 prefill + 2 decode instances and
+//! the proxy): one prefill instance killed under load costs no request; with both dead,
+//! every request is still served (prefilled on the decode instances), token for token the
+//! same; one restarted is used again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn body(k: usize) -> Value {
+    json!({"prompt": format!("Item {k}: a short note on the number {}.", k * 7 + 1),
+        "max_tokens": 12, "temperature": 0, "ignore_eos": true})
+}
+
+fn text(v: &Value) -> String {
+    v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Sends requests `ks` four at a time; every one must answer 200 with its reference text.
+async fn load(url: &str, ks: std::ops::Range<usize>, reference: &[String]) {
+    let ks: Vec<usize> = ks.collect();
+    for chunk in ks.chunks(4) {
+        let futs = chunk.iter().map(|&k| async move {
+            let (st, v) = post(&format!("{url}/v1/completions"), &body(k)).await;
+            assert_eq!(st, 200, "request {k}: {v}");
+            assert_eq!(text(&v), reference[k], "request {k}");
+        });
+        futures_util::future::join_all(futs).await;
+    }
+}
+
+/// The sum of the proxy's `/metrics` lines that start with `line_start` and contain each
+/// of `labels` (0 when none).
+async fn router_metric_with(proxy: &Proc, line_start: &str, labels: &[&str]) -> f64 {
+    metrics_text(proxy)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(line_start) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .fold(0.0, |a, b| a + b)
+}
+
+async fn router_metric(proxy: &Proc, line_start: &str) -> f64 {
+    router_metric_with(proxy, line_start, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_instances_die_and_come_back_without_failed_requests() {
+    let colo = serve(&[], None);
+    let sides = [free_port(), free_port()];
+    let prefill_kv = |i: usize| Some(kv_config("kv_producer", sides[i], 30.0));
+    let prefill_ports = [free_port(), free_port()];
+    let mut prefill: Vec<Proc> = (0..2)
+        .map(|i| serve_at(prefill_ports[i], &[], prefill_kv(i)))
+        .collect();
+    let decode: Vec<Proc> = (0..2)
+        .map(|_| serve(&[], Some(kv_config("kv_consumer", free_port(), 30.0))))
+        .collect();
+    for p in prefill.iter().chain(&decode).chain([&colo]) {
+        ready(p).await;
+    }
+    let mut args: Vec<String> = vec!["proxy".into(), "--prefill".into()];
+    args.extend(prefill.iter().map(Proc::url));
+    args.push("--decode".into());
+    args.extend(decode.iter().map(Proc::url));
+    args.extend(
+        [
+            "--health-interval-s",
+            "0.2",
+            "--failure-threshold",
+            "2",
+            "--circuit-cooldown-s",
+            "0.5",
+        ]
+        .map(String::from),
+    );
+    let proxy = spawn(&args);
+    ready(&proxy).await;
+    let url = proxy.url();
+
+    // References from a colocated engine.
+    let n = 40;
+    let mut reference = Vec::new();
+    for k in 0..n {
+        let (st, v) = post(&format!("{}/v1/completions", colo.url()), &body(k)).await;
+        assert_eq!(st, 200, "{v}");
+        reference.push(text(&v));
+    }
+
+    // 1. All up: disaggregated, token for token.
+    load(&url, 0..8, &reference).await;
+    let disagg = r#"splitserve:router_disaggregated_total"#;
+    assert_eq!(router_metric(&proxy, disagg).await, 8.0);
+
+    // 2. One prefill instance dies while requests run: none fails.
+    let killer = {
+        let p0 = prefill.remove(0);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            p0.kill();
+            p0
+        })
+    };
+    load(&url, 8..20, &reference).await;
+    let dead = killer.await.expect("killer");
+    drop(dead);
+    load(&url, 20..24, &reference).await;
+    // A request the dying instance was prefilling is prefilled again on its decode
+    // instance; the others went to the live prefill instance.
+    let fallbacks = "splitserve:router_fallbacks_total";
+    let fell_back = router_metric(&proxy, fallbacks).await;
+    println!(
+        "requests prefilled on a decode instance while one prefill instance died: {fell_back}"
+    );
+
+    // 3. Both dead: every request is prefilled on a decode instance instead.
+    prefill.remove(0).kill();
+    let computed_before: f64 = {
+        let mut s = 0.0;
+        for d in &decode {
+            s += metric(d, "prompt_tokens_computed").await;
+        }
+        s
+    };
+    load(&url, 24..32, &reference).await;
+    assert_eq!(router_metric(&proxy, fallbacks).await - fell_back, 8.0);
+    let mut computed = 0.0;
+    for d in &decode {
+        computed += metric(d, "prompt_tokens_computed").await;
+    }
+    assert!(
+        computed > computed_before,
+        "decode instances prefilled themselves"
+    );
+
+    // 4. One comes back where it was: requests go through it again, disaggregated.
+    let back = serve_at(prefill_ports[1], &[], prefill_kv(1));
+    ready(&back).await;
+    let t0 = Instant::now();
+    let before = router_metric(&proxy, disagg).await;
+    loop {
+        load(&url, 32..34, &reference).await;
+        if router_metric(&proxy, disagg).await > before {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the restarted prefill instance was not used again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "restarted prefill instance used again {} ms after it answered",
+        t0.elapsed().as_millis()
+    );
+    let before = router_metric(&proxy, disagg).await;
+    load(&url, 34..n, &reference).await;
+    assert_eq!(
+        router_metric(&proxy, disagg).await - before,
+        (n - 34) as f64
+    );
+    let dead_url = format!("instance=\"http://127.0.0.1:{}\"", prefill_ports[0]);
+    assert!(
+        router_metric_with(&proxy, "splitserve:router_circuit_state", &[&dead_url]).await > 0.0,
+        "the dead instance's circuit is not closed"
+    );
+    let errors = router_metric(&proxy, "splitserve:router_errors_total").await;
+    println!("errors seen by the router (dead instances): {errors}");
+    assert!(errors > 0.0);
+    for p in decode.iter().chain([&back]) {
+        all_free(p, Duration::from_secs(40)).await;
+    }
+}

@@ -1,0 +1,335 @@
+//! Which instance of a pool gets a request. A policy orders the pool's available instances,
+//! best first; the proxy sends to the first and, if it cannot be reached, retries the next.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// What the router knows of an instance when it chooses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// From the last `/health` poll (`None`: not polled successfully yet).
+    pub free_blocks: Option<u64>,
+    pub running: u64,
+    pub waiting: u64,
+    /// Requests this router has sent and not yet seen answered.
+    pub in_flight: u64,
+}
+
+impl Load {
+    /// Queue depth: what the instance runs and waits on, and what is on its way to it.
+    pub fn queue(&self) -> u64 {
+        self.running + self.waiting + self.in_flight
+    }
+}
+
+/// A request as a policy sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ask<'a> {
+    /// KV blocks the request will take (prompt and output), if known.
+    pub blocks: u64,
+    /// The prompt's beginning, for prefix affinity.
+    pub head: &'a [u8],
+}
+
+pub trait Policy: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Indices into `loads`, best first; every index once.
+    fn order(&self, loads: &[Load], ask: &Ask<'_>) -> Vec<usize>;
+}
+
+/// The policy a `--prefill-policy` / `--decode-policy` value names.
+pub fn by_name(name: &str) -> Result<Box<dyn Policy>, String> {
+    Ok(match name {
+        "round_robin" => Box::new(RoundRobin::default()),
+        "random" => Box::new(Random::default()),
+        "least_load" => Box::new(LeastLoad),
+        "power_of_two" => Box::new(PowerOfTwo::default()),
+        "free_blocks" => Box::new(FreeBlocks),
+        "cache_aware" => Box::new(CacheAware),
+        other => {
+            return Err(format!(
+                "unknown policy {other:?}; one of round_robin, random, least_load, power_of_two, free_blocks, cache_aware"
+            ))
+        }
+    })
+}
+
+/// Each in turn.
+#[derive(Default)]
+pub struct RoundRobin(AtomicUsize);
+
+impl Policy for RoundRobin {
+    fn name(&self) -> &'static str {
+        "round_robin"
+    }
+    fn order(&self, loads: &[Load], _: &Ask<'_>) -> Vec<usize> {
+        let n = loads.len().max(1);
+        let start = self.0.fetch_add(1, Ordering::Relaxed) % n;
+        (0..loads.len()).map(|k| (start + k) % n).collect()
+    }
+}
+
+/// A small generator for the random policies (no cryptographic use).
+#[derive(Default)]
+struct Rng(AtomicU64);
+
+impl Rng {
+    fn next(&self) -> u64 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let mut x = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ seed;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Uniformly at random.
+#[derive(Default)]
+pub struct Random(Rng);
+
+impl Policy for Random {
+    fn name(&self) -> &'static str {
+        "random"
+    }
+    fn order(&self, loads: &[Load], _: &Ask<'_>) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..loads.len()).collect();
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.0.next() % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+}
+
+/// Shortest queue (running + waiting + in flight); ties to the lower index.
+pub struct LeastLoad;
+
+fn by_queue(loads: &[Load]) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..loads.len()).collect();
+    v.sort_by_key(|&i| (loads[i].queue(), i));
+    v
+}
+
+impl Policy for LeastLoad {
+    fn name(&self) -> &'static str {
+        "least_load"
+    }
+    fn order(&self, loads: &[Load], _: &Ask<'_>) -> Vec<usize> {
+        by_queue(loads)
+    }
+}
+
+/// Two at random, the shorter queue of them first; then the rest by queue.
+#[derive(Default)]
+pub struct PowerOfTwo(Rng);
+
+impl Policy for PowerOfTwo {
+    fn name(&self) -> &'static str {
+        "power_of_two"
+    }
+    fn order(&self, loads: &[Load], _: &Ask<'_>) -> Vec<usize> {
+        let n = loads.len();
+        if n < 2 {
+            return (0..n).collect();
+        }
+        let a = (self.0.next() % n as u64) as usize;
+        let b = (a + 1 + (self.0.next() % (n as u64 - 1)) as usize) % n;
+        let first = if (loads[b].queue(), b) < (loads[a].queue(), a) {
+            b
+        } else {
+            a
+        };
+        let mut v = vec![first];
+        v.extend(by_queue(loads).into_iter().filter(|&i| i != first));
+        v
+    }
+}
+
+/// Most free KV blocks after this request and those in flight to it (each counted at this
+/// request's size); an instance not polled yet comes last. The capacity signal of a decode
+/// pool: a request lands where its KV fits with the most room to spare.
+pub struct FreeBlocks;
+
+fn headroom(l: &Load, ask: &Ask<'_>) -> i64 {
+    match l.free_blocks {
+        Some(f) => f as i64 - (l.in_flight as i64 + 1) * ask.blocks as i64,
+        None => i64::MIN,
+    }
+}
+
+impl Policy for FreeBlocks {
+    fn name(&self) -> &'static str {
+        "free_blocks"
+    }
+    fn order(&self, loads: &[Load], ask: &Ask<'_>) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..loads.len()).collect();
+        v.sort_by_key(|&i| (std::cmp::Reverse(headroom(&loads[i], ask)), i));
+        v
+    }
+}
+
+/// Prefix affinity: prompts with the same beginning (its first [`CacheAware::HEAD`] bytes)
+/// go to the same instance, where their shared blocks are likely cached; unless that
+/// instance's queue is longer than the shortest by more than [`CacheAware::BALANCE`], when
+/// the shortest queue wins (SGLang's balance rule, by queue length).
+#[derive(Default)]
+pub struct CacheAware;
+
+impl CacheAware {
+    pub const HEAD: usize = 256;
+    pub const BALANCE: u64 = 8;
+}
+
+impl Policy for CacheAware {
+    fn name(&self) -> &'static str {
+        "cache_aware"
+    }
+    fn order(&self, loads: &[Load], ask: &Ask<'_>) -> Vec<usize> {
+        let queue = by_queue(loads);
+        if loads.is_empty() || ask.head.is_empty() {
+            return queue;
+        }
+        // FNV-1a: a fixed hash, so the same head maps to the same instance across restarts.
+        let head = &ask.head[..ask.head.len().min(Self::HEAD)];
+        let h = head.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        let home = (h % loads.len() as u64) as usize;
+        let shortest = loads[queue[0]].queue();
+        if loads[home].queue() > shortest + Self::BALANCE {
+            return queue;
+        }
+        let mut v = vec![home];
+        v.extend(queue.into_iter().filter(|&i| i != home));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(free: Option<u64>, running: u64, waiting: u64, in_flight: u64) -> Load {
+        Load {
+            free_blocks: free,
+            running,
+            waiting,
+            in_flight,
+        }
+    }
+
+    fn is_permutation(v: &[usize], n: usize) -> bool {
+        let mut s = v.to_vec();
+        s.sort_unstable();
+        s == (0..n).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn round_robin_turns_and_random_covers() {
+        let p = RoundRobin::default();
+        let l = [Load::default(); 3];
+        let firsts: Vec<usize> = (0..6).map(|_| p.order(&l, &Ask::default())[0]).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(p.order(&l, &Ask::default()), [0, 1, 2]);
+        let r = Random::default();
+        let mut seen = [false; 3];
+        for _ in 0..200 {
+            let o = r.order(&l, &Ask::default());
+            assert!(is_permutation(&o, 3));
+            seen[o[0]] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+        assert!(r.order(&[], &Ask::default()).is_empty());
+    }
+
+    #[test]
+    fn least_load_counts_running_waiting_and_in_flight() {
+        let l = [
+            load(None, 2, 0, 0),
+            load(None, 0, 1, 1),
+            load(None, 1, 0, 0),
+        ];
+        assert_eq!(LeastLoad.order(&l, &Ask::default()), [2, 0, 1]);
+        // A tie goes to the lower index.
+        let l = [load(None, 1, 0, 0), load(None, 0, 0, 1)];
+        assert_eq!(LeastLoad.order(&l, &Ask::default()), [0, 1]);
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_longest_of_its_pair() {
+        let p = PowerOfTwo::default();
+        let l = [load(None, 5, 0, 0), load(None, 0, 0, 0)];
+        for _ in 0..50 {
+            assert_eq!(p.order(&l, &Ask::default()), [1, 0]);
+        }
+        let l = [
+            load(None, 9, 0, 0),
+            load(None, 1, 0, 0),
+            load(None, 2, 0, 0),
+        ];
+        for _ in 0..200 {
+            let o = p.order(&l, &Ask::default());
+            assert!(is_permutation(&o, 3));
+            assert_ne!(o[0], 0, "the longest queue loses to either other");
+        }
+        assert_eq!(p.order(&l[..1], &Ask::default()), [0]);
+    }
+
+    #[test]
+    fn free_blocks_counts_this_request_and_those_in_flight() {
+        let ask = Ask {
+            blocks: 10,
+            head: b"",
+        };
+        // 100 free with 3 in flight: 60 after this one; 80 free with none: 70.
+        let l = [load(Some(100), 0, 0, 3), load(Some(80), 0, 0, 0)];
+        assert_eq!(FreeBlocks.order(&l, &ask), [1, 0]);
+        // At 2 in flight they tie at 70: the lower index.
+        let l = [load(Some(100), 0, 0, 2), load(Some(80), 0, 0, 0)];
+        assert_eq!(FreeBlocks.order(&l, &ask), [0, 1]);
+        // Not polled yet: last.
+        let l = [load(None, 0, 0, 0), load(Some(1), 0, 0, 0)];
+        assert_eq!(FreeBlocks.order(&l, &ask), [1, 0]);
+    }
+
+    #[test]
+    fn cache_aware_keeps_a_head_home_until_the_balance_breaks() {
+        let p = CacheAware;
+        let ask = |h: &'static [u8]| Ask { blocks: 1, head: h };
+        let l = [Load::default(); 4];
+        let home = p.order(&l, &ask(b"You are a helpful assistant."))[0];
+        for _ in 0..5 {
+            assert_eq!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
+        }
+        // Only the first HEAD bytes count.
+        let long_a = [b'x'; 300];
+        let mut long_b = [b'x'; 300];
+        long_b[299] = b'y';
+        let la: &'static [u8] = Box::leak(Box::new(long_a));
+        let lb: &'static [u8] = Box::leak(Box::new(long_b));
+        assert_eq!(p.order(&l, &ask(la))[0], p.order(&l, &ask(lb))[0]);
+        // Home queue at shortest + BALANCE: still home; one more: the shortest.
+        let mut l = [Load::default(); 4];
+        l[home].running = CacheAware::BALANCE;
+        assert_eq!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
+        l[home].running = CacheAware::BALANCE + 1;
+        assert_ne!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for n in [
+            "round_robin",
+            "random",
+            "least_load",
+            "power_of_two",
+            "free_blocks",
+            "cache_aware",
+        ] {
+            assert_eq!(by_name(n).map(|p| p.name()), Ok(n));
+        }
+        assert!(by_name("fastest").is_err());
+    }
+}

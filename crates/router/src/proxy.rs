@@ -1,0 +1,663 @@
+//! One request through the router: where it is prefilled, where it is decoded, and the
+//! answer passed through.
+//!
+//! Where the prompt is prefilled (conditional disaggregation and fallback), in order:
+//! - on the decode instance ("local") when the prompt has fewer tokens than
+//!   `--disagg-threshold` (0: never), or when `--prefill-busy-threshold` is set and every
+//!   available prefill instance's queue (running + waiting + in flight) is at least it;
+//! - on the decode instance, counted as a fallback, when no prefill instance is available
+//!   (every circuit open), when none could be reached, or when the one that took it answered
+//!   5xx (unless `--no-fallback`: then a 502);
+//! - else on the prefill instance the policy picks, then decoded where the decode policy
+//!   picks, pulling the KV.
+//!
+//! A one-token request is answered by the prefill instance alone (nothing to decode).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use splitserve_kv::{Ask as KvAsk, KvTransferParams};
+
+use crate::policy::Ask;
+use crate::pool::{InFlight, Instance, Pool};
+use crate::Proxy;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, Json(body)).into_response()
+}
+
+fn with_id(mut r: Response, id: &HeaderValue) -> Response {
+    r.headers_mut().insert(REQUEST_ID, id.clone());
+    r
+}
+
+pub(crate) async fn completions(
+    State(p): State<Proxy>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(p, headers, body, "/v1/completions").await
+}
+
+pub(crate) async fn chat(State(p): State<Proxy>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(p, headers, body, "/v1/chat/completions").await
+}
+
+/// An instance that took a request: its answer, and the request counted in flight there
+/// until the answer has been passed on.
+struct Sent {
+    url: String,
+    resp: reqwest::Response,
+    _in_flight: InFlight,
+}
+
+enum SendError {
+    /// No instance of the pool is available.
+    NoneAvailable,
+    /// Every one tried was unreachable.
+    Unreachable(String),
+    /// One took the request and then failed before answering.
+    Failed(String),
+}
+
+impl SendError {
+    fn message(&self, pool: &str) -> String {
+        match self {
+            SendError::NoneAvailable => format!("no {pool} instance is available"),
+            SendError::Unreachable(e) => format!("no {pool} instance answered: {e}"),
+            SendError::Failed(e) => format!("{pool} instance failed: {e}"),
+        }
+    }
+}
+
+/// Sends `body` to the pool's instances in the policy's order, moving on only when one
+/// cannot be reached (a request is never sent twice once an instance accepted it).
+/// What every send of one client request shares.
+struct Call<'a> {
+    path: &'a str,
+    id: &'a HeaderValue,
+    ask: Ask<'a>,
+    arrived: Instant,
+}
+
+async fn send(
+    p: &Proxy,
+    pool: &Pool,
+    call: &Call<'_>,
+    body: &Value,
+    timeout: Option<Duration>,
+) -> Result<Sent, SendError> {
+    let Call {
+        path,
+        id,
+        ref ask,
+        arrived,
+    } = *call;
+    let m = &p.0.metrics;
+    let order = pool.choose(ask);
+    if order.is_empty() {
+        return Err(SendError::NoneAvailable);
+    }
+    let mut errors = Vec::new();
+    for (k, inst) in order.iter().enumerate() {
+        if k == 0 {
+            m.queue
+                .with_label_values(&[pool.name])
+                .observe(arrived.elapsed().as_secs_f64());
+        } else {
+            m.retries.inc();
+        }
+        m.requests.with_label_values(&[pool.name, &inst.url]).inc();
+        let in_flight = inst.start();
+        let mut req =
+            p.0.client
+                .post(format!("{}{path}", inst.url))
+                .header(REQUEST_ID, id.clone())
+                .json(body);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let st = resp.status();
+                // 503 is an instance saying it is full or draining, not failing.
+                if st.is_server_error() && st != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                    fail(p, pool, inst, &format!("answered {st}"));
+                } else {
+                    inst.success();
+                }
+                return Ok(Sent {
+                    url: inst.url.clone(),
+                    resp,
+                    _in_flight: in_flight,
+                });
+            }
+            Err(e) if e.is_connect() => {
+                fail(p, pool, inst, &e.to_string());
+                errors.push(format!("{}: {e}", inst.url));
+            }
+            Err(e) => {
+                fail(p, pool, inst, &e.to_string());
+                return Err(SendError::Failed(format!("{}: {e}", inst.url)));
+            }
+        }
+    }
+    Err(SendError::Unreachable(errors.join("; ")))
+}
+
+fn fail(p: &Proxy, pool: &Pool, inst: &Arc<Instance>, why: &str) {
+    p.0.metrics
+        .errors
+        .with_label_values(&[pool.name, &inst.url])
+        .inc();
+    inst.failure(why);
+}
+
+async fn passthrough_error(url: &str, stage: &str, r: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = r.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<Value>(&body) {
+        // A client error is the client's to see as the instance said it.
+        Ok(v) if status.is_client_error() && v.get("error").is_some() => {
+            (status, Json(v)).into_response()
+        }
+        Ok(v) => {
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("{stage} instance {url} failed ({status}): {msg}"),
+            )
+        }
+        Err(_) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!(
+                "{stage} instance {url} failed ({status}): {}",
+                String::from_utf8_lossy(&body)
+            ),
+        ),
+    }
+}
+
+async fn handle(p: Proxy, headers: HeaderMap, body: Bytes, path: &str) -> Response {
+    let id = headers
+        .get(&REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .cloned()
+        .unwrap_or_else(|| {
+            let n = p.0.counter.fetch_add(1, Ordering::Relaxed);
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0);
+            HeaderValue::from_str(&format!("pd-{t:x}{n:04x}"))
+                .unwrap_or(HeaderValue::from_static("pd"))
+        });
+    let r = handle_inner(&p, &id, body, path, Instant::now()).await;
+    with_id(r, &id)
+}
+
+/// Why a prompt is prefilled on its decode instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    Short,
+    PrefillBusy,
+    PrefillDown,
+    PrefillFailed,
+}
+
+impl Local {
+    fn as_str(self) -> &'static str {
+        match self {
+            Local::Short => "short_prompt",
+            Local::PrefillBusy => "prefill_busy",
+            Local::PrefillDown => "prefill_down",
+            Local::PrefillFailed => "prefill_failed",
+        }
+    }
+
+    fn is_fallback(self) -> bool {
+        matches!(self, Local::PrefillDown | Local::PrefillFailed)
+    }
+}
+
+/// The KV blocks a request will take (prompt and output), for the decode policy; an
+/// estimate when the prompt is text (4 bytes a token).
+fn blocks(req: &Value, prompt_tokens: Option<usize>) -> u64 {
+    let prompt = prompt_tokens.unwrap_or_else(|| {
+        let text = req.get("prompt").or_else(|| req.get("messages"));
+        text.map(|t| t.to_string().len() / 4).unwrap_or(0)
+    });
+    let out = [&req["max_tokens"], &req["max_completion_tokens"]]
+        .iter()
+        .find_map(|v| v.as_u64())
+        .unwrap_or(16) as usize;
+    (prompt + out).div_ceil(16) as u64
+}
+
+/// The prompt's beginning as bytes, for prefix affinity.
+fn head(req: &Value) -> Vec<u8> {
+    let v = req.get("prompt").or_else(|| req.get("messages"));
+    let mut s = match v {
+        Some(Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => Vec::new(),
+    };
+    s.truncate(crate::policy::CacheAware::HEAD);
+    s
+}
+
+async fn handle_inner(
+    p: &Proxy,
+    id: &HeaderValue,
+    body: Bytes,
+    path: &str,
+    arrived: Instant,
+) -> Response {
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("malformed JSON: {e}"),
+            )
+        }
+    };
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    let known_tokens = id_count(&req);
+    let head = head(&req);
+    let call = Call {
+        path,
+        id,
+        ask: Ask {
+            blocks: blocks(&req, known_tokens),
+            head: &head,
+        },
+        arrived,
+    };
+    let mut local = None;
+    if p.0.disagg_threshold > 0
+        && prompt_tokens(p, &req, path)
+            .await
+            .is_some_and(|n| n < p.0.disagg_threshold)
+    {
+        local = Some(Local::Short);
+    }
+    let prefill_pool = p.prefill_pool();
+    if local.is_none() && !prefill_pool.any_available() {
+        local = Some(Local::PrefillDown);
+    }
+    let busy = p.0.routing.prefill_busy_threshold;
+    if local.is_none()
+        && busy > 0
+        && prefill_pool
+            .instances
+            .iter()
+            .filter(|i| i.available())
+            .all(|i| i.load().queue() >= busy)
+    {
+        local = Some(Local::PrefillBusy);
+    }
+    // A one-token answer is complete once the prompt is prefilled: the prefill instance
+    // serves it whole, so no KV is held, shipped, or loaded by a decode instance for it.
+    let one_token = [&req["max_tokens"], &req["max_completion_tokens"]]
+        .iter()
+        .any(|v| v.as_u64() == Some(1))
+        && req["n"].as_u64().unwrap_or(1) == 1;
+    let mut prefill_error = None;
+    if one_token && local.is_none() {
+        let timeout = Some(Duration::from_secs(600));
+        match send(p, prefill_pool, &call, &req, timeout).await {
+            Ok(s) if !s.resp.status().is_server_error() => {
+                return forward(s, stream).await;
+            }
+            Ok(s) => {
+                let status = s.resp.status();
+                prefill_error = Some(format!("prefill instance {} answered {status}", s.url));
+            }
+            Err(e) => prefill_error = Some(e.message("prefill")),
+        }
+        local = Some(Local::PrefillFailed);
+    }
+    let mut dec = req;
+    if local.is_none() {
+        match prefill(p, &call, &dec).await {
+            // The decode instance gets the original request plus where its KV waits.
+            Ok(params) => dec["kv_transfer_params"] = params,
+            Err(Prefill::Answer(resp)) => return resp,
+            Err(Prefill::Fallback(e)) => {
+                prefill_error = Some(e);
+                local = Some(Local::PrefillFailed);
+            }
+        }
+    }
+    if let Some(why) = local {
+        if why.is_fallback() {
+            let e = prefill_error.unwrap_or_else(|| "no prefill instance is available".into());
+            if !p.0.routing.fallback {
+                return error(StatusCode::BAD_GATEWAY, "upstream_error", e);
+            }
+            if !p.0.falling_back.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "prefilling on decode instances (fallback to colocated) until a prefill instance answers");
+            }
+            prefill_error = Some(e);
+        }
+        p.0.metrics
+            .fallbacks
+            .with_label_values(&[why.as_str()])
+            .inc();
+    } else {
+        p.0.metrics.disaggregated.inc();
+        if p.0.falling_back.swap(false, Ordering::Relaxed) {
+            tracing::info!("a prefill instance answers again; disaggregating");
+        }
+    }
+    match send(p, p.decode_pool(), &call, &dec, None).await {
+        Ok(s) => forward(s, stream).await,
+        Err(SendError::NoneAvailable)
+            if p.decode_pool()
+                .instances
+                .iter()
+                .all(|i| !i.in_rotation.load(Ordering::Relaxed)) =>
+        {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "every decode instance is drained",
+            )
+        }
+        Err(e) => {
+            let mut msg = e.message("decode");
+            if let Some(pe) = prefill_error {
+                msg = format!("{pe}; prefilling on a decode instance instead failed: {msg}");
+            }
+            error(StatusCode::BAD_GATEWAY, "upstream_error", msg)
+        }
+    }
+}
+
+enum Prefill {
+    /// What the client gets (its own error, or a producer that is not one).
+    Answer(Response),
+    /// The prefill pool could not serve it: prefill on the decode instance.
+    Fallback(String),
+}
+
+/// Prefill: one token, no stream, the KV held for a remote decode. Returns the producer's
+/// `kv_transfer_params`.
+async fn prefill(p: &Proxy, call: &Call<'_>, req: &Value) -> Result<Value, Prefill> {
+    let mut pre = req.clone();
+    pre["max_tokens"] = json!(1);
+    if let Some(o) = pre.as_object_mut() {
+        o.remove("max_completion_tokens");
+        o.remove("stream_options");
+    }
+    pre["stream"] = json!(false);
+    if pre["min_tokens"].as_u64().is_some_and(|m| m > 1) {
+        pre["min_tokens"] = json!(1);
+    }
+    pre["kv_transfer_params"] = json!({"do_remote_decode": true});
+    let t0 = Instant::now();
+    // A long prompt may take minutes to prefill.
+    let timeout = Some(Duration::from_secs(600));
+    let s = send(p, p.prefill_pool(), call, &pre, timeout)
+        .await
+        .map_err(|e| Prefill::Fallback(e.message("prefill")))?;
+    let status = s.resp.status();
+    if status.is_server_error() {
+        let msg = s.resp.text().await.unwrap_or_default();
+        return Err(Prefill::Fallback(format!(
+            "prefill instance {} failed ({status}): {msg}",
+            s.url
+        )));
+    }
+    if !status.is_success() {
+        return Err(Prefill::Answer(
+            passthrough_error(&s.url, "prefill", s.resp).await,
+        ));
+    }
+    let purl = s.url.clone();
+    let pjson: Value = s.resp.json().await.map_err(|e| {
+        Prefill::Fallback(format!("prefill instance {purl} sent a bad response: {e}"))
+    })?;
+    // Passed on as they came (a producer's own fields included), once they say where the
+    // KV waits.
+    let params = match KvTransferParams::parse(pjson.get("kv_transfer_params")) {
+        Ok(Some(k)) if k.ask == KvAsk::Consume => k.to_value(),
+        _ => {
+            return Err(Prefill::Answer(error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!(
+                    "prefill instance {purl} returned no kv_transfer_params for a remote decode (is it a kv_producer?)"
+                ),
+            )))
+        }
+    };
+    let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::debug!(id = ?call.id, prefill = %purl, prefill_ms, "prefilled");
+    Ok(params)
+}
+
+/// The number of prompt tokens when the prompt is a list of ids.
+fn id_count(req: &Value) -> Option<usize> {
+    let a = req["prompt"].as_array()?;
+    a.iter().all(Value::is_number).then_some(a.len())
+}
+
+/// The prompt's token count: an id list's length, else a decode instance's `/tokenize`.
+async fn prompt_tokens(p: &Proxy, req: &Value, path: &str) -> Option<usize> {
+    if let Some(n) = id_count(req) {
+        return Some(n);
+    }
+    let body = if path.ends_with("chat/completions") {
+        json!({"messages": req["messages"]})
+    } else {
+        json!({"prompt": req["prompt"].as_str()?})
+    };
+    let inst = p.decode_pool().choose(&Ask::default()).into_iter().next()?;
+    let r =
+        p.0.client
+            .post(format!("{}/tokenize", inst.url))
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+    let v: Value = r.json().await.ok()?;
+    v["count"].as_u64().map(|n| n as usize)
+}
+
+/// Passes an instance's answer through to the client; the request stays in flight there
+/// until it has.
+async fn forward(s: Sent, stream: bool) -> Response {
+    let Sent {
+        url,
+        resp,
+        _in_flight,
+    } = s;
+    if !resp.status().is_success() {
+        return passthrough_error(&url, "decode", resp).await;
+    }
+    if !stream {
+        let r = match resp.bytes().await {
+            Ok(b) => (
+                StatusCode::OK,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                b,
+            )
+                .into_response(),
+            Err(e) => error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("instance {url} failed mid-response: {e}"),
+            ),
+        };
+        drop(_in_flight);
+        return r;
+    }
+    // SSE passthrough; a stream that breaks or ends without [DONE] gets an error event.
+    let upstream = resp.bytes_stream();
+    let state = (upstream, Vec::<u8>::new(), false, url, _in_flight);
+    let body = futures_util::stream::unfold(
+        state,
+        |(mut up, mut tail, ended, url, guard)| async move {
+            if ended {
+                return None;
+            }
+            let fail = |msg: String| {
+                let ev = json!({"error": {"message": msg, "type": "upstream_error", "param": null, "code": null}});
+                Bytes::from(format!("data: {ev}\n\n"))
+            };
+            match up.next().await {
+                Some(Ok(b)) => {
+                    tail.extend_from_slice(&b);
+                    let keep = tail.len().saturating_sub(32);
+                    tail.drain(..keep);
+                    Some((
+                        Ok::<Bytes, std::io::Error>(b),
+                        (up, tail, false, url, guard),
+                    ))
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(decode = %url, error = %e, "decode stream broke");
+                    let ev = fail(format!("decode instance {url} failed mid-stream: {e}"));
+                    Some((Ok(ev), (up, tail, true, url, guard)))
+                }
+                None if !String::from_utf8_lossy(&tail).contains("[DONE]") => {
+                    let ev = fail(format!("decode instance {url} ended the stream early"));
+                    Some((Ok(ev), (up, tail, true, url, guard)))
+                }
+                None => None,
+            }
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
+        .header(axum::http::header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                e.to_string(),
+            )
+        })
+}
+
+pub(crate) async fn models(State(p): State<Proxy>) -> Response {
+    let Some(inst) = p.decode_pool().choose(&Ask::default()).into_iter().next() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "no decode instance is available",
+        );
+    };
+    let url = &inst.url;
+    match p.0.client.get(format!("{url}/v1/models")).send().await {
+        Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => error(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()),
+        },
+        Ok(r) => passthrough_error(url, "decode", r).await,
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("{url}: {e}"),
+        ),
+    }
+}
+
+/// Every instance's `/health`; 200 when each pool has at least one healthy instance.
+pub(crate) async fn health(State(p): State<Proxy>) -> Response {
+    let check = |url: String| {
+        let c = p.0.client.clone();
+        async move {
+            let r = c
+                .get(format!("{url}/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let v = match r {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.unwrap_or(json!({})),
+                Ok(r) => json!({"status": format!("HTTP {}", r.status())}),
+                Err(e) => json!({"status": format!("unreachable: {e}")}),
+            };
+            (url, v)
+        }
+    };
+    let urls = |pool: &Pool| {
+        pool.instances
+            .iter()
+            .map(|i| i.url.clone())
+            .collect::<Vec<_>>()
+    };
+    let pre = futures_util::future::join_all(urls(p.prefill_pool()).into_iter().map(check)).await;
+    let dec = futures_util::future::join_all(urls(p.decode_pool()).into_iter().map(check)).await;
+    let ok = |v: &[(String, Value)]| v.iter().any(|(_, x)| x["status"] == "ok");
+    // Decode instances can prefill (the fallback): the service is up while one answers.
+    let (prefill_ok, decode_ok) = (ok(&pre), ok(&dec));
+    let status = match (prefill_ok, decode_ok) {
+        (true, true) => "ok",
+        (false, true) => "degraded",
+        _ => "unavailable",
+    };
+    let list = |v: Vec<(String, Value)>, pool: &Pool| -> Vec<Value> {
+        v.into_iter()
+            .map(|(u, mut x)| {
+                x["url"] = json!(u);
+                if let Some(i) = pool.find(&u) {
+                    x["router"] = i.describe();
+                }
+                x
+            })
+            .collect()
+    };
+    let body = json!({
+        "status": status,
+        "prefill": list(pre, p.prefill_pool()),
+        "decode": list(dec, p.decode_pool()),
+    });
+    let code = if prefill_ok && decode_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+pub(crate) async fn metrics(State(p): State<Proxy>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        p.0.metrics.render(&p.0.pools[..]),
+    )
+        .into_response()
+}
