@@ -72,6 +72,8 @@ fn run_one(
         return_logits: false,
         kv: KvTransfer::None,
         cache_salt: None,
+
+        resumed: 0,
     })?)
 }
 

@@ -126,6 +126,8 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             return_logits: false,
             kv: KvTransfer::Hold,
             cache_salt: None,
+
+            resumed: 0,
         })?;
         while let Some(ev) = rx.blocking_recv() {
             if let Event::Finished(f) = ev {
@@ -144,6 +146,8 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             return_logits: false,
             kv: KvTransfer::Remote(remote),
             cache_salt: None,
+
+            resumed: 0,
         })?;
         while let Some(ev) = rx.blocking_recv() {
             if let Event::Finished(f) = ev {

@@ -50,6 +50,8 @@ impl EconHooks for Hooks {
                     return_logits: false,
                     kv: KvTransfer::None,
                     cache_salt: None,
+
+                    resumed: 0,
                 })
                 .map_err(|e| e.to_string())?;
             while let Some(ev) = rx.blocking_recv() {

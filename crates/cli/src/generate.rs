@@ -89,6 +89,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return_logits: false,
         kv: KvTransfer::None,
         cache_salt: None,
+
+        resumed: 0,
     })?;
     let mut out = std::io::stdout().lock();
     let mut first = None;

@@ -79,6 +79,10 @@ pub struct RoutingArgs {
     /// Answer 502 instead of prefilling on a decode instance when no prefill instance can.
     #[arg(long)]
     pub no_fallback: bool,
+    /// Re-resolve instances named by host name this often, every address an instance
+    /// (a Kubernetes headless Service); 0: use the URLs as given.
+    #[arg(long, default_value_t = 0.0)]
+    pub resolve_interval_s: f64,
 }
 
 impl RoutingArgs {
@@ -102,6 +106,11 @@ impl RoutingArgs {
             },
             prefill_busy_threshold: self.prefill_busy_threshold,
             fallback: !self.no_fallback,
+            resolve_interval: if self.resolve_interval_s == 0.0 {
+                None
+            } else {
+                Some(secs("resolve-interval-s", self.resolve_interval_s)?)
+            },
         })
     }
 }

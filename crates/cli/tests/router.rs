@@ -177,3 +177,215 @@ async fn prefill_instances_die_and_come_back_without_failed_requests() {
         all_free(p, Duration::from_secs(40)).await;
     }
 }
+
+/// Streams `body` through `url`, killing whichever of `decode` runs it once `after` token
+/// chunks arrived; returns the text the client saw and whether any chunk showed token ids.
+async fn stream_through_a_death(
+    url: &str,
+    path: &str,
+    body: &Value,
+    decode: &mut Vec<Proc>,
+    after: usize,
+) -> (String, bool, bool) {
+    use futures_util::StreamExt;
+    let r = client()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status(), 200);
+    let mut s = r.bytes_stream();
+    let (mut buf, mut text, mut ids, mut done, mut n) =
+        (String::new(), String::new(), false, false, 0);
+    let mut killed = false;
+    while let Some(chunk) = s.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            let Some(data) = ev.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).expect("json chunk");
+            assert!(v.get("error").is_none(), "{v}");
+            let c = &v["choices"][0];
+            text.push_str(
+                c["text"]
+                    .as_str()
+                    .or(c["delta"]["content"].as_str())
+                    .unwrap_or(""),
+            );
+            ids |= c.get("token_ids").is_some() || c.get("prompt_token_ids").is_some();
+            n += 1;
+        }
+        if !killed && n >= after {
+            // The decode instance running it: the one with a request running.
+            let mut which = None;
+            for (i, d) in decode.iter().enumerate() {
+                if health(d).await["running"].as_u64().unwrap_or(0) > 0 {
+                    which = Some(i);
+                }
+            }
+            let i = which.expect("a decode instance runs the stream");
+            decode.remove(i).kill();
+            killed = true;
+        }
+    }
+    assert!(killed, "the stream ended before the kill");
+    (text, ids, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_the_death_of_its_decode_instance() {
+    let colo = serve(&[], None);
+    let pre = serve(&[], Some(kv_config("kv_producer", free_port(), 30.0)));
+    let mut decode: Vec<Proc> = (0..4)
+        .map(|_| serve(&[], Some(kv_config("kv_consumer", free_port(), 30.0))))
+        .collect();
+    for p in decode.iter().chain([&pre, &colo]) {
+        ready(p).await;
+    }
+    let mut args: Vec<String> = vec!["proxy".into(), "--prefill".into(), pre.url()];
+    args.push("--decode".into());
+    args.extend(decode.iter().map(Proc::url));
+    let proxy = spawn(&args);
+    ready(&proxy).await;
+    let url = proxy.url();
+    let greedy = json!({"prompt": "The story of a lighthouse keeper who", "max_tokens": 80,
+        "temperature": 0, "ignore_eos": true, "stream": true});
+    let seeded = json!({"prompt": "Ten ideas for a rainy afternoon:", "max_tokens": 80,
+        "temperature": 0.9, "top_p": 0.95, "seed": 1234, "ignore_eos": true, "stream": true});
+    let chat = json!({"messages": [{"role": "user", "content": "Describe a quiet harbour at dawn."}],
+        "max_tokens": 60, "temperature": 0, "ignore_eos": true, "stream": true});
+    for (what, path, body) in [
+        ("greedy", "/v1/completions", greedy),
+        ("seeded", "/v1/completions", seeded),
+        ("chat", "/v1/chat/completions", chat),
+    ] {
+        let mut whole = body.clone();
+        whole["stream"] = json!(false);
+        let (st, v) = post(&format!("{}{path}", colo.url()), &whole).await;
+        assert_eq!(st, 200, "{v}");
+        let reference = v["choices"][0]["text"]
+            .as_str()
+            .or(v["choices"][0]["message"]["content"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let (text, ids, done) = stream_through_a_death(&url, path, &body, &mut decode, 10).await;
+        assert_eq!(text, reference, "{what}: the client's text");
+        assert!(!ids, "{what}: token ids the client did not ask for");
+        assert!(done, "{what}: the stream ended with [DONE]");
+        println!(
+            "{what}: {} characters, equal to an uninterrupted run",
+            text.len()
+        );
+        if decode.is_empty() {
+            break;
+        }
+    }
+    let failovers = metrics_text(&proxy).await;
+    assert!(
+        failovers
+            .lines()
+            .any(|l| l.starts_with("splitserve:router_failovers_total 3")),
+        "{failovers}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_added_and_removed_through_the_admin_endpoints() {
+    let pre = serve(&[], Some(kv_config("kv_producer", free_port(), 30.0)));
+    let d1 = serve(&[], Some(kv_config("kv_consumer", free_port(), 30.0)));
+    let d2 = serve(&[], Some(kv_config("kv_consumer", free_port(), 30.0)));
+    for p in [&pre, &d1, &d2] {
+        ready(p).await;
+    }
+    let admin = free_port();
+    let proxy = spawn(&[
+        "proxy".into(),
+        "--prefill".into(),
+        pre.url(),
+        "--decode".into(),
+        d1.url(),
+        "--decode-policy".into(),
+        "round_robin".into(),
+        "--admin-port".into(),
+        admin.to_string(),
+    ]);
+    ready(&proxy).await;
+    let admin = format!("http://127.0.0.1:{admin}");
+    let served = |d: &Proc| {
+        let label = format!("instance=\"{}\"", d.url());
+        let proxy = &proxy;
+        async move {
+            router_metric_with(
+                proxy,
+                "splitserve:router_requests_total",
+                &[&label, "decode"],
+            )
+            .await
+        }
+    };
+    let (st, v) = post(
+        &format!("{admin}/admin/add"),
+        &json!({"pool": "decode", "url": d2.url()}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = post(
+        &format!("{admin}/admin/add"),
+        &json!({"pool": "decode", "url": d2.url()}),
+    )
+    .await;
+    assert_eq!(st, 409, "added twice: {v}");
+    let reference: Vec<String> = {
+        let mut r = Vec::new();
+        for k in 0..10 {
+            let (st, v) = post(&format!("{}/v1/completions", d1.url()), &body(k)).await;
+            assert_eq!(st, 200, "{v}");
+            r.push(text(&v));
+        }
+        r
+    };
+    load(&proxy.url(), 0..6, &reference).await;
+    assert!(
+        served(&d2).await >= 2.0,
+        "the added instance takes requests"
+    );
+    let (st, v) = post(
+        &format!("{admin}/admin/remove"),
+        &json!({"pool": "decode", "url": d1.url()}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let before = served(&d1).await;
+    load(&proxy.url(), 6..10, &reference).await;
+    assert_eq!(
+        served(&d1).await,
+        before,
+        "nothing new for the removed instance"
+    );
+    let (st, v) = post(
+        &format!("{admin}/admin/remove"),
+        &json!({"pool": "decode", "url": d2.url()}),
+    )
+    .await;
+    assert_eq!(st, 409, "the last instance stays: {v}");
+    let (_, listed) = {
+        let r = client()
+            .get(format!("{admin}/admin/instances"))
+            .send()
+            .await
+            .expect("instances");
+        (r.status(), r.json::<Value>().await.expect("json"))
+    };
+    assert_eq!(
+        listed["decode"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+}

@@ -112,6 +112,11 @@ pub struct Request {
     /// Requests share cached prefix blocks only with requests of the same salt (vLLM's
     /// `cache_salt`: tenants that must not observe each other's cache give different ones).
     pub cache_salt: Option<String>,
+    /// The last this many tokens of `prompt` are this request's output so far (it continues
+    /// a run that stopped elsewhere): they count as completion tokens, are not sent again,
+    /// and a seeded sampler continues from that position, so the rest equals an
+    /// uninterrupted run.
+    pub resumed: usize,
 }
 
 /// The KV side of disaggregation, as the engine sees it.
@@ -611,20 +616,43 @@ impl Engine {
     /// Queues a request; its tokens arrive on the returned channel. Dropping the receiver
     /// aborts the request and frees its blocks.
     pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, EngineError> {
-        self.validate(&req.prompt, &req.params)?;
+        if req.resumed > 0
+            && (req.resumed >= req.prompt.len() || req.resumed >= req.params.max_tokens)
+        {
+            return Err(EngineError::BadParam {
+                param: "resume_tokens",
+                reason: format!(
+                    "{} output tokens to resume from: fewer than the prompt's {} tokens and than max_tokens {} are needed",
+                    req.resumed,
+                    req.prompt.len(),
+                    req.params.max_tokens
+                ),
+            });
+        }
+        self.validate(&req.prompt[..req.prompt.len() - req.resumed], &req.params)?;
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadTokenId { id, vocab });
+        }
         let waiting = self.stats.waiting.load(Ordering::Relaxed);
         if waiting >= self.max_waiting {
             return Err(EngineError::Overloaded { waiting });
         }
         let (tx, rx) = unbounded_channel();
         let seed = req.params.seed.unwrap_or_else(fresh_seed);
-        let seq = Seq {
+        let prompt_len = req.prompt.len() - req.resumed;
+        let mut sampler = Sampler::new(seed);
+        if req.params.temperature > 0.0 {
+            // One draw per sampled token (greedy draws none).
+            sampler.skip(req.resumed as u64);
+        }
+        let mut seq = Seq {
             id: req.id,
-            prompt_len: req.prompt.len(),
+            prompt_len,
             tokens: req.prompt,
             num_computed: 0,
             blocks: Vec::new(),
-            sampler: Sampler::new(seed),
+            sampler,
             params: req.params,
             return_logits: req.return_logits,
             hold: matches!(req.kv, KvTransfer::Hold),
@@ -643,6 +671,16 @@ impl Engine {
                 self.layout.block_size,
             ),
         };
+        if req.resumed > 0 {
+            // The text so far, decoded step by step as the interrupted run did, so that the
+            // next deltas are the ones it would have sent.
+            let tok = &self.model.tokenizer;
+            for n in 1..=req.resumed {
+                let delta = seq.detok.step(tok, &seq.tokens[prompt_len..prompt_len + n]);
+                seq.text.push_str(&delta);
+            }
+            seq.sent = seq.text.len();
+        }
         // Counted here so that a burst of submissions sees the queue grow at once.
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let cmd = match req.kv {

@@ -96,6 +96,12 @@ impl Sampler {
         }
     }
 
+    /// The sampler `n` sampled tokens later (each draw takes one 32-bit word).
+    pub fn skip(&mut self, n: u64) {
+        let at = self.rng.get_word_pos();
+        self.rng.set_word_pos(at + n as u128);
+    }
+
     fn uniform(&mut self) -> f32 {
         // 24 random bits: every value exactly representable, in [0, 1).
         (self.rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)

@@ -34,6 +34,8 @@ fn req(id: &str, len: usize, max_tokens: usize) -> Request {
         return_logits: false,
         kv: KvTransfer::None,
         cache_salt: None,
+
+        resumed: 0,
     }
 }
 

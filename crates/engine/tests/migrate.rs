@@ -118,6 +118,8 @@ fn a_full_target_refuses_and_the_source_finishes() {
             return_logits: false,
             kv: KvTransfer::Hold,
             cache_salt: None,
+
+            resumed: 0,
         })
         .expect("submit filler");
     while let Some(ev) = rx.blocking_recv() {

@@ -107,6 +107,8 @@ fn hold(e: &Engine, id: &str, max_tokens: usize, kv: KvTransfer) -> Vec<u32> {
             return_logits: false,
             kv,
             cache_salt: None,
+
+            resumed: 0,
         })
         .expect("submit");
     let mut out = vec![];

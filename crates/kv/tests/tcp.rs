@@ -63,6 +63,8 @@ fn try_run_logits(
             return_logits: true,
             kv,
             cache_salt: None,
+
+            resumed: 0,
         })
         .expect("submit");
     let (mut out, mut bits) = (vec![], vec![]);

@@ -63,6 +63,8 @@ pub struct Routing {
     pub prefill_busy_threshold: u64,
     /// Prefill on the decode instance when no prefill instance can (else a 502).
     pub fallback: bool,
+    /// Re-resolve members named by host name this often (`None`: use URLs as given).
+    pub resolve_interval: Option<Duration>,
 }
 
 impl Default for Routing {
@@ -75,6 +77,7 @@ impl Default for Routing {
             thresholds: health::Thresholds::default(),
             prefill_busy_threshold: 0,
             fallback: true,
+            resolve_interval: None,
         }
     }
 }
@@ -156,6 +159,7 @@ impl Proxy {
             client.clone(),
             r.health_interval,
             r.health_timeout,
+            r.resolve_interval,
         );
         Ok(Self(Arc::new(Inner {
             pools: both,

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     /// Requests sent through a prefill instance (disaggregated).
     pub disaggregated: IntCounter,
+    /// Streams continued on another decode instance after theirs died.
+    pub failovers: IntCounter,
     circuit: IntGaugeVec,
     /// Time from arrival to the request leaving for its (first) instance.
     pub queue: HistogramVec,
@@ -63,6 +65,11 @@ impl Metrics {
                 "Requests prefilled on a prefill instance and decoded on a decode instance.",
             )
             .expect("valid metric"),
+            failovers: IntCounter::new(
+                name("failovers_total"),
+                "Streams continued on another decode instance after theirs died mid-stream.",
+            )
+            .expect("valid metric"),
             circuit: IntGaugeVec::new(
                 Opts::new(
                     name("circuit_state"),
@@ -88,6 +95,7 @@ impl Metrics {
         }
         let _ = m.registry.register(Box::new(m.retries.clone()));
         let _ = m.registry.register(Box::new(m.disaggregated.clone()));
+        let _ = m.registry.register(Box::new(m.failovers.clone()));
         let _ = m.registry.register(Box::new(m.circuit.clone()));
         let _ = m.registry.register(Box::new(m.queue.clone()));
         m
@@ -95,7 +103,7 @@ impl Metrics {
 
     pub fn render(&self, pools: &[Pool]) -> String {
         for p in pools {
-            for i in &p.instances {
+            for i in p.instances() {
                 let v = match i.state() {
                     State::Closed => 0,
                     State::HalfOpen => 1,

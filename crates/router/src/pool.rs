@@ -1,9 +1,13 @@
 //! A pool of instances (prefill or decode): each one's last `/health`, the requests in
 //! flight to it, its circuit breaker and counters; the policy that orders them; the poller
-//! that keeps the loads fresh.
+//! that keeps the loads fresh and, where members are named by host name, re-resolves the
+//! names (every address of a name is an instance: a Kubernetes headless Service gives one
+//! name many pods).
+
+use std::net::IpAddr;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,6 +17,8 @@ use crate::policy::{Ask, Load, Policy};
 
 pub struct Instance {
     pub url: String,
+    /// The member it came from: its own URL, or the name it was resolved from.
+    member: String,
     /// Its admin base URL (decode instances that can be drained).
     pub admin: Option<String>,
     /// False once drained: no new requests.
@@ -25,9 +31,10 @@ pub struct Instance {
 }
 
 impl Instance {
-    fn new(url: String, admin: Option<String>, t: Thresholds) -> Self {
+    fn new(url: String, member: String, admin: Option<String>, t: Thresholds) -> Self {
         Self {
             url,
+            member,
             admin,
             in_rotation: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
@@ -111,11 +118,23 @@ impl Drop for InFlight {
     }
 }
 
+/// A configured member of a pool: a URL, and its admin URL (decode instances).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    url: String,
+    admin: Option<String>,
+}
+
 pub struct Pool {
     pub name: &'static str,
-    pub instances: Vec<Arc<Instance>>,
+    members: Mutex<Vec<Member>>,
+    instances: RwLock<Vec<Arc<Instance>>>,
     pub policy: Box<dyn Policy>,
+    thresholds: Thresholds,
 }
+
+/// Most members a pool takes (an admin `add` beyond it is refused).
+pub const MAX_MEMBERS: usize = 256;
 
 impl Pool {
     pub fn new(
@@ -125,49 +144,199 @@ impl Pool {
         policy: Box<dyn Policy>,
         t: Thresholds,
     ) -> Self {
-        let instances = urls
+        let members: Vec<Member> = urls
             .into_iter()
             .enumerate()
-            .map(|(i, u)| Arc::new(Instance::new(u, admins.get(i).cloned(), t)))
+            .map(|(i, url)| Member {
+                url,
+                admin: admins.get(i).cloned(),
+            })
+            .collect();
+        let instances = members
+            .iter()
+            .map(|m| {
+                Arc::new(Instance::new(
+                    m.url.clone(),
+                    m.url.clone(),
+                    m.admin.clone(),
+                    t,
+                ))
+            })
             .collect();
         Self {
             name,
-            instances,
+            members: Mutex::new(members),
+            instances: RwLock::new(instances),
             policy,
+            thresholds: t,
         }
+    }
+
+    /// The instances now (a copy: membership may change meanwhile).
+    pub fn instances(&self) -> Vec<Arc<Instance>> {
+        self.instances
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Available instances, best first by the policy.
     pub fn choose(&self, ask: &Ask<'_>) -> Vec<Arc<Instance>> {
-        let up: Vec<&Arc<Instance>> = self.instances.iter().filter(|i| i.available()).collect();
+        let up: Vec<Arc<Instance>> = self
+            .instances()
+            .into_iter()
+            .filter(|i| i.available())
+            .collect();
         let loads: Vec<Load> = up.iter().map(|i| i.load()).collect();
         self.policy
             .order(&loads, ask)
             .into_iter()
-            .filter_map(|k| up.get(k).map(|i| (*i).clone()))
+            .filter_map(|k| up.get(k).cloned())
             .collect()
     }
 
     pub fn any_available(&self) -> bool {
-        self.instances.iter().any(|i| i.available())
+        self.instances().iter().any(|i| i.available())
     }
 
-    pub fn find(&self, url: &str) -> Option<&Arc<Instance>> {
-        self.instances.iter().find(|i| i.url == url)
+    pub fn find(&self, url: &str) -> Option<Arc<Instance>> {
+        self.instances().into_iter().find(|i| i.url == url)
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a member (an admin call); its instance takes requests once it answers a poll
+    /// or a request.
+    pub fn add(&self, url: &str, admin: Option<String>) -> Result<(), String> {
+        let url = url.trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 512 {
+            return Err(format!("{url:?} is not an http(s) base URL"));
+        }
+        let mut m = self.members();
+        if m.iter().any(|x| x.url == url) {
+            return Err(format!("{url} is already a {} member", self.name));
+        }
+        if m.len() >= MAX_MEMBERS {
+            return Err(format!("the {} pool has {MAX_MEMBERS} members", self.name));
+        }
+        m.push(Member {
+            url: url.clone(),
+            admin: admin.clone(),
+        });
+        drop(m);
+        let mut list = self.instances.write().unwrap_or_else(|e| e.into_inner());
+        if !list.iter().any(|i| i.url == url) {
+            list.push(Arc::new(Instance::new(
+                url.clone(),
+                url,
+                admin,
+                self.thresholds,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes a member and its instances: no new requests go there; those under way finish.
+    pub fn remove(&self, url: &str) -> bool {
+        let url = url.trim_end_matches('/');
+        let mut m = self.members();
+        let before = m.len();
+        m.retain(|x| x.url != url);
+        let removed = m.len() < before;
+        drop(m);
+        if removed {
+            self.instances
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|i| i.member != url);
+        }
+        removed
+    }
+
+    /// Re-resolves members named by host name; each address becomes an instance (one kept
+    /// with its health and counters while its address stays).
+    async fn resolve(&self) {
+        let members = self.members().clone();
+        for m in members {
+            let Some((scheme, host, port)) = split_url(&m.url) else {
+                continue;
+            };
+            if host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
+                continue;
+            }
+            let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(a) => a.collect::<Vec<_>>(),
+                Err(e) => {
+                    tracing::warn!(member = %m.url, error = %e, "cannot resolve a pool member; keeping its instances");
+                    continue;
+                }
+            };
+            let mut urls: Vec<String> = addrs.iter().map(|a| format!("{scheme}://{a}")).collect();
+            urls.sort();
+            urls.dedup();
+            let mut list = self.instances.write().unwrap_or_else(|e| e.into_inner());
+            let before: Vec<String> = list
+                .iter()
+                .filter(|i| i.member == m.url)
+                .map(|i| i.url.clone())
+                .collect();
+            if before == urls {
+                continue;
+            }
+            list.retain(|i| i.member != m.url || urls.contains(&i.url));
+            for u in &urls {
+                if !list.iter().any(|i| &i.url == u) {
+                    list.push(Arc::new(Instance::new(
+                        u.clone(),
+                        m.url.clone(),
+                        None,
+                        self.thresholds,
+                    )));
+                }
+            }
+            tracing::info!(member = %m.url, instances = ?urls, "pool member resolved");
+        }
     }
 }
 
-/// Polls every instance's `/health` each `interval`, until the pools are dropped.
+/// `scheme://host:port` of a base URL (the port defaulting by scheme).
+fn split_url(url: &str) -> Option<(String, String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => (h.to_string(), p.parse().ok()?),
+        _ => (
+            authority.to_string(),
+            if scheme == "https" { 443 } else { 80 },
+        ),
+    };
+    Some((scheme.to_string(), host, port))
+}
+
+/// Polls every instance's `/health` each `interval`, and re-resolves named members each
+/// `resolve_every` (if set), until the pools are dropped.
 pub fn spawn_poller(
     pools: std::sync::Weak<[Pool; 2]>,
     client: reqwest::Client,
     interval: Duration,
     timeout: Duration,
+    resolve_every: Option<Duration>,
 ) {
     tokio::spawn(async move {
+        let mut resolved: Option<std::time::Instant> = None;
         loop {
             let Some(p) = pools.upgrade() else { return };
-            let all: Vec<Arc<Instance>> = p.iter().flat_map(|x| x.instances.clone()).collect();
+            if let Some(every) = resolve_every {
+                if resolved.is_none_or(|t| t.elapsed() >= every) {
+                    for pool in p.iter() {
+                        pool.resolve().await;
+                    }
+                    resolved = Some(std::time::Instant::now());
+                }
+            }
+            let all: Vec<Arc<Instance>> = p.iter().flat_map(|x| x.instances()).collect();
             drop(p);
             futures_util::future::join_all(all.into_iter().map(|i| {
                 let c = client.clone();
@@ -208,4 +377,78 @@ async fn poll(client: &reqwest::Client, i: &Instance, timeout: Duration) {
         in_flight: 0,
     });
     i.success();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::RoundRobin;
+
+    fn pool(urls: &[&str]) -> Pool {
+        Pool::new(
+            "decode",
+            urls.iter().map(|u| u.to_string()).collect(),
+            vec![],
+            Box::new(RoundRobin::default()),
+            Thresholds::default(),
+        )
+    }
+
+    #[test]
+    fn urls_split_into_scheme_host_and_port() {
+        let s = |u: &str| split_url(u);
+        assert_eq!(s("http://a:80"), Some(("http".into(), "a".into(), 80)));
+        assert_eq!(
+            s("http://decode-0.decode.svc:8100/x"),
+            Some(("http".into(), "decode-0.decode.svc".into(), 8100))
+        );
+        assert_eq!(s("https://h"), Some(("https".into(), "h".into(), 443)));
+        assert_eq!(
+            s("http://[::1]:9"),
+            Some(("http".into(), "[::1]".into(), 9))
+        );
+        assert_eq!(s("http://h:x"), None);
+        assert_eq!(s("h:1"), None);
+    }
+
+    #[test]
+    fn members_are_added_and_removed() {
+        let p = pool(&["http://127.0.0.1:1"]);
+        assert!(p.add("http://127.0.0.1:2/", None).is_ok());
+        assert!(p.add("http://127.0.0.1:2", None).is_err(), "twice");
+        assert!(p.add("ftp://x", None).is_err());
+        assert_eq!(p.instances().len(), 2);
+        assert!(p.remove("http://127.0.0.1:1"));
+        assert!(!p.remove("http://127.0.0.1:1"));
+        let left: Vec<String> = p.instances().iter().map(|i| i.url.clone()).collect();
+        assert_eq!(left, ["http://127.0.0.1:2"]);
+    }
+
+    #[tokio::test]
+    async fn a_name_becomes_an_instance_per_address() {
+        let p = pool(&["http://localhost:8100", "http://127.0.0.1:9"]);
+        p.resolve().await;
+        let urls: Vec<String> = p.instances().iter().map(|i| i.url.clone()).collect();
+        assert!(
+            urls.contains(&"http://127.0.0.1:8100".to_string()),
+            "{urls:?}"
+        );
+        assert!(
+            !urls.contains(&"http://localhost:8100".to_string()),
+            "{urls:?}"
+        );
+        assert!(
+            urls.contains(&"http://127.0.0.1:9".to_string()),
+            "literal kept"
+        );
+        // Resolving again keeps the same instances (and their state).
+        let before = p.find("http://127.0.0.1:8100").expect("resolved");
+        before.requests.fetch_add(5, Ordering::Relaxed);
+        p.resolve().await;
+        let after = p.find("http://127.0.0.1:8100").expect("still there");
+        assert_eq!(after.requests.load(Ordering::Relaxed), 5);
+        // Removing the name removes what it resolved to.
+        assert!(p.remove("http://localhost:8100"));
+        assert!(p.find("http://127.0.0.1:8100").is_none());
+    }
 }

@@ -315,7 +315,7 @@ async fn handle_inner(
     if local.is_none()
         && busy > 0
         && prefill_pool
-            .instances
+            .instances()
             .iter()
             .filter(|i| i.available())
             .all(|i| i.load().queue() >= busy)
@@ -376,11 +376,29 @@ async fn handle_inner(
             tracing::info!("a prefill instance answers again; disaggregating");
         }
     }
+    // A stream can go on elsewhere if its decode instance dies: the router follows its
+    // token ids (asked for, and hidden from a client that did not ask).
+    let resume = (stream && dec["n"].as_u64().unwrap_or(1) == 1).then(|| {
+        let mut original = dec.clone();
+        if let Some(o) = original.as_object_mut() {
+            o.remove("kv_transfer_params");
+        }
+        let client_ids = dec["return_token_ids"].as_bool().unwrap_or(false);
+        dec["return_token_ids"] = json!(true);
+        Resume {
+            p: p.clone(),
+            original,
+            chat: path.ends_with("chat/completions"),
+            client_ids,
+            id: id.clone(),
+        }
+    });
     match send(p, p.decode_pool(), &call, &dec, None).await {
+        Ok(s) if resume.is_some() && s.resp.status().is_success() => relay(s, resume),
         Ok(s) => forward(s, stream).await,
         Err(SendError::NoneAvailable)
             if p.decode_pool()
-                .instances
+                .instances()
                 .iter()
                 .all(|i| !i.in_rotation.load(Ordering::Relaxed)) =>
         {
@@ -556,11 +574,281 @@ async fn forward(s: Sent, stream: bool) -> Response {
             }
         },
     );
+    sse(Body::from_stream(body))
+}
+
+/// What the router needs to continue a client's stream on another decode instance.
+struct Resume {
+    p: Proxy,
+    /// The client's request (without `kv_transfer_params`).
+    original: Value,
+    chat: bool,
+    /// Whether the client asked for token ids (else they are taken out of its chunks).
+    client_ids: bool,
+    id: HeaderValue,
+}
+
+/// Where a relayed stream stands.
+#[derive(Default)]
+struct Followed {
+    prompt_ids: Option<Vec<u32>>,
+    out: Vec<u32>,
+    /// The first upstream chunk's `id`, `created` and `model`: the client's stream keeps them.
+    head: Option<(Value, Value, Value)>,
+    finished: bool,
+    done: bool,
+    /// The upstream sent an error event itself: the stream ends as it said.
+    errored: bool,
+}
+
+/// The request that continues `r`'s stream after `f.out`: prompt and output so far as token
+/// ids, the output marked as resumed; the same sampling, so that greedy and seeded runs go on
+/// exactly as they would have (the sampler resumes at its position).
+fn continuation(r: &Resume, f: &Followed) -> (String, Value) {
+    let Some(prompt) = &f.prompt_ids else {
+        // Nothing came back yet: the request again, prefilled where it lands.
+        let path = if r.chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        return (path.into(), r.original.clone());
+    };
+    let o = &r.original;
+    let ids = [&prompt[..], &f.out[..]].concat();
+    let mut b = json!({
+        "prompt": ids,
+        "resume_tokens": f.out.len(),
+        "stream": true,
+        "return_token_ids": true,
+    });
+    for k in [
+        "model",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "stream_options",
+        "cache_salt",
+        "max_tokens",
+    ] {
+        if let Some(v) = o.get(k).filter(|v| !v.is_null()) {
+            b[k] = v.clone();
+        }
+    }
+    if let Some(v) = o.get("max_completion_tokens").filter(|v| !v.is_null()) {
+        b["max_tokens"] = v.clone();
+    }
+    if !r.chat {
+        if let Some(v) = o.get("logprobs").filter(|v| !v.is_null()) {
+            b["logprobs"] = v.clone();
+        }
+    }
+    ("/v1/completions".into(), b)
+}
+
+/// One upstream event as the client gets it: token ids followed, hidden if not asked for;
+/// a continuation's chunks keep the stream's id (and become chat chunks for a chat client).
+fn rewrite(r: &Resume, f: &mut Followed, data: &str, continued: bool) -> Option<String> {
+    if data == "[DONE]" {
+        f.done = true;
+        return Some(data.into());
+    }
+    let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+        return Some(data.into());
+    };
+    if v.get("error").is_some() {
+        f.errored = true;
+        return Some(v.to_string());
+    }
+    if f.head.is_none() {
+        f.head = Some((v["id"].clone(), v["created"].clone(), v["model"].clone()));
+    }
+    if let Some(c) = v["choices"].get_mut(0) {
+        if let Some(ids) = c["token_ids"].as_array() {
+            f.out
+                .extend(ids.iter().filter_map(|t| t.as_u64()).map(|t| t as u32));
+        }
+        if f.prompt_ids.is_none() {
+            if let Some(ids) = c["prompt_token_ids"].as_array() {
+                f.prompt_ids = Some(
+                    ids.iter()
+                        .filter_map(|t| t.as_u64())
+                        .map(|t| t as u32)
+                        .collect(),
+                );
+            }
+        }
+        if !c["finish_reason"].is_null() {
+            f.finished = true;
+        }
+        if !r.client_ids {
+            if let Some(o) = c.as_object_mut() {
+                o.remove("token_ids");
+                o.remove("prompt_token_ids");
+            }
+        }
+    }
+    if continued {
+        let (id, created, model) = f.head.clone().unwrap_or_default();
+        if r.chat {
+            let choices: Vec<Value> = v["choices"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| {
+                            let mut d = json!({"index": 0, "delta": {"content": c["text"]},
+                                "logprobs": null, "finish_reason": c["finish_reason"]});
+                            if r.client_ids {
+                                d["token_ids"] = c["token_ids"].clone();
+                            }
+                            d
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut chat = json!({"id": id, "object": "chat.completion.chunk",
+                "created": created, "model": model, "choices": choices});
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                chat["usage"] = u.clone();
+            }
+            v = chat;
+        } else {
+            v["id"] = id;
+            v["created"] = created;
+        }
+    }
+    Some(v.to_string())
+}
+
+/// Passes a decode stream through, and if its instance dies before the end, continues it on
+/// another one: the client's stream goes on as if nothing happened.
+fn relay(first: Sent, resume: Option<Resume>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    tokio::spawn(async move {
+        let Some(r) = resume else { return };
+        let mut f = Followed::default();
+        let mut cur = first;
+        let mut tried = vec![cur.url.clone()];
+        let mut continued = false;
+        let emit = |s: String| Bytes::from(format!("data: {s}\n\n"));
+        loop {
+            let Sent {
+                url,
+                resp,
+                _in_flight,
+            } = cur;
+            let mut up = resp.bytes_stream();
+            let mut buf: Vec<u8> = Vec::new();
+            let broke = loop {
+                match up.next().await {
+                    Some(Ok(b)) => {
+                        buf.extend_from_slice(&b);
+                        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                            let ev: Vec<u8> = buf.drain(..end + 2).collect();
+                            let text = String::from_utf8_lossy(&ev);
+                            let Some(data) = text.trim().strip_prefix("data: ") else {
+                                continue;
+                            };
+                            if let Some(out) = rewrite(&r, &mut f, data, continued) {
+                                if tx.send(Ok(emit(out))).await.is_err() {
+                                    return; // the client went away
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => break Some(e.to_string()),
+                    None if f.done || f.errored => break None,
+                    None => break Some("the stream ended early".into()),
+                }
+            };
+            drop(_in_flight);
+            let Some(why) = broke else { return };
+            if f.finished {
+                // Its last token and finish came; only the end was lost.
+                let _ = tx.send(Ok(emit("[DONE]".into()))).await;
+                return;
+            }
+            let p = &r.p;
+            p.0.metrics
+                .errors
+                .with_label_values(&["decode", &url])
+                .inc();
+            if let Some(i) = p.decode_pool().find(&url) {
+                i.failure(&why);
+            }
+            let next = p
+                .decode_pool()
+                .choose(&Ask::default())
+                .into_iter()
+                .find(|i| !tried.contains(&i.url));
+            let Some(inst) = next else {
+                let ev = json!({"error": {"message": format!("decode instance {url} failed mid-stream ({why}) and no other could continue it"), "type": "upstream_error", "param": null, "code": null}});
+                let _ = tx.send(Ok(emit(ev.to_string()))).await;
+                return;
+            };
+            let seeded =
+                r.original["seed"].is_u64() || r.original["temperature"].as_f64() == Some(0.0);
+            if !seeded {
+                tracing::warn!(id = ?r.id, "continuing an unseeded sampled stream: its continuation is not the one an uninterrupted run would have made");
+            }
+            tracing::warn!(id = ?r.id, failed = %url, next = %inst.url, tokens = f.out.len(), error = %why, "decode instance died mid-stream; continuing the stream on another");
+            p.0.metrics.failovers.inc();
+            tried.push(inst.url.clone());
+            let (path, body) = continuation(&r, &f);
+            let in_flight = inst.start();
+            p.0.metrics
+                .requests
+                .with_label_values(&["decode", &inst.url])
+                .inc();
+            let resp =
+                p.0.client
+                    .post(format!("{}{path}", inst.url))
+                    .header(REQUEST_ID, r.id.clone())
+                    .json(&body)
+                    .send()
+                    .await;
+            match resp {
+                Ok(resp) if resp.status().is_success() => {
+                    inst.success();
+                    // Resending the request itself (nothing came yet) needs no rewriting.
+                    continued = f.prompt_ids.is_some();
+                    cur = Sent {
+                        url: inst.url.clone(),
+                        resp,
+                        _in_flight: in_flight,
+                    };
+                }
+                other => {
+                    let e = match other {
+                        Ok(resp) => format!("{} answered {}", inst.url, resp.status()),
+                        Err(e) => format!("{}: {e}", inst.url),
+                    };
+                    let ev = json!({"error": {"message": format!("decode instance {url} failed mid-stream ({why}); continuing on {e}"), "type": "upstream_error", "param": null, "code": null}});
+                    let _ = tx.send(Ok(emit(ev.to_string()))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let body =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    sse(Body::from_stream(body))
+}
+
+/// An SSE response around `body`.
+fn sse(body: Body) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
         .header(axum::http::header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
+        .body(body)
         .unwrap_or_else(|e| {
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -612,7 +900,7 @@ pub(crate) async fn health(State(p): State<Proxy>) -> Response {
         }
     };
     let urls = |pool: &Pool| {
-        pool.instances
+        pool.instances()
             .iter()
             .map(|i| i.url.clone())
             .collect::<Vec<_>>()

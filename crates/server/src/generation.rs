@@ -130,6 +130,14 @@ pub fn engine_id(base_id: &str, i: usize) -> String {
     format!("{base_id}-{i}")
 }
 
+/// What a request asks of the engine besides its prompt and sampling.
+#[derive(Clone, Copy, Default)]
+pub struct More<'a> {
+    pub cache_salt: Option<&'a str>,
+    /// Output tokens at the end of the prompt (a resumed stream).
+    pub resumed: usize,
+}
+
 /// Submits every prompt; the merged stream yields their events tagged with the prompt index.
 pub fn submit_all(
     engine: &Engine,
@@ -138,7 +146,7 @@ pub fn submit_all(
     jobs: &[PromptJob],
     params: &SamplingParams,
     kv: KvTransfer,
-    cache_salt: Option<&str>,
+    more: More<'_>,
 ) -> Result<impl Stream<Item = Out> + Send + Unpin + 'static, ApiError> {
     let mut streams = Vec::with_capacity(jobs.len());
     let mut kv = Some(kv);
@@ -150,7 +158,8 @@ pub fn submit_all(
             return_logits: false,
             // Only single-prompt requests carry a KV transfer (checked by the caller).
             kv: kv.take().unwrap_or(KvTransfer::None),
-            cache_salt: cache_salt.map(str::to_string),
+            cache_salt: more.cache_salt.map(str::to_string),
+            resumed: more.resumed,
         })?;
         metrics.prompt_tokens.inc_by(j.ids.len() as u64);
         let tracker = Tracker {
@@ -378,12 +387,19 @@ pub fn stream_sse(
             }
         }
         let (mut p, mut c, mut cached) = (0, 0, 0);
+        // With token ids, a choice's first chunk also carries its prompt's (as vLLM's).
+        let mut told = vec![false; jobs.len()];
         while let Some(ev) = events.next().await {
             let v = match ev {
                 Out::Token(i, t) => {
                     let mut ids = None;
+                    let mut prompt_ids = None;
                     if spec.return_token_ids {
                         ids = Some(json!([t.token]));
+                        if let (Some(false), Some(j)) = (told.get(i).copied(), jobs.get(i)) {
+                            prompt_ids = Some(json!(j.ids));
+                            told[i] = true;
+                        }
                     }
                     let lp = t
                         .logprob
@@ -396,6 +412,9 @@ pub fn stream_sse(
                     };
                     if let Some(ids) = ids {
                         ch["token_ids"] = ids;
+                    }
+                    if let Some(ids) = prompt_ids {
+                        ch["prompt_token_ids"] = ids;
                     }
                     chunk(&spec, json!([ch]), None)
                 }

@@ -461,7 +461,13 @@ async fn run(
         id
     };
     let engine = &state.0.engine;
-    let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
+    let resumed = common.resume_tokens.unwrap_or(0);
+    // A resumed request's output so far is not prompt: it counts against max_tokens.
+    let longest = jobs
+        .iter()
+        .map(|j| j.ids.len().saturating_sub(resumed))
+        .max()
+        .unwrap_or(0);
     let max_len = engine.max_model_len();
     if longest >= max_len {
         return Err(ApiError::bad(
@@ -490,8 +496,18 @@ async fn run(
         Plan::Consume(r) => KvTransfer::Remote(r),
     };
     let salt = common.cache_salt()?;
+    if resumed > 0 && (jobs.len() != 1 || !matches!(kv, KvTransfer::None)) {
+        return Err(ApiError::bad(
+            "resume_tokens needs one prompt and no kv_transfer_params",
+            Some("resume_tokens"),
+        ));
+    }
+    let more = generation::More {
+        cache_salt: salt,
+        resumed,
+    };
     let mut events =
-        generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv, salt)?;
+        generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv, more)?;
     // Submitted: from here the engine's connector releases the hold if the load never runs.
     release.disarm();
     if consume {

@@ -57,6 +57,10 @@ pub struct CommonParams {
     /// vLLM extension: requests share cached prefix blocks only with requests of the same
     /// salt.
     pub cache_salt: Option<String>,
+    /// Ours: the last this many prompt tokens are the output of an interrupted run of this
+    /// request (the router continues a stream whose decode instance died); they are not
+    /// sent again, count as completion tokens, and a seeded sampler resumes after them.
+    pub resume_tokens: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -33,6 +33,8 @@ pub fn request(id: &str, prompt: &[u32], params: &SamplingParams, kv: KvTransfer
         return_logits: true,
         kv,
         cache_salt: None,
+
+        resumed: 0,
     }
 }
 
@@ -81,6 +83,8 @@ pub fn submit(
             return_logits: true,
             kv: KvTransfer::None,
             cache_salt: None,
+
+            resumed: 0,
         })
         .expect("submit")
 }
