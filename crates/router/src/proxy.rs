@@ -393,7 +393,24 @@ async fn handle_inner(
             id: id.clone(),
         }
     });
-    match send(p, p.decode_pool(), &call, &dec, None).await {
+    let mut sent = send(p, p.decode_pool(), &call, &dec, None).await;
+    if let Ok(s) = &sent {
+        let status = s.resp.status();
+        if status.is_server_error() && dec.get("kv_transfer_params").is_some() {
+            // Its KV did not arrive (the producer died after the prefill, say): the decode
+            // instance prefills it instead. Nothing reached the client yet.
+            tracing::warn!(id = ?id, decode = %s.url, %status, "KV load failed; prefilling on a decode instance instead");
+            p.0.metrics
+                .fallbacks
+                .with_label_values(&["kv_load_failed"])
+                .inc();
+            if let Some(o) = dec.as_object_mut() {
+                o.remove("kv_transfer_params");
+            }
+            sent = send(p, p.decode_pool(), &call, &dec, None).await;
+        }
+    }
+    match sent {
         Ok(s) if resume.is_some() && s.resp.status().is_success() => relay(s, resume),
         Ok(s) => forward(s, stream).await,
         Err(SendError::NoneAvailable)
