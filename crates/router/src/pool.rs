@@ -195,10 +195,6 @@ impl Pool {
             .collect()
     }
 
-    pub fn any_available(&self) -> bool {
-        self.instances().iter().any(|i| i.available())
-    }
-
     pub fn find(&self, url: &str) -> Option<Arc<Instance>> {
         self.instances().into_iter().find(|i| i.url == url)
     }

@@ -237,6 +237,28 @@ impl Local {
     }
 }
 
+/// Where a prompt of `prompt_tokens` (if known) is prefilled, before any prefill instance is
+/// tried: on its decode instance when `disagg_threshold > 0` and the prompt has fewer tokens;
+/// else when no prefill instance is available (`queues`, the available ones' queue depths,
+/// is empty); else when `busy > 0` and every available prefill instance's queue is at least
+/// `busy`. `None`: on a prefill instance.
+fn decide(
+    prompt_tokens: Option<usize>,
+    disagg_threshold: usize,
+    queues: &[u64],
+    busy: u64,
+) -> Option<Local> {
+    if disagg_threshold > 0 && prompt_tokens.is_some_and(|n| n < disagg_threshold) {
+        Some(Local::Short)
+    } else if queues.is_empty() {
+        Some(Local::PrefillDown)
+    } else if busy > 0 && queues.iter().all(|&q| q >= busy) {
+        Some(Local::PrefillBusy)
+    } else {
+        None
+    }
+}
+
 /// The KV blocks a request will take (prompt and output), for the decode policy; an
 /// estimate when the prompt is text (4 bytes a token).
 fn blocks(req: &Value, prompt_tokens: Option<usize>) -> u64 {
@@ -299,29 +321,20 @@ async fn handle_inner(
         },
         arrived,
     };
-    let mut local = None;
-    if p.0.disagg_threshold > 0
-        && prompt_tokens(p, &req, path)
-            .await
-            .is_some_and(|n| n < p.0.disagg_threshold)
-    {
-        local = Some(Local::Short);
-    }
+    let threshold = p.0.disagg_threshold;
+    let n = if threshold > 0 {
+        prompt_tokens(p, &req, path).await
+    } else {
+        None
+    };
     let prefill_pool = p.prefill_pool();
-    if local.is_none() && !prefill_pool.any_available() {
-        local = Some(Local::PrefillDown);
-    }
-    let busy = p.0.routing.prefill_busy_threshold;
-    if local.is_none()
-        && busy > 0
-        && prefill_pool
-            .instances()
-            .iter()
-            .filter(|i| i.available())
-            .all(|i| i.load().queue() >= busy)
-    {
-        local = Some(Local::PrefillBusy);
-    }
+    let queues: Vec<u64> = prefill_pool
+        .instances()
+        .iter()
+        .filter(|i| i.available())
+        .map(|i| i.load().queue())
+        .collect();
+    let mut local = decide(n, threshold, &queues, p.0.routing.prefill_busy_threshold);
     // A one-token answer is complete once the prompt is prefilled: the prefill instance
     // serves it whole, so no KV is held, shipped, or loaded by a decode instance for it.
     let one_token = [&req["max_tokens"], &req["max_completion_tokens"]]
@@ -965,4 +978,76 @@ pub(crate) async fn metrics(State(p): State<Proxy>) -> Response {
         p.0.metrics.render(&p.0.pools[..]),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn where_a_prompt_is_prefilled_at_the_boundaries() {
+        // Shorter than the threshold: local; at it: not.
+        assert_eq!(decide(Some(99), 100, &[0], 0), Some(Local::Short));
+        assert_eq!(decide(Some(100), 100, &[0], 0), None);
+        // Threshold 0 or an unknown length: never short.
+        assert_eq!(decide(Some(1), 0, &[0], 0), None);
+        assert_eq!(decide(None, 100, &[0], 0), None);
+        // No prefill instance available.
+        assert_eq!(decide(Some(500), 100, &[], 0), Some(Local::PrefillDown));
+        assert_eq!(
+            decide(Some(5), 100, &[], 0),
+            Some(Local::Short),
+            "short wins"
+        );
+        // Busy: every queue at the threshold; one below it is enough to disaggregate.
+        assert_eq!(decide(None, 0, &[4, 4], 4), Some(Local::PrefillBusy));
+        assert_eq!(decide(None, 0, &[4, 3], 4), None);
+        assert_eq!(decide(None, 0, &[9, 9], 0), None, "busy 0: never");
+    }
+
+    #[tokio::test]
+    async fn continuations_resume_at_the_tokens_streamed() {
+        let r = Resume {
+            p: Proxy::new(crate::Pools {
+                prefill: vec!["http://127.0.0.1:1".into()],
+                decode: vec!["http://127.0.0.1:2".into()],
+                disagg_threshold: 0,
+                decode_admin: vec![],
+                api_key: None,
+                routing: crate::Routing::default(),
+            })
+            .expect("proxy"),
+            original: json!({"model": "m", "prompt": "hi", "max_completion_tokens": 9,
+                "seed": 3, "temperature": 0.5, "stream": true, "return_token_ids": true}),
+            chat: false,
+            client_ids: false,
+            id: HeaderValue::from_static("r"),
+        };
+        let mut f = Followed {
+            prompt_ids: Some(vec![1, 2]),
+            out: vec![7, 8, 9],
+            ..Followed::default()
+        };
+        let (path, b) = continuation(&r, &f);
+        assert_eq!(path, "/v1/completions");
+        assert_eq!(b["prompt"], json!([1, 2, 7, 8, 9]));
+        assert_eq!(b["resume_tokens"], 3);
+        assert_eq!(
+            (b["max_tokens"].clone(), b["seed"].clone()),
+            (json!(9), json!(3))
+        );
+        // Token ids the client did not ask for are taken out; the continuation keeps the id.
+        f.head = Some((json!("cmpl-1"), json!(5), json!("m")));
+        let out = rewrite(
+            &r,
+            &mut f,
+            r#"{"id":"cmpl-2","created":6,"choices":[{"text":"x","token_ids":[4],"finish_reason":null}]}"#,
+            true,
+        )
+        .expect("an event");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["id"], "cmpl-1");
+        assert!(v["choices"][0].get("token_ids").is_none());
+        assert_eq!(f.out, [7, 8, 9, 4]);
+    }
 }
