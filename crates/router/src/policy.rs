@@ -12,6 +12,8 @@ pub struct Load {
     pub waiting: u64,
     /// Requests this router has sent and not yet seen answered.
     pub in_flight: u64,
+    /// Which instance (stable while it is a member), for policies that remember.
+    pub id: u64,
 }
 
 impl Load {
@@ -26,7 +28,7 @@ impl Load {
 pub struct Ask<'a> {
     /// KV blocks the request will take (prompt and output), if known.
     pub blocks: u64,
-    /// The prompt's beginning, for prefix affinity.
+    /// The prompt's beginning (text, or token ids as JSON), for prefix affinity.
     pub head: &'a [u8],
 }
 
@@ -44,7 +46,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>, String> {
         "least_load" => Box::new(LeastLoad),
         "power_of_two" => Box::new(PowerOfTwo::default()),
         "free_blocks" => Box::new(FreeBlocks),
-        "cache_aware" => Box::new(CacheAware),
+        "cache_aware" => Box::new(CacheAware::default()),
         other => {
             return Err(format!(
                 "unknown policy {other:?}; one of round_robin, random, least_load, power_of_two, free_blocks, cache_aware"
@@ -170,16 +172,45 @@ impl Policy for FreeBlocks {
     }
 }
 
-/// Prefix affinity: prompts with the same beginning (its first [`CacheAware::HEAD`] bytes)
-/// go to the same instance, where their shared blocks are likely cached; unless that
-/// instance's queue is longer than the shortest by more than [`CacheAware::BALANCE`], when
-/// the shortest queue wins (SGLang's balance rule, by queue length).
+/// Prefix affinity, SGLang-style over chunks of the prompt: its beginning is cut into
+/// [`CacheAware::CHUNK`]-byte chunks, each hashed together with all before it (FNV-1a,
+/// chained); the router remembers, for recent chunk hashes, the instance that last got a
+/// prompt through them. A prompt goes to the instance holding its longest remembered run
+/// (where its prefix is most likely cached), unless that instance's queue is longer than the
+/// shortest by more than [`CacheAware::BALANCE`]; then, and for a prompt nothing matches,
+/// the shortest queue wins.
 #[derive(Default)]
-pub struct CacheAware;
+pub struct CacheAware {
+    seen: std::sync::Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    map: std::collections::HashMap<u64, (u64, u64)>,
+    tick: u64,
+}
 
 impl CacheAware {
-    pub const HEAD: usize = 256;
+    pub const CHUNK: usize = 64;
+    /// Chunks considered (the first 4 KiB of a prompt).
+    pub const MAX_CHUNKS: usize = 64;
     pub const BALANCE: u64 = 8;
+    /// Chunk hashes remembered at most (the oldest half is forgotten past it).
+    pub const CAPACITY: usize = 1 << 16;
+
+    fn chunks(head: &[u8]) -> Vec<u64> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        head.chunks(Self::CHUNK)
+            .take(Self::MAX_CHUNKS)
+            .filter(|c| c.len() == Self::CHUNK)
+            .map(|c| {
+                for &b in c {
+                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+                }
+                h
+            })
+            .collect()
+    }
 }
 
 impl Policy for CacheAware {
@@ -188,21 +219,33 @@ impl Policy for CacheAware {
     }
     fn order(&self, loads: &[Load], ask: &Ask<'_>) -> Vec<usize> {
         let queue = by_queue(loads);
-        if loads.is_empty() || ask.head.is_empty() {
+        if loads.is_empty() {
             return queue;
         }
-        // FNV-1a: a fixed hash, so the same head maps to the same instance across restarts.
-        let head = &ask.head[..ask.head.len().min(Self::HEAD)];
-        let h = head.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        let chunks = Self::chunks(ask.head);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // The longest remembered run whose instance is still a candidate.
+        let home = chunks.iter().rev().find_map(|h| {
+            let (id, _) = seen.map.get(h)?;
+            loads.iter().position(|l| l.id == *id)
         });
-        let home = (h % loads.len() as u64) as usize;
         let shortest = loads[queue[0]].queue();
-        if loads[home].queue() > shortest + Self::BALANCE {
-            return queue;
+        let first = match home {
+            Some(h) if loads[h].queue() <= shortest + Self::BALANCE => h,
+            _ => queue[0],
+        };
+        let id = loads[first].id;
+        for h in chunks {
+            seen.tick += 1;
+            let t = seen.tick;
+            seen.map.insert(h, (id, t));
         }
-        let mut v = vec![home];
-        v.extend(queue.into_iter().filter(|&i| i != home));
+        if seen.map.len() > Self::CAPACITY {
+            let keep_from = seen.tick.saturating_sub(Self::CAPACITY as u64 / 2);
+            seen.map.retain(|_, (_, t)| *t > keep_from);
+        }
+        let mut v = vec![first];
+        v.extend(queue.into_iter().filter(|&i| i != first));
         v
     }
 }
@@ -217,6 +260,7 @@ mod tests {
             running,
             waiting,
             in_flight,
+            id: 0,
         }
     }
 
@@ -295,27 +339,44 @@ mod tests {
     }
 
     #[test]
-    fn cache_aware_keeps_a_head_home_until_the_balance_breaks() {
-        let p = CacheAware;
-        let ask = |h: &'static [u8]| Ask { blocks: 1, head: h };
-        let l = [Load::default(); 4];
-        let home = p.order(&l, &ask(b"You are a helpful assistant."))[0];
-        for _ in 0..5 {
-            assert_eq!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
+    fn cache_aware_follows_the_longest_remembered_prefix_until_the_balance_breaks() {
+        let p = CacheAware::default();
+        let mut l = [Load::default(); 3];
+        for (i, x) in l.iter_mut().enumerate() {
+            x.id = 100 + i as u64;
         }
-        // Only the first HEAD bytes count.
-        let long_a = [b'x'; 300];
-        let mut long_b = [b'x'; 300];
-        long_b[299] = b'y';
-        let la: &'static [u8] = Box::leak(Box::new(long_a));
-        let lb: &'static [u8] = Box::leak(Box::new(long_b));
-        assert_eq!(p.order(&l, &ask(la))[0], p.order(&l, &ask(lb))[0]);
-        // Home queue at shortest + BALANCE: still home; one more: the shortest.
-        let mut l = [Load::default(); 4];
-        l[home].running = CacheAware::BALANCE;
-        assert_eq!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
-        l[home].running = CacheAware::BALANCE + 1;
-        assert_ne!(p.order(&l, &ask(b"You are a helpful assistant."))[0], home);
+        let sys = vec![b's'; 256];
+        let prompt = |tail: &[u8]| [&sys[..], tail].concat();
+        fn ask(h: &[u8]) -> Ask<'_> {
+            Ask { blocks: 1, head: h }
+        }
+        // The first prompt with this head lands on the shortest queue; later ones follow it.
+        l[0].running = 1;
+        let a = prompt(&[b'a'; 64]);
+        let home = p.order(&l, &ask(&a))[0];
+        assert_eq!(home, 1);
+        l[1].running = 3;
+        let b = prompt(&[b'b'; 64]);
+        assert_eq!(p.order(&l, &ask(&b))[0], home, "same head, other question");
+        // A prompt nothing matches: the shortest queue.
+        assert_eq!(p.order(&l, &ask(&[b'z'; 256]))[0], 2);
+        // The longest run wins: after `a` went to 0 once (by balance), `a` follows 0, and a
+        // prompt that shares only the head goes where the head was last seen.
+        l[2].running = 5;
+        l[1].running = 1 + CacheAware::BALANCE + 1;
+        assert_eq!(p.order(&l, &ask(&a))[0], 0, "balance broken: the shortest");
+        l[1].running = 0;
+        assert_eq!(p.order(&l, &ask(&a))[0], 0, "its longest run is on 0 now");
+        // Under a chunk: no affinity.
+        assert!(CacheAware::chunks(b"short").is_empty());
+        // Memory stays bounded.
+        for k in 0..(CacheAware::CAPACITY / 16) as u32 {
+            let h: Vec<u8> = (0..CacheAware::CHUNK * 40)
+                .map(|i| (k.wrapping_mul(7919) ^ i as u32) as u8)
+                .collect();
+            p.order(&l, &ask(&h));
+        }
+        assert!(p.seen.lock().unwrap().map.len() <= CacheAware::CAPACITY);
     }
 
     #[test]

@@ -56,6 +56,9 @@ impl Instance {
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or_default();
         l.in_flight = self.in_flight.load(Ordering::Relaxed);
+        l.id = self.url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
         l
     }
 
@@ -371,6 +374,7 @@ async fn poll(client: &reqwest::Client, i: &Instance, timeout: Duration) {
         running: n("running"),
         waiting: n("waiting"),
         in_flight: 0,
+        id: 0,
     });
     i.success();
 }

@@ -31,6 +31,8 @@ use crate::pool::{InFlight, Instance, Pool};
 use crate::Proxy;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The first retry's wait; each next one doubles, up to 8×.
+const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 
 pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
     let body =
@@ -118,6 +120,10 @@ async fn send(
                 .observe(arrived.elapsed().as_secs_f64());
         } else {
             m.retries.inc();
+            // Backoff before each retry (10, 20, 40 ms, then 80 at most): a pool restarting
+            // under load is not hammered by every request at once.
+            let backoff = RETRY_BACKOFF * (1u32 << (k - 1).min(3));
+            tokio::time::sleep(backoff).await;
         }
         m.requests.with_label_values(&[pool.name, &inst.url]).inc();
         let in_flight = inst.start();
@@ -281,7 +287,7 @@ fn head(req: &Value) -> Vec<u8> {
         Some(other) => other.to_string().into_bytes(),
         None => Vec::new(),
     };
-    s.truncate(crate::policy::CacheAware::HEAD);
+    s.truncate(crate::policy::CacheAware::CHUNK * crate::policy::CacheAware::MAX_CHUNKS);
     s
 }
 
