@@ -243,7 +243,7 @@ async fn stream_through_a_death(
 async fn a_stream_survives_the_death_of_its_decode_instance() {
     let colo = serve(&[], None);
     let pre = serve(&[], Some(kv_config("kv_producer", free_port(), 30.0)));
-    let mut decode: Vec<Proc> = (0..4)
+    let mut decode: Vec<Proc> = (0..5)
         .map(|_| serve(&[], Some(kv_config("kv_consumer", free_port(), 30.0))))
         .collect();
     for p in decode.iter().chain([&pre, &colo]) {
@@ -287,11 +287,41 @@ async fn a_stream_survives_the_death_of_its_decode_instance() {
             break;
         }
     }
+    // Not streamed: the client has seen nothing when its decode instance dies, so the
+    // request runs again elsewhere, and the answer is the uninterrupted one.
+    let whole = json!({"prompt": "A list of harbour towns and what they trade:", "max_tokens": 120,
+        "temperature": 0, "ignore_eos": true});
+    let (st, v) = post(&format!("{}/v1/completions", colo.url()), &whole).await;
+    assert_eq!(st, 200, "{v}");
+    let reference = text(&v);
+    let pending = {
+        let url = url.clone();
+        let whole = whole.clone();
+        tokio::spawn(async move { post(&format!("{url}/v1/completions"), &whole).await })
+    };
+    let t0 = Instant::now();
+    'kill: loop {
+        for i in 0..decode.len() {
+            if health(&decode[i]).await["running"].as_u64().unwrap_or(0) > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                decode.remove(i).kill();
+                break 'kill;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the request never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, v) = pending.await.expect("request");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(text(&v), reference, "the non-streamed answer");
     let failovers = metrics_text(&proxy).await;
     assert!(
         failovers
             .lines()
-            .any(|l| l.starts_with("splitserve:router_failovers_total 3")),
+            .any(|l| l.starts_with("splitserve:router_failovers_total 4")),
         "{failovers}"
     );
 }

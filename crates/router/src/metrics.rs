@@ -67,7 +67,7 @@ impl Metrics {
             .expect("valid metric"),
             failovers: IntCounter::new(
                 name("failovers_total"),
-                "Streams continued on another decode instance after theirs died mid-stream.",
+                "Requests continued or run again on another instance after theirs died with them.",
             )
             .expect("valid metric"),
             circuit: IntGaugeVec::new(

@@ -84,8 +84,9 @@ impl SendError {
     }
 }
 
-/// Sends `body` to the pool's instances in the policy's order, moving on only when one
-/// cannot be reached (a request is never sent twice once an instance accepted it).
+/// Sends `body` to the pool's instances in the policy's order, moving on when one cannot be
+/// reached or its connection dies before it answers (nothing reached the client yet); a
+/// timeout is not retried (the instance may still be working on it).
 /// What every send of one client request shares.
 struct Call<'a> {
     path: &'a str,
@@ -150,8 +151,15 @@ async fn send(
                     _in_flight: in_flight,
                 });
             }
-            Err(e) if e.is_connect() => {
+            // Unreachable, or a kept-alive connection to it died (it was killed): nothing came
+            // back, so the next one may take the request.
+            Err(e) if !e.is_timeout() => {
                 fail(p, pool, inst, &e.to_string());
+                if !e.is_connect() {
+                    // It had the request: what follows is a failover, not a plain retry.
+                    m.failovers.inc();
+                    tracing::warn!(id = ?id, instance = %inst.url, error = %e, "instance failed before answering; sending the request to the next");
+                }
                 errors.push(format!("{}: {e}", inst.url));
             }
             Err(e) => {
@@ -431,6 +439,41 @@ async fn handle_inner(
     }
     match sent {
         Ok(s) if resume.is_some() && s.resp.status().is_success() => relay(s, resume),
+        Ok(s) if !stream && s.resp.status().is_success() => {
+            let Sent {
+                url,
+                resp,
+                _in_flight,
+            } = s;
+            match resp.bytes().await {
+                Ok(b) => json_response(b),
+                Err(err) => {
+                    // The decode instance died before its answer was whole: the client has
+                    // seen nothing, so the request runs again (prefilled where it lands);
+                    // greedy and seeded answers come out the same.
+                    drop(_in_flight);
+                    if let Some(i) = p.decode_pool().find(&url) {
+                        fail(p, p.decode_pool(), &i, &err.to_string());
+                    }
+                    tracing::warn!(id = ?id, decode = %url, error = %err, "decode instance failed mid-answer; running the request again on another");
+                    p.0.metrics.failovers.inc();
+                    if let Some(o) = dec.as_object_mut() {
+                        o.remove("kv_transfer_params");
+                    }
+                    match send(p, p.decode_pool(), &call, &dec, None).await {
+                        Ok(s) => forward(s, false).await,
+                        Err(e) => error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_error",
+                            format!(
+                                "decode instance {url} failed mid-answer ({err}); {}",
+                                e.message("decode")
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
         Ok(s) => forward(s, stream).await,
         Err(SendError::NoneAvailable)
             if p.decode_pool()
@@ -548,6 +591,15 @@ async fn prompt_tokens(p: &Proxy, req: &Value, path: &str) -> Option<usize> {
 
 /// Passes an instance's answer through to the client; the request stays in flight there
 /// until it has.
+fn json_response(b: Bytes) -> Response {
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        b,
+    )
+        .into_response()
+}
+
 async fn forward(s: Sent, stream: bool) -> Response {
     let Sent {
         url,
@@ -559,12 +611,7 @@ async fn forward(s: Sent, stream: bool) -> Response {
     }
     if !stream {
         let r = match resp.bytes().await {
-            Ok(b) => (
-                StatusCode::OK,
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                b,
-            )
-                .into_response(),
+            Ok(b) => json_response(b),
             Err(e) => error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
