@@ -1021,23 +1021,13 @@ impl Core {
             // Blocks this engine has cached already are not loaded again; at least one block
             // always is (as a local prompt computes at least its last token).
             let bs = self.cache.layout.block_size;
-            let hit = if self.cache.prefix_caching() {
-                let max = (n - 1) / bs;
-                let Some((s, _)) = self.remote_waiting.front_mut() else {
-                    break;
-                };
-                let hashes = s.block_hashes();
-                self.cache.lookup(&hashes[..hashes.len().min(max)])
-            } else {
-                Vec::new()
+            let hit = match self.remote_waiting.front_mut() {
+                Some((s, _)) if self.cache.prefix_caching() => {
+                    self.cache.cached_prefix(s.block_hashes(), n)
+                }
+                _ => Vec::new(),
             };
-            let need = n.div_ceil(bs) - hit.len();
-            if self.cache.num_free_besides(&hit) < need {
-                break;
-            }
-            self.cache.share(&hit);
-            let Some(blocks) = self.cache.allocate(need) else {
-                self.cache.release(&mut hit.clone());
+            let Some(blocks) = self.cache.take(&hit, n.div_ceil(bs) - hit.len()) else {
                 break;
             };
             let Some((mut s, remote)) = self.remote_waiting.pop_front() else {

@@ -510,14 +510,36 @@ impl KvCache {
             .collect()
     }
 
+    /// The cached blocks a request of `tokens` tokens, whose full blocks hash to `hashes`,
+    /// can start from: the longest cached run, leaving at least its last token to compute
+    /// or load.
+    pub fn cached_prefix(&self, hashes: &[BlockHash], tokens: usize) -> Vec<u32> {
+        let max = tokens.saturating_sub(1) / self.layout.block_size;
+        self.lookup(&hashes[..hashes.len().min(max)])
+    }
+
+    /// Shares the cached blocks `hit` and allocates `need` more, or takes nothing if they
+    /// do not both fit (an evictable block in `hit` is not free for the allocation).
+    pub fn take(&mut self, hit: &[u32], need: usize) -> Option<Vec<u32>> {
+        if self.num_free_besides(hit) < need {
+            return None;
+        }
+        self.share(hit);
+        let got = self.allocate(need);
+        if got.is_none() {
+            self.release(&mut hit.to_vec());
+        }
+        got
+    }
+
     /// Blocks an allocation could take if `hit` (blocks about to be shared) were owned.
-    pub fn num_free_besides(&self, hit: &[u32]) -> usize {
+    fn num_free_besides(&self, hit: &[u32]) -> usize {
         let idle = hit.iter().filter(|&&b| self.refs[b as usize] == 0).count();
         self.num_free() - idle
     }
 
     /// Takes a reference to each cached block of `hit` (from [`Self::lookup`]).
-    pub fn share(&mut self, hit: &[u32]) {
+    fn share(&mut self, hit: &[u32]) {
         for &b in hit {
             if self.refs[b as usize] == 0 {
                 self.evictable.remove(&self.lru_key[b as usize]);

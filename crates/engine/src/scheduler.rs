@@ -139,9 +139,7 @@ pub(crate) fn schedule<S: Schedulable>(
         // The longest cached run of its full blocks, leaving at least the last token to
         // compute (its logits are the ones sampled).
         let hit = if done == 0 && front.blocks().is_empty() && cache.prefix_caching() {
-            let max = (total - 1) / cfg.block_size;
-            let hashes = front.block_hashes();
-            cache.lookup(&hashes[..hashes.len().min(max)])
+            cache.cached_prefix(front.block_hashes(), total)
         } else {
             Vec::new()
         };
@@ -164,12 +162,7 @@ pub(crate) fn schedule<S: Schedulable>(
             break;
         };
         let need = blocks_for(done + n).saturating_sub(front.blocks().len() + hit.len());
-        if cache.num_free_besides(&hit) < need {
-            break;
-        }
-        cache.share(&hit);
-        let Some(mut got) = cache.allocate(need) else {
-            cache.release(&mut hit.clone());
+        let Some(mut got) = cache.take(&hit, need) else {
             break;
         };
         long_prefills += usize::from(long);

@@ -38,6 +38,16 @@ pub trait Policy: Send + Sync {
     fn order(&self, loads: &[Load], ask: &Ask<'_>) -> Vec<usize>;
 }
 
+/// FNV-1a, continued from `h` (start at [`FNV_OFFSET`]): a fixed hash, the same in every
+/// process and after restarts.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// The policy a `--prefill-policy` / `--decode-policy` value names.
 pub fn by_name(name: &str) -> Result<Box<dyn Policy>, String> {
     Ok(match name {
@@ -199,14 +209,12 @@ impl CacheAware {
     pub const CAPACITY: usize = 1 << 16;
 
     fn chunks(head: &[u8]) -> Vec<u64> {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut h = FNV_OFFSET;
         head.chunks(Self::CHUNK)
             .take(Self::MAX_CHUNKS)
             .filter(|c| c.len() == Self::CHUNK)
             .map(|c| {
-                for &b in c {
-                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-                }
+                h = fnv1a(h, c);
                 h
             })
             .collect()

@@ -19,6 +19,8 @@ pub struct Instance {
     pub url: String,
     /// The member it came from: its own URL, or the name it was resolved from.
     member: String,
+    /// A hash of `url`, which policies remember it by.
+    id: u64,
     /// Its admin base URL (decode instances that can be drained).
     pub admin: Option<String>,
     /// False once drained: no new requests.
@@ -33,6 +35,7 @@ pub struct Instance {
 impl Instance {
     fn new(url: String, member: String, admin: Option<String>, t: Thresholds) -> Self {
         Self {
+            id: crate::policy::fnv1a(crate::policy::FNV_OFFSET, url.as_bytes()),
             url,
             member,
             admin,
@@ -56,9 +59,7 @@ impl Instance {
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or_default();
         l.in_flight = self.in_flight.load(Ordering::Relaxed);
-        l.id = self.url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
+        l.id = self.id;
         l
     }
 

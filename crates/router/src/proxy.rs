@@ -34,10 +34,20 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The first retry's wait; each next one doubles, up to 8×.
 const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 
+fn error_body(kind: &str, message: String) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+}
+
 pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    let body =
-        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
-    (status, Json(body)).into_response()
+    (status, Json(error_body(kind, message.into()))).into_response()
+}
+
+/// An SSE event telling the client its stream failed upstream.
+fn error_event(message: String) -> Bytes {
+    Bytes::from(format!(
+        "data: {}\n\n",
+        error_body("upstream_error", message)
+    ))
 }
 
 fn with_id(mut r: Response, id: &HeaderValue) -> Response {
@@ -437,8 +447,11 @@ async fn handle_inner(
             sent = send(p, p.decode_pool(), &call, &dec, None).await;
         }
     }
+    let sent = match (sent, resume) {
+        (Ok(s), Some(r)) if s.resp.status().is_success() => return relay(s, r),
+        (sent, _) => sent,
+    };
     match sent {
-        Ok(s) if resume.is_some() && s.resp.status().is_success() => relay(s, resume),
         Ok(s) if !stream && s.resp.status().is_success() => {
             let Sent {
                 url,
@@ -624,16 +637,11 @@ async fn forward(s: Sent, stream: bool) -> Response {
     // SSE passthrough; a stream that breaks or ends without [DONE] gets an error event.
     let upstream = resp.bytes_stream();
     let state = (upstream, Vec::<u8>::new(), false, url, _in_flight);
-    let body = futures_util::stream::unfold(
-        state,
-        |(mut up, mut tail, ended, url, guard)| async move {
+    let body =
+        futures_util::stream::unfold(state, |(mut up, mut tail, ended, url, guard)| async move {
             if ended {
                 return None;
             }
-            let fail = |msg: String| {
-                let ev = json!({"error": {"message": msg, "type": "upstream_error", "param": null, "code": null}});
-                Bytes::from(format!("data: {ev}\n\n"))
-            };
             match up.next().await {
                 Some(Ok(b)) => {
                     tail.extend_from_slice(&b);
@@ -646,17 +654,16 @@ async fn forward(s: Sent, stream: bool) -> Response {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(decode = %url, error = %e, "decode stream broke");
-                    let ev = fail(format!("decode instance {url} failed mid-stream: {e}"));
+                    let ev = error_event(format!("decode instance {url} failed mid-stream: {e}"));
                     Some((Ok(ev), (up, tail, true, url, guard)))
                 }
                 None if !String::from_utf8_lossy(&tail).contains("[DONE]") => {
-                    let ev = fail(format!("decode instance {url} ended the stream early"));
+                    let ev = error_event(format!("decode instance {url} ended the stream early"));
                     Some((Ok(ev), (up, tail, true, url, guard)))
                 }
                 None => None,
             }
-        },
-    );
+        });
     sse(Body::from_stream(body))
 }
 
@@ -812,10 +819,9 @@ fn rewrite(r: &Resume, f: &mut Followed, data: &str, continued: bool) -> Option<
 
 /// Passes a decode stream through, and if its instance dies before the end, continues it on
 /// another one: the client's stream goes on as if nothing happened.
-fn relay(first: Sent, resume: Option<Resume>) -> Response {
+fn relay(first: Sent, r: Resume) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
-        let Some(r) = resume else { return };
         let mut f = Followed::default();
         let mut cur = first;
         let mut tried = vec![cur.url.clone()];
@@ -872,8 +878,8 @@ fn relay(first: Sent, resume: Option<Resume>) -> Response {
                 .into_iter()
                 .find(|i| !tried.contains(&i.url));
             let Some(inst) = next else {
-                let ev = json!({"error": {"message": format!("decode instance {url} failed mid-stream ({why}) and no other could continue it"), "type": "upstream_error", "param": null, "code": null}});
-                let _ = tx.send(Ok(emit(ev.to_string()))).await;
+                let ev = error_event(format!("decode instance {url} failed mid-stream ({why}) and no other could continue it"));
+                let _ = tx.send(Ok(ev)).await;
                 return;
             };
             let seeded =
@@ -913,8 +919,10 @@ fn relay(first: Sent, resume: Option<Resume>) -> Response {
                         Ok(resp) => format!("{} answered {}", inst.url, resp.status()),
                         Err(e) => format!("{}: {e}", inst.url),
                     };
-                    let ev = json!({"error": {"message": format!("decode instance {url} failed mid-stream ({why}); continuing on {e}"), "type": "upstream_error", "param": null, "code": null}});
-                    let _ = tx.send(Ok(emit(ev.to_string()))).await;
+                    let ev = error_event(format!(
+                        "decode instance {url} failed mid-stream ({why}); continuing on {e}"
+                    ));
+                    let _ = tx.send(Ok(ev)).await;
                     return;
                 }
             }
