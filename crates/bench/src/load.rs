@@ -342,12 +342,20 @@ pub async fn served_model(client: &reqwest::Client, base_url: &str) -> Result<St
 
 /// Runs the whole workload and summarises it.
 pub async fn run(a: &ServeBenchArgs, extra: Value) -> Result<Report, BenchError> {
+    run_jobs(a, make_jobs(a)?, extra).await
+}
+
+/// Runs `jobs` (made by [`make_jobs`], perhaps reshaped) as `a` says, and summarises them.
+pub async fn run_jobs(
+    a: &ServeBenchArgs,
+    jobs: Vec<Job>,
+    extra: Value,
+) -> Result<Report, BenchError> {
     let client = reqwest::Client::new();
     let model = match &a.model {
         Some(m) => m.clone(),
         None => served_model(&client, &a.base_url).await?,
     };
-    let jobs = make_jobs(a)?;
     let bar = if a.no_progress {
         indicatif::ProgressBar::hidden()
     } else {

@@ -1,6 +1,7 @@
 //! `splitserve bench router`: the decode policies side by side. For each policy, `up` starts
-//! the same pools and the same skewed workload (short and long outputs) runs through its
-//! proxy, while the decode instances' free KV blocks are sampled; prints throughput, TTFT
+//! the same pools and the same skewed workload runs through its proxy (every n-th request
+//! long, the others short: the pattern that defeats round robin), while the decode
+//! instances' free KV blocks are sampled; prints throughput, TTFT
 //! and ITL p99, and how far apart the decode instances' free blocks stayed; writes JSON and
 //! a plot of that spread over time.
 
@@ -34,11 +35,16 @@ pub struct BenchRouterArgs {
     pub max_concurrency: usize,
     #[arg(long, default_value_t = 64)]
     pub input_len: usize,
-    /// Mean output tokens; drawn from [len·(1−r), len·(1+r)] with --range-ratio r.
-    #[arg(long, default_value_t = 96)]
-    pub output_len: usize,
-    #[arg(long, default_value_t = 0.9)]
-    pub range_ratio: f64,
+    /// Output tokens of the long requests.
+    #[arg(long, default_value_t = 320)]
+    pub long_output: usize,
+    /// Output tokens of the short requests.
+    #[arg(long, default_value_t = 16)]
+    pub short_output: usize,
+    /// Every n-th request is long, the others short: with n equal to the decode instances,
+    /// round robin sends every long request to the same one.
+    #[arg(long, default_value_t = 2)]
+    pub long_every: usize,
     /// KV blocks of each instance (small, so that where requests land shows).
     #[arg(long, default_value_t = 256)]
     pub num_kv_blocks: usize,
@@ -62,6 +68,12 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
         (1..=2000).contains(&a.num_prompts) && (1..=64).contains(&a.max_concurrency),
         "--num-prompts must be 1 to 2000 and --max-concurrency 1 to 64"
     );
+    anyhow::ensure!(
+        a.long_every >= 1
+            && (1..=4096).contains(&a.long_output)
+            && (1..=4096).contains(&a.short_output),
+        "--long-every must be at least 1 and --long-output, --short-output 1 to 4096"
+    );
     for p in &a.policies {
         splitserve_router::policy::by_name(p).map_err(anyhow::Error::msg)?;
     }
@@ -73,7 +85,7 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut series = Vec::new();
     let mut md = String::from(
-        "| decode policy | req/s | output tok/s | TTFT p99 ms | ITL p99 ms | free-block spread mean | max | failed |\n|---|---|---|---|---|---|---|---|\n",
+        "| decode policy | req/s | output tok/s | TTFT p99 ms | ITL p99 ms | free-block spread mean | p95 | max | samples within 10 % | failed |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for policy in &a.policies {
         eprintln!(
@@ -84,14 +96,23 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
         let vals: Vec<f64> = spread.iter().map(|(_, s)| *s).collect();
         let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
         let max = vals.iter().copied().fold(0.0, f64::max);
+        let mut sorted = vals.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p95 = sorted
+            .get((sorted.len() * 95 / 100).min(sorted.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0);
+        let within = vals.iter().filter(|&&v| v <= 0.10).count() as f64 / vals.len().max(1) as f64;
         md.push_str(&format!(
-            "| {policy} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} % | {:.1} % | {} |\n",
+            "| {policy} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} % | {:.1} % | {:.1} % | {:.0} % | {} |\n",
             r.request_throughput,
             r.output_throughput,
             r.ttft_ms.p99,
             r.itl_ms.p99,
             mean * 100.0,
+            p95 * 100.0,
             max * 100.0,
+            within * 100.0,
             r.failed
         ));
         rows.push(json!({
@@ -104,6 +125,8 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
             "failed": r.failed,
             "free_block_spread_mean": mean,
             "free_block_spread_max": max,
+            "free_block_spread_p95": p95,
+            "samples_within_10_percent": within,
         }));
         series.push((
             policy.clone(),
@@ -114,12 +137,13 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
         ));
     }
     print!(
-        "Workload: {} requests, {} in flight, {}-token prompts, outputs {} ± {:.0} %; up --prefill {} --decode {}, {} KV blocks each. Spread: |free blocks of one decode instance − another's| / blocks, sampled every 200 ms.\n\n{md}",
+        "Workload: {} requests, {} in flight, {}-token prompts, every {}th with {} output tokens, the others {}; up --prefill {} --decode {}, {} KV blocks each. Spread: (most free blocks of a decode instance − fewest) / blocks, sampled every 200 ms.\n\n{md}",
         a.num_prompts,
         a.max_concurrency,
         a.input_len,
-        a.output_len,
-        a.range_ratio * 100.0,
+        a.long_every,
+        a.long_output,
+        a.short_output,
         a.prefill,
         a.decode,
         a.num_kv_blocks
@@ -206,13 +230,20 @@ async fn arm(
     let args = ServeBenchArgs {
         num_prompts: a.num_prompts,
         input_len: a.input_len,
-        output_len: a.output_len,
-        range_ratio: a.range_ratio,
+        output_len: a.long_output,
         max_concurrency: Some(a.max_concurrency),
         seed: a.seed,
         ..ServeBenchArgs::new(url)
     };
-    let r = splitserve_bench::load::run(&args, Value::Null).await;
+    let mut jobs = splitserve_bench::load::make_jobs(&args)?;
+    for (i, j) in jobs.iter_mut().enumerate() {
+        j.max_tokens = if i % a.long_every == 0 {
+            a.long_output
+        } else {
+            a.short_output
+        };
+    }
+    let r = splitserve_bench::load::run_jobs(&args, jobs, Value::Null).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sampler.await;
     drop(child);

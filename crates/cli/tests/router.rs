@@ -179,14 +179,16 @@ async fn prefill_instances_die_and_come_back_without_failed_requests() {
 }
 
 /// Streams `body` through `url`, killing whichever of `decode` runs it once `after` token
-/// chunks arrived; returns the text the client saw and whether any chunk showed token ids.
+/// chunks arrived; returns the text the client saw, whether any chunk showed token ids,
+/// whether it ended with `[DONE]`, and its logprobs (chat's entries, or completions'
+/// tokens, token_logprobs and top_logprobs, each concatenated).
 async fn stream_through_a_death(
     url: &str,
     path: &str,
     body: &Value,
     decode: &mut Vec<Proc>,
     after: usize,
-) -> (String, bool, bool) {
+) -> (String, bool, bool, Value) {
     use futures_util::StreamExt;
     let r = client()
         .post(format!("{url}{path}"))
@@ -199,6 +201,8 @@ async fn stream_through_a_death(
     let (mut buf, mut text, mut ids, mut done, mut n) =
         (String::new(), String::new(), false, false, 0);
     let mut killed = false;
+    let (mut chat_lp, mut tokens, mut token_lp, mut top) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     while let Some(chunk) = s.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
         while let Some(end) = buf.find("\n\n") {
@@ -220,6 +224,14 @@ async fn stream_through_a_death(
                     .unwrap_or(""),
             );
             ids |= c.get("token_ids").is_some() || c.get("prompt_token_ids").is_some();
+            let lp = &c["logprobs"];
+            let more = |v: &mut Vec<Value>, k: &str| {
+                v.extend(lp[k].as_array().cloned().unwrap_or_default())
+            };
+            more(&mut chat_lp, "content");
+            more(&mut tokens, "tokens");
+            more(&mut token_lp, "token_logprobs");
+            more(&mut top, "top_logprobs");
             n += 1;
         }
         if !killed && n >= after {
@@ -236,7 +248,12 @@ async fn stream_through_a_death(
         }
     }
     assert!(killed, "the stream ended before the kill");
-    (text, ids, done)
+    let lp = if path.ends_with("chat/completions") {
+        json!(chat_lp)
+    } else {
+        json!({"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top})
+    };
+    (text, ids, done, lp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,11 +273,12 @@ async fn a_stream_survives_the_death_of_its_decode_instance() {
     ready(&proxy).await;
     let url = proxy.url();
     let greedy = json!({"prompt": "The story of a lighthouse keeper who", "max_tokens": 80,
-        "temperature": 0, "ignore_eos": true, "stream": true});
+        "temperature": 0, "ignore_eos": true, "stream": true, "logprobs": 2});
     let seeded = json!({"prompt": "Ten ideas for a rainy afternoon:", "max_tokens": 80,
         "temperature": 0.9, "top_p": 0.95, "seed": 1234, "ignore_eos": true, "stream": true});
     let chat = json!({"messages": [{"role": "user", "content": "Describe a quiet harbour at dawn."}],
-        "max_tokens": 60, "temperature": 0, "ignore_eos": true, "stream": true});
+        "max_tokens": 60, "temperature": 0, "ignore_eos": true, "stream": true,
+        "logprobs": true, "top_logprobs": 3});
     for (what, path, body) in [
         ("greedy", "/v1/completions", greedy),
         ("seeded", "/v1/completions", seeded),
@@ -275,8 +293,19 @@ async fn a_stream_survives_the_death_of_its_decode_instance() {
             .or(v["choices"][0]["message"]["content"].as_str())
             .unwrap_or_default()
             .to_string();
-        let (text, ids, done) = stream_through_a_death(&url, path, &body, &mut decode, 10).await;
+        let (text, ids, done, lp) =
+            stream_through_a_death(&url, path, &body, &mut decode, 10).await;
         assert_eq!(text, reference, "{what}: the client's text");
+        // Logprobs go on across the death too, in the client's shape.
+        let l = &v["choices"][0]["logprobs"];
+        let want = if path.ends_with("chat/completions") {
+            l["content"].clone()
+        } else if l.is_null() {
+            json!({"tokens": [], "token_logprobs": [], "top_logprobs": []})
+        } else {
+            json!({"tokens": l["tokens"], "token_logprobs": l["token_logprobs"], "top_logprobs": l["top_logprobs"]})
+        };
+        assert_eq!(lp, want, "{what}: the client's logprobs");
         assert!(!ids, "{what}: token ids the client did not ask for");
         assert!(done, "{what}: the stream ended with [DONE]");
         println!(
@@ -418,4 +447,108 @@ async fn instances_are_added_and_removed_through_the_admin_endpoints() {
         Some(1),
         "{listed}"
     );
+}
+
+/// Sends `n` streamed requests through `url` one after another (each once its stream has
+/// started), every other one long (`long` output tokens); returns the tasks draining them.
+async fn skewed(url: &str, n: usize, long: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    use futures_util::StreamExt;
+    let mut streams = Vec::new();
+    for k in 0..n {
+        // Long in prompt (about 170 tokens) and output both: its KV is large from the start.
+        let (prompt, max) = if k % 2 == 0 {
+            (
+                format!("Note {k}:{}", " on tides, winds and harbours.".repeat(24)),
+                long,
+            )
+        } else {
+            (format!("Note {k}."), 4)
+        };
+        let b = json!({"prompt": prompt, "max_tokens": max,
+            "temperature": 0, "ignore_eos": true, "stream": true});
+        let r = client()
+            .post(format!("{url}/v1/completions"))
+            .json(&b)
+            .send()
+            .await
+            .expect("stream");
+        assert_eq!(r.status(), 200);
+        let mut s = r.bytes_stream();
+        // Its first chunk: the router has chosen, and counts it in flight.
+        let _ = s.next().await;
+        streams.push(tokio::spawn(
+            async move { while s.next().await.is_some() {} },
+        ));
+    }
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_blocks_balances_a_skewed_load_that_round_robin_piles_on_one() {
+    let pre = serve(&[], Some(kv_config("kv_producer", free_port(), 30.0)));
+    let decode: Vec<Proc> = (0..2)
+        .map(|_| {
+            serve(
+                &["--num-kv-blocks", "256"],
+                Some(kv_config("kv_consumer", free_port(), 30.0)),
+            )
+        })
+        .collect();
+    for p in decode.iter().chain([&pre]) {
+        ready(p).await;
+    }
+    let mut report = Vec::new();
+    for policy in ["round_robin", "free_blocks"] {
+        let mut args: Vec<String> = vec!["proxy".into(), "--prefill".into(), pre.url()];
+        args.push("--decode".into());
+        args.extend(decode.iter().map(Proc::url));
+        args.extend(["--decode-policy".into(), policy.into()]);
+        let proxy = spawn(&args);
+        ready(&proxy).await;
+        // 4 long requests and 4 short, alternating; once the short ones are done, where the
+        // long ones run.
+        let streams = skewed(&proxy.url(), 8, 600).await;
+        let t0 = Instant::now();
+        let (running, free) = loop {
+            let hs = [health(&decode[0]).await, health(&decode[1]).await];
+            let running: Vec<u64> = hs
+                .iter()
+                .map(|h| h["running"].as_u64().unwrap_or(0))
+                .collect();
+            if running.iter().sum::<u64>() == 4 && hs.iter().all(|h| h["waiting"] == 0) {
+                // Let the long ones grow their KV a little.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let hs = [health(&decode[0]).await, health(&decode[1]).await];
+                let free: Vec<u64> = hs
+                    .iter()
+                    .map(|h| h["free_blocks"].as_u64().unwrap_or(0))
+                    .collect();
+                break (running, free);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "short requests not done: {hs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let spread = free[0].abs_diff(free[1]) as f64 / 256.0;
+        println!(
+            "{policy}: long requests per decode instance {running:?}, free blocks {free:?} (spread {:.1} % of 256)",
+            spread * 100.0
+        );
+        report.push((policy, running, spread));
+        for s in streams {
+            s.abort();
+        }
+        for d in &decode {
+            all_free(d, Duration::from_secs(30)).await;
+        }
+    }
+    // Round robin sends every long request to the same instance; free_blocks splits them.
+    let mut rr = report[0].1.clone();
+    rr.sort();
+    assert_eq!(rr, [0, 4], "round_robin");
+    assert_eq!(report[1].1, [2, 2], "free_blocks");
+    assert!(report[0].2 > 0.10, "round_robin spread {}", report[0].2);
+    assert!(report[1].2 <= 0.10, "free_blocks spread {}", report[1].2);
 }

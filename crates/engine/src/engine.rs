@@ -1079,6 +1079,11 @@ impl Core {
         // The blocks found in the prefix cache, then the loaded ones.
         s.blocks.extend(blocks);
         s.state = RequestState::Waiting;
+        if s.params.logprobs.is_some() {
+            // The producer's first token comes without its logprobs: recompute the last
+            // prompt position here, whose sampler draws the same token (greedy or seeded).
+            return self.resume_from_kv(s, n, Vec::new(), None);
+        }
         self.resume_from_kv(s, n, first.generated, first.sampler);
     }
 

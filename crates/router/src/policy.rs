@@ -8,10 +8,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub struct Load {
     /// From the last `/health` poll (`None`: not polled successfully yet).
     pub free_blocks: Option<u64>,
+    /// The instance's KV pool, from the same poll.
+    pub total_blocks: u64,
     pub running: u64,
     pub waiting: u64,
     /// Requests this router has sent and not yet seen answered.
     pub in_flight: u64,
+    /// The KV blocks those requests will take, by [`Ask::blocks`].
+    pub in_flight_blocks: u64,
+
     /// Which instance (stable while it is a member), for policies that remember.
     pub id: u64,
 }
@@ -159,14 +164,21 @@ impl Policy for PowerOfTwo {
     }
 }
 
-/// Most free KV blocks after this request and those in flight to it (each counted at this
-/// request's size); an instance not polled yet comes last. The capacity signal of a decode
-/// pool: a request lands where its KV fits with the most room to spare.
+/// Most free KV blocks once this request and every one in flight to the instance hold
+/// their full need (prompt and `max_tokens`): the pool less those needs, or the polled free
+/// blocks where they are fewer (blocks taken by others); an instance not polled yet comes
+/// last. The capacity signal of a decode pool. A request's blocks grow as it decodes, so
+/// neither the blocks free now (new work piles onto the instance whose requests just
+/// started) nor free-now less full needs (it shuns the instance about to free its blocks)
+/// predicts where room will be; the full needs do.
 pub struct FreeBlocks;
 
 fn headroom(l: &Load, ask: &Ask<'_>) -> i64 {
     match l.free_blocks {
-        Some(f) => f as i64 - (l.in_flight as i64 + 1) * ask.blocks as i64,
+        Some(f) => {
+            let projected = l.total_blocks as i64 - l.in_flight_blocks as i64;
+            projected.min(f as i64) - ask.blocks as i64
+        }
         None => i64::MIN,
     }
 }
@@ -268,7 +280,7 @@ mod tests {
             running,
             waiting,
             in_flight,
-            id: 0,
+            ..Load::default()
         }
     }
 
@@ -330,20 +342,44 @@ mod tests {
     }
 
     #[test]
-    fn free_blocks_counts_this_request_and_those_in_flight() {
+    fn free_blocks_counts_this_request_and_the_full_needs_of_those_in_flight() {
         let ask = Ask {
             blocks: 10,
             head: b"",
         };
-        // 100 free with 3 in flight: 60 after this one; 80 free with none: 70.
-        let l = [load(Some(100), 0, 0, 3), load(Some(80), 0, 0, 0)];
-        assert_eq!(FreeBlocks.order(&l, &ask), [1, 0]);
-        // At 2 in flight they tie at 70: the lower index.
-        let l = [load(Some(100), 0, 0, 2), load(Some(80), 0, 0, 0)];
-        assert_eq!(FreeBlocks.order(&l, &ask), [0, 1]);
+        let l = |free, total, in_flight_blocks| Load {
+            free_blocks: Some(free),
+            total_blocks: total,
+            in_flight_blocks,
+            ..Load::default()
+        };
+        // A pool of 100 with 40 blocks of needs in flight: 50 after this one, however much
+        // of those 40 the requests already hold; against 80 of 100 free with none: 70.
+        assert_eq!(
+            FreeBlocks.order(&[l(90, 100, 40), l(80, 100, 0)], &ask),
+            [1, 0]
+        );
+        assert_eq!(
+            FreeBlocks.order(&[l(60, 100, 40), l(80, 100, 0)], &ask),
+            [1, 0]
+        );
+        // At 20 blocks in flight they tie at 70: the lower index.
+        assert_eq!(
+            FreeBlocks.order(&[l(95, 100, 20), l(80, 100, 0)], &ask),
+            [0, 1]
+        );
+        assert_eq!(
+            FreeBlocks.order(&[l(95, 100, 21), l(80, 100, 0)], &ask),
+            [1, 0]
+        );
+        // Fewer free than the needs leave (blocks taken by other clients): the free ones.
+        assert_eq!(
+            FreeBlocks.order(&[l(75, 100, 0), l(80, 100, 0)], &ask),
+            [1, 0]
+        );
         // Not polled yet: last.
-        let l = [load(None, 0, 0, 0), load(Some(1), 0, 0, 0)];
-        assert_eq!(FreeBlocks.order(&l, &ask), [1, 0]);
+        let unpolled = Load::default();
+        assert_eq!(FreeBlocks.order(&[unpolled, l(1, 1, 0)], &ask), [1, 0]);
     }
 
     #[test]

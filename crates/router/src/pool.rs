@@ -26,6 +26,7 @@ pub struct Instance {
     /// False once drained: no new requests.
     pub in_rotation: AtomicBool,
     in_flight: AtomicU64,
+    in_flight_blocks: AtomicU64,
     polled: Mutex<Option<Load>>,
     breaker: Mutex<Breaker>,
     pub requests: AtomicU64,
@@ -41,6 +42,7 @@ impl Instance {
             admin,
             in_rotation: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
+            in_flight_blocks: AtomicU64::new(0),
             polled: Mutex::new(None),
             breaker: Mutex::new(Breaker::new(t)),
             requests: AtomicU64::new(0),
@@ -59,6 +61,7 @@ impl Instance {
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or_default();
         l.in_flight = self.in_flight.load(Ordering::Relaxed);
+        l.in_flight_blocks = self.in_flight_blocks.load(Ordering::Relaxed);
         l.id = self.id;
         l
     }
@@ -90,11 +93,13 @@ impl Instance {
         }
     }
 
-    /// Counts a request as in flight until the guard is dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    /// Counts a request, and the KV blocks it will take, as in flight until the guard is
+    /// dropped.
+    pub fn start(self: &Arc<Self>, blocks: u64) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.in_flight_blocks.fetch_add(blocks, Ordering::Relaxed);
+        InFlight(self.clone(), blocks)
     }
 
     pub fn describe(&self) -> Value {
@@ -108,17 +113,19 @@ impl Instance {
             "running": l.running,
             "waiting": l.waiting,
             "in_flight": l.in_flight,
+            "in_flight_blocks": l.in_flight_blocks,
             "requests": self.requests.load(Ordering::Relaxed),
             "errors": self.errors.load(Ordering::Relaxed),
         })
     }
 }
 
-pub struct InFlight(Arc<Instance>);
+pub struct InFlight(Arc<Instance>, u64);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight_blocks.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -372,10 +379,10 @@ async fn poll(client: &reqwest::Client, i: &Instance, timeout: Duration) {
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     *i.polled.lock().unwrap_or_else(|e| e.into_inner()) = Some(Load {
         free_blocks: v["free_blocks"].as_u64(),
+        total_blocks: n("total_blocks"),
         running: n("running"),
         waiting: n("waiting"),
-        in_flight: 0,
-        id: 0,
+        ..Load::default()
     });
     i.success();
 }

@@ -137,7 +137,7 @@ async fn send(
             tokio::time::sleep(backoff).await;
         }
         m.requests.with_label_values(&[pool.name, &inst.url]).inc();
-        let in_flight = inst.start();
+        let in_flight = inst.start(ask.blocks);
         let mut req =
             p.0.client
                 .post(format!("{}{path}", inst.url))
@@ -428,6 +428,7 @@ async fn handle_inner(
             chat: path.ends_with("chat/completions"),
             client_ids,
             id: id.clone(),
+            blocks: call.ask.blocks,
         }
     });
     let mut sent = send(p, p.decode_pool(), &call, &dec, None).await;
@@ -676,6 +677,8 @@ struct Resume {
     /// Whether the client asked for token ids (else they are taken out of its chunks).
     client_ids: bool,
     id: HeaderValue,
+    /// The KV blocks it takes ([`Ask::blocks`]), for the instance that continues it.
+    blocks: u64,
 }
 
 /// Where a relayed stream stands.
@@ -739,6 +742,10 @@ fn continuation(r: &Resume, f: &Followed) -> (String, Value) {
         if let Some(v) = o.get("logprobs").filter(|v| !v.is_null()) {
             b["logprobs"] = v.clone();
         }
+    } else if o["logprobs"].as_bool() == Some(true) {
+        // Chat's `logprobs` + `top_logprobs` is completions' `logprobs: n`; [`chat_logprobs`]
+        // turns the answer back.
+        b["logprobs"] = json!(o["top_logprobs"].as_u64().unwrap_or(0));
     }
     ("/v1/completions".into(), b)
 }
@@ -794,7 +801,7 @@ fn rewrite(r: &Resume, f: &mut Followed, data: &str, continued: bool) -> Option<
                     a.iter()
                         .map(|c| {
                             let mut d = json!({"index": 0, "delta": {"content": c["text"]},
-                                "logprobs": null, "finish_reason": c["finish_reason"]});
+                                "logprobs": chat_logprobs(&c["logprobs"]), "finish_reason": c["finish_reason"]});
                             if r.client_ids {
                                 d["token_ids"] = c["token_ids"].clone();
                             }
@@ -815,6 +822,33 @@ fn rewrite(r: &Resume, f: &mut Followed, data: &str, continued: bool) -> Option<
         }
     }
     Some(v.to_string())
+}
+
+/// A completions chunk's `logprobs` in chat's shape: `{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`. Completions give the alternatives as a map of text to logprob, which
+/// JSON does not order: they are put back best first (ties by text).
+fn chat_logprobs(l: &Value) -> Value {
+    let Some(tokens) = l["tokens"].as_array() else {
+        return Value::Null;
+    };
+    let entry = |t: &str, lp: &Value| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+    let content: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let t = t.as_str().unwrap_or_default();
+            let mut e = entry(t, &l["token_logprobs"][k]);
+            let mut alts: Vec<(&String, &Value)> = l["top_logprobs"][k]
+                .as_object()
+                .map(|m| m.iter().collect())
+                .unwrap_or_default();
+            let key = |v: &Value| v.as_f64().unwrap_or(f64::NEG_INFINITY);
+            alts.sort_by(|a, b| key(b.1).total_cmp(&key(a.1)).then_with(|| a.0.cmp(b.0)));
+            e["top_logprobs"] = alts.into_iter().map(|(t, v)| entry(t, v)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content})
 }
 
 /// Passes a decode stream through, and if its instance dies before the end, continues it on
@@ -874,7 +908,10 @@ fn relay(first: Sent, r: Resume) -> Response {
             }
             let next = p
                 .decode_pool()
-                .choose(&Ask::default())
+                .choose(&Ask {
+                    blocks: r.blocks,
+                    head: b"",
+                })
                 .into_iter()
                 .find(|i| !tried.contains(&i.url));
             let Some(inst) = next else {
@@ -891,7 +928,7 @@ fn relay(first: Sent, r: Resume) -> Response {
             p.0.metrics.failovers.inc();
             tried.push(inst.url.clone());
             let (path, body) = continuation(&r, &f);
-            let in_flight = inst.start();
+            let in_flight = inst.start(r.blocks);
             p.0.metrics
                 .requests
                 .with_label_values(&["decode", &inst.url])
@@ -1083,6 +1120,7 @@ mod tests {
             chat: false,
             client_ids: false,
             id: HeaderValue::from_static("r"),
+            blocks: 1,
         };
         let mut f = Followed {
             prompt_ids: Some(vec![1, 2]),
@@ -1110,5 +1148,16 @@ mod tests {
         assert_eq!(v["id"], "cmpl-1");
         assert!(v["choices"][0].get("token_ids").is_none());
         assert_eq!(f.out, [7, 8, 9, 4]);
+    }
+
+    #[test]
+    fn completion_logprobs_become_chat_logprobs_best_first() {
+        let c = json!({"tokens": [" a"], "token_logprobs": [-0.5],
+            "top_logprobs": [{" b": -2.0, " a": -0.5, "c": -1.0}], "text_offset": [0]});
+        let e = |t: &str, l: f64| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+        let mut want = e(" a", -0.5);
+        want["top_logprobs"] = json!([e(" a", -0.5), e("c", -1.0), e(" b", -2.0)]);
+        assert_eq!(chat_logprobs(&c), json!({"content": [want]}));
+        assert_eq!(chat_logprobs(&Value::Null), Value::Null);
     }
 }
