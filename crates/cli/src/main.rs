@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "splitserve",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SPLITSERVE_COMMIT"), ")"),
     about = "Disaggregated prefill/decode LLM serving"
 )]
 struct Cli {

@@ -1,10 +1,17 @@
-//! Quantized weights and the decode-path mat-vec.
+//! Quantized weights and the mat-mul of the linear layers (prefill and decode alike).
 //!
-//! Activations are quantized per 32 values to 8 bits (like llama.cpp's Q8_1). A block's
-//! integer products are summed in 8 lanes of 4 neighbours each; lane sums are exact integers,
-//! so the SIMD and portable paths agree bit for bit as long as the float part (scale × lane
-//! fused into the lane's accumulator block after block, then a fixed tree) is done in the
-//! same order in all.
+//! Activations are quantized per 32 values to 8 bits (like llama.cpp's Q8_1). Weights are
+//! repacked at load into panels of [`P`] rows, block by block, so that one vector holds the
+//! same 4 values of 16 rows: a block's integer dot products for 16 rows come from 8 `vpdpbusd`
+//! against an activation's 4 bytes broadcast, and its scales are applied once per block, not
+//! once per 4 values.
+//!
+//! The canonical order, the same in every implementation (SIMD or portable) and so the same
+//! bits: for output (weight row `r`, activation row `a`), block by block in order, the block's
+//! integer dot product `i` (exact in `i32`, and in `f32`: at most 32·127·128) is fused into one
+//! accumulator, `acc = fma(d_w[r][b] * d_x[a][b], i as f32, acc)`; Q4_1 also accumulates its
+//! offset term `off = fma(m_w[r][b], s_x[a][b], off)`, and the output is `acc + off`. How rows
+//! are grouped into tiles and threads changes what is computed together, never this order.
 
 use half::f16;
 use rayon::prelude::*;
@@ -12,21 +19,28 @@ use rayon::prelude::*;
 pub(crate) const QK: usize = 32;
 
 /// One row of activations quantized per 32 values to 8 bits: scales, `d * sum(q)` per block
-/// (for the Q4_1 offset term), and the quants.
+/// (for the Q4_1 offset term), the quants, and the quants offset by 128 (unsigned, for
+/// `vpdpbusd` against signed Q8_0 weights).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct QRow {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub qs: Vec<i8>,
+    pub qu: Vec<u8>,
 }
 
 pub(crate) fn quantize_row(x: &[f32]) -> QRow {
     #[cfg(target_arch = "x86_64")]
     if Simd::detect() != Simd::Portable {
         // SAFETY: the CPU has AVX2 (every non-portable level includes it).
-        return unsafe { avx2::quantize_row(x) };
+        return with_offset(unsafe { avx2::quantize_row(x) });
     }
-    quantize_row_portable(x)
+    with_offset(quantize_row_portable(x))
+}
+
+fn with_offset(mut r: QRow) -> QRow {
+    r.qu = r.qs.iter().map(|&q| q as u8 ^ 0x80).collect();
+    r
 }
 
 fn quantize_row_portable(x: &[f32]) -> QRow {
@@ -35,6 +49,7 @@ fn quantize_row_portable(x: &[f32]) -> QRow {
         d: Vec::with_capacity(nb),
         s: Vec::with_capacity(nb),
         qs: Vec::with_capacity(x.len()),
+        qu: Vec::new(),
     };
     for chunk in x.chunks_exact(QK) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -52,47 +67,62 @@ fn quantize_row_portable(x: &[f32]) -> QRow {
     r
 }
 
-/// Weight storage kinds the decode path runs on directly.
+/// Rows per panel: one 512-bit vector of `i32` or `f32`, one per row.
+pub(crate) const P: usize = 16;
+
+/// Weight storage kinds the linear layers run on directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum QKind {
-    /// GGUF Q4_1, repacked per row as `[d: f32; nb][m: f32; nb][nibbles: 16 bytes; nb]`
-    /// (low nibbles are values 0..16 of a block, high nibbles 16..32).
+    /// GGUF Q4_1. A panel block is `[d: f32; 16][m: f32; 16]` then, for each pair of
+    /// 4-value groups `(2p, 2p + 1)`, 16 rows × 4 bytes whose low nibbles are group `2p`'s
+    /// values and high nibbles group `2p + 1`'s: 384 bytes for 16 × 32 weights.
     Q4_1,
-    /// GGUF Q8_0, repacked per row as `[d: f32; nb][q: i8; 32 * nb]`.
+    /// GGUF Q8_0. A panel block is `[d: f32; 16][c: i32; 16]` (`c = -128 · Σ q`, which lets
+    /// the unsigned-by-signed `vpdpbusd` take the activations offset by 128), then for each
+    /// 4-value group 16 rows × 4 bytes: 640 bytes for 16 × 32 weights.
     Q8_0,
     /// Plain f32 rows (fallback for any other GGUF type, dequantized at load).
     F32,
 }
 
 impl QKind {
-    fn row_bytes(self, cols: usize) -> usize {
-        let nb = cols / QK;
+    /// Bytes of one panel block.
+    const fn block_bytes(self) -> usize {
         match self {
-            QKind::Q4_1 => nb * (8 + 16),
-            QKind::Q8_0 => nb * (4 + 32),
+            QKind::Q4_1 => 128 + 256,
+            QKind::Q8_0 => 128 + 512,
             QKind::F32 => 0,
         }
     }
 }
 
-/// A weight matrix `rows × cols` (one output feature per row) for the decode path.
+/// One block of one row, unpacked: its scale, offset (Q4_1) and 32 integer quants.
+#[derive(Clone, Copy)]
+struct Block {
+    d: f32,
+    m: f32,
+    q: [i32; QK],
+}
+
+impl Block {
+    const ZERO: Block = Block {
+        d: 0.0,
+        m: 0.0,
+        q: [0; QK],
+    };
+}
+
+/// A weight matrix `rows × cols` (one output feature per row).
 pub(crate) struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
+    /// Panels of [`P`] rows (the last padded with zero rows), each `cols / 32` blocks.
     data: Vec<u8>,
     /// Rows of the F32 kind (kept typed so they are aligned).
     dataf: Vec<f32>,
 }
 
-/// A view of one repacked row.
-struct RowQ<'a> {
-    d: &'a [u8],
-    m: &'a [u8],
-    q: &'a [u8],
-}
-
-#[inline(always)]
 fn f32_at(b: &[u8], i: usize) -> f32 {
     let mut x = [0u8; 4];
     x.copy_from_slice(&b[4 * i..4 * i + 4]);
@@ -103,35 +133,97 @@ impl QMatrix {
     /// Takes GGUF blocks (Q4_1: 20-byte blocks, Q8_0: 34-byte blocks) and repacks them.
     pub fn from_gguf(kind: QKind, rows: usize, cols: usize, gguf: &[u8]) -> Self {
         let nb = cols / QK;
-        let mut data = Vec::with_capacity(rows * kind.row_bytes(cols));
         let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
-        for row in gguf.chunks_exact(nb * bsz).take(rows) {
-            let blocks: Vec<&[u8]> = row.chunks_exact(bsz).collect();
-            for b in &blocks {
-                data.extend_from_slice(&f16::from_le_bytes([b[0], b[1]]).to_f32().to_le_bytes());
-            }
+        Self::pack(kind, rows, cols, |r, b| {
+            let g = &gguf[(r * nb + b) * bsz..(r * nb + b + 1) * bsz];
+            let d = f16::from_le_bytes([g[0], g[1]]).to_f32();
             if kind == QKind::Q4_1 {
-                for b in &blocks {
-                    data.extend_from_slice(
-                        &f16::from_le_bytes([b[2], b[3]]).to_f32().to_le_bytes(),
-                    );
-                }
-                for b in &blocks {
-                    data.extend_from_slice(&b[4..20]);
+                let q = &g[4..20];
+                Block {
+                    d,
+                    m: f16::from_le_bytes([g[2], g[3]]).to_f32(),
+                    q: std::array::from_fn(|v| {
+                        (if v < 16 { q[v] & 0x0f } else { q[v - 16] >> 4 }) as i32
+                    }),
                 }
             } else {
-                for b in &blocks {
-                    data.extend_from_slice(&b[2..34]);
+                Block {
+                    d,
+                    m: 0.0,
+                    q: std::array::from_fn(|v| g[2 + v] as i8 as i32),
+                }
+            }
+        })
+    }
+
+    /// Builds the panels from each row's blocks.
+    fn pack(kind: QKind, rows: usize, cols: usize, block: impl Fn(usize, usize) -> Block) -> Self {
+        let nb = cols / QK;
+        let panels = rows.div_ceil(P);
+        let bb = kind.block_bytes();
+        let mut data = vec![0u8; panels * nb * bb];
+        for p in 0..panels {
+            for b in 0..nb {
+                let out = &mut data[(p * nb + b) * bb..(p * nb + b + 1) * bb];
+                let blocks: [Block; P] = std::array::from_fn(|i| {
+                    let r = p * P + i;
+                    if r < rows {
+                        block(r, b)
+                    } else {
+                        Block::ZERO
+                    }
+                });
+                for (i, k) in blocks.iter().enumerate() {
+                    out[4 * i..4 * i + 4].copy_from_slice(&k.d.to_le_bytes());
+                    let second = if kind == QKind::Q4_1 {
+                        k.m.to_le_bytes()
+                    } else {
+                        (-128 * k.q.iter().sum::<i32>()).to_le_bytes()
+                    };
+                    out[64 + 4 * i..64 + 4 * i + 4].copy_from_slice(&second);
+                }
+                let q = &mut out[128..];
+                for (i, k) in blocks.iter().enumerate() {
+                    for v in 0..QK {
+                        let (g, e) = (v / 4, v % 4);
+                        if kind == QKind::Q4_1 {
+                            let at = (g / 2) * 64 + 4 * i + e;
+                            q[at] |= (k.q[v] as u8 & 0x0f) << (4 * (g % 2));
+                        } else {
+                            q[g * 64 + 4 * i + e] = k.q[v] as i8 as u8;
+                        }
+                    }
                 }
             }
         }
-        debug_assert_eq!(data.len(), rows * kind.row_bytes(cols));
         Self {
             kind,
             rows,
             cols,
             data,
             dataf: Vec::new(),
+        }
+    }
+
+    /// Row `r`'s block `b`, unpacked from its panel.
+    fn block(&self, r: usize, b: usize) -> Block {
+        let (p, i) = (r / P, r % P);
+        let nb = self.cols / QK;
+        let bb = self.kind.block_bytes();
+        let blk = &self.data[(p * nb + b) * bb..(p * nb + b + 1) * bb];
+        let q = &blk[128..];
+        let q4 = self.kind == QKind::Q4_1;
+        Block {
+            d: f32_at(blk, i),
+            m: if q4 { f32_at(&blk[64..], i) } else { 0.0 },
+            q: std::array::from_fn(|v| {
+                let (g, e) = (v / 4, v % 4);
+                if q4 {
+                    ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
+                } else {
+                    q[g * 64 + 4 * i + e] as i8 as i32
+                }
+            }),
         }
     }
 
@@ -165,19 +257,19 @@ impl QMatrix {
             return Self::concat(parts.iter().map(|p| p.to_f32()).collect());
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut data = Vec::new();
-        let mut dataf = Vec::new();
-        for p in parts {
-            data.extend_from_slice(&p.data);
-            dataf.extend_from_slice(&p.dataf);
+        if kind == QKind::F32 {
+            let dataf = parts.iter().flat_map(|p| p.dataf.iter().copied()).collect();
+            return Some(Self::from_f32(rows, cols, dataf));
         }
-        Some(Self {
-            kind,
-            rows,
-            cols,
-            data,
-            dataf,
-        })
+        // Which part, and which row of it, each row comes from.
+        let mut at = Vec::with_capacity(rows);
+        for (k, p) in parts.iter().enumerate() {
+            at.extend((0..p.rows).map(|r| (k, r)));
+        }
+        Some(Self::pack(kind, rows, cols, |r, b| {
+            let (k, pr) = at[r];
+            parts[k].block(pr, b)
+        }))
     }
 
     pub fn bytes(&self) -> usize {
@@ -188,22 +280,10 @@ impl QMatrix {
         &self.dataf[r * self.cols..(r + 1) * self.cols]
     }
 
-    fn row(&self, r: usize) -> RowQ<'_> {
-        let nb = self.cols / QK;
-        let rb = self.kind.row_bytes(self.cols);
-        let row = &self.data[r * rb..(r + 1) * rb];
-        match self.kind {
-            QKind::Q4_1 => RowQ {
-                d: &row[..4 * nb],
-                m: &row[4 * nb..8 * nb],
-                q: &row[8 * nb..],
-            },
-            _ => RowQ {
-                d: &row[..4 * nb],
-                m: &[],
-                q: &row[4 * nb..],
-            },
-        }
+    /// Panel `p`'s blocks.
+    fn panel(&self, p: usize) -> &[u8] {
+        let n = self.cols / QK * self.kind.block_bytes();
+        &self.data[p * n..(p + 1) * n]
     }
 
     /// One row dequantized (used for the embedding lookup).
@@ -212,23 +292,14 @@ impl QMatrix {
             out.copy_from_slice(self.row_f32(r));
             return;
         }
-        let w = self.row(r);
         for b in 0..self.cols / QK {
-            let d = f32_at(w.d, b);
-            match self.kind {
-                QKind::Q4_1 => {
-                    let m = f32_at(w.m, b);
-                    let q = &w.q[b * 16..b * 16 + 16];
-                    for j in 0..16 {
-                        out[b * QK + j] = d * (q[j] & 0x0f) as f32 + m;
-                        out[b * QK + 16 + j] = d * (q[j] >> 4) as f32 + m;
-                    }
-                }
-                _ => {
-                    for j in 0..QK {
-                        out[b * QK + j] = d * (w.q[b * QK + j] as i8) as f32;
-                    }
-                }
+            let k = self.block(r, b);
+            for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&k.q) {
+                *o = if self.kind == QKind::Q4_1 {
+                    k.d * q as f32 + k.m
+                } else {
+                    k.d * q as f32
+                };
             }
         }
     }
@@ -240,38 +311,57 @@ impl QMatrix {
     }
 
     fn matvec_with(&self, simd: Simd, xf: &[f32], xq: &[QRow], batch: usize, out: &mut [f32]) {
-        const CHUNK: usize = 64;
         let rows = self.rows;
         let ptr = SyncPtr(out.as_mut_ptr());
-        let n_chunks = rows.div_ceil(CHUNK);
-        (0..n_chunks).into_par_iter().for_each(|c| {
-            let mut o = [0f32; 8];
-            let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(rows));
-            // Activation groups outside, weight rows inside: a group of 8 quantized rows
-            // stays in L1 while this task's weight rows stream past it.
-            for b0 in (0..batch).step_by(8) {
-                let n = (batch - b0).min(8);
-                for r in r0..r1 {
-                    match self.kind {
-                        QKind::F32 => {
-                            let wf = self.row_f32(r);
-                            for (b, ob) in o[..n].iter_mut().enumerate() {
-                                let x = &xf[(b0 + b) * self.cols..(b0 + b + 1) * self.cols];
-                                *ob = super::dot_f32(wf, x);
-                            }
-                        }
-                        kind => dot_rows(simd, kind, &self.row(r), &xq[b0..b0 + n], &mut o[..n]),
-                    }
-                    for (b, &v) in o[..n].iter().enumerate() {
+        if self.kind == QKind::F32 {
+            const CHUNK: usize = 64;
+            (0..rows.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
+                for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+                    let wf = self.row_f32(r);
+                    for b in 0..batch {
+                        let v = super::dot_f32(wf, &xf[b * self.cols..(b + 1) * self.cols]);
                         // SAFETY: each (batch row, weight row) cell is written by exactly one
                         // task (the one owning weight row `r`), and `out` outlives the loop.
-                        unsafe { *ptr.get().add((b0 + b) * rows + r) = v };
+                        unsafe { *ptr.get().add(b * rows + r) = v };
+                    }
+                }
+            });
+            return;
+        }
+        // A task owns a few panels; activation groups outside, panels inside: a group's
+        // quantized rows stay in L1 while the task's panels (tens of KiB) are read again.
+        const PANELS: usize = 4;
+        let panels = rows.div_ceil(P);
+        let nb = self.cols / QK;
+        (0..panels.div_ceil(PANELS)).into_par_iter().for_each(|c| {
+            let mut tile = [[0f32; P]; GROUP];
+            for b0 in (0..batch).step_by(GROUP) {
+                let n = (batch - b0).min(GROUP);
+                for p in c * PANELS..((c + 1) * PANELS).min(panels) {
+                    panel_tile(
+                        simd,
+                        self.kind,
+                        self.panel(p),
+                        nb,
+                        &xq[b0..b0 + n],
+                        &mut tile,
+                    );
+                    let r0 = p * P;
+                    let valid = (rows - r0).min(P);
+                    for (a, t) in tile[..n].iter().enumerate() {
+                        for (i, &v) in t[..valid].iter().enumerate() {
+                            // SAFETY: as above; the task owns the panel's rows.
+                            unsafe { *ptr.get().add((b0 + a) * rows + r0 + i) = v };
+                        }
                     }
                 }
             }
         });
     }
 }
+
+/// Activation rows per tile: every accumulator stays in a register.
+const GROUP: usize = 4;
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -354,12 +444,10 @@ impl Simd {
     }
 }
 
-/// A tile of one weight row against 1 to 4 activation rows.
+/// A panel against 1 to [`GROUP`] activation rows.
 #[cfg(target_arch = "x86_64")]
-type Tile = unsafe fn(&RowQ<'_>, &[QRow], &mut [f32]);
+type Tile = unsafe fn(&[u8], usize, &[QRow], &mut [[f32; P]; GROUP]);
 
-/// Tiles by kind (Q8_0, Q4_1) and activation rows (1 to 4): four rows' accumulators fit
-/// in registers; more rows, or more weight rows per tile, spill.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiles {
     ($m:ident) => {
@@ -380,79 +468,65 @@ macro_rules! tiles {
     };
 }
 #[cfg(target_arch = "x86_64")]
-const AVX2_TILES: [[Tile; 4]; 2] = tiles!(avx2);
+const AVX2_TILES: [[Tile; GROUP]; 2] = tiles!(avx2);
 #[cfg(target_arch = "x86_64")]
-const AVX512_TILES: [[Tile; 4]; 2] = tiles!(avx512);
+const AVX512_TILES: [[Tile; GROUP]; 2] = tiles!(avx512);
 
-/// # Safety
-/// The CPU has the instruction set of `tiles`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn by_fours(
-    tiles: &[[Tile; 4]; 2],
+/// `out[a][i]` = the dot product of panel row `i` with activation row `a`, in the canonical
+/// order (module doc), for the `x.len()` (1 to [`GROUP`]) rows of `x`.
+fn panel_tile(
+    simd: Simd,
     kind: QKind,
-    w: &RowQ<'_>,
-    xq: &[QRow],
-    out: &mut [f32],
+    panel: &[u8],
+    nb: usize,
+    x: &[QRow],
+    out: &mut [[f32; P]; GROUP],
 ) {
-    for (o, x) in out.chunks_mut(4).zip(xq.chunks(4)) {
-        tiles[usize::from(kind == QKind::Q4_1)][x.len() - 1](w, x, o);
-    }
-}
-
-/// Canonical float order, shared by every implementation: per activation row, 16
-/// accumulators; block `b`'s 8 lane sums (lane `j` = products of values `4j..4j+4`) go to
-/// `acc[(b % 2) * 8 + j] = fma(d_w * d_x, lane, acc[(b % 2) * 8 + j])` (one rounding; a
-/// fused multiply-add is one instruction where a multiply then an add are two); the result is
-/// `reduce8(acc[..8]) + reduce8(acc[8..])`, plus, for Q4_1, `dot_f32(m_w, s_x)`.
-fn dot_rows(simd: Simd, kind: QKind, w: &RowQ<'_>, xq: &[QRow], out: &mut [f32]) {
+    let q4 = usize::from(kind == QKind::Q4_1);
     match simd {
         // SAFETY (both arms): the caller picked the level from `Simd::detect` or after
-        // checking the CPU has it.
+        // checking the CPU has it; `panel` holds `nb` blocks and every row of `x` `nb`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512Vnni => unsafe { by_fours(&AVX512_TILES, kind, w, xq, out) },
+        Simd::Avx512Vnni => unsafe { AVX512_TILES[q4][x.len() - 1](panel, nb, x, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { by_fours(&AVX2_TILES, kind, w, xq, out) },
-        Simd::Portable => {
-            for (o, x) in out.iter_mut().zip(xq) {
-                *o = dot_portable(kind, w, x);
+        Simd::Avx2 => unsafe { AVX2_TILES[q4][x.len() - 1](panel, nb, x, out) },
+        Simd::Portable => portable_tile(kind, panel, nb, x, out),
+    }
+}
+
+fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]; GROUP]) {
+    let bb = kind.block_bytes();
+    let q4 = kind == QKind::Q4_1;
+    for i in 0..P {
+        for (a, xa) in x.iter().enumerate() {
+            let (mut acc, mut off) = (0f32, 0f32);
+            for b in 0..nb {
+                let blk = &panel[b * bb..(b + 1) * bb];
+                let q = &blk[128..];
+                let xs = &xa.qs[b * QK..(b + 1) * QK];
+                let mut dot = 0i32;
+                for (v, &xv) in xs.iter().enumerate() {
+                    let (g, e) = (v / 4, v % 4);
+                    let w = if q4 {
+                        ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
+                    } else {
+                        q[g * 64 + 4 * i + e] as i8 as i32
+                    };
+                    dot += w * xv as i32;
+                }
+                acc = (f32_at(blk, i) * xa.d[b]).mul_add(dot as f32, acc);
+                if q4 {
+                    off = f32_at(&blk[64..], i).mul_add(xa.s[b], off);
+                }
             }
+            out[a][i] = if q4 { acc + off } else { acc };
         }
     }
-}
-
-fn finish(acc: &[f32; 16], kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
-    let mut lo = [0f32; 8];
-    let mut hi = [0f32; 8];
-    lo.copy_from_slice(&acc[..8]);
-    hi.copy_from_slice(&acc[8..]);
-    let main = super::reduce8(&lo) + super::reduce8(&hi);
-    if kind == QKind::Q4_1 {
-        // Same accumulation order as `dot_f32` (acc[i % 8], then the fixed tree).
-        let mut acc8 = [0f32; 8];
-        for (i, &sx) in x.s.iter().enumerate() {
-            acc8[i % 8] += f32_at(w.m, i) * sx;
-        }
-        main + super::reduce8(&acc8)
-    } else {
-        main
-    }
-}
-
-fn dot_portable(kind: QKind, w: &RowQ<'_>, x: &QRow) -> f32 {
-    let mut acc = [0f32; 16];
-    for b in 0..x.d.len() {
-        let (dd, lanes) = block_lanes(kind, w, x, b);
-        for (j, lane) in lanes.into_iter().enumerate() {
-            let a = &mut acc[(b % 2) * 8 + j];
-            *a = dd.mul_add(lane, *a);
-        }
-    }
-    finish(&acc, kind, w, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QRow, RowQ, QK};
+    use super::{QRow, GROUP, P, QK};
     use std::arch::x86_64::*;
 
     /// [`super::quantize_row_portable`], 32 values per step: the block's absolute maximum
@@ -465,6 +539,7 @@ mod avx2 {
             d: Vec::with_capacity(nb),
             s: Vec::with_capacity(nb),
             qs: vec![0i8; nb * QK],
+            qu: Vec::new(),
         };
         let sign = _mm256_set1_ps(-0.0);
         let half = _mm256_set1_ps(0.5);
@@ -505,256 +580,162 @@ mod avx2 {
         r
     }
 
-    /// Four [`super::super::reduce8`]s at once, lane `a` of the result for `v[a]`: each
-    /// addition pairs the same two values as the scalar tree, so the same bits.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn reduce8x4(v: [__m256; 4]) -> __m128 {
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
-    }
-
-    /// The Q4_1 offset term `dot_f32(m_w, s_x)` as 8 lanes (lane `i % 8` for block `i`);
-    /// the tail is a masked load, whose zero lanes add `+0.0` to lanes that are never `-0.0`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn offset_lanes(w: &RowQ<'_>, x: &QRow) -> __m256 {
-        let (m, s, n) = (w.m.as_ptr() as *const f32, x.s.as_ptr(), x.s.len());
-        let mut v = _mm256_setzero_ps();
-        let mut c = 0;
-        while c + 8 <= n {
-            v = _mm256_add_ps(
-                v,
-                _mm256_mul_ps(_mm256_loadu_ps(m.add(c)), _mm256_loadu_ps(s.add(c))),
-            );
-            c += 8;
-        }
-        if c < n {
-            let k = _mm256_set1_epi32((n - c) as i32);
-            let mask = _mm256_cmpgt_epi32(k, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let mv = _mm256_maskload_ps(m.add(c), mask);
-            let sv = _mm256_maskload_ps(s.add(c), mask);
-            v = _mm256_add_ps(v, _mm256_mul_ps(mv, sv));
-        }
-        v
-    }
-
-    /// One weight row against `NA` (1 to 4) activation rows with every accumulator in a
-    /// register, so each unpacked weight block feeds `NA` rows. Per output the float
-    /// operations are the canonical ones, in the same order.
+    /// A panel in two halves of 8 rows (one 256-bit vector each), the halves one after the
+    /// other so that a half's accumulators stay in the 16 registers. `vpmaddubsw` wants an
+    /// unsigned operand and saturates at `i16`: Q4_1's nibbles are unsigned (15·127·2 fits),
+    /// Q8_0 takes `|w|` against `x` with `w`'s sign (128·127·2 fits). The integer sums are
+    /// exact, the float operations the canonical ones.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
-        // Blocks per segment of `d_w * d_x` products; even, so a block's parity is its
-        // index's parity within the segment.
-        const SEG: usize = 32;
-        let nb = w.d.len() / 4;
-        let wd = w.d.as_ptr() as *const f32;
-        let wq = w.q.as_ptr();
-        let mask = _mm_set1_epi8(0x0f);
+    pub unsafe fn tile<const NA: usize, const Q4: bool>(
+        panel: &[u8],
+        nb: usize,
+        x: &[QRow],
+        out: &mut [[f32; P]; GROUP],
+    ) {
+        let bb = if Q4 { 384 } else { 640 };
+        let base = panel.as_ptr();
+        let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let xq: [*const u8; NA] =
             std::array::from_fn(|a| x.get_unchecked(a).qs.as_ptr() as *const u8);
-        let mut acc = [[_mm256_setzero_ps(); 2]; NA];
-        let mut dd = [[0f32; SEG]; NA];
-        let mut s0 = 0;
-        while s0 < nb {
-            let n = (nb - s0).min(SEG);
-            // The block scale products, 8 at a time (a vector product has the scalar bits),
-            // so the inner loop broadcasts each from memory instead of multiplying.
-            for (a, dda) in dd.iter_mut().enumerate() {
-                let xd = x.get_unchecked(a).d.as_ptr().add(s0);
-                let wds = wd.add(s0);
-                let mut j = 0;
-                while j + 8 <= n {
-                    let v = _mm256_mul_ps(_mm256_loadu_ps(wds.add(j)), _mm256_loadu_ps(xd.add(j)));
-                    _mm256_storeu_ps(dda.as_mut_ptr().add(j), v);
-                    j += 8;
-                }
-                while j < n {
-                    dda[j] = *wds.add(j) * *xd.add(j);
-                    j += 1;
-                }
-            }
-            let mut j = 0;
-            while j < n {
-                // Even block into slot 0, odd block into slot 1; `h` is a constant after
-                // unrolling, so the accumulators stay in registers.
-                #[allow(clippy::needless_range_loop)]
-                for h in 0..2 {
-                    let jj = j + h;
-                    if jj >= n {
-                        break;
+        let xd: [*const f32; NA] = std::array::from_fn(|a| x.get_unchecked(a).d.as_ptr());
+        let xs: [*const f32; NA] = std::array::from_fn(|a| x.get_unchecked(a).s.as_ptr());
+        let bcast = |p: *const u8| _mm256_set1_epi32((p as *const i32).read_unaligned());
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); NA];
+            let mut off = [_mm256_setzero_ps(); NA];
+            for b in 0..nb {
+                let blk = base.add(b * bb);
+                let mut dot = [_mm256_setzero_si256(); NA];
+                if Q4 {
+                    for p in 0..4 {
+                        let raw =
+                            _mm256_loadu_si256(blk.add(128 + p * 64 + h * 32) as *const __m256i);
+                        let lo = _mm256_and_si256(raw, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        for a in 0..NA {
+                            let x0 = bcast(xq[a].add(b * QK + p * 8));
+                            let x1 = bcast(xq[a].add(b * QK + p * 8 + 4));
+                            let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);
+                            let s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+                            dot[a] = _mm256_add_epi32(dot[a], _mm256_add_epi32(s0, s1));
+                        }
                     }
-                    let bb = s0 + jj;
-                    let (wu, ws) = if Q4 {
-                        let raw = _mm_loadu_si128(wq.add(bb * 16) as *const __m128i);
-                        let lo = _mm_and_si128(raw, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                        (_mm256_set_m128i(hi, lo), _mm256_setzero_si256())
-                    } else {
-                        let ws = _mm256_loadu_si256(wq.add(bb * QK) as *const __m256i);
-                        // maddubs wants its first operand unsigned: |w| times a with w's sign.
-                        (_mm256_sign_epi8(ws, ws), ws)
-                    };
-                    for a in 0..NA {
-                        let av = _mm256_loadu_si256(xq[a].add(bb * QK) as *const __m256i);
-                        let xs = if Q4 { av } else { _mm256_sign_epi8(av, ws) };
-                        let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
-                        let d = _mm256_broadcast_ss(dd.get_unchecked(a).get_unchecked(jj));
-                        acc[a][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[a][h]);
-                    }
-                }
-                j += 2;
-            }
-            s0 += SEG;
-        }
-        let z = _mm256_setzero_ps();
-        let even = std::array::from_fn(|a| if a < NA { acc[a][0] } else { z });
-        let odd = std::array::from_fn(|a| if a < NA { acc[a][1] } else { z });
-        finish_tile::<NA, Q4>(even, odd, w, x, out);
-    }
-
-    /// A tile's outputs from its accumulators (even and odd blocks' lanes per activation
-    /// row, zero past `NA`): the canonical `reduce8(even) + reduce8(odd)`, plus the Q4_1
-    /// offset term, four outputs at once.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn finish_tile<const NA: usize, const Q4: bool>(
-        even: [__m256; 4],
-        odd: [__m256; 4],
-        w: &RowQ<'_>,
-        x: &[QRow],
-        out: &mut [f32],
-    ) {
-        let z = _mm256_setzero_ps();
-        let mut res = _mm_add_ps(reduce8x4(even), reduce8x4(odd));
-        if Q4 {
-            let m = std::array::from_fn(|a| {
-                if a < NA {
-                    offset_lanes(w, x.get_unchecked(a))
                 } else {
-                    z
+                    for g in 0..8 {
+                        let w =
+                            _mm256_loadu_si256(blk.add(128 + g * 64 + h * 32) as *const __m256i);
+                        let wa = _mm256_sign_epi8(w, w);
+                        for a in 0..NA {
+                            let xv = _mm256_sign_epi8(bcast(xq[a].add(b * QK + g * 4)), w);
+                            let s = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+                            dot[a] = _mm256_add_epi32(dot[a], s);
+                        }
+                    }
                 }
-            });
-            res = _mm_add_ps(res, reduce8x4(m));
+                let wd = _mm256_loadu_ps(blk.add(h * 32) as *const f32);
+                let wm = _mm256_loadu_ps(blk.add(64 + h * 32) as *const f32);
+                for a in 0..NA {
+                    let dd = _mm256_mul_ps(wd, _mm256_set1_ps(*xd[a].add(b)));
+                    acc[a] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot[a]), acc[a]);
+                    if Q4 {
+                        off[a] = _mm256_fmadd_ps(wm, _mm256_set1_ps(*xs[a].add(b)), off[a]);
+                    }
+                }
+            }
+            for a in 0..NA {
+                let r = if Q4 {
+                    _mm256_add_ps(acc[a], off[a])
+                } else {
+                    acc[a]
+                };
+                _mm256_storeu_ps(out.get_unchecked_mut(a).as_mut_ptr().add(h * 8), r);
+            }
         }
-        let mut r = [0f32; 4];
-        _mm_storeu_ps(r.as_mut_ptr(), res);
-        out[..NA].copy_from_slice(&r[..NA]);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::finish_tile;
-    use super::{QKind, QRow, RowQ, QK};
+    use super::{QRow, GROUP, P, QK};
     use std::arch::x86_64::*;
 
-    /// [`super::avx2::tile`] two blocks per step: `vpdpbusd` gives a pair's 16 canonical
-    /// lane sums at once, the low 8 lanes (even block) and the high 8 (odd block) being the
-    /// two halves of the canonical accumulators. Per output the float operations are the
-    /// canonical ones, in the same order.
+    /// A panel's 16 rows in one 512-bit vector: per block, 8 `vpdpbusd` of a 4-value group
+    /// of the 16 rows against the activation's 4 bytes broadcast give the 16 integer dot
+    /// products (Q4_1: nibbles unsigned, activations signed; Q8_0: activations offset by 128
+    /// unsigned, weights signed, starting from `-128 · Σ w`); two sums per row (even and odd
+    /// groups), so that the multiply-add chains overlap. Then the canonical float operations.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub unsafe fn tile<const NA: usize, const Q4: bool>(w: &RowQ<'_>, x: &[QRow], out: &mut [f32]) {
-        let nb = w.d.len() / 4;
-        let nbe = nb - nb % 2;
-        let wd = w.d.as_ptr() as *const f32;
-        let wq = w.q.as_ptr();
+    pub unsafe fn tile<const NA: usize, const Q4: bool>(
+        panel: &[u8],
+        nb: usize,
+        x: &[QRow],
+        out: &mut [[f32; P]; GROUP],
+    ) {
+        let bb = if Q4 { 384 } else { 640 };
+        let base = panel.as_ptr();
         let mask = _mm512_set1_epi8(0x0f);
-        // A pair's 32 Q4_1 bytes as 128-bit lanes [r0 r0 r1 r1]; the odd lanes shifted down
-        // a nibble give [lo(b) hi(b) lo(b+1) hi(b+1)], the two blocks' 64 values in order.
-        let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
-        let first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let two = _mm512_set1_epi32(2);
-        let xq: [*const u8; NA] =
-            std::array::from_fn(|a| x.get_unchecked(a).qs.as_ptr() as *const u8);
+        let xq: [*const u8; NA] = std::array::from_fn(|a| {
+            let r = x.get_unchecked(a);
+            if Q4 {
+                r.qs.as_ptr() as *const u8
+            } else {
+                r.qu.as_ptr()
+            }
+        });
+        let xd: [*const f32; NA] = std::array::from_fn(|a| x.get_unchecked(a).d.as_ptr());
+        let xs: [*const f32; NA] = std::array::from_fn(|a| x.get_unchecked(a).s.as_ptr());
+        let bcast = |p: *const u8| _mm512_set1_epi32((p as *const i32).read_unaligned());
         let mut acc = [_mm512_setzero_ps(); NA];
-        let mut g = 0;
-        while g < nbe {
-            // 16 blocks' scale products stay in a register (a vector product has the scalar
-            // bits); each pair's two are broadcast to lanes 0..8 and 8..16 from there.
-            let n = (nbe - g).min(16);
-            let m: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-            let wdv = _mm512_maskz_loadu_ps(m, wd.add(g));
-            let dd: [__m512; NA] = std::array::from_fn(|a| {
-                let xd = x.get_unchecked(a).d.as_ptr().add(g);
-                _mm512_mul_ps(wdv, _mm512_maskz_loadu_ps(m, xd))
-            });
-            let mut pick = first;
-            let mut j = 0;
-            while j < n {
-                let b = g + j;
-                let (wu, neg) = if Q4 {
-                    let raw = _mm512_castsi256_si512(_mm256_loadu_si256(
-                        wq.add(b * 16) as *const __m256i
-                    ));
-                    let dup = _mm512_shuffle_i64x2(raw, raw, 0b01_01_00_00);
-                    (_mm512_and_si512(_mm512_srlv_epi64(dup, shifts), mask), 0)
-                } else {
-                    let wv = _mm512_loadu_si512(wq.add(b * QK) as *const __m512i);
-                    (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv))
-                };
-                for a in 0..NA {
-                    let mut av = _mm512_loadu_si512(xq[a].add(b * QK) as *const __m512i);
-                    if !Q4 {
-                        av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
+        let mut off = [_mm512_setzero_ps(); NA];
+        for b in 0..nb {
+            let blk = base.add(b * bb);
+            let mut even = [_mm512_setzero_si512(); NA];
+            let mut odd = [_mm512_setzero_si512(); NA];
+            if Q4 {
+                for p in 0..4 {
+                    let raw = _mm512_loadu_si512(blk.add(128 + p * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(raw, mask);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                    for a in 0..NA {
+                        let at = xq[a].add(b * QK + p * 8);
+                        even[a] = _mm512_dpbusd_epi32(even[a], lo, bcast(at));
+                        odd[a] = _mm512_dpbusd_epi32(odd[a], hi, bcast(at.add(4)));
                     }
-                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, av);
-                    let d = _mm512_permutexvar_ps(pick, dd[a]);
-                    acc[a] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[a]);
                 }
-                pick = _mm512_add_epi32(pick, two);
-                j += 2;
+            } else {
+                let c = _mm512_loadu_si512(blk.add(64) as *const __m512i);
+                even = [c; NA];
+                for p in 0..4 {
+                    let w0 = _mm512_loadu_si512(blk.add(128 + p * 128) as *const __m512i);
+                    let w1 = _mm512_loadu_si512(blk.add(192 + p * 128) as *const __m512i);
+                    for a in 0..NA {
+                        let at = xq[a].add(b * QK + p * 8);
+                        even[a] = _mm512_dpbusd_epi32(even[a], bcast(at), w0);
+                        odd[a] = _mm512_dpbusd_epi32(odd[a], bcast(at.add(4)), w1);
+                    }
+                }
             }
-            g += 16;
+            let wd = _mm512_loadu_ps(blk as *const f32);
+            for a in 0..NA {
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[a], odd[a]));
+                let dd = _mm512_mul_ps(wd, _mm512_set1_ps(*xd[a].add(b)));
+                acc[a] = _mm512_fmadd_ps(dd, dot, acc[a]);
+                if Q4 {
+                    let wm = _mm512_loadu_ps(blk.add(64) as *const f32);
+                    off[a] = _mm512_fmadd_ps(wm, _mm512_set1_ps(*xs[a].add(b)), off[a]);
+                }
+            }
         }
-        let z = _mm256_setzero_ps();
-        let mut even = [z; 4];
-        let mut odd = [z; 4];
         for a in 0..NA {
-            even[a] = _mm512_castps512_ps256(acc[a]);
-            odd[a] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
-            if nb % 2 == 1 {
-                // Odd tail block: its canonical slot is the even half.
-                let (dd, lanes) =
-                    super::block_lanes(kind_of::<Q4>(), w, x.get_unchecked(a), nb - 1);
-                let (dd, lanes) = (_mm256_set1_ps(dd), _mm256_loadu_ps(lanes.as_ptr()));
-                even[a] = _mm256_fmadd_ps(dd, lanes, even[a]);
-            }
-        }
-        finish_tile::<NA, Q4>(even, odd, w, x, out);
-    }
-
-    fn kind_of<const Q4: bool>() -> QKind {
-        if Q4 {
-            QKind::Q4_1
-        } else {
-            QKind::Q8_0
-        }
-    }
-}
-
-/// One block's scale product `d_w * d_x` and its 8 integer lane sums (exact in f32), for
-/// the portable path and the odd tail block of the SIMD paths.
-fn block_lanes(kind: QKind, w: &RowQ<'_>, x: &QRow, b: usize) -> (f32, [f32; 8]) {
-    let dd = f32_at(w.d, b) * x.d[b];
-    let a = &x.qs[b * QK..(b + 1) * QK];
-    let mut out = [0f32; 8];
-    for (j, o) in out.iter_mut().enumerate() {
-        let mut lane = 0i32;
-        for e in 4 * j..4 * j + 4 {
-            let wq = match kind {
-                QKind::Q4_1 => {
-                    let q = &w.q[b * 16..b * 16 + 16];
-                    (if e < 16 { q[e] & 0x0f } else { q[e - 16] >> 4 }) as i32
-                }
-                _ => (w.q[b * QK + e] as i8) as i32,
+            let r = if Q4 {
+                _mm512_add_ps(acc[a], off[a])
+            } else {
+                acc[a]
             };
-            lane += wq * a[e] as i32;
+            _mm512_storeu_ps(out.get_unchecked_mut(a).as_mut_ptr(), r);
         }
-        *o = lane as f32;
     }
-    (dd, out)
 }
 
 #[cfg(test)]
@@ -803,37 +784,111 @@ mod tests {
     #[test]
     fn simd_and_portable_agree_bitwise() {
         let levels = Simd::runnable();
-        // 608: a full group of 16 blocks, a masked one of 2, and an odd tail block.
+        // 608 columns: 19 blocks, an odd count.
         for cols in [576, 1536, 96, 608] {
             let (xs, xq) = acts(11, cols);
             for kind in [QKind::Q4_1, QKind::Q8_0] {
                 let w = weights(kind, 5, cols);
-                for r in 0..5 {
-                    let mut results = Vec::new();
-                    for &lv in &levels {
-                        let mut o = [0f32; 11];
-                        for (og, xg) in o.chunks_mut(8).zip(xq.chunks(8)) {
-                            dot_rows(lv, kind, &w.row(r), xg, og);
-                        }
-                        results.push(o.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-                    }
-                    for (lv, res) in levels.iter().zip(&results) {
-                        assert_eq!(res, &results[0], "{kind:?} cols {cols} row {r} {lv:?}");
-                    }
-                    // And the quantized dot is close to the exact one: the activations'
-                    // 8-bit rounding errs by a small share of the terms' magnitude (the sum
-                    // itself may cancel to near zero).
+                let mut results = Vec::new();
+                for &lv in &levels {
+                    let mut o = vec![0f32; 11 * 5];
+                    w.matvec_with(lv, &[], &xq, 11, &mut o);
+                    results.push(o.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                }
+                for (lv, res) in levels.iter().zip(&results) {
+                    assert_eq!(res, &results[0], "{kind:?} cols {cols} {lv:?}");
+                }
+                // And the quantized dot is close to the exact one: the activations' 8-bit
+                // rounding errs by a small share of the terms' magnitude (the sum itself may
+                // cancel to near zero).
+                for (r, &bits) in results[0][..5].iter().enumerate() {
                     let mut deq = vec![0f32; cols];
                     w.dequantize_row(r, &mut deq);
                     let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
                     let size: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| (a * b).abs()).sum();
-                    let got = f32::from_bits(results[0][0]);
+                    let got = f32::from_bits(bits);
                     assert!(
                         (exact - got).abs() < 0.01 * size.max(1.0),
                         "{exact} vs {got} (terms' magnitude {size})"
                     );
                 }
             }
+        }
+    }
+
+    /// Tight against the exact arithmetic: each output equals, to f32 rounding, the f64 dot
+    /// product of the dequantized weights and dequantized activations.
+    #[test]
+    fn matvec_is_the_dot_of_the_dequantized_values() {
+        for kind in [QKind::Q4_1, QKind::Q8_0] {
+            let (rows, cols) = (37, 576);
+            let w = weights(kind, rows, cols);
+            let (_, xq) = acts(5, cols);
+            let mut got = vec![0f32; 5 * rows];
+            w.matvec(&[], &xq, 5, &mut got);
+            for (a, x) in xq.iter().enumerate() {
+                let xd: Vec<f64> = (0..cols)
+                    .map(|c| x.d[c / QK] as f64 * x.qs[c] as f64)
+                    .collect();
+                for r in 0..rows {
+                    let mut deq = vec![0f32; cols];
+                    w.dequantize_row(r, &mut deq);
+                    let exact: f64 = deq.iter().zip(&xd).map(|(&a, b)| a as f64 * b).sum();
+                    let size: f64 = deq
+                        .iter()
+                        .zip(&xd)
+                        .map(|(&a, b)| (a as f64 * b).abs())
+                        .sum();
+                    let g = got[a * rows + r] as f64;
+                    assert!(
+                        (g - exact).abs() <= 1e-5 * size,
+                        "{kind:?} row {r} act {a}: {g} vs {exact} (magnitude {size})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Repacking keeps every weight: each row dequantizes to what its GGUF blocks say, and
+    /// stacking matrices keeps their rows.
+    #[test]
+    fn panels_hold_the_gguf_rows() {
+        for kind in [QKind::Q4_1, QKind::Q8_0] {
+            let (rows, cols) = (21, 96);
+            let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
+            let mut g = random_bytes(rows * cols / QK * bsz, 3);
+            for blk in g.chunks_exact_mut(bsz) {
+                blk[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+                blk[2..4].copy_from_slice(&f16::from_f32(-2.0).to_le_bytes());
+            }
+            let w = QMatrix::from_gguf(kind, rows, cols, &g);
+            for r in 0..rows {
+                let mut got = vec![0f32; cols];
+                w.dequantize_row(r, &mut got);
+                let want: Vec<f32> = (0..cols)
+                    .map(|c| {
+                        let blk = &g[(r * cols / QK + c / QK) * bsz..][..bsz];
+                        let v = c % QK;
+                        if kind == QKind::Q4_1 {
+                            let q = if v < 16 {
+                                blk[4 + v] & 15
+                            } else {
+                                blk[4 + v - 16] >> 4
+                            };
+                            0.5 * q as f32 - 2.0
+                        } else {
+                            0.5 * blk[2 + v] as i8 as f32
+                        }
+                    })
+                    .collect();
+                assert_eq!(got, want, "{kind:?} row {r}");
+            }
+            let both = QMatrix::concat(vec![weights(kind, 7, cols), w]).expect("same width");
+            assert_eq!(both.rows, 28);
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            both.dequantize_row(7 + 20, &mut a);
+            QMatrix::from_gguf(kind, rows, cols, &g).dequantize_row(20, &mut b);
+            assert_eq!(a, b);
         }
     }
 
