@@ -213,21 +213,22 @@ impl Model {
         let mut xn = vec![0f32; n * d];
         let mut att = vec![0f32; n * d];
         let mut act = vec![0f32; n * c.n_ff];
+        // Row-wise steps run over the pool too: on their own they would leave every other
+        // thread idle for that long.
+        let norm = |w: &[f32], h: &[f32], xn: &mut [f32]| {
+            xn.par_chunks_exact_mut(d)
+                .zip(h.par_chunks_exact(d))
+                .for_each(|(o, x)| rms_norm(x, w, c.rms_eps, o));
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            for r in 0..n {
-                rms_norm(
-                    &h[r * d..(r + 1) * d],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                    &mut xn[r * d..(r + 1) * d],
-                );
-            }
+            norm(&layer.attn_norm, &h, &mut xn);
             let mut qkv = linear(&layer.wqkv, &xn, n);
             let w = d + 2 * kvd;
+            qkv.par_chunks_exact_mut(w)
+                .zip(rows.par_iter())
+                .for_each(|(x, row)| self.rope.apply(&mut x[..d + kvd], row.pos));
             for (r, row) in rows.iter().enumerate() {
-                let x = &mut qkv[r * w..(r + 1) * w];
-                self.rope.apply(&mut x[..d + kvd], row.pos);
-                let (k, v) = x[d..].split_at(kvd);
+                let (k, v) = qkv[r * w + d..(r + 1) * w].split_at(kvd);
                 cache.write(li, chunks[row.seq].table, row.pos, k, v);
             }
             let cache_ref = &*cache;
@@ -256,21 +257,11 @@ impl Model {
             for (hv, ov) in h.iter_mut().zip(&o) {
                 *hv += ov;
             }
-            for r in 0..n {
-                rms_norm(
-                    &h[r * d..(r + 1) * d],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut xn[r * d..(r + 1) * d],
-                );
-            }
+            norm(&layer.ffn_norm, &h, &mut xn);
             let gu = linear(&layer.w_gate_up, &xn, n);
-            for r in 0..n {
-                silu_mul(
-                    &gu[r * 2 * c.n_ff..(r + 1) * 2 * c.n_ff],
-                    &mut act[r * c.n_ff..(r + 1) * c.n_ff],
-                );
-            }
+            act.par_chunks_exact_mut(c.n_ff)
+                .zip(gu.par_chunks_exact(2 * c.n_ff))
+                .for_each(|(o, g)| silu_mul(g, o));
             let down = linear(&layer.w_down, &act, n);
             for (hv, dv) in h.iter_mut().zip(&down) {
                 *hv += dv;
@@ -316,7 +307,10 @@ fn linear(w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
     if w.kind == QKind::F32 {
         w.matvec(x, &[], n, &mut y);
     } else {
-        let xq: Vec<QRow> = x.par_chunks_exact(k).map(quantize_row).collect();
+        let xq: Vec<QRow> = x
+            .par_chunks_exact(k)
+            .map(|r| quantize_row(r, w.kind))
+            .collect();
         w.matvec(&[], &xq, n, &mut y);
     }
     y

@@ -29,13 +29,22 @@ pub(crate) struct QRow {
     pub qu: Vec<u8>,
 }
 
-pub(crate) fn quantize_row(x: &[f32]) -> QRow {
+/// `x` quantized for a matrix of `kind` (only Q8_0 needs the offset quants).
+pub(crate) fn quantize_row(x: &[f32], kind: QKind) -> QRow {
     #[cfg(target_arch = "x86_64")]
-    if Simd::detect() != Simd::Portable {
+    let r = if Simd::detect() != Simd::Portable {
         // SAFETY: the CPU has AVX2 (every non-portable level includes it).
-        return with_offset(unsafe { avx2::quantize_row(x) });
+        unsafe { avx2::quantize_row(x) }
+    } else {
+        quantize_row_portable(x)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let r = quantize_row_portable(x);
+    if kind == QKind::Q8_0 {
+        with_offset(r)
+    } else {
+        r
     }
-    with_offset(quantize_row_portable(x))
 }
 
 fn with_offset(mut r: QRow) -> QRow {
@@ -328,16 +337,33 @@ impl QMatrix {
             });
             return;
         }
-        // A task owns a few panels; activation groups outside, panels inside: a group's
-        // quantized rows stay in L1 while the task's panels (tens of KiB) are read again.
+        // A task owns a few panels and up to `ACTS` activation rows (long prompts split on
+        // both, so the threads' shares even out); activation groups outside, panels inside:
+        // a group's quantized rows stay in L1 while the task's panels (tens of KiB) are read
+        // again.
         const PANELS: usize = 4;
+        const ACTS: usize = 128;
         let panels = rows.div_ceil(P);
         let nb = self.cols / QK;
-        (0..panels.div_ceil(PANELS)).into_par_iter().for_each(|c| {
+        let (pc, ac) = (panels.div_ceil(PANELS), batch.div_ceil(ACTS));
+        let put = |a: usize, r0: usize, t: &[f32; P]| {
+            let valid = (rows - r0).min(P);
+            // SAFETY: each (batch row, weight row) cell is written by exactly one task (the
+            // one owning the row's panel and the batch row), `valid` of the panel's rows lie
+            // inside the output row, and `out` outlives the loop.
+            unsafe {
+                let dst = ptr.get().add(a * rows + r0);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), dst, valid);
+            }
+        };
+        (0..pc * ac).into_par_iter().for_each(|task| {
+            let (c, a0) = (task % pc, task / pc * ACTS);
+            let a1 = (a0 + ACTS).min(batch);
+            let task_panels = c * PANELS..((c + 1) * PANELS).min(panels);
             let mut tile = [[0f32; P]; GROUP];
-            for b0 in (0..batch).step_by(GROUP) {
-                let n = (batch - b0).min(GROUP);
-                for p in c * PANELS..((c + 1) * PANELS).min(panels) {
+            for b0 in (a0..a1).step_by(GROUP) {
+                let n = (a1 - b0).min(GROUP);
+                for p in task_panels.clone() {
                     panel_tile(
                         simd,
                         self.kind,
@@ -346,13 +372,8 @@ impl QMatrix {
                         &xq[b0..b0 + n],
                         &mut tile,
                     );
-                    let r0 = p * P;
-                    let valid = (rows - r0).min(P);
                     for (a, t) in tile[..n].iter().enumerate() {
-                        for (i, &v) in t[..valid].iter().enumerate() {
-                            // SAFETY: as above; the task owns the panel's rows.
-                            unsafe { *ptr.get().add((b0 + a) * rows + r0 + i) = v };
-                        }
+                        put(b0 + a, p * P, t);
                     }
                 }
             }
@@ -775,7 +796,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let xq = xs.iter().map(|x| quantize_row(x)).collect();
+        let xq = xs.iter().map(|x| quantize_row(x, QKind::Q8_0)).collect();
         (xs, xq)
     }
 
@@ -924,7 +945,8 @@ mod tests {
         for (cols, rows) in [(96, 70), (576, 67)] {
             for kind in [QKind::Q4_1, QKind::Q8_0] {
                 let w = weights(kind, rows, cols);
-                for batch in 1..=9 {
+                // 130 crosses a task's 128 activation rows.
+                for batch in (1..=9).chain([16, 21, 130]) {
                     let (_, xq) = acts(batch, cols);
                     let mut want = vec![0f32; batch * rows];
                     w.matvec_with(Simd::Portable, &[], &xq, batch, &mut want);
