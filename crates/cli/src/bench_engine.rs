@@ -49,6 +49,7 @@ struct Row {
     threads: usize,
     prefill_tokens: usize,
     prefill_tok_s: f64,
+    prefill_share_of_int8_peak: Option<f64>,
     decode_context: usize,
     decode: Vec<(usize, f64)>,
     /// Per batch size: mean step time (ms) over the first and the last eighth of the
@@ -98,6 +99,22 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
     let ids = all[..a.prompt_len].to_vec();
     let steps: Arc<Mutex<Vec<StepInfo>>> = Arc::default();
     let mut rows = Vec::new();
+    // The linear layers' multiply-adds per prompt token (the output head runs once per
+    // prompt), and the int8 peak of one thread here, to say how close prefill comes to it.
+    let c = &model.config;
+    let kvd = c.n_head_kv * c.head_dim;
+    let linear_macs = (c.n_layer
+        * (c.n_embd * (c.n_embd + 2 * kvd) + c.n_embd * c.n_embd + 3 * c.n_embd * c.n_ff))
+        as f64;
+    let peak = splitserve_engine::int8_peak(Duration::from_millis(500));
+    match peak {
+        Some((level, p)) => println!(
+            "int8 peak of one thread ({level}, measured now): {:.1} G multiply-adds/s; the linear layers take {:.1} M per prompt token",
+            p / 1e9,
+            linear_macs / 1e6
+        ),
+        None => println!("int8 peak: none measured at the portable level"),
+    }
     println!(
         "{:>7} | {:>16} | {}",
         "threads",
@@ -176,6 +193,14 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
+        if let Some((_, p)) = peak {
+            let got = linear_macs * prefill;
+            println!(
+                "{t:>7} | prefill: {:.1} G multiply-adds/s in the linear layers, {:.0} % of {t} × the int8 peak",
+                got / 1e9,
+                100.0 * got / (p * t as f64)
+            );
+        }
         for (b, first, last) in &step_ms {
             println!(
                 "{t:>7} | decode b={b}: {first:.2} ms per step over the first eighth of the steps, {last:.2} over the last eighth"
@@ -185,6 +210,7 @@ pub fn run(a: BenchEngineArgs) -> Result<()> {
             threads: t,
             prefill_tokens: a.prompt_len,
             prefill_tok_s: prefill,
+            prefill_share_of_int8_peak: peak.map(|(_, p)| linear_macs * prefill / (p * t as f64)),
             decode_context: ctx,
             decode,
             decode_step_ms: step_ms,

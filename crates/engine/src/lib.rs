@@ -25,6 +25,7 @@ pub use engine::{
 };
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig};
+pub use kernels::quant::int8_peak;
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model::Model;
 pub use sampler::{argmax, Sampler, SamplingParams};

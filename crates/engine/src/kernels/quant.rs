@@ -381,8 +381,41 @@ impl QMatrix {
     }
 }
 
-/// Activation rows per tile: every accumulator stays in a register.
-const GROUP: usize = 4;
+/// The int8 multiply-add peak of one thread at the best SIMD level here, measured for about
+/// `for_time`: a chain-free loop of the instruction the kernels use (`vpdpbusd` on 512-bit
+/// vectors with AVX-512 VNNI; `vpmaddubsw` + `vpmaddwd` on 256-bit ones with AVX2). Returns
+/// the level's name and multiply-adds per second; `None` at the portable level.
+pub fn int8_peak(for_time: std::time::Duration) -> Option<(&'static str, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t0 = std::time::Instant::now();
+        let mut macs = 0u64;
+        let simd = Simd::detect();
+        while t0.elapsed() < for_time {
+            macs += match simd {
+                // SAFETY: the CPU has the level `Simd::detect` reported.
+                Simd::Avx512Vnni => unsafe { avx512::peak_loop(1 << 16) },
+                Simd::Avx2 => unsafe { avx2::peak_loop(1 << 16) },
+                Simd::Portable => return None,
+            };
+        }
+        let name = if simd == Simd::Avx512Vnni {
+            "AVX-512 VNNI"
+        } else {
+            "AVX2"
+        };
+        Some((name, macs as f64 / t0.elapsed().as_secs_f64()))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = for_time;
+        None
+    }
+}
+
+/// Activation rows per tile (AVX-512; AVX2 takes them 4 at a time): every accumulator stays
+/// in a register.
+const GROUP: usize = 8;
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -467,42 +500,25 @@ impl Simd {
 
 /// A panel against 1 to [`GROUP`] activation rows.
 #[cfg(target_arch = "x86_64")]
-type Tile = unsafe fn(&[u8], usize, &[QRow], &mut [[f32; P]; GROUP]);
+type Tile = unsafe fn(&[u8], usize, &[QRow], &mut [[f32; P]]);
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiles {
-    ($m:ident) => {
+    ($m:ident, $($n:literal)+) => {
         [
-            [
-                $m::tile::<1, false>,
-                $m::tile::<2, false>,
-                $m::tile::<3, false>,
-                $m::tile::<4, false>,
-            ],
-            [
-                $m::tile::<1, true>,
-                $m::tile::<2, true>,
-                $m::tile::<3, true>,
-                $m::tile::<4, true>,
-            ],
+            [$($m::tile::<$n, false>),+],
+            [$($m::tile::<$n, true>),+],
         ]
     };
 }
 #[cfg(target_arch = "x86_64")]
-const AVX2_TILES: [[Tile; GROUP]; 2] = tiles!(avx2);
+const AVX2_TILES: [[Tile; 4]; 2] = tiles!(avx2, 1 2 3 4);
 #[cfg(target_arch = "x86_64")]
-const AVX512_TILES: [[Tile; GROUP]; 2] = tiles!(avx512);
+const AVX512_TILES: [[Tile; GROUP]; 2] = tiles!(avx512, 1 2 3 4 5 6 7 8);
 
 /// `out[a][i]` = the dot product of panel row `i` with activation row `a`, in the canonical
 /// order (module doc), for the `x.len()` (1 to [`GROUP`]) rows of `x`.
-fn panel_tile(
-    simd: Simd,
-    kind: QKind,
-    panel: &[u8],
-    nb: usize,
-    x: &[QRow],
-    out: &mut [[f32; P]; GROUP],
-) {
+fn panel_tile(simd: Simd, kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]]) {
     let q4 = usize::from(kind == QKind::Q4_1);
     match simd {
         // SAFETY (both arms): the caller picked the level from `Simd::detect` or after
@@ -510,12 +526,16 @@ fn panel_tile(
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512Vnni => unsafe { AVX512_TILES[q4][x.len() - 1](panel, nb, x, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { AVX2_TILES[q4][x.len() - 1](panel, nb, x, out) },
+        Simd::Avx2 => {
+            for (k, xs) in x.chunks(4).enumerate() {
+                unsafe { AVX2_TILES[q4][xs.len() - 1](panel, nb, xs, &mut out[4 * k..]) }
+            }
+        }
         Simd::Portable => portable_tile(kind, panel, nb, x, out),
     }
 }
 
-fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]; GROUP]) {
+fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]]) {
     let bb = kind.block_bytes();
     let q4 = kind == QKind::Q4_1;
     for i in 0..P {
@@ -547,7 +567,7 @@ fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QRow, GROUP, P, QK};
+    use super::{QRow, P, QK};
     use std::arch::x86_64::*;
 
     /// [`super::quantize_row_portable`], 32 values per step: the block's absolute maximum
@@ -601,6 +621,23 @@ mod avx2 {
         r
     }
 
+    /// `iters` rounds of 8 independent `vpmaddubsw` + `vpmaddwd` pairs (32 multiply-adds
+    /// each); returns the multiply-adds done.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn peak_loop(iters: u64) -> u64 {
+        let a = _mm256_set1_epi8(3);
+        let b = _mm256_set1_epi8(-2);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+            }
+        }
+        std::hint::black_box(acc);
+        iters * 8 * 32
+    }
+
     /// A panel in two halves of 8 rows (one 256-bit vector each), the halves one after the
     /// other so that a half's accumulators stay in the 16 registers. `vpmaddubsw` wants an
     /// unsigned operand and saturates at `i16`: Q4_1's nibbles are unsigned (15·127·2 fits),
@@ -611,7 +648,7 @@ mod avx2 {
         panel: &[u8],
         nb: usize,
         x: &[QRow],
-        out: &mut [[f32; P]; GROUP],
+        out: &mut [[f32; P]],
     ) {
         let bb = if Q4 { 384 } else { 640 };
         let base = panel.as_ptr();
@@ -678,21 +715,40 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{QRow, GROUP, P, QK};
+    use super::{QRow, P, QK};
     use std::arch::x86_64::*;
+
+    /// `iters` rounds of 12 independent `vpdpbusd` (64 multiply-adds each); returns the
+    /// multiply-adds done.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn peak_loop(iters: u64) -> u64 {
+        let a = _mm512_set1_epi8(3);
+        let b = _mm512_set1_epi8(-2);
+        let mut acc = [_mm512_setzero_si512(); 12];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbusd_epi32(*x, a, b);
+            }
+        }
+        std::hint::black_box(acc);
+        iters * 12 * 64
+    }
 
     /// A panel's 16 rows in one 512-bit vector: per block, 8 `vpdpbusd` of a 4-value group
     /// of the 16 rows against the activation's 4 bytes broadcast give the 16 integer dot
     /// products (Q4_1: nibbles unsigned, activations signed; Q8_0: activations offset by 128
-    /// unsigned, weights signed, starting from `-128 · Σ w`); two sums per row (even and odd
-    /// groups), so that the multiply-add chains overlap. Then the canonical float operations.
+    /// unsigned, weights signed, starting from `-128 · Σ w`). Up to 4 rows keep two sums each
+    /// (even and odd groups) so that the multiply-add chains overlap; 5 to 8 rows overlap by
+    /// themselves, with one sum each (so that 32 registers hold them). Then the canonical
+    /// float operations.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     pub unsafe fn tile<const NA: usize, const Q4: bool>(
         panel: &[u8],
         nb: usize,
         x: &[QRow],
-        out: &mut [[f32; P]; GROUP],
+        out: &mut [[f32; P]],
     ) {
+        let split = NA <= 4;
         let bb = if Q4 { 384 } else { 640 };
         let base = panel.as_ptr();
         let mask = _mm512_set1_epi8(0x0f);
@@ -711,35 +767,50 @@ mod avx512 {
         let mut off = [_mm512_setzero_ps(); NA];
         for b in 0..nb {
             let blk = base.add(b * bb);
-            let mut even = [_mm512_setzero_si512(); NA];
-            let mut odd = [_mm512_setzero_si512(); NA];
-            if Q4 {
-                for p in 0..4 {
-                    let raw = _mm512_loadu_si512(blk.add(128 + p * 64) as *const __m512i);
-                    let lo = _mm512_and_si512(raw, mask);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-                    for a in 0..NA {
-                        let at = xq[a].add(b * QK + p * 8);
-                        even[a] = _mm512_dpbusd_epi32(even[a], lo, bcast(at));
-                        odd[a] = _mm512_dpbusd_epi32(odd[a], hi, bcast(at.add(4)));
-                    }
-                }
+            let mut even = if Q4 {
+                [_mm512_setzero_si512(); NA]
             } else {
-                let c = _mm512_loadu_si512(blk.add(64) as *const __m512i);
-                even = [c; NA];
-                for p in 0..4 {
-                    let w0 = _mm512_loadu_si512(blk.add(128 + p * 128) as *const __m512i);
-                    let w1 = _mm512_loadu_si512(blk.add(192 + p * 128) as *const __m512i);
-                    for a in 0..NA {
-                        let at = xq[a].add(b * QK + p * 8);
-                        even[a] = _mm512_dpbusd_epi32(even[a], bcast(at), w0);
-                        odd[a] = _mm512_dpbusd_epi32(odd[a], bcast(at.add(4)), w1);
+                [_mm512_loadu_si512(blk.add(64) as *const __m512i); NA]
+            };
+            let mut odd = [_mm512_setzero_si512(); NA];
+            for p in 0..4 {
+                let (w0, w1) = if Q4 {
+                    let raw = _mm512_loadu_si512(blk.add(128 + p * 64) as *const __m512i);
+                    (
+                        _mm512_and_si512(raw, mask),
+                        _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
+                    )
+                } else {
+                    (
+                        _mm512_loadu_si512(blk.add(128 + p * 128) as *const __m512i),
+                        _mm512_loadu_si512(blk.add(192 + p * 128) as *const __m512i),
+                    )
+                };
+                for a in 0..NA {
+                    let at = xq[a].add(b * QK + p * 8);
+                    let (x0, x1) = (bcast(at), bcast(at.add(4)));
+                    // `vpdpbusd` takes its first factor unsigned.
+                    let (u0, s0, u1, s1) = if Q4 {
+                        (w0, x0, w1, x1)
+                    } else {
+                        (x0, w0, x1, w1)
+                    };
+                    even[a] = _mm512_dpbusd_epi32(even[a], u0, s0);
+                    if split {
+                        odd[a] = _mm512_dpbusd_epi32(odd[a], u1, s1);
+                    } else {
+                        even[a] = _mm512_dpbusd_epi32(even[a], u1, s1);
                     }
                 }
             }
             let wd = _mm512_loadu_ps(blk as *const f32);
             for a in 0..NA {
-                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[a], odd[a]));
+                let sum = if split {
+                    _mm512_add_epi32(even[a], odd[a])
+                } else {
+                    even[a]
+                };
+                let dot = _mm512_cvtepi32_ps(sum);
                 let dd = _mm512_mul_ps(wd, _mm512_set1_ps(*xd[a].add(b)));
                 acc[a] = _mm512_fmadd_ps(dd, dot, acc[a]);
                 if Q4 {
