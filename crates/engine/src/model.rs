@@ -213,6 +213,8 @@ impl Model {
         let mut xn = vec![0f32; n * d];
         let mut att = vec![0f32; n * d];
         let mut act = vec![0f32; n * c.n_ff];
+        // The layers' outputs, allocated once for all layers.
+        let (mut qkv, mut o, mut gu, mut down) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // Row-wise steps run over the pool too: on their own they would leave every other
         // thread idle for that long.
         let norm = |w: &[f32], h: &[f32], xn: &mut [f32]| {
@@ -222,7 +224,7 @@ impl Model {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             norm(&layer.attn_norm, &h, &mut xn);
-            let mut qkv = linear(&layer.wqkv, &xn, n);
+            linear_into(&layer.wqkv, &xn, n, &mut qkv);
             let w = d + 2 * kvd;
             qkv.par_chunks_exact_mut(w)
                 .zip(rows.par_iter())
@@ -253,16 +255,16 @@ impl Model {
                         s,
                     );
                 });
-            let o = linear(&layer.wo, &att, n);
+            linear_into(&layer.wo, &att, n, &mut o);
             for (hv, ov) in h.iter_mut().zip(&o) {
                 *hv += ov;
             }
             norm(&layer.ffn_norm, &h, &mut xn);
-            let gu = linear(&layer.w_gate_up, &xn, n);
+            linear_into(&layer.w_gate_up, &xn, n, &mut gu);
             act.par_chunks_exact_mut(c.n_ff)
                 .zip(gu.par_chunks_exact(2 * c.n_ff))
                 .for_each(|(o, g)| silu_mul(g, o));
-            let down = linear(&layer.w_down, &act, n);
+            linear_into(&layer.w_down, &act, n, &mut down);
             for (hv, dv) in h.iter_mut().zip(&down) {
                 *hv += dv;
             }
@@ -302,16 +304,23 @@ impl Model {
 
 /// `x · Wᵀ` for `n` rows of `x`.
 fn linear(w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = Vec::new();
+    linear_into(w, x, n, &mut y);
+    y
+}
+
+/// [`linear`] into `y`, whose allocation is reused (every value is written, so a buffer of
+/// the right length is not cleared first).
+fn linear_into(w: &QMatrix, x: &[f32], n: usize, y: &mut Vec<f32>) {
     let k = w.cols;
-    let mut y = vec![0f32; n * w.rows];
+    y.resize(n * w.rows, 0.0);
     if w.kind == QKind::F32 {
-        w.matvec(x, &[], n, &mut y);
+        w.matvec(x, &[], n, y);
     } else {
         let xq: Vec<QRow> = x
             .par_chunks_exact(k)
             .map(|r| quantize_row(r, w.kind))
             .collect();
-        w.matvec(&[], &xq, n, &mut y);
+        w.matvec(&[], &xq, n, y);
     }
-    y
 }

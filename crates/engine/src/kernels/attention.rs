@@ -585,6 +585,33 @@ fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `silu(g) · u` of one value, `silu(g) = g / (1 + exp(0 - g))` with this module's [`exp`]
+/// (which SIMD lanes compute to the same bits).
+fn silu_one(g: f32, u: f32) -> f32 {
+    (g / (1.0 + exp(0.0 - g))) * u
+}
+
+/// `out[i] = silu(gate[i]) · up[i]` at the best level here, the same bits at every level.
+pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_at(Simd::detect(), gate, up, out)
+}
+
+fn silu_mul_at(simd: Simd, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    match simd {
+        // SAFETY (both arms): the CPU has the level `Simd::detect` reported (every level
+        // above the portable one includes AVX2; Avx512Vnni includes AVX-512F).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512Vnni => unsafe { avx512::silu_mul(gate, up, out) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2::silu_mul(gate, up, out) },
+        Simd::Portable => {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = silu_one(g, u);
+            }
+        }
+    }
+}
+
 /// The prefill kernels and the exponential at one register width: `$v` holds `$lanes` f32,
 /// the intrinsics are its add, sub, mul, min, max, broadcast, load and store, and the module
 /// brings `floor` and `pow2` (2ⁿ of an integral `n`) and the lane masks (`Mask`, `below`,
@@ -595,9 +622,27 @@ fn exp(x: f32) -> f32 {
 macro_rules! prefill_kernels {
     (
         feature: $feat:literal, vector: $v:ty, lanes: $lanes:literal, pair: $pair:literal,
-        add: $add:ident, sub: $sub:ident, mul: $mul:ident, min: $min:ident, max: $max:ident,
-        set1: $set1:ident, load: $load:ident, store: $store:ident $(,)?
+        add: $add:ident, sub: $sub:ident, mul: $mul:ident, div: $div:ident, min: $min:ident,
+        max: $max:ident, set1: $set1:ident, load: $load:ident, store: $store:ident $(,)?
     ) => {
+        /// [`super::silu_mul`], `$lanes` values at a time (the tail by the portable twin):
+        /// per value the same operations, so the same bits.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+            let n = out.len().min(g.len()).min(u.len());
+            let mut i = 0;
+            while i + $lanes <= n {
+                let gv = $load(g.as_ptr().add(i));
+                let e = exp_lanes($sub($set1(0.0), gv));
+                let s = $div(gv, $add($set1(1.0), e));
+                $store(out.as_mut_ptr().add(i), $mul(s, $load(u.as_ptr().add(i))));
+                i += $lanes;
+            }
+            for j in i..n {
+                out[j] = super::silu_one(g[j], u[j]);
+            }
+        }
+
         /// [`super::exp`] on every lane.
         #[inline]
         #[target_feature(enable = $feat)]
@@ -719,7 +764,7 @@ mod avx2 {
 
     prefill_kernels! {
         feature: "avx2", vector: __m256, lanes: 8, pair: false,
-        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, min: _mm256_min_ps,
+        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, div: _mm256_div_ps, min: _mm256_min_ps,
         max: _mm256_max_ps, set1: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
     }
 
@@ -907,7 +952,7 @@ mod avx512 {
 
     prefill_kernels! {
         feature: "avx512f", vector: __m512, lanes: 16, pair: true,
-        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, min: _mm512_min_ps,
+        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps, min: _mm512_min_ps,
         max: _mm512_max_ps, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
     }
 
@@ -1111,6 +1156,33 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SiLU gives the portable bits at every SIMD level (a tail shorter than a register
+    /// included), over the range activations take and past the exponential's bounds.
+    #[test]
+    fn silu_levels_agree_bitwise() {
+        let g: Vec<f32> = (0..203)
+            .map(|i| (i as f32 - 101.0) * 0.37)
+            .chain([0.0, -0.0, 95.0, -95.0, 1e-30, f32::MIN_POSITIVE])
+            .collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
+        let mut want = vec![0f32; g.len()];
+        silu_mul_at(Simd::Portable, &g, &u, &mut want);
+        for simd in Simd::runnable() {
+            let mut got = vec![0f32; g.len()];
+            silu_mul_at(simd, &g, &u, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{simd:?}");
+        }
+        // And it is SiLU: g·sigmoid(g)·u within the exponential's error.
+        for ((&gi, &ui), &w) in g.iter().zip(&u).zip(&want) {
+            let exact = gi as f64 / (1.0 + (-gi as f64).exp()) * ui as f64;
+            assert!(
+                (w as f64 - exact).abs() <= 1e-6 * exact.abs().max(1e-30),
+                "{gi}: {w} vs {exact}"
+            );
+        }
+    }
 
     /// The portable exp is close to libm's over the range softmax feeds it.
     #[test]

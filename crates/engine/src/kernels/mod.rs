@@ -39,14 +39,11 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `silu(gate) * up` for one row whose first half is gate and second half up.
+/// `silu(gate) * up` for one row whose first half is gate and second half up (the
+/// exponential is the attention's, vectorized to the same bits).
 pub(crate) fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let (g, u) = gate_up.split_at(n);
-    for i in 0..n {
-        let s = g[i] / (1.0 + (-g[i]).exp());
-        out[i] = s * u[i];
-    }
+    let (g, u) = gate_up.split_at(out.len());
+    attention::silu_mul(g, u, out);
 }
 
 /// Rotary embedding table, pairs interleaved as GGML's "normal" RoPE (llama GGUFs).
