@@ -531,14 +531,25 @@ impl Level {
     }
 }
 
-/// `out[t] = dot_f32(q, K[t]) * scale` for `t < ns`, K as rows.
+/// `out[t] = dot(q, K[t]) * scale` for `t < ns`, K as rows.
 fn scores_rows(q: &[f32], k: Strided<'_>, ns: usize, scale: f32, out: &mut [f32]) {
     for (t, o) in out[..ns].iter_mut().enumerate() {
-        *o = super::dot_f32(q, &k.data[t * k.stride..t * k.stride + q.len()]) * scale;
+        *o = dot(q, &k.data[t * k.stride..t * k.stride + q.len()]) * scale;
     }
 }
 
-/// Turns `scores[..ns]` into `p = exp(score - m)`, adds `p * V[t]` to `o` in position order,
+/// Attention's dot product: 8 accumulators by index residue, each term fused into its
+/// accumulator (`fma`, one rounding), then [`super::reduce8`]'s tree. The SIMD kernels keep
+/// a lane per residue and do the same.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        acc[i % 8] = x.mul_add(y, acc[i % 8]);
+    }
+    super::reduce8(&acc)
+}
+
+/// Turns `scores[..ns]` into `p = exp(score - m)`, fuses `p * V[t]` into `o` in position order,
 /// and returns `l + sum(p)` (summed in position order).
 fn weigh(scores: &mut [f32], ns: usize, m: f32, v: Strided<'_>, l: f32, o: &mut [f32]) -> f32 {
     let (hd, stride, v, mut l) = (o.len(), v.stride, v.data, l);
@@ -547,7 +558,7 @@ fn weigh(scores: &mut [f32], ns: usize, m: f32, v: Strided<'_>, l: f32, o: &mut 
         *sc = p;
         l += p;
         for (oe, &ve) in o.iter_mut().zip(&v[t * stride..t * stride + hd]) {
-            *oe += p * ve;
+            *oe = p.mul_add(ve, *oe);
         }
     }
     l
@@ -615,15 +626,16 @@ fn silu_mul_at(simd: Simd, gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// The prefill kernels and the exponential at one register width: `$v` holds `$lanes` f32,
 /// the intrinsics are its add, sub, mul, min, max, broadcast, load and store, and the module
 /// brings `floor` and `pow2` (2ⁿ of an integral `n`) and the lane masks (`Mask`, `below`,
-/// `select`, `add_where`, `is_neg_inf`). `$pair` says whether the score pass takes two
+/// `select`, `fma_where`, `is_neg_inf`). `$pair` says whether the score pass takes two
 /// positions at once (enough registers for 16 accumulators). One query row runs per lane;
 /// per value every width does the portable path's operations in its order.
 #[cfg(target_arch = "x86_64")]
 macro_rules! prefill_kernels {
     (
         feature: $feat:literal, vector: $v:ty, lanes: $lanes:literal, pair: $pair:literal,
-        add: $add:ident, sub: $sub:ident, mul: $mul:ident, div: $div:ident, min: $min:ident,
-        max: $max:ident, set1: $set1:ident, load: $load:ident, store: $store:ident $(,)?
+        add: $add:ident, sub: $sub:ident, mul: $mul:ident, fma: $fma:ident, div: $div:ident,
+        min: $min:ident, max: $max:ident, set1: $set1:ident, load: $load:ident,
+        store: $store:ident $(,)?
     ) => {
         /// [`super::silu_mul`], `$lanes` values at a time (the tail by the portable twin):
         /// per value the same operations, so the same bits.
@@ -687,7 +699,7 @@ macro_rules! prefill_kernels {
                         let qv = $load(qp.add((c + j) * $lanes));
                         for (u, a) in acc.iter_mut().enumerate() {
                             let kv = $set1(*kp.add((t0 + u) * b.stride + c + j));
-                            a[j] = $add(a[j], $mul(qv, kv));
+                            a[j] = $fma(qv, kv, a[j]);
                         }
                     }
                 }
@@ -741,11 +753,11 @@ macro_rules! prefill_kernels {
                     if MASKED {
                         let keep = below(lp, i);
                         for (e, a) in acc.iter_mut().enumerate() {
-                            *a = add_where(keep, *a, $mul(p, $set1(*vt.add(e))));
+                            *a = fma_where(keep, p, $set1(*vt.add(e)), *a);
                         }
                     } else {
                         for (e, a) in acc.iter_mut().enumerate() {
-                            *a = $add(*a, $mul(p, $set1(*vt.add(e))));
+                            *a = $fma(p, $set1(*vt.add(e)), *a);
                         }
                     }
                 }
@@ -763,8 +775,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     prefill_kernels! {
-        feature: "avx2", vector: __m256, lanes: 8, pair: false,
-        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, div: _mm256_div_ps, min: _mm256_min_ps,
+        feature: "avx2,fma", vector: __m256, lanes: 8, pair: false,
+        add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, fma: _mm256_fmadd_ps,
+        div: _mm256_div_ps, min: _mm256_min_ps,
         max: _mm256_max_ps, set1: _mm256_set1_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
     }
 
@@ -802,8 +815,8 @@ mod avx2 {
     /// `acc + x` where `m` holds, else `acc` untouched.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn add_where(m: Mask, acc: __m256, x: __m256) -> __m256 {
-        _mm256_blendv_ps(acc, _mm256_add_ps(acc, x), m)
+    unsafe fn fma_where(m: Mask, a: __m256, b: __m256, acc: __m256) -> __m256 {
+        _mm256_blendv_ps(acc, _mm256_fmadd_ps(a, b, acc), m)
     }
 
     #[inline]
@@ -880,8 +893,7 @@ mod avx2 {
                 for s in 0..4 {
                     let kv = T::load8(kp.add((t0 + s) * stride + c));
                     for (h, a) in acc.iter_mut().enumerate() {
-                        let x = _mm256_mul_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv);
-                        a[s] = _mm256_add_ps(a[s], x);
+                        a[s] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, a[s]);
                     }
                 }
             }
@@ -929,8 +941,8 @@ mod avx2 {
                 let (v0, v1) = (T::load8(vt), T::load8(vt.add(8)));
                 for (h, a) in acc.iter_mut().enumerate() {
                     let pv = _mm256_set1_ps(*pp.add(h * bs + t));
-                    a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(pv, v0));
-                    a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(pv, v1));
+                    a[0] = _mm256_fmadd_ps(pv, v0, a[0]);
+                    a[1] = _mm256_fmadd_ps(pv, v1, a[1]);
                 }
             }
             for (h, a) in acc.iter().enumerate() {
@@ -952,7 +964,8 @@ mod avx512 {
 
     prefill_kernels! {
         feature: "avx512f", vector: __m512, lanes: 16, pair: true,
-        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, div: _mm512_div_ps, min: _mm512_min_ps,
+        add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, fma: _mm512_fmadd_ps,
+        div: _mm512_div_ps, min: _mm512_min_ps,
         max: _mm512_max_ps, set1: _mm512_set1_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
     }
 
@@ -972,8 +985,8 @@ mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn add_where(m: Mask, acc: __m512, x: __m512) -> __m512 {
-        _mm512_mask_add_ps(acc, m, acc, x)
+    unsafe fn fma_where(m: Mask, a: __m512, b: __m512, acc: __m512) -> __m512 {
+        _mm512_mask3_fmadd_ps(a, b, acc, m)
     }
 
     #[inline]
@@ -1063,8 +1076,8 @@ mod avx512 {
                 for (h, a) in acc.iter_mut().enumerate() {
                     let q8 = _mm256_castps_pd(_mm256_loadu_ps(qp.add(h * hd + c)));
                     let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(q8));
-                    a[0] = _mm512_add_ps(a[0], _mm512_mul_ps(qv, kv[0]));
-                    a[1] = _mm512_add_ps(a[1], _mm512_mul_ps(qv, kv[1]));
+                    a[0] = _mm512_fmadd_ps(qv, kv[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(qv, kv[1], a[1]);
                 }
             }
             for (h, &[a01, a23]) in acc.iter().enumerate() {
@@ -1128,7 +1141,7 @@ mod avx512 {
             for (h, a) in acc.iter_mut().enumerate() {
                 let pv = _mm512_set1_ps(*pp.add(h * bs + t));
                 for (x, &vr) in a.iter_mut().zip(&vv) {
-                    *x = _mm512_add_ps(*x, _mm512_mul_ps(pv, vr));
+                    *x = _mm512_fmadd_ps(pv, vr, *x);
                 }
             }
         }
