@@ -1035,9 +1035,16 @@ pub(crate) async fn health(State(p): State<Proxy>) -> Response {
     };
     let pre = futures_util::future::join_all(urls(p.prefill_pool()).into_iter().map(check)).await;
     let dec = futures_util::future::join_all(urls(p.decode_pool()).into_iter().map(check)).await;
-    let ok = |v: &[(String, Value)]| v.iter().any(|(_, x)| x["status"] == "ok");
+    // A pool is up when an instance answers and the router would send it requests (its
+    // circuit is not open: one that failed its polls while starting stays out for the
+    // cooldown even once it answers), so that a ready router routes.
+    let ok = |v: &[(String, Value)], pool: &Pool| {
+        v.iter().any(|(u, x)| {
+            x["status"] == "ok" && pool.find(u).is_some_and(|i| i.available())
+        })
+    };
     // Decode instances can prefill (the fallback): the service is up while one answers.
-    let (prefill_ok, decode_ok) = (ok(&pre), ok(&dec));
+    let (prefill_ok, decode_ok) = (ok(&pre, p.prefill_pool()), ok(&dec, p.decode_pool()));
     let status = match (prefill_ok, decode_ok) {
         (true, true) => "ok",
         (false, true) => "degraded",
