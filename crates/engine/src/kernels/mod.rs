@@ -1,5 +1,5 @@
-//! CPU kernels of our own: quantized mat-vec for the decode path, f32 helpers shared by both
-//! paths, and the paged attention.
+//! CPU kernels of our own: the quantized mat-mul of the linear layers, f32 helpers shared by
+//! every path, and the paged attention.
 //!
 //! Every reduction here has a fixed order that does not depend on how many rows are in the
 //! batch, which thread runs them, or which SIMD level the CPU has: that is what keeps a
