@@ -175,6 +175,8 @@ pub struct FreeBlocks;
 
 fn headroom(l: &Load, ask: &Ask<'_>) -> i64 {
     match l.free_blocks {
+        // An instance that does not report its pool: the free blocks less the needs.
+        Some(f) if l.total_blocks == 0 => f as i64 - l.in_flight_blocks as i64 - ask.blocks as i64,
         Some(f) => {
             let projected = l.total_blocks as i64 - l.in_flight_blocks as i64;
             projected.min(f as i64) - ask.blocks as i64
@@ -376,6 +378,15 @@ mod tests {
         assert_eq!(
             FreeBlocks.order(&[l(75, 100, 0), l(80, 100, 0)], &ask),
             [1, 0]
+        );
+        // No pool size reported: free blocks less the needs (70 against 80 - 20 - 10).
+        assert_eq!(
+            FreeBlocks.order(&[l(80, 0, 20), l(80, 100, 0)], &ask),
+            [1, 0]
+        );
+        assert_eq!(
+            FreeBlocks.order(&[l(100, 0, 20), l(80, 100, 10)], &ask),
+            [0, 1]
         );
         // Not polled yet: last.
         let unpolled = Load::default();

@@ -1039,9 +1039,8 @@ pub(crate) async fn health(State(p): State<Proxy>) -> Response {
     // circuit is not open: one that failed its polls while starting stays out for the
     // cooldown even once it answers), so that a ready router routes.
     let ok = |v: &[(String, Value)], pool: &Pool| {
-        v.iter().any(|(u, x)| {
-            x["status"] == "ok" && pool.find(u).is_some_and(|i| i.available())
-        })
+        v.iter()
+            .any(|(u, x)| x["status"] == "ok" && pool.find(u).is_some_and(|i| i.available()))
     };
     // Decode instances can prefill (the fallback): the service is up while one answers.
     let (prefill_ok, decode_ok) = (ok(&pre, p.prefill_pool()), ok(&dec, p.decode_pool()));

@@ -420,7 +420,9 @@ fn decode_block<T: avx512::Lanes16>(
     // The kernels' shapes: 4 and 8 slots per pass, 8 and 16 dims.
     assert!(bs.is_multiple_of(8) && hd.is_multiple_of(16));
     // The kernels' instruction sets (cached bit tests, so cheap per block).
-    assert!(is_x86_feature_detected!("avx2") && avx2::has_f16c());
+    assert!(
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && avx2::has_f16c()
+    );
     assert!(!dims.wide || is_x86_feature_detected!("avx512f"));
     assert!(q.len() >= n_kv * group * hd && scores.len() >= GROUP_PASS * bs);
     for g in 0..n_kv {
@@ -783,7 +785,7 @@ mod avx2 {
 
     /// `scores[t] = exp(scores[t] - m)` for `t < ns`, 8 at a time (`scores` holds `ns`
     /// rounded up to 8).
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_row(scores: &mut [f32], ns: usize, m: f32) {
         let mv = _mm256_set1_ps(m);
         let mut t0 = 0;
@@ -799,7 +801,7 @@ mod avx2 {
 
     /// Lanes whose `lim` is above `t`.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn below(lim: *const i32, t: usize) -> Mask {
         let lim = _mm256_loadu_si256(lim as *const __m256i);
         _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, _mm256_set1_epi32(t as i32)))
@@ -807,32 +809,32 @@ mod avx2 {
 
     /// `a` where `m` holds, else `b`.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn select(m: Mask, a: __m256, b: __m256) -> __m256 {
         _mm256_blendv_ps(b, a, m)
     }
 
     /// `acc + x` where `m` holds, else `acc` untouched.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn fma_where(m: Mask, a: __m256, b: __m256, acc: __m256) -> __m256 {
         _mm256_blendv_ps(acc, _mm256_fmadd_ps(a, b, acc), m)
     }
 
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn is_neg_inf(x: __m256) -> Mask {
         _mm256_cmp_ps::<_CMP_EQ_OQ>(x, _mm256_set1_ps(f32::NEG_INFINITY))
     }
 
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn floor(x: __m256) -> __m256 {
         _mm256_floor_ps(x)
     }
 
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn pow2(n: __m256) -> __m256 {
         let e = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
         _mm256_castsi256_ps(_mm256_slli_epi32(e, 23))
@@ -853,7 +855,7 @@ mod avx2 {
 
     impl Lanes for f32 {
         #[inline]
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn load8(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
         }
@@ -861,7 +863,7 @@ mod avx2 {
 
     impl Lanes for half::f16 {
         #[inline]
-        #[target_feature(enable = "avx2,f16c")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load8(p: *const half::f16) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
@@ -873,7 +875,7 @@ mod avx2 {
     /// heads. The sums are [`super::scores_rows`]'s: per head and slot, 8 lanes accumulate
     /// dims `e % 8` in order, then reduce as `reduce8` does.
     #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_scores<T: Lanes, const H: usize>(
         q: &[f32],
         k: &[T],
@@ -908,7 +910,7 @@ mod avx2 {
     /// `out`. hadd pairs lanes (0,1), (2,3), ...; twice gives each slot's lanes 0..4 and
     /// 4..8 sums, and adding the halves finishes reduce8's tree.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn store_scores([a0, a1, a2, a3]: [__m256; 4], sc: __m128, out: *mut f32) {
         let x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
         let r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -919,7 +921,7 @@ mod avx2 {
     /// their rows of `bs` weights, `o` their `hd` outputs each, V[t] is at `v[t * stride..]`.
     /// Each slot's V is converted once for all heads.
     #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group_weigh<T: Lanes, const H: usize>(
         p: &[f32],
         bs: usize,

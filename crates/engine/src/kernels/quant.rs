@@ -321,6 +321,31 @@ impl QMatrix {
 
     fn matvec_with(&self, simd: Simd, xf: &[f32], xq: &[QRow], batch: usize, out: &mut [f32]) {
         let rows = self.rows;
+        // The kernels' reach, which the unsafe writes and reads below rely on.
+        assert!(
+            out.len() >= batch * rows,
+            "output shorter than batch × rows"
+        );
+        if self.kind == QKind::F32 {
+            assert!(
+                xf.len() >= batch * self.cols,
+                "activations shorter than batch × cols"
+            );
+        } else {
+            let nb = self.cols / QK;
+            assert!(
+                xq.len() >= batch
+                    && xq[..batch].iter().all(|r| {
+                        r.qs.len() == self.cols
+                            && r.d.len() == nb
+                            && r.s.len() == nb
+                            && (self.kind != QKind::Q8_0 || r.qu.len() == self.cols)
+                    }),
+                "activation rows not quantized for {} columns of {:?}",
+                self.cols,
+                self.kind
+            );
+        }
         let ptr = SyncPtr(out.as_mut_ptr());
         if self.kind == QKind::F32 {
             const CHUNK: usize = 64;
