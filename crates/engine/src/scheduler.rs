@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use crate::kv_cache::KvCache;
 use crate::prefix_cache::BlockHash;
 
-/// Request lifecycle states (DESIGN.md).
+/// Request lifecycle states (docs/design.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestState {
     Waiting,

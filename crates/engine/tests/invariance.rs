@@ -1,6 +1,6 @@
-//! DESIGN.md invariant: a request's logits are bit-identical whether it runs alone, batched
-//! with up to 15 others of different lengths, prefilled whole or in chunks of any size, or
-//! preempted and recomputed; greedy tokens are therefore identical too.
+//! Invariant (docs/design.md): a request's logits are bit-identical whether it runs alone,
+//! batched with up to 15 others of different lengths, prefilled whole or in chunks of any
+//! size, or preempted and recomputed; greedy tokens are therefore identical too.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! DESIGN.md invariant: before any KV crosses, both sides compare fingerprints; any
+//! Invariant (docs/design.md): before any KV crosses, both sides compare fingerprints; any
 //! difference is refused with an error naming the field and both values.
 
 use serde::{Deserialize, Serialize};

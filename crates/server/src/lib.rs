@@ -122,7 +122,7 @@ impl AppState {
         let _ = self.0.migrate_targets.set(targets);
     }
 
-    /// The fingerprint migrations carry and check (DESIGN.md); set once, before serving.
+    /// The fingerprint migrations carry and check (docs/design.md); set once, before serving.
     pub fn set_fingerprint(&self, fp: Fingerprint) {
         let _ = self.0.fingerprint.set(fp);
     }

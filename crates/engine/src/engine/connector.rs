@@ -1,4 +1,4 @@
-//! The KV connector as the engine reaches it (DESIGN.md): one trait, two sides.
+//! The KV connector as the engine reaches it (docs/design.md): one trait, two sides.
 //!
 //! Scheduler side ([`KvConnector`]): how many prompt tokens of a request can be had
 //! remotely; once blocks are allocated for them, start loading into those blocks; release a
