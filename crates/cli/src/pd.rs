@@ -227,10 +227,14 @@ pub struct UpArgs {
     #[arg(long)]
     pub decode_threads: Option<usize>,
     /// CPUs to run the instances' kernel threads on ("0-7"): each instance takes the next
-    /// ones, as many as it has threads, so prefill and decode never share a core (default:
-    /// wherever the OS puts them). Without --threads, one thread per CPU listed.
+    /// ones, as many as it has threads, so prefill and decode never share a core. Default:
+    /// the CPUs this process may use, in order, when there are enough for every instance's
+    /// threads. Without --threads, one thread per CPU listed.
     #[arg(long)]
     pub cpu_bind: Option<CpuList>,
+    /// Leave the instances' threads wherever the OS puts them (no default --cpu-bind).
+    #[arg(long, conflicts_with = "cpu_bind")]
+    pub no_cpu_bind: bool,
     /// KV blocks per instance.
     #[arg(long, default_value_t = 2048)]
     pub num_kv_blocks: usize,
@@ -240,8 +244,9 @@ pub struct UpArgs {
     /// Extra flags passed to every `serve` (e.g. "--max-num-seqs 8").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
-    /// Extra flags for the prefill instances only, after --serve-args (e.g.
-    /// "--long-prefill-token-threshold 64", so short prompts do not queue behind a long one).
+    /// Extra flags for the prefill instances only, after --serve-args. Default:
+    /// "--long-prefill-token-threshold 64", so that short prompts do not queue behind a long
+    /// one; give "" for none.
     #[arg(long, allow_hyphen_values = true)]
     pub prefill_args: Option<String>,
     /// Clients of the proxy and of each instance must send `Authorization: Bearer <key>`
@@ -341,8 +346,8 @@ pub fn up(a: UpArgs) -> Result<()> {
     );
     let model = crate::model_path(&a.model)?;
     let exe = std::env::current_exe()?;
-    let bind = a.cpu_bind.clone().unwrap_or_default().0;
-    let total = a.threads.unwrap_or_else(|| match bind.len() {
+    let given = a.cpu_bind.clone().unwrap_or_default().0;
+    let total = a.threads.unwrap_or_else(|| match given.len() {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2),
@@ -366,7 +371,10 @@ pub fn up(a: UpArgs) -> Result<()> {
     let mut decode_urls = Vec::new();
     let mut decode_admin = Vec::new();
     let extra = split_flags(&a.serve_args);
-    let prefill_extra = split_flags(&a.prefill_args);
+    let prefill_extra = match &a.prefill_args {
+        Some(_) => split_flags(&a.prefill_args),
+        None => vec!["--long-prefill-token-threshold".into(), "64".into()],
+    };
     let threads_of = |i: usize| {
         instance_threads(
             total,
@@ -376,6 +384,19 @@ pub fn up(a: UpArgs) -> Result<()> {
         )
     };
     let need: usize = (0..n).map(threads_of).sum();
+    // Disjoint cores by default, where there are enough: a prefill step then never takes a
+    // decode instance's core.
+    let bind = match (&a.cpu_bind, a.no_cpu_bind) {
+        (Some(_), _) => given,
+        (None, true) => Vec::new(),
+        (None, false) => CpuList::allowed()
+            .map(|c| c.0)
+            .filter(|c| c.len() >= need)
+            .unwrap_or_default(),
+    };
+    if !bind.is_empty() {
+        tracing::info!(cpus = %CpuList(bind.clone()), "instances bound to disjoint CPUs (--no-cpu-bind to leave them to the OS)");
+    }
     if !bind.is_empty() && need > bind.len() {
         bail!(
             "--cpu-bind lists {} CPUs; the {n} instances have {need} threads, one CPU each",

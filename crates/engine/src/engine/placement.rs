@@ -49,6 +49,13 @@ pub struct CpuList(pub Vec<usize>);
 /// CPU numbers past this are refused (the kernel's `cpu_set_t` holds 1024).
 const MAX_CPU: usize = 1023;
 
+impl CpuList {
+    /// The CPUs this process may run on (its affinity), where the platform says.
+    pub fn allowed() -> Option<CpuList> {
+        allowed_cpus().map(CpuList)
+    }
+}
+
 impl std::str::FromStr for CpuList {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
