@@ -192,7 +192,7 @@ pub(crate) fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
 /// Starts a child that dies with us and logs warnings only, unless the user asks for
 /// more (e.g. the step trace).
 pub(crate) fn spawn_quiet(mut cmd: Command) -> std::io::Result<Kill> {
-    crate::pd::die_with_parent(&mut cmd);
+    crate::up::die_with_parent(&mut cmd);
     cmd.env(
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -454,7 +454,7 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     if let Some(c) = &a.cpu_bind {
         let split = (s.prefill_threads, s.decode_threads);
         let pair: usize = (0..2)
-            .map(|i| crate::pd::instance_threads(s.pair_threads, (1, 1), split, i))
+            .map(|i| crate::up::instance_threads(s.pair_threads, (1, 1), split, i))
             .sum();
         let need = s.threads.max(pair);
         anyhow::ensure!(

@@ -86,7 +86,7 @@ impl Instance {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::null());
-        crate::pd::die_with_parent(&mut cmd);
+        crate::up::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;

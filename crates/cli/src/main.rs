@@ -6,10 +6,12 @@ mod bench_pd;
 mod bench_prefix;
 mod bench_router;
 mod bench_soak;
+mod drain;
 mod econ;
 mod generate;
-mod pd;
+mod proxy;
 mod serve;
+mod up;
 
 use std::path::PathBuf;
 
@@ -36,11 +38,11 @@ enum Command {
     /// Serve the OpenAI-compatible HTTP API (colocated, or one role of a pair).
     Serve(serve::ServeArgs),
     /// xPyD proxy: one OpenAI-compatible front over prefill and decode instances.
-    Proxy(pd::ProxyArgs),
+    Proxy(proxy::ProxyArgs),
     /// Drain a decode instance behind a proxy: out of rotation, its requests migrate away.
-    Drain(pd::DrainArgs),
+    Drain(drain::DrainArgs),
     /// Start prefill and decode instances and the proxy on loopback, all in one command.
-    Up(pd::UpArgs),
+    Up(up::UpArgs),
     /// Disaggregation economics: KV freight, link time, does it pay, xPyD sizing.
     Econ(splitserve_econ::EconArgs),
     /// Benchmarks.
@@ -181,9 +183,9 @@ fn main() -> Result<()> {
         }
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
-        Command::Proxy(a) => pd::proxy(a),
-        Command::Up(a) => pd::up(a),
-        Command::Drain(a) => pd::drain(a),
+        Command::Proxy(a) => proxy::proxy(a),
+        Command::Up(a) => up::up(a),
+        Command::Drain(a) => drain::drain(a),
         Command::Econ(a) => econ::run(a),
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),

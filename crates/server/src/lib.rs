@@ -8,7 +8,7 @@ mod generation;
 pub mod http;
 mod metrics;
 mod openai;
-mod pd;
+mod roles;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -80,7 +80,7 @@ impl AppState {
         let m = metrics.clone();
         let internal = splitserve_engine::EngineError::Internal;
         let pd = pd
-            .map(|s| splitserve_kv::role::build(s, pd::hooks(&metrics)))
+            .map(|s| splitserve_kv::role::build(s, roles::hooks(&metrics)))
             .transpose()
             .map_err(|e| internal(e.to_string()))?;
         let connector = pd.as_ref().and_then(|p| p.engine_connector());
@@ -428,7 +428,7 @@ async fn run(
             "this server is draining and takes no new requests".into(),
         ));
     }
-    let plan = pd::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
+    let plan = roles::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
     // Until its KV is pulled, a failure (or the client leaving) must tell the producer that
     // the blocks it holds for this request will not be read.
     let release = match (&plan, &state.0.pd) {
