@@ -35,7 +35,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 
 fn error_body(kind: &str, message: String) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+    splitserve_server::error_body(kind, &message, None, None)
 }
 
 pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {

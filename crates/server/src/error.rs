@@ -3,7 +3,6 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 use splitserve_engine::EngineError;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,18 +33,15 @@ pub enum ApiError {
     Forbidden(String),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorInner<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorInner<'a> {
-    message: String,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    param: Option<&'a str>,
-    code: Option<&'a str>,
+/// OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`: the one shape of
+/// every error the server and the router send (a response's body, or an SSE error event).
+pub fn error_body(
+    kind: &str,
+    message: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 
 impl ApiError {
@@ -101,15 +97,7 @@ impl ApiError {
 
     /// The JSON body alone (also sent as an SSE error event mid-stream).
     pub fn body_json(&self) -> serde_json::Value {
-        serde_json::to_value(ErrorBody {
-            error: ErrorInner {
-                message: self.to_string(),
-                kind: self.kind(),
-                param: self.param(),
-                code: self.code(),
-            },
-        })
-        .unwrap_or_default()
+        error_body(self.kind(), &self.to_string(), self.param(), self.code())
     }
 }
 

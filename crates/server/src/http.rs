@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde_json::json;
 
 /// Largest request body accepted; more is answered 413 in OpenAI's shape.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -69,11 +68,7 @@ pub fn error_response(
     code: Option<&str>,
     message: &str,
 ) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
-    )
-        .into_response()
+    (status, Json(crate::error_body(kind, message, None, code))).into_response()
 }
 
 /// Middleware: 401 unless the request presents the key.

@@ -27,7 +27,7 @@ use splitserve_kv::role::{KvRoleConnector, Plan};
 use splitserve_kv::Fingerprint;
 
 pub use admin::admin_router;
-pub use error::ApiError;
+pub use error::{error_body, ApiError};
 pub use metrics::Metrics;
 pub use splitserve_kv::role::Setup as PdSetup;
 
