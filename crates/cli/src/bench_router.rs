@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use splitserve_bench::load::ServeBenchArgs;
+use splitserve_bench::stats::{percentile, Summary};
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchRouterArgs {
@@ -94,14 +95,10 @@ pub fn run(a: BenchRouterArgs) -> Result<()> {
         );
         let (r, spread) = rt.block_on(arm(&a, &model, policy))?;
         let vals: Vec<f64> = spread.iter().map(|(_, s)| *s).collect();
-        let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
-        let max = vals.iter().copied().fold(0.0, f64::max);
+        let Summary { mean, max, .. } = Summary::of(&vals);
         let mut sorted = vals.clone();
         sorted.sort_by(f64::total_cmp);
-        let p95 = sorted
-            .get((sorted.len() * 95 / 100).min(sorted.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0);
+        let p95 = percentile(&sorted, 95.0);
         let within = vals.iter().filter(|&&v| v <= 0.10).count() as f64 / vals.len().max(1) as f64;
         md.push_str(&format!(
             "| {policy} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} % | {:.1} % | {:.1} % | {:.0} % | {} |\n",

@@ -138,6 +138,24 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
     f32::from_le_bytes(x)
 }
 
+/// Row `i` of one panel block (`blk`, [`QKind::block_bytes`] long), unpacked.
+fn unpack(kind: QKind, blk: &[u8], i: usize) -> Block {
+    let q = &blk[128..];
+    let q4 = kind == QKind::Q4_1;
+    Block {
+        d: f32_at(blk, i),
+        m: if q4 { f32_at(&blk[64..], i) } else { 0.0 },
+        q: std::array::from_fn(|v| {
+            let (g, e) = (v / 4, v % 4);
+            if q4 {
+                ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
+            } else {
+                q[g * 64 + 4 * i + e] as i8 as i32
+            }
+        }),
+    }
+}
+
 impl QMatrix {
     /// Takes GGUF blocks (Q4_1: 20-byte blocks, Q8_0: 34-byte blocks) and repacks them.
     pub fn from_gguf(kind: QKind, rows: usize, cols: usize, gguf: &[u8]) -> Self {
@@ -216,24 +234,10 @@ impl QMatrix {
 
     /// Row `r`'s block `b`, unpacked from its panel.
     fn block(&self, r: usize, b: usize) -> Block {
-        let (p, i) = (r / P, r % P);
         let nb = self.cols / QK;
         let bb = self.kind.block_bytes();
-        let blk = &self.data[(p * nb + b) * bb..(p * nb + b + 1) * bb];
-        let q = &blk[128..];
-        let q4 = self.kind == QKind::Q4_1;
-        Block {
-            d: f32_at(blk, i),
-            m: if q4 { f32_at(&blk[64..], i) } else { 0.0 },
-            q: std::array::from_fn(|v| {
-                let (g, e) = (v / 4, v % 4);
-                if q4 {
-                    ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
-                } else {
-                    q[g * 64 + 4 * i + e] as i8 as i32
-                }
-            }),
-        }
+        let at = (r / P * nb + b) * bb;
+        unpack(self.kind, &self.data[at..at + bb], r % P)
     }
 
     pub fn from_f32(rows: usize, cols: usize, v: Vec<f32>) -> Self {
@@ -563,29 +567,19 @@ fn panel_tile(simd: Simd, kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out:
 fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]]) {
     let bb = kind.block_bytes();
     let q4 = kind == QKind::Q4_1;
-    for i in 0..P {
-        for (a, xa) in x.iter().enumerate() {
+    for (xa, row) in x.iter().zip(out.iter_mut()) {
+        for (i, o) in row.iter_mut().enumerate() {
             let (mut acc, mut off) = (0f32, 0f32);
             for b in 0..nb {
-                let blk = &panel[b * bb..(b + 1) * bb];
-                let q = &blk[128..];
+                let k = unpack(kind, &panel[b * bb..(b + 1) * bb], i);
                 let xs = &xa.qs[b * QK..(b + 1) * QK];
-                let mut dot = 0i32;
-                for (v, &xv) in xs.iter().enumerate() {
-                    let (g, e) = (v / 4, v % 4);
-                    let w = if q4 {
-                        ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
-                    } else {
-                        q[g * 64 + 4 * i + e] as i8 as i32
-                    };
-                    dot += w * xv as i32;
-                }
-                acc = (f32_at(blk, i) * xa.d[b]).mul_add(dot as f32, acc);
+                let dot: i32 = k.q.iter().zip(xs).map(|(&w, &xv)| w * xv as i32).sum();
+                acc = (k.d * xa.d[b]).mul_add(dot as f32, acc);
                 if q4 {
-                    off = f32_at(&blk[64..], i).mul_add(xa.s[b], off);
+                    off = k.m.mul_add(xa.s[b], off);
                 }
             }
-            out[a][i] = if q4 { acc + off } else { acc };
+            *o = if q4 { acc + off } else { acc };
         }
     }
 }
