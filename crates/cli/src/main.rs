@@ -105,10 +105,7 @@ pub(crate) async fn spawn_admin(
     let routes = if loopback {
         routes
     } else {
-        let token = std::env::var("SPLITSERVE_ADMIN_TOKEN")
-            .ok()
-            .and_then(|t| splitserve_server::http::ApiKey::new(&t))
-            .with_context(|| {
+        let token = splitserve_server::http::admin_token().with_context(|| {
                 format!("the admin listener {host}:{port} is not on loopback: set SPLITSERVE_ADMIN_TOKEN to the token its clients must send (Authorization: Bearer)")
             })?;
         routes.layer(axum::middleware::from_fn_with_state(

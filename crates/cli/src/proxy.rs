@@ -32,10 +32,9 @@ pub struct ProxyArgs {
     /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
     #[arg(long, default_value = "127.0.0.1")]
     pub admin_host: String,
-    /// Clients must send `Authorization: Bearer <key>`; the proxy sends it to the
-    /// instances too. Prefer the environment variable: a command line is visible to all.
-    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// The API key (the proxy sends it to the instances too) and the header-read timeout.
+    #[command(flatten)]
+    pub http: crate::serve::HttpArgs,
     #[command(flatten)]
     pub routing: RoutingArgs,
 }
@@ -110,8 +109,9 @@ impl RoutingArgs {
 }
 
 pub(crate) fn proxy_runtime() -> Result<tokio::runtime::Runtime> {
+    // Two I/O threads, so that one slow body (a 4 MiB prompt's JSON) cannot stall the rest.
     Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?)
 }
@@ -125,10 +125,7 @@ pub(crate) async fn run_proxy(
         decode: a.decode.clone(),
         disagg_threshold: a.disagg_threshold,
         decode_admin: a.decode_admin.clone(),
-        api_key: a
-            .api_key
-            .as_deref()
-            .and_then(splitserve_server::http::ApiKey::new),
+        api_key: a.http.api_key(),
         routing: a.routing.routing()?,
     })
     .map_err(anyhow::Error::msg)?;
@@ -141,7 +138,8 @@ pub(crate) async fn run_proxy(
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, prefill = ?a.prefill, decode = ?a.decode, "proxy serving OpenAI-compatible API");
-    splitserve_router::serve(listener, proxy, async {
+    let header_timeout = a.http.options()?.header_read_timeout;
+    splitserve_router::serve(listener, proxy, header_timeout, async {
         tokio::select! {
             _ = crate::shutdown_signal() => {}
             _ = shutdown => {}

@@ -318,7 +318,10 @@ pub fn up(a: UpArgs) -> Result<()> {
         decode_admin,
         admin_port: Some(a.admin_base_port.saturating_sub(1)),
         admin_host: "127.0.0.1".into(),
-        api_key: a.api_key.clone(),
+        http: crate::serve::HttpArgs {
+            api_key: a.api_key.clone(),
+            header_read_timeout_s: 10.0,
+        },
         routing: a.routing.clone(),
     };
     println!(

@@ -40,6 +40,64 @@ fn counting_listener() -> (u16, Arc<AtomicUsize>) {
     (port, n)
 }
 
+/// Opens `n` connections to `port` that never finish their headers; the time until the
+/// server closed them all (each may first answer 408, nothing else).
+fn slow_clients(port: u16, n: usize) -> Duration {
+    let t0 = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+        let head = String::from_utf8_lossy(&b);
+        assert!(
+            head.is_empty() || head.starts_with("HTTP/1.1 408"),
+            "{head}"
+        );
+    }
+    t0.elapsed()
+}
+
+/// Sends a 5 MiB body (over the 4 MiB limit): 413 in OpenAI's shape; the response headers.
+async fn too_large(rb: reqwest::RequestBuilder) -> reqwest::header::HeaderMap {
+    let big = "a".repeat(5 << 20);
+    let r = rb
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"prompt":"{big}"}}"#))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 413);
+    let headers = r.headers().clone();
+    let v: Value = r.json().await.expect("json body");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+    headers
+}
+
+/// A producer and a consumer on loopback, ready, holding KV for `hold_s` seconds.
+async fn pair(hold_s: f64) -> (Proc, Proc) {
+    let p = serve(&[], Some(kv_config("kv_producer", free_port(), hold_s)));
+    let d = serve(&[], Some(kv_config("kv_consumer", free_port(), hold_s)));
+    ready(&p).await;
+    ready(&d).await;
+    (p, d)
+}
+
+/// `r` has `status` and an OpenAI error whose message contains `needle`.
+async fn refused_with(r: reqwest::Response, status: u16, needle: &str) {
+    assert_eq!(r.status().as_u16(), status);
+    let v: Value = r.json().await.expect("json");
+    let m = v["error"]["message"].as_str().unwrap_or("");
+    assert!(m.contains(needle), "{v}");
+}
+
 async fn prefill(p: &Proc, prompt: &str) -> Value {
     let (st, v) = post(
         &format!("{}/v1/completions", p.url()),
@@ -257,21 +315,12 @@ async fn the_api_is_locked_bounded_and_chat_text_stays_text() {
     assert_eq!(r.status().as_u16(), 200);
 
     // A body over the limit: 413 in OpenAI's shape.
-    let big = "a".repeat(5 << 20);
-    let r = authed(c.post(format!("{url}/v1/completions")))
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"prompt":"{big}"}}"#))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status().as_u16(), 413);
+    let headers = too_large(authed(c.post(format!("{url}/v1/completions")))).await;
     assert_eq!(
-        r.headers().get("connection").and_then(|v| v.to_str().ok()),
+        headers.get("connection").and_then(|v| v.to_str().ok()),
         Some("close"),
         "the unread body ends the connection"
     );
-    let v: Value = r.json().await.expect("json body");
-    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
 
     // Unknown roles are refused; special-token text in a message stays text.
     let r = authed(c.post(format!("{url}/v1/chat/completions")))
@@ -279,15 +328,7 @@ async fn the_api_is_locked_bounded_and_chat_text_stays_text() {
         .send()
         .await
         .expect("send");
-    assert_eq!(r.status().as_u16(), 400);
-    let v: Value = r.json().await.expect("json");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("root"),
-        "{v}"
-    );
+    refused_with(r, 400, "root").await;
     let tokenize = |content: &str| {
         authed(c.post(format!("{url}/tokenize")))
             .json(&json!({"messages": [{"role": "user", "content": content}]}))
@@ -318,29 +359,10 @@ async fn the_api_is_locked_bounded_and_chat_text_stays_text() {
     assert_eq!(count(&injected, 2), count(&plain, 2));
 
     // Slow clients: connections that never finish their headers are closed.
-    let t0 = Instant::now();
-    let mut slow: Vec<TcpStream> = (0..50)
-        .map(|_| {
-            let mut s = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
-            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-                .expect("write");
-            s
-        })
-        .collect();
-    for s in &mut slow {
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut b = Vec::new();
-        let _ = s.read_to_end(&mut b);
-        let head = String::from_utf8_lossy(&b);
-        assert!(
-            head.is_empty() || head.starts_with("HTTP/1.1 408"),
-            "{head}"
-        );
-    }
+    let took = slow_clients(s.port, 50);
     assert!(
-        t0.elapsed() < Duration::from_secs(25),
-        "closed by the 1 s header timeout, not the client's ({:?})",
-        t0.elapsed()
+        took < Duration::from_secs(25),
+        "closed by the 1 s header timeout, not the client's ({took:?})"
     );
     let r = c.get(format!("{url}/health")).send().await.expect("send");
     assert_eq!(r.status().as_u16(), 200);
@@ -438,10 +460,7 @@ async fn a_pair_in_tls_answers_like_plain_tcp_and_refuses_untrusting_consumers()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_gives_up_releases_the_producers_hold_at_once() {
     // A hold timeout far beyond the test: only the consumer's Release frees the blocks.
-    let p = serve(&[], Some(kv_config("kv_producer", free_port(), 300.0)));
-    let d = serve(&[], Some(kv_config("kv_consumer", free_port(), 300.0)));
-    ready(&p).await;
-    ready(&d).await;
+    let (p, d) = pair(300.0).await;
     let prompt = "A prompt whose KV the consumer will never pull";
     let params = prefill(&p, prompt).await;
     assert!(health(&p).await["held_blocks"].as_u64().unwrap_or(0) > 0);
@@ -493,4 +512,127 @@ async fn a_producer_whose_caller_goes_away_holds_nothing() {
     assert_eq!(metric(&p, aborted).await, 1.0);
     let params = prefill(&p, "Hello").await;
     assert!(params["remote_host"].is_string(), "{params}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_requests_under_one_id_never_share_a_consumers_request() {
+    let (p, d) = pair(30.0).await;
+    let prompt = "Two clients, one request id, and a consumer that must keep them apart";
+    let grants = [prefill(&p, prompt).await, prefill(&p, prompt).await];
+    let send = |params: Value| {
+        client()
+            .post(format!("{}/v1/completions", d.url()))
+            .header("x-request-id", "shared-id")
+            .json(
+                &json!({"prompt": prompt, "max_tokens": 96, "temperature": 0,
+                          "ignore_eos": true, "kv_transfer_params": params}),
+            )
+            .send()
+    };
+    let first = tokio::spawn(send(grants[0].clone()));
+    // The first is decoding (96 tokens take seconds) when the second arrives.
+    let t0 = Instant::now();
+    while health(&d).await["running"].as_u64() != Some(1) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "first never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = send(grants[1].clone()).await.expect("send");
+    refused_with(r, 400, "already in use").await;
+    let r = first.await.expect("join").expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 96, "{v}");
+    // The refused request's grant was released: nothing stays held or lent.
+    all_free(&d, Duration::from_secs(10)).await;
+    all_free(&p, Duration::from_secs(10)).await;
+    assert_eq!(health(&p).await["held_blocks"].as_u64(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_locked_like_the_server() {
+    let key = [("SPLITSERVE_API_KEY", "test-key-0123456789")];
+    let p = serve_env(&[], Some(kv_config("kv_producer", free_port(), 30.0)), &key);
+    let d = serve_env(&[], Some(kv_config("kv_consumer", free_port(), 30.0)), &key);
+    let proxy = spawn_env(
+        &[
+            "proxy".into(),
+            "--prefill".into(),
+            p.url(),
+            "--decode".into(),
+            d.url(),
+            "--header-read-timeout-s".into(),
+            "1".into(),
+            // Short prompts go straight to the decode instance, with what the client sent.
+            "--disagg-threshold".into(),
+            "1000".into(),
+        ],
+        &key,
+    );
+    ready(&p).await;
+    ready(&d).await;
+    ready(&proxy).await;
+    let c = client();
+    let url = proxy.url();
+    let body = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    let authed = |r: reqwest::RequestBuilder| r.bearer_auth("test-key-0123456789");
+    // The proxy presents the key to the instances.
+    let r = authed(c.post(format!("{url}/v1/completions")))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // SSRF through the proxy: params a client forged reach no address.
+    let (port, reached) = counting_listener();
+    let r = authed(c.post(format!("{url}/v1/completions")))
+        .json(&json!({"prompt": "Hello", "max_tokens": 4,
+                      "kv_transfer_params": {"do_remote_prefill": true, "remote_host": "127.0.0.1",
+                                             "remote_port": port, "remote_request_id": "x"}}))
+        .send()
+        .await
+        .expect("send");
+    let st = r.status().as_u16();
+    assert!(st == 400 || st == 200, "{st}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "no connection");
+
+    // A body over the limit: 413 in OpenAI's shape.
+    too_large(authed(c.post(format!("{url}/v1/completions")))).await;
+
+    // Slow clients are closed by the proxy's 1 s header timeout.
+    let took = slow_clients(proxy.port, 20);
+    assert!(
+        took < Duration::from_secs(8),
+        "closed by the 1 s header timeout ({took:?})"
+    );
+}
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() {
+    // Refused before anything is bound: no listener ever opens off loopback here.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(["serve", "--model", &model(), "--threads", "1"])
+        .args(["--port", &free_port().to_string()])
+        .args([
+            "--admin-port",
+            &free_port().to_string(),
+            "--admin-host",
+            "0.0.0.0",
+        ])
+        .env_remove("SPLITSERVE_ADMIN_TOKEN")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SPLITSERVE_ADMIN_TOKEN"), "{err}");
 }

@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use splitserve_engine::{Engine, KvLayout, LoadTarget, Sampler};
@@ -141,7 +141,39 @@ impl Role {
     }
 }
 
-/// Hello and proof each way; then the fingerprints must match.
+/// A connection whose reads must all end by one instant: a per-read timeout alone lets a
+/// peer that sends a byte every few seconds keep a connection (and its slot) for hours.
+struct Deadline<'a, C: Conn> {
+    inner: &'a mut C,
+    by: Instant,
+}
+
+impl<C: Conn> Read for Deadline<'_, C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the handshake did not end within {HANDSHAKE_TIMEOUT:?}"),
+            ));
+        }
+        self.inner.set_read_wait(left);
+        self.inner.read(buf)
+    }
+}
+
+impl<C: Conn> Write for Deadline<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Hello and proof each way, all within [`HANDSHAKE_TIMEOUT`]; then the fingerprints must
+/// match.
 pub(crate) fn handshake(
     s: &mut impl Conn,
     addr: &str,
@@ -149,7 +181,19 @@ pub(crate) fn handshake(
     secret: &Secret,
     role: Role,
 ) -> Result<(), KvError> {
-    s.set_read_wait(HANDSHAKE_TIMEOUT);
+    let by = Instant::now() + HANDSHAKE_TIMEOUT;
+    handshake_by(&mut Deadline { inner: s, by }, addr, ours, secret, role)?;
+    s.set_read_wait(IO_TIMEOUT);
+    Ok(())
+}
+
+fn handshake_by(
+    s: &mut (impl Read + Write),
+    addr: &str,
+    ours: &Fingerprint,
+    secret: &Secret,
+    role: Role,
+) -> Result<(), KvError> {
     let nonce = random_bytes(16).map_err(|e| KvError::Protocol(e.to_string()))?;
     let hello = Hello {
         fingerprint: ours.clone(),
@@ -199,7 +243,6 @@ pub(crate) fn handshake(
         let _ = write_frame(s, addr, &Frame::Error(e.to_string()));
         return Err(e.into());
     }
-    s.set_read_wait(IO_TIMEOUT);
     Ok(())
 }
 

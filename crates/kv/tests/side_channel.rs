@@ -265,3 +265,46 @@ fn an_oversized_frame_is_refused_unread() {
         assert!(read(&mut s).is_err(), "then the connection is closed");
     }
 }
+
+#[test]
+fn a_peer_that_drips_its_handshake_is_cut_off_at_the_deadline() {
+    let p = producer();
+    let mut s = TcpStream::connect(p.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(matches!(read(&mut s), Ok(Frame::Hello(_))));
+    // A byte per second of a hello: every read ends well within a per-read timeout, but the
+    // whole handshake must end within HANDSHAKE_TIMEOUT.
+    let hello = serde_json::json!({"fingerprint": p.fp, "nonce": hex(&[7u8; 16])});
+    let frame = Frame::Hello(serde_json::to_vec(&hello).unwrap()).encode();
+    let t0 = std::time::Instant::now();
+    let mut cut = None;
+    for b in &frame {
+        if s.write_all(&[*b]).is_err() {
+            cut = Some(t0.elapsed());
+            break;
+        }
+        // A closed peer shows as end-of-stream, or a reset if our bytes were left unread.
+        s.set_nonblocking(true).unwrap();
+        let mut one = [0u8; 1];
+        let closed = match s.read(&mut one) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        s.set_nonblocking(false).unwrap();
+        if closed {
+            cut = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "still open after 15 s"
+        );
+    }
+    let cut = cut.expect("the producer closed the connection");
+    let limit = splitserve_kv::tcp::HANDSHAKE_TIMEOUT;
+    assert!(
+        cut >= limit - Duration::from_secs(1) && cut <= limit + Duration::from_secs(3),
+        "closed after {cut:?}; the deadline is {limit:?}"
+    );
+}

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use splitserve_server::http::with_admin_token;
 
 use std::sync::Arc;
 
@@ -164,13 +165,11 @@ async fn drain(State(p): State<Proxy>, body: Bytes) -> Response {
     inst.in_rotation.store(false, Ordering::Relaxed);
     let url = &inst.url;
     tracing::info!(decode = %url, targets = ?targets, "draining decode instance");
-    let r =
-        p.0.client
-            .post(format!("{admin}/admin/drain"))
-            .json(&json!({ "targets": targets }))
-            .timeout(Duration::from_secs(600))
-            .send()
-            .await;
+    let r = with_admin_token(p.0.client.post(format!("{admin}/admin/drain")))
+        .json(&json!({ "targets": targets }))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await;
     match r {
         Ok(r) if r.status().is_success() => match r.json::<Value>().await {
             Ok(mut v) => {
@@ -206,12 +205,10 @@ async fn undrain(State(p): State<Proxy>, body: Bytes) -> Response {
         Err(r) => return *r,
     };
     let admin = inst.admin.clone().unwrap_or_default();
-    let r =
-        p.0.client
-            .post(format!("{admin}/admin/undrain"))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
+    let r = with_admin_token(p.0.client.post(format!("{admin}/admin/undrain")))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
     match r {
         Ok(r) if r.status().is_success() => {
             inst.in_rotation.store(true, Ordering::Relaxed);

@@ -198,16 +198,12 @@ pub fn router(proxy: Proxy) -> Router {
     splitserve_server::http::with_layers(protected, open, key)
 }
 
+/// Serves the proxy on `listener`; a client gets `header_timeout` to send a request's headers.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     proxy: Proxy,
+    header_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    splitserve_server::http::serve_router(
-        listener,
-        router(proxy),
-        splitserve_server::http::DEFAULT_HEADER_READ_TIMEOUT,
-        shutdown,
-    )
-    .await
+    splitserve_server::http::serve_router(listener, router(proxy), header_timeout, shutdown).await
 }

@@ -37,6 +37,13 @@ const IMPORT_ANSWER: Duration = Duration::from_secs(30);
 
 /// The admin routes (mount them on a loopback listener).
 pub fn admin_router(state: AppState) -> Router {
+    // A migration unit holds at most a full context's KV and its state: nothing larger is
+    // buffered.
+    let engine = state.engine();
+    let layout = engine.kv_layout();
+    let max_len = engine.max_model_len();
+    let kv = max_len.div_ceil(layout.block_size) * layout.layer_block_bytes() * layout.n_layer;
+    let limit = kv + 16 * max_len + (4 << 20);
     Router::new()
         .route("/admin/requests", get(list))
         .route("/admin/migrate", post(migrate))
@@ -44,8 +51,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/admin/undrain", post(undrain))
         .route("/admin/health", get(admin_health))
         .route("/admin/import", post(import))
-        // A long prompt's KV is tens of MiB.
-        .layer(DefaultBodyLimit::max(1 << 30))
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -170,10 +176,7 @@ pub(crate) async fn migrate_one(
         tracing::warn!(id = %id, target = %target, error = %e, "migration refused; the request continues here");
         e
     };
-    let send = state
-        .0
-        .client
-        .post(format!("{target}/admin/import"))
+    let send = crate::http::with_admin_token(state.0.client.post(format!("{target}/admin/import")))
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(unit)
         .send();

@@ -61,6 +61,25 @@ impl ApiKey {
     }
 }
 
+/// Where the fleet's admin token is read from: admin listeners off loopback require it, and
+/// admin calls between processes (drain, import) present it.
+pub const ADMIN_TOKEN_ENV: &str = "SPLITSERVE_ADMIN_TOKEN";
+
+/// The admin token from [`ADMIN_TOKEN_ENV`], if set.
+pub fn admin_token() -> Option<ApiKey> {
+    std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .and_then(|t| ApiKey::new(&t))
+}
+
+/// `rb` presenting the admin token, where one is set (a loopback admin listener ignores it).
+pub fn with_admin_token(rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match admin_token().as_ref().and_then(ApiKey::header) {
+        Some(v) => rb.header(header::AUTHORIZATION, v),
+        None => rb,
+    }
+}
+
 /// OpenAI's error body.
 pub fn error_response(
     status: StatusCode,

@@ -203,13 +203,7 @@ impl Core {
                 n_blocks * per_block
             ));
         }
-        if self
-            .running
-            .iter()
-            .chain(self.waiting.iter())
-            .any(|s| s.id == st.id)
-            || self.parked.contains_key(&st.id)
-        {
+        if self.is_live(&st.id) {
             return Err(EngineError::DuplicateId(st.id));
         }
         let needed = (st.tokens.len() + 1).div_ceil(layout.block_size);

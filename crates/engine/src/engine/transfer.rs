@@ -1,0 +1,205 @@
+//! Consumer side: KV that arrives from elsewhere (loaded by the connector into lent blocks,
+//! or imported whole) and the request continuing from it.
+
+use std::sync::atomic::Ordering;
+
+use super::{
+    Core, Event, FinishReason, KvImport, LoadFailurePolicy, LoadTarget, RemoteFirst, RemoteKv, Seq,
+    TokenOut,
+};
+use crate::error::EngineError;
+use crate::sampler::Sampler;
+use crate::scheduler::{RequestState, Schedulable};
+
+impl Core {
+    pub(super) fn release_remote(&self, remote: RemoteKv) {
+        if let Some(c) = &self.connector {
+            c.release(remote);
+        }
+    }
+
+    /// Allocates blocks for requests whose KV waits remotely, in arrival order, and lends
+    /// them to the connector; a request that does not fit yet waits for free blocks.
+    pub(super) fn start_loads(&mut self) {
+        if self.remote_waiting.is_empty() {
+            return;
+        }
+        let Some(conn) = self.connector.clone() else {
+            return;
+        };
+        while let Some((s, remote)) = self.remote_waiting.front() {
+            let n = conn.remote_tokens(remote, s.prompt_len).min(s.prompt_len);
+            if n == 0 {
+                // Nothing to load: computed here like any request.
+                if let Some((s, remote)) = self.remote_waiting.pop_front() {
+                    self.release_remote(remote);
+                    self.waiting.push_back(s);
+                }
+                continue;
+            }
+            // Blocks this engine has cached already are not loaded again; at least one block
+            // always is (as a local prompt computes at least its last token).
+            let bs = self.cache.layout.block_size;
+            let hit = match self.remote_waiting.front_mut() {
+                Some((s, _)) if self.cache.prefix_caching() => {
+                    self.cache.cached_prefix(s.block_hashes(), n)
+                }
+                _ => Vec::new(),
+            };
+            let Some(blocks) = self.cache.take(&hit, n.div_ceil(bs) - hit.len()) else {
+                break;
+            };
+            let Some((mut s, remote)) = self.remote_waiting.pop_front() else {
+                break;
+            };
+            self.stats
+                .prefix_cache_queries
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats
+                .prefix_cache_hits
+                .fetch_add((hit.len() * bs) as u64, Ordering::Relaxed);
+            s.cache.cached_tokens.get_or_insert(hit.len() * bs);
+            s.state = RequestState::WaitingForRemoteKvs;
+            let first = hit.len();
+            s.blocks = hit;
+            let target = LoadTarget::new(self.lease(blocks, &s.id), n, first);
+            self.loading.insert(s.id.clone(), (s, n));
+            conn.start_load(remote, target);
+        }
+        self.publish();
+    }
+
+    /// A load ended: the request continues from its KV, or fails with the connector's error.
+    pub(super) fn loaded(
+        &mut self,
+        id: String,
+        mut blocks: Vec<u32>,
+        result: Result<RemoteFirst, String>,
+    ) {
+        let Some((mut s, n)) = self.loading.remove(&id) else {
+            // Aborted while loading.
+            self.cache.release(&mut blocks);
+            return;
+        };
+        let first = match result {
+            Ok(f) => f,
+            Err(e) => {
+                self.cache.release(&mut blocks);
+                if self.load_failure == LoadFailurePolicy::Recompute {
+                    tracing::warn!(id = %s.id, error = %e, "KV load failed; computing the prompt here instead");
+                    self.stats
+                        .load_failures_recomputed
+                        .fetch_add(1, Ordering::Relaxed);
+                    // From scratch, as a new request: the scheduler looks up the cache again.
+                    self.cache.release(&mut s.blocks);
+                    s.num_computed = 0;
+                    s.state = RequestState::Waiting;
+                    self.waiting.push_front(s);
+                    return;
+                }
+                return self.finish(s, FinishReason::Abort, Some(EngineError::KvTransfer(e)));
+            }
+        };
+        // The blocks found in the prefix cache, then the loaded ones.
+        s.blocks.extend(blocks);
+        s.state = RequestState::Waiting;
+        if s.params.logprobs.is_some() {
+            // The producer's first token comes without its logprobs: recompute the last
+            // prompt position here, whose sampler draws the same token (greedy or seeded).
+            return self.resume_from_kv(s, n, Vec::new(), None);
+        }
+        self.resume_from_kv(s, n, first.generated, first.sampler);
+    }
+
+    /// Places imported KV into fresh blocks; the request then decodes from there.
+    pub(super) fn import(&mut self, mut s: Seq, i: KvImport) {
+        let ours = self.cache.layout;
+        let fail =
+            |core: &mut Self, s: Seq, e: EngineError| core.finish(s, FinishReason::Abort, Some(e));
+        if i.layout != ours {
+            let e = EngineError::KvMismatch(format!(
+                "imported layout {:?} differs from ours {:?}",
+                i.layout, ours
+            ));
+            return fail(self, s, e);
+        }
+        let n_blocks = i.n_tokens.div_ceil(ours.block_size);
+        let per_block = ours.layer_block_bytes();
+        if i.n_tokens != s.prompt_len
+            || i.layers.len() != ours.n_layer
+            || i.layers.iter().any(|l| l.len() != n_blocks * per_block)
+        {
+            let e = EngineError::KvMismatch(format!(
+                "imported KV for {} tokens in {} layers does not fit a {}-token prompt",
+                i.n_tokens,
+                i.layers.len(),
+                s.prompt_len
+            ));
+            return fail(self, s, e);
+        }
+        let Some(blocks) = self.cache.allocate(n_blocks) else {
+            let e = EngineError::Overloaded {
+                waiting: self.waiting.len(),
+            };
+            return fail(self, s, e);
+        };
+        for (layer, bytes) in i.layers.iter().enumerate() {
+            for (b, chunk) in blocks.iter().zip(bytes.chunks_exact(per_block)) {
+                self.cache.set_block_bytes(layer, *b, chunk);
+            }
+        }
+        s.blocks = blocks;
+        self.resume_from_kv(s, i.n_tokens, i.generated, Some(i.sampler));
+    }
+
+    /// `s` has the KV of its first `n` tokens in its blocks, and `generated` tokens were
+    /// sampled remotely: queue it to continue from there.
+    pub(super) fn resume_from_kv(
+        &mut self,
+        mut s: Seq,
+        n: usize,
+        generated: Vec<u32>,
+        sampler: Option<Sampler>,
+    ) {
+        if generated.is_empty() {
+            // No first token came with the KV (vLLM's proxy contract): recompute the last
+            // prompt position here; the request's own sampler draws the first token.
+            s.num_computed = n.min(s.prompt_len - 1);
+            self.waiting.push_back(s);
+            return;
+        }
+        s.num_computed = n;
+        s.tokens.extend_from_slice(&generated);
+        if let Some(sm) = sampler {
+            s.sampler = sm;
+        }
+        // The imported first token is output too: the client sees it from this engine.
+        let mut text = Some(
+            s.detok
+                .step(&self.model.tokenizer, &s.tokens[s.prompt_len..]),
+        );
+        s.text = text.clone().unwrap_or_default();
+        s.sent = s.text.len();
+        for &t in &generated {
+            let out = TokenOut {
+                token: t,
+                text: text.take().unwrap_or_default(),
+                logprob: None,
+                top_logprobs: vec![],
+                logits: None,
+            };
+            let _ = s.tx.send(Event::Token(out));
+        }
+        let eos = self.model.tokenizer.eos_id();
+        let ended = generated.iter().any(|&t| {
+            (Some(t) == eos && !s.params.ignore_eos) || s.params.stop_token_ids.contains(&t)
+        });
+        if ended {
+            return self.finish(s, FinishReason::Stop, None);
+        }
+        if s.completion_tokens() >= s.params.max_tokens {
+            return self.finish(s, FinishReason::Length, None);
+        }
+        self.waiting.push_back(s);
+    }
+}
