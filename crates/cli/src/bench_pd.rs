@@ -10,7 +10,7 @@
 //! goodput (DistServe); per arm, the highest rate at which at least 90 % meet them.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -148,37 +148,6 @@ impl BenchPdArgs {
     }
 }
 
-/// An arm's process. On drop it is asked to stop (SIGTERM) and waited for: `up` then stops
-/// its own children, so the next arm finds the ports free. Past 10 s it is killed.
-pub(crate) struct Kill(pub(crate) Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        // Already reaped (it died while starting): its pid may belong to someone else now.
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        #[cfg(unix)]
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            // SAFETY: signals our own child, not reaped (checked above), so the pid is its.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            tracing::warn!(
-                pid,
-                "an arm did not stop within 10 s of SIGTERM; killing it"
-            );
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub(crate) fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
     // Ordinary-text token ids (skip the special tokens at the start of the vocabulary).
     (0..n as u32)
@@ -187,41 +156,6 @@ pub(crate) fn ids(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
             200 + x % (vocab - 200)
         })
         .collect()
-}
-
-/// Starts a child that dies with us and logs warnings only, unless the user asks for
-/// more (e.g. the step trace).
-pub(crate) fn spawn_quiet(mut cmd: Command) -> std::io::Result<Kill> {
-    crate::up::die_with_parent(&mut cmd);
-    cmd.env(
-        "RUST_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-    )
-    .stdout(Stdio::null())
-    .spawn()
-    .map(Kill)
-}
-
-pub(crate) async fn wait_ready(
-    client: &reqwest::Client,
-    url: &str,
-    child: &mut Kill,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{url}/health")).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        if let Some(st) = child.0.try_wait()? {
-            bail!("arm process exited while starting ({st})");
-        }
-        if t0.elapsed() > Duration::from_secs(180) {
-            bail!("{url} not ready after 180 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 struct ArmResult {
@@ -238,7 +172,7 @@ struct ArmResult {
 
 /// A started arm: its process (killed on drop), URL, client and served model name.
 struct Arm {
-    _child: Kill,
+    _child: crate::child::Kill,
     url: String,
     client: reqwest::Client,
     name: String,
@@ -282,12 +216,13 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     if let Some(c) = &a.cpu_bind {
         cmd.args(["--cpu-bind", &c.to_string()]);
     }
-    let mut child = spawn_quiet(cmd).with_context(|| format!("starting the {arm} arm"))?;
+    let mut child =
+        crate::child::spawn_quiet(cmd).with_context(|| format!("starting the {arm} arm"))?;
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
         .build()?;
-    wait_ready(&client, &url, &mut child).await?;
+    crate::child::wait_ready(&client, &url, &mut child).await?;
     let name = served_model(&client, &url).await?;
     Ok(Arm {
         _child: child,
@@ -487,7 +422,7 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let mut md = String::new();
     md.push_str(&format!(
         "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}; kernel threads bound to CPUs {}.\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or(""), s.cpu_bind.as_deref().unwrap_or("none")
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or(""), s.cpu_bind.as_deref().unwrap_or("default (the pair: disjoint cores, as up places them)")
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {
@@ -653,7 +588,7 @@ async fn sweep(a: &BenchPdArgs, s: &Settings, model: &str) -> Result<()> {
         s.pair_threads,
         s.serve_args.as_deref().unwrap_or(""),
         s.prefill_args.as_deref().unwrap_or(""),
-        s.cpu_bind.as_deref().unwrap_or("none")
+        s.cpu_bind.as_deref().unwrap_or("default (the pair: disjoint cores, as up places them)")
     );
     for arm in &a.arms {
         let started = start_arm(a, s, arm, model).await?;

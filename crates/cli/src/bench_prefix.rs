@@ -142,12 +142,12 @@ async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Res
     if !caching {
         cmd.arg("--no-enable-prefix-caching");
     }
-    let mut child = crate::bench_pd::spawn_quiet(cmd).context("starting the server")?;
+    let mut child = crate::child::spawn_quiet(cmd).context("starting the server")?;
     let url = format!("http://127.0.0.1:{}", a.port);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    crate::bench_pd::wait_ready(&client, &url, &mut child).await?;
+    crate::child::wait_ready(&client, &url, &mut child).await?;
     let args = ServeBenchArgs {
         dataset: a.dataset.clone(),
         prefix_len: a.prefix_len,

@@ -187,12 +187,12 @@ async fn arm(
         .args(["--admin-base-port", &(base + 21).to_string()])
         .args(["--num-kv-blocks", &a.num_kv_blocks.to_string()])
         .args(["--decode-policy", policy]);
-    let mut child = crate::bench_pd::spawn_quiet(cmd).context("starting up")?;
+    let mut child = crate::child::spawn_quiet(cmd).context("starting up")?;
     let url = format!("http://127.0.0.1:{base}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    crate::bench_pd::wait_ready(&client, &url, &mut child).await?;
+    crate::child::wait_ready(&client, &url, &mut child).await?;
     let decode: Vec<String> = (0..a.decode)
         .map(|i| format!("http://127.0.0.1:{}", base + 1 + (a.prefill + i) as u16))
         .collect();

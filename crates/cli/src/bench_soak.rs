@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench_pd::Kill;
+use crate::child::Kill;
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchSoakArgs {
@@ -86,7 +86,7 @@ impl Instance {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::null());
-        crate::up::die_with_parent(&mut cmd);
+        crate::child::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;

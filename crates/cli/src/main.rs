@@ -6,6 +6,7 @@ mod bench_pd;
 mod bench_prefix;
 mod bench_router;
 mod bench_soak;
+mod child;
 mod drain;
 mod econ;
 mod generate;
@@ -89,6 +90,15 @@ pub(crate) async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Binds `host:port` for an HTTP front; the error names `what` and the address.
+pub(crate) async fn listen(host: &str, port: u16, what: &str) -> Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let addr = format!("{host}:{port}");
+    tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {what} {addr}"))
+}
+
 /// Binds an admin listener on `host:port` and serves `routes` on it until shutdown.
 pub(crate) async fn spawn_admin(
     host: &str,
@@ -113,10 +123,7 @@ pub(crate) async fn spawn_admin(
             splitserve_server::http::require_api_key,
         ))
     };
-    let addr = format!("{host}:{port}");
-    let l = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding the admin listener {addr}"))?;
+    let l = listen(host, port, "the admin listener").await?;
     tracing::info!(addr = %l.local_addr()?, "{what} enabled");
     tokio::spawn(async move {
         if let Err(e) = splitserve_server::http::serve_router(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use splitserve_router::{Pools, Proxy};
 
 #[derive(clap::Args)]
@@ -133,10 +133,7 @@ pub(crate) async fn run_proxy(
         let routes = splitserve_router::admin_router(proxy.clone());
         crate::spawn_admin(&a.admin_host, port, routes, "proxy admin endpoints (drain)").await?;
     }
-    let addr = format!("{}:{}", a.host, a.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = crate::listen(&a.host, a.port, "the proxy's listener").await?;
     tracing::info!(addr = %listener.local_addr()?, prefill = ?a.prefill, decode = ?a.decode, "proxy serving OpenAI-compatible API");
     let header_timeout = a.http.options()?.header_read_timeout;
     splitserve_router::serve(listener, proxy, header_timeout, async {

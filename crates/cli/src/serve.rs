@@ -263,10 +263,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", a.host, a.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = crate::listen(&a.host, a.port, "the API listener").await?;
         tracing::info!(
             model = %name,
             addr = %listener.local_addr()?,

@@ -96,25 +96,6 @@ impl Drop for Children {
     }
 }
 
-/// Children end with us even when we are killed outright (no destructor runs then).
-pub(crate) fn die_with_parent(cmd: &mut Command) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = cmd;
-}
-
 fn wait_listening(
     port: u16,
     children: &mut Children,
@@ -276,7 +257,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             Some(k) => child.env("SPLITSERVE_API_KEY", k),
             None => child.env_remove("SPLITSERVE_API_KEY"),
         };
-        die_with_parent(&mut child);
+        crate::child::die_with_parent(&mut child);
         let mut command = child;
         let child = command
             .spawn()

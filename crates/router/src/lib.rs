@@ -22,7 +22,7 @@ pub mod policy;
 mod pool;
 mod proxy;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +88,6 @@ struct Inner {
     disagg_threshold: usize,
     routing: Routing,
     api_key: Option<ApiKey>,
-    counter: AtomicUsize,
     client: reqwest::Client,
     metrics: Metrics,
     /// Whether the last request that wanted a prefill instance fell back (for logging the
@@ -166,7 +165,6 @@ impl Proxy {
             disagg_threshold: pools.disagg_threshold,
             routing: pools.routing,
             api_key: pools.api_key,
-            counter: AtomicUsize::new(0),
             client,
             metrics: Metrics::new(),
             falling_back: AtomicBool::new(false),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use crate::policy::Ask;
 use crate::pool::{InFlight, Instance, Pool};
 use crate::Proxy;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use splitserve_server::http::REQUEST_ID;
 /// The first retry's wait; each next one doubles, up to 8×.
 const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 
@@ -48,11 +48,6 @@ fn error_event(message: String) -> Bytes {
         "data: {}\n\n",
         error_body("upstream_error", message)
     ))
-}
-
-fn with_id(mut r: Response, id: &HeaderValue) -> Response {
-    r.headers_mut().insert(REQUEST_ID, id.clone());
-    r
 }
 
 pub(crate) async fn completions(
@@ -220,21 +215,9 @@ async fn passthrough_error(url: &str, stage: &str, r: reqwest::Response) -> Resp
 }
 
 async fn handle(p: Proxy, headers: HeaderMap, body: Bytes, path: &str) -> Response {
-    let id = headers
-        .get(&REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 256)
-        .cloned()
-        .unwrap_or_else(|| {
-            let n = p.0.counter.fetch_add(1, Ordering::Relaxed);
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros())
-                .unwrap_or(0);
-            HeaderValue::from_str(&format!("pd-{t:x}{n:04x}"))
-                .unwrap_or(HeaderValue::from_static("pd"))
-        });
+    let (_, id) = splitserve_server::http::request_id(&headers, "pd");
     let r = handle_inner(&p, &id, body, path, Instant::now()).await;
-    with_id(r, &id)
+    splitserve_server::http::with_request_id(r, id)
 }
 
 /// Why a prompt is prefilled on its decode instance.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -17,6 +17,36 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time live connections get to finish once shutdown starts.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(10);
+
+/// The header that names a request end to end (client, proxy, instances, logs).
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's `X-Request-Id` (1 to 256 bytes of visible ASCII), else a fresh
+/// `{prefix}-{hex}` id; as a string and as the header value to answer with.
+pub fn request_id(headers: &HeaderMap, prefix: &str) -> (String, HeaderValue) {
+    let given = headers
+        .get(&REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .and_then(|v| Some((v.to_str().ok()?.to_string(), v.clone())));
+    if let Some(g) = given {
+        return g;
+    }
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let id = format!("{prefix}-{t:x}{n:04x}");
+    let hv = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("request"));
+    (id, hv)
+}
+
+/// `resp` with the request's id in its headers.
+pub fn with_request_id(mut resp: Response, id: HeaderValue) -> Response {
+    resp.headers_mut().insert(REQUEST_ID, id);
+    resp
+}
 
 /// A bearer token clients must present. Its `Debug` never shows it.
 #[derive(Clone)]

@@ -8,22 +8,22 @@ mod generation;
 pub mod http;
 mod metrics;
 mod openai;
+mod request;
 mod roles;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model};
-use splitserve_kv::role::{KvRoleConnector, Plan};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, Model};
+use splitserve_kv::role::KvRoleConnector;
 use splitserve_kv::Fingerprint;
 
 pub use admin::admin_router;
@@ -31,16 +31,13 @@ pub use error::{error_body, ApiError};
 pub use metrics::Metrics;
 pub use splitserve_kv::role::Setup as PdSetup;
 
-use generation::{Kind, PromptJob, Spec};
+use generation::{Kind, PromptJob};
 use openai::{ChatRequest, CompletionRequest, ContentInput, PromptInput};
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 struct Inner {
     engine: Engine,
     metrics: Arc<Metrics>,
     model_name: String,
-    counter: AtomicU64,
     /// The KV connector of this server's role in a pair.
     pd: Option<Arc<dyn KvRoleConnector>>,
     /// Set by a drain: new requests are refused, live ones migrate away.
@@ -101,7 +98,6 @@ impl AppState {
             engine,
             metrics,
             model_name,
-            counter: AtomicU64::new(0),
             pd,
             draining: AtomicBool::new(false),
             fingerprint: OnceLock::new(),
@@ -245,30 +241,6 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
-fn request_id(
-    state: &AppState,
-    headers: &HeaderMap,
-    prefix: &str,
-) -> (String, Option<HeaderValue>) {
-    match headers
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= 256)
-    {
-        Some(s) => (s.to_string(), HeaderValue::from_str(s).ok()),
-        None => {
-            let n = state.0.counter.fetch_add(1, Ordering::Relaxed);
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros())
-                .unwrap_or(0);
-            let id = format!("{prefix}-{t:x}{n:04x}");
-            let hv = HeaderValue::from_str(&id).ok();
-            (id, hv)
-        }
-    }
-}
-
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -283,18 +255,10 @@ fn check_model(state: &AppState, model: &Option<String>) -> Result<(), ApiError>
     }
 }
 
-fn with_id(resp: Response, id: Option<HeaderValue>) -> Response {
-    let mut resp = resp;
-    if let Some(v) = id {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
-    resp
-}
-
 async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (id, hv) = request_id(&state, &headers, "cmpl");
+    let (id, hv) = http::request_id(&headers, "cmpl");
     let r = completions_inner(&state, id, body).await;
-    with_id(r.unwrap_or_else(|e| e.into_response()), hv)
+    http::with_request_id(r.unwrap_or_else(|e| e.into_response()), hv)
 }
 
 async fn completions_inner(
@@ -337,7 +301,7 @@ async fn completions_inner(
         Ok(jobs)
     })
     .await?;
-    run(
+    request::run(
         state,
         Kind::Completion,
         id,
@@ -354,9 +318,9 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (id, hv) = request_id(&state, &headers, "chatcmpl");
+    let (id, hv) = http::request_id(&headers, "chatcmpl");
     let r = chat_inner(&state, id, body).await;
-    with_id(r.unwrap_or_else(|e| e.into_response()), hv)
+    http::with_request_id(r.unwrap_or_else(|e| e.into_response()), hv)
 }
 
 async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Response, ApiError> {
@@ -402,7 +366,7 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
         None
     };
     let max = req.max_completion_tokens.or(req.common.max_tokens);
-    run(
+    request::run(
         state,
         Kind::Chat,
         id,
@@ -412,160 +376,6 @@ async fn chat_inner(state: &AppState, id: String, body: Bytes) -> Result<Respons
         logprobs,
     )
     .await
-}
-
-async fn run(
-    state: &AppState,
-    kind: Kind,
-    id: String,
-    jobs: Vec<PromptJob>,
-    common: &openai::CommonParams,
-    max_tokens: Option<i64>,
-    logprobs: Option<i64>,
-) -> Result<Response, ApiError> {
-    if state.0.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::Unavailable(
-            "this server is draining and takes no new requests".into(),
-        ));
-    }
-    let plan = roles::plan(state.0.pd.as_ref(), &common.kv_transfer_params)?;
-    // Until its KV is pulled, a failure (or the client leaving) must tell the producer that
-    // the blocks it holds for this request will not be read.
-    let release = match (&plan, &state.0.pd) {
-        (Plan::Consume(r), Some(role)) => {
-            let (role, r) = (role.clone(), r.clone());
-            OnDrop::new(move || role.release(&r))
-        }
-        _ => OnDrop::none(),
-    };
-    if !matches!(plan, Plan::Local) && jobs.len() != 1 {
-        return Err(ApiError::bad(
-            "kv_transfer_params needs exactly one prompt",
-            Some("prompt"),
-        ));
-    }
-    if matches!(plan, Plan::Produce) && common.stream {
-        return Err(ApiError::bad(
-            "do_remote_decode needs stream=false (the response carries kv_transfer_params)",
-            Some("stream"),
-        ));
-    }
-    // A held request's id must not be one a client can choose or guess: another request
-    // under the same id would replace its hold.
-    let id = if matches!(plan, Plan::Produce) {
-        let nonce =
-            splitserve_kv::auth::random_bytes(8).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{id}-{nonce}")
-    } else {
-        id
-    };
-    let engine = &state.0.engine;
-    let resumed = common.resume_tokens.unwrap_or(0);
-    // A resumed request's output so far is not prompt: it counts against max_tokens.
-    let longest = jobs
-        .iter()
-        .map(|j| j.ids.len().saturating_sub(resumed))
-        .max()
-        .unwrap_or(0);
-    let max_len = engine.max_model_len();
-    if longest >= max_len {
-        return Err(ApiError::bad(
-            format!("This model's maximum context length is {max_len} tokens, but the prompt has {longest} tokens."),
-            Some("prompt"),
-        ));
-    }
-    let params = common.sampling(max_tokens, max_len - longest, logprobs)?;
-    let produce = matches!(plan, Plan::Produce);
-    let spec = Spec {
-        kind,
-        id: id.clone(),
-        model: state.0.model_name.clone(),
-        created: now_secs(),
-        include_usage: common.include_usage(),
-        // The producer reads its first token id from the response it builds.
-        return_token_ids: common.return_token_ids || produce,
-        logprobs: params.logprobs.is_some(),
-        prompt_tokens_details: state.http_options().prompt_tokens_details,
-        extra: None,
-    };
-    let consume = matches!(plan, Plan::Consume(_));
-    let kv = match plan {
-        Plan::Local => KvTransfer::None,
-        Plan::Produce => KvTransfer::Hold,
-        Plan::Consume(r) => KvTransfer::Remote(r),
-    };
-    let salt = common.cache_salt()?;
-    if resumed > 0 && (jobs.len() != 1 || !matches!(kv, KvTransfer::None)) {
-        return Err(ApiError::bad(
-            "resume_tokens needs one prompt and no kv_transfer_params",
-            Some("resume_tokens"),
-        ));
-    }
-    let more = generation::More {
-        cache_salt: salt,
-        resumed,
-    };
-    let mut events =
-        generation::submit_all(engine, &state.0.metrics, &id, &jobs, &params, kv, more)?;
-    // Submitted: from here the engine's connector releases the hold if the load never runs.
-    release.disarm();
-    if consume {
-        // The KV loads inside the engine (WAITING_FOR_REMOTE_KVS); a failed load must still
-        // be a 502 before the first byte, so wait for the first event.
-        let first = events.next().await;
-        if let Some(generation::Out::Done(_, f)) = &first {
-            if let Some(e) = &f.error {
-                return Err(ApiError::from(e.clone()));
-            }
-        }
-        let events = futures_util::stream::iter(first).chain(events);
-        return if common.stream {
-            Ok(generation::stream_sse(engine.clone(), spec, jobs, events).into_response())
-        } else {
-            let v = generation::collect(engine, &spec, &jobs, events).await?;
-            Ok(Json(v).into_response())
-        };
-    }
-    if produce {
-        // If the caller goes away before the answer is built, nobody will pull this KV.
-        let engine_id = generation::engine_id(&id, 0);
-        let abort = {
-            let (engine, engine_id) = (engine.clone(), engine_id.clone());
-            OnDrop::new(move || {
-                tracing::info!(id = %engine_id, "producer's caller went away; releasing the request's KV");
-                engine.abort(&engine_id);
-            })
-        };
-        let mut v = generation::collect(engine, &spec, &jobs, events).await?;
-        let first: Vec<u32> = v["choices"][0]["token_ids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|t| t as u32))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !common.return_token_ids {
-            if let Some(c) = v["choices"][0].as_object_mut() {
-                c.remove("token_ids");
-                c.remove("prompt_token_ids");
-            }
-        }
-        if let Some(role) = &state.0.pd {
-            v["kv_transfer_params"] = role
-                .request_finished(&engine_id, &first)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-        }
-        abort.disarm();
-        return Ok(Json(v).into_response());
-    }
-    if common.stream {
-        Ok(generation::stream_sse(engine.clone(), spec, jobs, events).into_response())
-    } else {
-        let v = generation::collect(engine, &spec, &jobs, events).await?;
-        Ok(Json(v).into_response())
-    }
 }
 
 /// Runs a clean-up when dropped, unless disarmed first.
