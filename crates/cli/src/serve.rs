@@ -186,7 +186,7 @@ fn pd_setup(
 ) -> Result<PdSetup> {
     let fingerprint = fingerprint(path, model, cfg)?;
     let secret = kv.secret(&splitserve_engine::model_file::cache_dir())?;
-    let listener = if kv.kv_role.produces() {
+    let listener = if kv.serves_side_channel() {
         let x = &kv.kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
         let l = std::net::TcpListener::bind(&addr)
@@ -225,6 +225,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let mut cfg = a.engine.engine_config();
     let pd = match &a.kv_transfer_config {
         Some(kv) => {
+            anyhow::ensure!(
+                !kv.is_store() || cfg.enable_prefix_caching,
+                "{} finds stored KV by prefix-cache hashes: drop --no-enable-prefix-caching",
+                kv.kv_connector
+            );
             cfg.kv_hold_timeout = kv.hold_timeout();
             cfg.kv_load_failure_policy = kv.kv_load_failure_policy;
             Some(pd_setup(kv, &path, &model, &cfg, a.port)?)

@@ -668,7 +668,17 @@ impl Core {
                 self.finish(*seq, FinishReason::Abort, Some(e));
             }
             Command::Add(seq, None) => {
-                self.waiting.push_back(*seq);
+                let bs = self.cache.layout.block_size;
+                let lookup = self.cache.prefix_caching()
+                    && seq.prompt_len > bs
+                    && self.connector.as_ref().is_some_and(|c| c.looks_up());
+                if lookup {
+                    // A store connector may have the prompt's first blocks.
+                    let remote = RemoteKv::new(connector::StoreLookup);
+                    self.remote_waiting.push_back((*seq, remote));
+                } else {
+                    self.waiting.push_back(*seq);
+                }
             }
             Command::Add(seq, Some(import)) => self.import(*seq, *import),
             Command::AddRemote(seq, remote) => match &self.connector {

@@ -140,6 +140,7 @@ fn loads_run_beside_decoding_and_continue_identically() {
     target.finish(Ok(RemoteFirst {
         generated: first.tokens.clone(),
         sampler: Some(kv.sampler.clone()),
+        loaded_tokens: None,
     }));
     let got = collect(rx);
     assert_eq!(got.tokens, reference.tokens);

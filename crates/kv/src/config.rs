@@ -19,7 +19,7 @@ use crate::tls::Tls;
 use splitserve_engine::LoadFailurePolicy;
 
 /// Connectors this build has.
-pub const CONNECTORS: &[&str] = &["TcpConnector"];
+pub const CONNECTORS: &[&str] = &["TcpConnector", "ExampleConnector", "SharedStorageConnector"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +77,9 @@ pub struct ExtraConfig {
     /// Consumer: pull in TLS, trusting producers' certificates signed by this CA (PEM).
     #[serde(default)]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `ExampleConnector`: the directory of stored KV blocks that instances share.
+    #[serde(default)]
+    pub shared_storage_path: Option<std::path::PathBuf>,
 }
 
 fn default_host() -> String {
@@ -102,6 +105,7 @@ impl Default for ExtraConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
+            shared_storage_path: None,
         }
     }
 }
@@ -164,6 +168,19 @@ impl KvTransferConfig {
                     c.kv_connector,
                     CONNECTORS.join(", ")
                 ),
+            });
+        }
+        let store = c.is_store();
+        if store && c.kv_connector_extra_config.shared_storage_path.is_none() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.shared_storage_path",
+                reason: format!("{} needs the directory its instances share", c.kv_connector),
+            });
+        }
+        if !store && c.kv_connector_extra_config.shared_storage_path.is_some() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.shared_storage_path",
+                reason: format!("{} keeps no store; ExampleConnector does", c.kv_connector),
             });
         }
         if c.kv_buffer_device != "cpu" {
@@ -251,6 +268,19 @@ impl KvTransferConfig {
                 Secret::cookie(cache_dir).map_err(e)
             }
         }
+    }
+
+    /// Whether the connector keeps KV in a store (no side channel, no holds).
+    pub fn is_store(&self) -> bool {
+        matches!(
+            self.kv_connector.as_str(),
+            "ExampleConnector" | "SharedStorageConnector"
+        )
+    }
+
+    /// Whether a producer of this connector serves a side channel.
+    pub fn serves_side_channel(&self) -> bool {
+        self.kv_role.produces() && !self.is_store()
     }
 
     pub fn hold_timeout(&self) -> Duration {

@@ -108,6 +108,7 @@ impl KvConnector for TcpConnector {
                         Some(_) => Ok(RemoteFirst {
                             generated: l.generated,
                             sampler: Some(l.sampler),
+                            loaded_tokens: None,
                         }),
                     };
                     (l.bytes, first)
@@ -176,11 +177,11 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Starts the connector's threads from a thread of its own. The engine thread that asks for
 /// a load may run under SCHED_IDLE on one CPU (`--compute-priority idle`, `--cpu-bind`), and
 /// a new thread inherits both from the thread that creates it; a transfer must not.
-struct Spawner(std::sync::mpsc::Sender<(&'static str, Job)>);
+pub(crate) struct Spawner(std::sync::mpsc::Sender<(&'static str, Job)>);
 
 impl Spawner {
     /// Call from an ordinary thread: its class and CPUs are the ones the jobs get.
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<(&'static str, Job)>();
         let started = std::thread::Builder::new()
             .name("kv-spawner".into())
@@ -198,7 +199,7 @@ impl Spawner {
         Self(tx)
     }
 
-    fn spawn(&self, name: &'static str, job: impl FnOnce() + Send + 'static) {
+    pub(crate) fn spawn(&self, name: &'static str, job: impl FnOnce() + Send + 'static) {
         if self.0.send((name, Box::new(job))).is_err() {
             tracing::error!(thread = name, "the KV connector's spawner thread is gone");
         }

@@ -11,6 +11,7 @@ pub mod grant;
 pub mod migration;
 pub mod params;
 pub mod role;
+pub mod storage;
 pub mod tcp;
 pub mod tls;
 pub mod wire;

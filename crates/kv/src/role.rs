@@ -40,6 +40,8 @@ pub struct Hooks {
     pub on_load_start: Option<Arc<dyn Fn() + Send + Sync>>,
     pub on_load_end: Option<LoadObserver>,
     pub on_sent: Option<SentHook>,
+    /// A store connector did not use a stored block, or dropped a save: the reason.
+    pub on_store_miss: Option<crate::storage::MissHook>,
 }
 
 /// What one request asks of the connector.
@@ -48,6 +50,9 @@ pub enum Plan {
     Local,
     /// Prefill, then hold the prompt's KV for a decode instance.
     Produce,
+    /// Prefill; the connector saves the prompt's KV as it is computed (a store), nothing is
+    /// held. The answer carries the connector's params, as for `Produce`.
+    Save,
     /// The prompt's KV waits remotely: submit with this.
     Consume(RemoteKv),
 }
@@ -99,6 +104,9 @@ pub trait KvRoleConnector: Send + Sync {
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
     match setup.config.kv_connector.as_str() {
         "TcpConnector" => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
+        "ExampleConnector" | "SharedStorageConnector" => {
+            Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?))
+        }
         other => Err(ConfigError::Field {
             field: "kv_connector",
             reason: format!("unknown connector {other:?}"),

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub kv_bytes_received: IntCounter,
     pub kv_transfers_in_flight: IntGauge,
     pub kv_transfer: Histogram,
+    /// Stored KV blocks not used (`missing`, `truncated`, `corrupt`, `foreign`) and saves
+    /// dropped (`save_dropped`), by reason.
+    pub kv_store_misses: IntCounterVec,
     /// Migrations out of this engine by result (`ok`, `refused`, `failed`).
     pub migrations: IntCounterVec,
     pub migration_bytes: IntCounter,
@@ -136,6 +139,14 @@ impl Metrics {
                 "Duration of one request's KV transfer (handshake to last layer).",
                 LAT,
             ),
+            kv_store_misses: IntCounterVec::new(
+                Opts::new(
+                    format!("{PREFIX}kv_store_misses_total"),
+                    "Stored KV blocks a load did not use, and saves dropped, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid counter"),
             migrations: IntCounterVec::new(
                 Opts::new(
                     format!("{PREFIX}migrations_total"),
@@ -171,6 +182,7 @@ impl Metrics {
         let _ = r.register(Box::new(m.kv_bytes_sent.clone()));
         let _ = r.register(Box::new(m.kv_bytes_received.clone()));
         let _ = r.register(Box::new(m.kv_transfers_in_flight.clone()));
+        let _ = r.register(Box::new(m.kv_store_misses.clone()));
         let _ = r.register(Box::new(m.migrations.clone()));
         let _ = r.register(Box::new(m.migration_bytes.clone()));
         for h in [

@@ -25,7 +25,9 @@ pub(crate) async fn run(
     logprobs: Option<i64>,
 ) -> Result<Response, ApiError> {
     let (plan, release) = admit(state, common, jobs.len())?;
-    let produce = matches!(plan, Plan::Produce);
+    // A producer answers with the connector's params: after holding the prompt's KV, or
+    // after a store connector saved it.
+    let produce = matches!(plan, Plan::Produce | Plan::Save);
     let consume = matches!(plan, Plan::Consume(_));
     // A held request's id must not be one a client can choose or guess: another request
     // under the same id would replace its hold.
@@ -59,7 +61,7 @@ pub(crate) async fn run(
         extra: None,
     };
     let kv = match plan {
-        Plan::Local => KvTransfer::None,
+        Plan::Local | Plan::Save => KvTransfer::None,
         Plan::Produce => KvTransfer::Hold,
         Plan::Consume(r) => KvTransfer::Remote(r),
     };
@@ -124,7 +126,7 @@ fn admit(
             Some("prompt"),
         ));
     }
-    if matches!(plan, Plan::Produce) && common.stream {
+    if matches!(plan, Plan::Produce | Plan::Save) && common.stream {
         return Err(ApiError::bad(
             "do_remote_decode needs stream=false (the response carries kv_transfer_params)",
             Some("stream"),
@@ -192,10 +194,14 @@ async fn produced(
             c.remove("prompt_token_ids");
         }
     }
-    if let Some(role) = &state.0.pd {
-        v["kv_transfer_params"] = role
-            .request_finished(&engine_id, &first)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(role) = state.0.pd.clone() {
+        // A store connector waits here for its saves to reach the store.
+        let eid = engine_id.clone();
+        v["kv_transfer_params"] =
+            tokio::task::spawn_blocking(move || role.request_finished(&eid, &first))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
     }
     abort.disarm();
     Ok(Json::<Value>(v).into_response())

@@ -63,9 +63,15 @@ pub(crate) fn hooks(metrics: &Arc<Metrics>) -> Hooks {
         }
     });
     let m = metrics.clone();
+    let on_sent: splitserve_kv::tcp::SentHook =
+        Arc::new(move |bytes| m.kv_bytes_sent.inc_by(bytes));
+    let m = metrics.clone();
     Hooks {
         on_load_start: Some(on_load_start),
         on_load_end: Some(on_load_end),
-        on_sent: Some(Arc::new(move |bytes| m.kv_bytes_sent.inc_by(bytes))),
+        on_sent: Some(on_sent),
+        on_store_miss: Some(Arc::new(move |why| {
+            m.kv_store_misses.with_label_values(&[why]).inc()
+        })),
     }
 }

@@ -46,7 +46,15 @@ impl std::fmt::Debug for RemoteKv {
 pub struct RemoteFirst {
     pub generated: Vec<u32>,
     pub sampler: Option<Sampler>,
+    /// `Some(t)`: only the KV of the first `t` prompt tokens arrived (`t` a multiple of the
+    /// block size; a store's block was missing or bad): the engine keeps those blocks and
+    /// computes the rest itself.
+    pub loaded_tokens: Option<usize>,
 }
+
+/// The engine's own [`RemoteKv`] for a request it looks up in a store connector (one whose
+/// [`KvConnector::looks_up`] is true) before computing it.
+pub(super) struct StoreLookup;
 
 /// The scheduler side of a KV connector.
 pub trait KvConnector: Send + Sync {
@@ -67,6 +75,18 @@ pub trait KvConnector: Send + Sync {
     /// hash the engine's cache did not have, on the engine thread as the step that
     /// completed it ends, so copy what is kept and return.
     fn save_block(&self, _hash: &BlockHash, _block: SavedBlock<'_>) {}
+    /// Store connectors: whether every request is looked up in the store
+    /// ([`KvConnector::stored_tokens`]) before it is computed (prefix caching must be on).
+    fn looks_up(&self) -> bool {
+        false
+    }
+    /// Prompt tokens whose KV the store has, from the first block on: the consecutive
+    /// blocks of `hashes` (a prompt's full blocks) found, times the block size. Loads of
+    /// them come through [`KvConnector::start_load`], where [`LoadTarget::block_hash`]
+    /// names each lent block.
+    fn stored_tokens(&self, _hashes: &[BlockHash]) -> usize {
+        0
+    }
 }
 
 /// A computed block offered to [`KvConnector::save_block`]: read-only while it is cached.
@@ -123,17 +143,30 @@ pub struct LoadTarget {
     lease: Lease,
     n_tokens: usize,
     first_block: usize,
+    hashes: Vec<BlockHash>,
     done: bool,
 }
 
 impl LoadTarget {
-    pub(super) fn new(lease: Lease, n_tokens: usize, first_block: usize) -> Self {
+    pub(super) fn new(
+        lease: Lease,
+        n_tokens: usize,
+        first_block: usize,
+        hashes: Vec<BlockHash>,
+    ) -> Self {
         Self {
             lease,
             n_tokens,
             first_block,
+            hashes,
             done: false,
         }
+    }
+
+    /// The prefix-cache hash of lent block `i`, if it is a full block (with prefix caching
+    /// on).
+    pub fn block_hash(&self, i: usize) -> Option<&BlockHash> {
+        self.hashes.get(i)
     }
 
     /// Blocks of the prompt (in position order) before the first lent one: the connector

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::connector::StoreLookup;
 use super::{
     Core, Event, FinishReason, KvImport, LoadFailurePolicy, LoadTarget, RemoteFirst, RemoteKv, Seq,
     TokenOut,
@@ -27,8 +28,22 @@ impl Core {
         let Some(conn) = self.connector.clone() else {
             return;
         };
-        while let Some((s, remote)) = self.remote_waiting.front() {
-            let n = conn.remote_tokens(remote, s.prompt_len).min(s.prompt_len);
+        let bs = self.cache.layout.block_size;
+        while let Some((s, remote)) = self.remote_waiting.front_mut() {
+            let n = if remote.get::<StoreLookup>().is_some() {
+                // A store lookup loads only what beats this engine's own cache.
+                let len = s.prompt_len;
+                let hashes = s.block_hashes();
+                let stored = conn.stored_tokens(hashes).min(len);
+                let local = self.cache.cached_prefix(hashes, len).len() * bs;
+                if stored > local {
+                    stored
+                } else {
+                    0
+                }
+            } else {
+                conn.remote_tokens(remote, s.prompt_len).min(s.prompt_len)
+            };
             if n == 0 {
                 // Nothing to load: computed here like any request.
                 if let Some((s, remote)) = self.remote_waiting.pop_front() {
@@ -39,7 +54,6 @@ impl Core {
             }
             // Blocks this engine has cached already are not loaded again; at least one block
             // always is (as a local prompt computes at least its last token).
-            let bs = self.cache.layout.block_size;
             let hit = match self.remote_waiting.front_mut() {
                 Some((s, _)) if self.cache.prefix_caching() => {
                     self.cache.cached_prefix(s.block_hashes(), n)
@@ -62,7 +76,10 @@ impl Core {
             s.state = RequestState::WaitingForRemoteKvs;
             let first = hit.len();
             s.blocks = hit;
-            let target = LoadTarget::new(self.lease(blocks, &s.id), n, first);
+            let hashes = s.block_hashes();
+            let lent =
+                hashes[first.min(hashes.len())..hashes.len().min(first + blocks.len())].to_vec();
+            let target = LoadTarget::new(self.lease(blocks, &s.id), n, first, lent);
             self.loading.insert(s.id.clone(), (s, n));
             conn.start_load(remote, target);
         }
@@ -99,6 +116,17 @@ impl Core {
                 }
                 return self.finish(s, FinishReason::Abort, Some(EngineError::KvTransfer(e)));
             }
+        };
+        let bs = self.cache.layout.block_size;
+        let n = match first.loaded_tokens {
+            Some(t) if t < n => {
+                // Part of the load arrived: keep its blocks, compute the rest here.
+                let keep = (t / bs).saturating_sub(s.blocks.len()).min(blocks.len());
+                let mut unused = blocks.split_off(keep);
+                self.cache.release(&mut unused);
+                ((s.blocks.len() + keep) * bs).min(n)
+            }
+            _ => n,
         };
         // The blocks found in the prefix cache, then the loaded ones.
         s.blocks.extend(blocks);

@@ -32,11 +32,12 @@ pub(crate) struct QRow {
 /// `x` quantized for a matrix of `kind` (only Q8_0 needs the offset quants).
 pub(crate) fn quantize_row(x: &[f32], kind: QKind) -> QRow {
     #[cfg(target_arch = "x86_64")]
-    let r = if Simd::detect() != Simd::Portable {
-        // SAFETY: the CPU has AVX2 (every non-portable level includes it).
-        unsafe { avx2::quantize_row(x) }
-    } else {
-        quantize_row_portable(x)
+    let r = match Simd::detect() {
+        // SAFETY: the level was detected on this CPU.
+        Simd::Avx512Vnni => unsafe { avx512::quantize_row(x) },
+        // SAFETY: as above.
+        Simd::Avx2 => unsafe { avx2::quantize_row(x) },
+        Simd::Portable => quantize_row_portable(x),
     };
     #[cfg(not(target_arch = "x86_64"))]
     let r = quantize_row_portable(x);
@@ -737,6 +738,48 @@ mod avx512 {
     use super::{QRow, P, QK};
     use std::arch::x86_64::*;
 
+    /// [`super::quantize_row_portable`], a block in two vectors: the same scalar scale, and
+    /// `round` (half away from zero) built from truncation as in the AVX2 path, so every
+    /// quant and sum is the same.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_row(x: &[f32]) -> QRow {
+        let nb = x.len() / QK;
+        let mut r = QRow {
+            d: Vec::with_capacity(nb),
+            s: Vec::with_capacity(nb),
+            qs: vec![0i8; nb * QK],
+            qu: Vec::new(),
+        };
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let one = _mm512_castps_si512(_mm512_set1_ps(1.0));
+        let half = _mm512_set1_ps(0.5);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK);
+            let v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q = v.map(|vi| {
+                let y = _mm512_mul_ps(vi, id);
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+                let step = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_and_si512(_mm512_castps_si512(y), sign),
+                    one,
+                ));
+                _mm512_cvtps_epi32(_mm512_mask_add_ps(t, up, t, step))
+            });
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            let out = r.qs.as_mut_ptr().add(b * QK) as *mut __m128i;
+            _mm_storeu_si128(out, _mm512_cvtsepi32_epi8(q[0]));
+            _mm_storeu_si128(out.add(1), _mm512_cvtsepi32_epi8(q[1]));
+            r.d.push(d);
+            r.s.push(d * sum as f32);
+        }
+        r
+    }
+
     /// `iters` rounds of 12 independent `vpdpbusd` (64 multiply-adds each); returns the
     /// multiply-adds done.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -1003,11 +1046,12 @@ mod tests {
         }
     }
 
-    /// The AVX2 quantizer gives the portable quants, scales and sums, ties included.
+    /// The AVX2 and AVX-512 quantizers give the portable quants, scales and sums, ties
+    /// included.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn quantize_avx2_matches_portable() {
-        let _ = Simd::runnable();
+    fn quantize_simd_matches_portable() {
+        let levels = Simd::runnable();
         if !is_x86_feature_detected!("avx2") {
             println!("no AVX2 here: nothing to compare");
             return;
@@ -1019,11 +1063,17 @@ mod tests {
         x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| i as f32 - 15.5));
         x[31] = 127.0;
         x[32..64].fill(0.0);
-        let (a, b) = (quantize_row_portable(&x), unsafe { avx2::quantize_row(&x) });
-        assert_eq!(a.qs, b.qs);
+        let a = quantize_row_portable(&x);
+        let mut simd = vec![("avx2", unsafe { avx2::quantize_row(&x) })];
+        if levels.contains(&Simd::Avx512Vnni) {
+            simd.push(("avx512", unsafe { avx512::quantize_row(&x) }));
+        }
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.d), bits(&b.d));
-        assert_eq!(bits(&a.s), bits(&b.s));
+        for (name, b) in simd {
+            assert_eq!(a.qs, b.qs, "{name}");
+            assert_eq!(bits(&a.d), bits(&b.d), "{name}");
+            assert_eq!(bits(&a.s), bits(&b.s), "{name}");
+        }
     }
 
     /// The whole mat-vec (tiles, remainders, odd block counts, every batch size) agrees

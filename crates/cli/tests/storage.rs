@@ -1,0 +1,203 @@
+//! `ExampleConnector` with real processes sharing a directory: a pair answers as one engine
+//! does, with the consumer computing only what the store lacks; damaged files are misses
+//! (computed, counted), never garbage; a restarted `kv_both` instance reuses the disk.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn store_config(role: &str, dir: &Path) -> String {
+    json!({"kv_connector": "ExampleConnector", "kv_role": role,
+           "kv_connector_extra_config": {"shared_storage_path": dir}})
+    .to_string()
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("splitserve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Block files in `dir`, sorted by name.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut f: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    f.retain(|p| p.extension().is_some_and(|x| x == "kv"));
+    f.sort();
+    f
+}
+
+/// A prompt of a few hundred tokens (several 16-token blocks and a partial one).
+fn prompt() -> String {
+    (0..24)
+        .map(|i| format!("Item {i} of the shared storage test names a colour and a number."))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn complete(p: &Proc, prompt: &str, params: Option<&Value>) -> Value {
+    // A producer's part is the prompt and the first token (as a proxy asks it).
+    let produce = params.is_some_and(|x| x["do_remote_decode"] == true);
+    let max_tokens = if produce { 1 } else { 16 };
+    let mut body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                          "return_token_ids": true});
+    if let Some(x) = params {
+        body["kv_transfer_params"] = x.clone();
+    }
+    let (st, v) = post(&format!("{}/v1/completions", p.url()), &body).await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+fn tokens(v: &Value) -> Vec<u64> {
+    v["choices"][0]["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+/// Prompt tokens a consumer computes when the store has every full block: the partial last
+/// block, or the last token (its logits are needed).
+fn tail(n: usize) -> usize {
+    match n % 16 {
+        0 => 1,
+        r => r,
+    }
+}
+
+async fn misses(p: &Proc) -> f64 {
+    metrics_text(p)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("splitserve:kv_store_misses_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_through_shared_storage_answers_like_one_engine_and_survives_bad_files() {
+    let dir = fresh_dir("store-pair");
+    let prompt = prompt();
+    let solo = serve(&[], None);
+    ready(&solo).await;
+    let reference = complete(&solo, &prompt, None).await;
+    drop(solo);
+    let n = reference["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    assert!(n > 160, "{n} prompt tokens");
+
+    let p = serve(&[], Some(store_config("kv_producer", &dir)));
+    let d = serve(&[], Some(store_config("kv_consumer", &dir)));
+    ready(&p).await;
+    ready(&d).await;
+    let first = complete(&p, &prompt, Some(&json!({"do_remote_decode": true}))).await;
+    let params = first["kv_transfer_params"].clone();
+    assert_eq!(params["do_remote_prefill"], true, "{first}");
+    // One file per full block, on disk before the producer answered.
+    assert_eq!(files(&dir).len(), n / 16);
+    assert_eq!(
+        health(&p).await["held_blocks"].as_u64(),
+        Some(0),
+        "nothing held"
+    );
+
+    let got = complete(&d, &prompt, Some(&params)).await;
+    assert_eq!(tokens(&got), tokens(&reference));
+    assert_eq!(got["choices"][0]["text"], reference["choices"][0]["text"]);
+    // The consumer computed only the partial last block (or the last token).
+    let tail = tail(n);
+    all_free(&d, Duration::from_secs(10)).await;
+    assert_eq!(metric(&d, "prompt_tokens_computed").await, tail as f64);
+    assert_eq!(misses(&d).await, 0.0);
+
+    // A corrupted and a truncated file: a fresh consumer uses the blocks before the first
+    // bad one, computes the rest, counts the miss, and answers the same.
+    let f = files(&dir);
+    let mut bytes = std::fs::read(&f[2]).expect("read");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    std::fs::write(&f[2], &bytes).expect("write");
+    let bytes = std::fs::read(&f[5]).expect("read");
+    std::fs::write(&f[5], &bytes[..bytes.len() / 2]).expect("write");
+    let d2 = serve(&[], Some(store_config("kv_consumer", &dir)));
+    ready(&d2).await;
+    let got = complete(&d2, &prompt, Some(&params)).await;
+    assert_eq!(tokens(&got), tokens(&reference));
+    all_free(&d2, Duration::from_secs(10)).await;
+    assert_eq!(
+        misses(&d2).await,
+        1.0,
+        "one load, stopped at its first bad block"
+    );
+    let computed = metric(&d2, "prompt_tokens_computed").await;
+    assert!(
+        computed > tail as f64 && computed < n as f64,
+        "{computed} of {n}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_reuses_what_is_on_disk() {
+    let dir = fresh_dir("store-both");
+    let prompt = prompt();
+    let a = serve(&[], Some(store_config("kv_both", &dir)));
+    ready(&a).await;
+    let first = complete(&a, &prompt, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    all_free(&a, Duration::from_secs(10)).await;
+    assert_eq!(metric(&a, "prompt_tokens_computed").await, n as f64);
+    // Every full block computed: the prompt's and the generated tokens' but the last (its
+    // KV is never computed). Saves reach the disk off the engine thread, shortly after.
+    let full = n.div_ceil(16);
+    for _ in 0..100 {
+        if files(&dir).len() == full {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(files(&dir).len(), full);
+    drop(a);
+
+    let b = serve(&[], Some(store_config("kv_both", &dir)));
+    ready(&b).await;
+    let again = complete(&b, &prompt, None).await;
+    assert_eq!(tokens(&again), tokens(&first));
+    all_free(&b, Duration::from_secs(10)).await;
+    let tail = tail(n);
+    assert_eq!(metric(&b, "prompt_tokens_computed").await, tail as f64);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_store_without_its_directory_or_prefix_caching_is_refused_at_start() {
+    for (extra, kv, want) in [
+        (
+            vec![],
+            r#"{"kv_connector":"ExampleConnector","kv_role":"kv_both"}"#.to_string(),
+            "shared_storage_path",
+        ),
+        (
+            vec!["--no-enable-prefix-caching"],
+            store_config("kv_both", &fresh_dir("store-refused")),
+            "prefix-caching",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+            .args(["serve", "--model", &model(), "--threads", "1"])
+            .args(["--port", &free_port().to_string()])
+            .args(extra)
+            .args(["--kv-transfer-config", &kv])
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    }
+}

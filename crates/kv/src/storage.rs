@@ -1,0 +1,478 @@
+//! `ExampleConnector` (vLLM's name; `SharedStorageConnector` is accepted too): a prompt's KV
+//! saved per block in a directory every instance sees (`shared_storage_path`), one file per
+//! block named by the block's prefix-cache hash, so the same tokens after the same prefix
+//! find the same file from any process. A producer saves what it computes; a consumer (or
+//! `kv_both`) looks every prompt up there before computing it and loads the blocks it
+//! finds. A restarted instance finds what is on disk.
+//!
+//! A file is written to a temporary name and renamed, so a reader sees all of it or none.
+//! It starts with a header: magic, the digest of the model fingerprint, the block's hash,
+//! the layer count and bytes per layer, and a SHA-256 over the header and the KV. A
+//! missing, truncated, corrupted or foreign file ends the load at that block: the blocks
+//! before it are used, the rest of the prompt is computed, and the miss is logged and
+//! counted by reason. Bytes on disk are never decoded unchecked.
+//!
+//! Saves run on a writer thread (the engine thread only copies a block's bytes into a
+//! bounded queue; when the queue is full the save is dropped and counted). A producer's
+//! answer waits until its saves are on disk, so a consumer that asks next finds them.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use splitserve_engine::prefix_cache::{hex, BlockHash};
+use splitserve_engine::{Engine, KvConnector, LoadTarget, RemoteFirst, RemoteKv, SavedBlock};
+
+use crate::config::{ConfigError, KvTransferConfig};
+use crate::connector::{LoadObserver, LoadReport, Spawner};
+use crate::fingerprint::Fingerprint;
+use crate::params::{Ask, KvTransferParams};
+use crate::role::{Hooks, KvRoleConnector, Plan, PlanError, RoleError, Setup};
+
+const MAGIC: &[u8; 8] = b"SSKVBLK1";
+/// Magic, fingerprint digest, block hash, layers, bytes per layer, checksum.
+const HEADER: usize = 8 + 32 + 32 + 4 + 4 + 32;
+/// Blocks waiting for the writer; past this a save is dropped (counted), never waited for.
+const QUEUE: usize = 4096;
+/// How long a producer's answer waits for its saves to reach the disk.
+const FLUSH_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a stored block was not used.
+pub type MissHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// Saves queued and saves done (written, skipped or failed), for a producer's flush.
+#[derive(Default)]
+struct Progress {
+    counts: Mutex<(u64, u64)>,
+    done: Condvar,
+}
+
+impl Progress {
+    fn counts(&self) -> std::sync::MutexGuard<'_, (u64, u64)> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The engine's side of the store.
+pub struct SharedStorage {
+    dir: PathBuf,
+    digest: [u8; 32],
+    block_size: usize,
+    saves: bool,
+    loads: bool,
+    writer: Option<SyncSender<(BlockHash, Vec<u8>)>>,
+    progress: Arc<Progress>,
+    dropped: AtomicU64,
+    spawner: Spawner,
+    on_miss: Option<MissHook>,
+    on_start: Option<Arc<dyn Fn() + Send + Sync>>,
+    observer: Option<LoadObserver>,
+}
+
+fn digest_of(fp: &Fingerprint) -> [u8; 32] {
+    let json = serde_json::to_vec(fp).unwrap_or_default();
+    Sha256::digest(&json).into()
+}
+
+fn file_of(dir: &Path, hash: &BlockHash) -> PathBuf {
+    dir.join(format!("{}.kv", hex(hash)))
+}
+
+/// A block file's bytes: header then, per layer, K then V.
+fn encode(digest: &[u8; 32], hash: &BlockHash, layers: &[[&[u8]; 2]]) -> Vec<u8> {
+    let layer_bytes = layers.first().map_or(0, |[k, v]| k.len() + v.len());
+    let mut b = Vec::with_capacity(HEADER + layers.len() * layer_bytes);
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(digest);
+    b.extend_from_slice(hash);
+    b.extend_from_slice(&(layers.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(layer_bytes as u32).to_le_bytes());
+    b.extend_from_slice(&[0u8; 32]);
+    for [k, v] in layers {
+        b.extend_from_slice(k);
+        b.extend_from_slice(v);
+    }
+    let sum = checksum(&b);
+    b[HEADER - 32..HEADER].copy_from_slice(&sum);
+    b
+}
+
+/// SHA-256 over the header (its checksum field as zeros) and the KV.
+fn checksum(file: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(&file[..HEADER - 32]);
+    h.update([0u8; 32]);
+    h.update(&file[HEADER..]);
+    h.finalize().into()
+}
+
+/// Checks a block file read whole against what this instance expects; the reason if not.
+fn check(
+    file: &[u8],
+    digest: &[u8; 32],
+    hash: &BlockHash,
+    n_layer: usize,
+    layer_bytes: usize,
+) -> Result<(), &'static str> {
+    if file.len() != HEADER + n_layer * layer_bytes {
+        return Err("truncated");
+    }
+    let u32_at = |at: usize| {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&file[at..at + 4]);
+        u32::from_le_bytes(w) as usize
+    };
+    if &file[..8] != MAGIC || u32_at(72) != n_layer || u32_at(76) != layer_bytes {
+        return Err("foreign");
+    }
+    if checksum(file)[..] != file[HEADER - 32..HEADER] {
+        return Err("corrupt");
+    }
+    // Checked after the checksum: a file for another model or block, intact, is foreign.
+    if &file[8..40] != digest || &file[40..72] != hash {
+        return Err("foreign");
+    }
+    Ok(())
+}
+
+impl SharedStorage {
+    fn new(
+        dir: PathBuf,
+        fingerprint: &Fingerprint,
+        saves: bool,
+        loads: bool,
+        hooks: &Hooks,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let progress = Arc::new(Progress::default());
+        let writer = if saves {
+            let (tx, rx) = sync_channel::<(BlockHash, Vec<u8>)>(QUEUE);
+            let (dir, progress) = (dir.clone(), progress.clone());
+            std::thread::Builder::new()
+                .name("kv-store-writer".into())
+                .spawn(move || {
+                    for (hash, bytes) in rx {
+                        if let Err(e) = write_atomic(&dir, &hash, &bytes) {
+                            tracing::warn!(error = %e, block = %hex(&hash), "cannot save a KV block");
+                        }
+                        progress.counts().1 += 1;
+                        progress.done.notify_all();
+                    }
+                })?;
+            Some(tx)
+        } else {
+            None
+        };
+        Ok(Self {
+            dir,
+            digest: digest_of(fingerprint),
+            block_size: fingerprint.block_size as usize,
+            saves,
+            loads,
+            writer,
+            progress,
+            dropped: AtomicU64::new(0),
+            spawner: Spawner::new(),
+            on_miss: hooks.on_store_miss.clone(),
+            on_start: hooks.on_load_start.clone(),
+            observer: hooks.on_load_end.clone(),
+        })
+    }
+
+    /// Waits until every save queued so far is on disk (or `FLUSH_WAIT` passes).
+    fn flush(&self) {
+        let target = self.progress.counts().0;
+        let deadline = Instant::now() + FLUSH_WAIT;
+        let mut c = self.progress.counts();
+        while c.1 < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("KV saves still queued after {FLUSH_WAIT:?}; answering anyway");
+                return;
+            }
+            c = self
+                .progress
+                .done
+                .wait_timeout(c, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+/// Writes `bytes` as `hash`'s file: a temporary name, then a rename. An existing file of
+/// the right length is kept as it is.
+fn write_atomic(dir: &Path, hash: &BlockHash, bytes: &[u8]) -> std::io::Result<()> {
+    let path = file_of(dir, hash);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(());
+    }
+    static N: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        hex(hash),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let r = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+impl KvConnector for SharedStorage {
+    fn remote_tokens(&self, _: &RemoteKv, _: usize) -> usize {
+        // Loads come from lookups by hash (`stored_tokens`), never from a peer's params.
+        0
+    }
+
+    fn start_load(&self, _remote: RemoteKv, mut target: LoadTarget) {
+        let (dir, digest, bs) = (self.dir.clone(), self.digest, self.block_size);
+        let (on_miss, observer) = (self.on_miss.clone(), self.observer.clone());
+        if let Some(f) = &self.on_start {
+            f();
+        }
+        self.spawner.spawn("kv-store-load", move || {
+            let t0 = Instant::now();
+            let layout = target.layout();
+            let (n_layer, layer_bytes) = (layout.n_layer, layout.layer_block_bytes());
+            let mut buf = Vec::with_capacity(HEADER + n_layer * layer_bytes);
+            let mut loaded = 0;
+            let mut miss = None;
+            for i in 0..target.n_blocks() {
+                let Some(hash) = target.block_hash(i).copied() else {
+                    miss = Some("missing");
+                    break;
+                };
+                buf.clear();
+                let read = std::fs::File::open(file_of(&dir, &hash)).and_then(|f| {
+                    // Never more than a block file's size, whatever the file claims.
+                    f.take((HEADER + n_layer * layer_bytes + 1) as u64)
+                        .read_to_end(&mut buf)
+                });
+                let ok = match read {
+                    Err(_) => Err("missing"),
+                    Ok(_) => check(&buf, &digest, &hash, n_layer, layer_bytes),
+                };
+                if let Err(why) = ok {
+                    tracing::warn!(block = %hex(&hash), reason = why, request = %target.request_id(), "stored KV block not used; computing from there");
+                    miss = Some(why);
+                    break;
+                }
+                let mut at = HEADER;
+                for l in 0..n_layer {
+                    let [k, v] = target.block_mut(l, i);
+                    k.copy_from_slice(&buf[at..at + k.len()]);
+                    at += k.len();
+                    v.copy_from_slice(&buf[at..at + v.len()]);
+                    at += v.len();
+                }
+                loaded += 1;
+            }
+            if let (Some(why), Some(f)) = (miss, &on_miss) {
+                f(why);
+            }
+            let report = LoadReport {
+                request_id: target.request_id().to_string(),
+                producer: dir.display().to_string(),
+                blocks: loaded,
+                bytes: (loaded * n_layer * layer_bytes) as u64,
+                took: t0.elapsed(),
+                error: None,
+            };
+            let first = RemoteFirst {
+                loaded_tokens: miss.map(|_| (target.first_block() + loaded) * bs),
+                ..RemoteFirst::default()
+            };
+            target.finish(Ok(first));
+            if let Some(o) = &observer {
+                o(&report);
+            }
+        });
+    }
+
+    fn release(&self, _: RemoteKv) {}
+
+    fn wants_saves(&self) -> bool {
+        self.saves
+    }
+
+    fn save_block(&self, hash: &BlockHash, block: SavedBlock<'_>) {
+        let Some(tx) = &self.writer else { return };
+        let layers: Vec<[&[u8]; 2]> = (0..block.layout().n_layer)
+            .map(|l| block.layer(l))
+            .collect();
+        let bytes = encode(&self.digest, hash, &layers);
+        self.progress.counts().0 += 1;
+        match tx.try_send((*hash, bytes)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                let mut c = self.progress.counts();
+                c.0 -= 1;
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n,
+                        "the KV store's writer is behind; blocks not saved"
+                    );
+                }
+                if let Some(f) = &self.on_miss {
+                    f("save_dropped");
+                }
+            }
+        }
+    }
+
+    fn looks_up(&self) -> bool {
+        self.loads
+    }
+
+    fn stored_tokens(&self, hashes: &[BlockHash]) -> usize {
+        let found = hashes
+            .iter()
+            .take_while(|h| {
+                std::fs::metadata(file_of(&self.dir, h)).is_ok_and(|m| m.len() > HEADER as u64)
+            })
+            .count();
+        found * self.block_size
+    }
+}
+
+/// `ExampleConnector` as a server sees it.
+pub(crate) struct StorageRole {
+    config: KvTransferConfig,
+    fingerprint: Fingerprint,
+    engine_id: String,
+    store: Arc<SharedStorage>,
+}
+
+impl StorageRole {
+    pub(crate) fn new(s: Setup, hooks: Hooks) -> Result<Self, ConfigError> {
+        let path = s
+            .config
+            .kv_connector_extra_config
+            .shared_storage_path
+            .clone()
+            .ok_or_else(|| ConfigError::Field {
+                field: "kv_connector_extra_config.shared_storage_path",
+                reason: format!("{} needs a directory", s.config.kv_connector),
+            })?;
+        let role = s.config.kv_role;
+        let store = SharedStorage::new(
+            path.clone(),
+            &s.fingerprint,
+            role.produces(),
+            role.consumes(),
+            &hooks,
+        )
+        .map_err(|e| ConfigError::Field {
+            field: "kv_connector_extra_config.shared_storage_path",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        Ok(Self {
+            config: s.config,
+            fingerprint: s.fingerprint,
+            engine_id: s.engine_id,
+            store: Arc::new(store),
+        })
+    }
+}
+
+impl KvRoleConnector for StorageRole {
+    fn config(&self) -> &KvTransferConfig {
+        &self.config
+    }
+
+    fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    fn side_channel(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
+
+    fn engine_connector(&self) -> Option<Arc<dyn KvConnector>> {
+        Some(self.store.clone())
+    }
+
+    fn plan(&self, params: Option<&KvTransferParams>) -> Result<Plan, PlanError> {
+        let role = self.config.kv_role;
+        let is = role.as_str();
+        // Every prompt is looked up in the store by the engine: a consumer's request needs
+        // nothing from its params, and no params name an address.
+        match params.map(|p| p.ask) {
+            None | Some(Ask::Local) => Ok(Plan::Local),
+            Some(Ask::Produce) if role.produces() => Ok(Plan::Save),
+            Some(Ask::Produce) => Err(PlanError::Role {
+                ask: "do_remote_decode",
+                wants: "kv_producer",
+                is,
+            }),
+            Some(Ask::Consume) if role.consumes() => Ok(Plan::Local),
+            Some(Ask::Consume) => Err(PlanError::Role {
+                ask: "do_remote_prefill",
+                wants: "kv_consumer",
+                is,
+            }),
+        }
+    }
+
+    fn start(&self, _: &Engine) -> Result<(), RoleError> {
+        Ok(())
+    }
+
+    fn request_finished(&self, _request_id: &str, _first: &[u32]) -> Result<Value, RoleError> {
+        if !self.config.kv_role.produces() {
+            return Err(RoleError::NotProducer);
+        }
+        // The consumer looks the prompt up by its blocks' hashes: they must be on disk first.
+        self.store.flush();
+        Ok(json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_engine_id": self.engine_id,
+            "remote_block_ids": [],
+            "remote_host": null,
+            "remote_port": null,
+            "tp_size": 1,
+        }))
+    }
+
+    fn release(&self, _: &RemoteKv) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_file_is_checked_field_by_field() {
+        let digest = [7u8; 32];
+        let hash = [9u8; 32];
+        let (k, v) = (vec![1u8; 24], vec![2u8; 24]);
+        let layers = [[&k[..], &v[..]], [&v[..], &k[..]]];
+        let good = encode(&digest, &hash, &layers);
+        assert_eq!(good.len(), HEADER + 2 * 48);
+        assert_eq!(check(&good, &digest, &hash, 2, 48), Ok(()));
+        assert_eq!(
+            check(&good[..good.len() - 1], &digest, &hash, 2, 48),
+            Err("truncated")
+        );
+        assert_eq!(check(&good, &[8u8; 32], &hash, 2, 48), Err("foreign"));
+        assert_eq!(check(&good, &digest, &[0u8; 32], 2, 48), Err("foreign"));
+        assert_eq!(check(&good, &digest, &hash, 3, 32), Err("foreign"));
+        for at in [0, 20, 50, 75, HEADER - 1, HEADER, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x40;
+            assert!(check(&bad, &digest, &hash, 2, 48).is_err(), "byte {at}");
+        }
+    }
+}
