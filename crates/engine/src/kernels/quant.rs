@@ -48,6 +48,18 @@ pub(crate) fn quantize_row(x: &[f32], kind: QKind) -> QRow {
     }
 }
 
+impl QRow {
+    /// Room for `nb` blocks' scales and sums, and their quants zeroed (SIMD paths store them).
+    fn for_blocks(nb: usize) -> Self {
+        Self {
+            d: Vec::with_capacity(nb),
+            s: Vec::with_capacity(nb),
+            qs: vec![0i8; nb * QK],
+            qu: Vec::new(),
+        }
+    }
+}
+
 fn with_offset(mut r: QRow) -> QRow {
     r.qu = r.qs.iter().map(|&q| q as u8 ^ 0x80).collect();
     r
@@ -596,12 +608,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn quantize_row(x: &[f32]) -> QRow {
         let nb = x.len() / QK;
-        let mut r = QRow {
-            d: Vec::with_capacity(nb),
-            s: Vec::with_capacity(nb),
-            qs: vec![0i8; nb * QK],
-            qu: Vec::new(),
-        };
+        let mut r = QRow::for_blocks(nb);
         let sign = _mm256_set1_ps(-0.0);
         let half = _mm256_set1_ps(0.5);
         let one = _mm256_set1_ps(1.0);
@@ -744,12 +751,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn quantize_row(x: &[f32]) -> QRow {
         let nb = x.len() / QK;
-        let mut r = QRow {
-            d: Vec::with_capacity(nb),
-            s: Vec::with_capacity(nb),
-            qs: vec![0i8; nb * QK],
-            qu: Vec::new(),
-        };
+        let mut r = QRow::for_blocks(nb);
         let sign = _mm512_set1_epi32(i32::MIN);
         let one = _mm512_castps_si512(_mm512_set1_ps(1.0));
         let half = _mm512_set1_ps(0.5);
