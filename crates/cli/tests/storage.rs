@@ -1,6 +1,7 @@
 //! `ExampleConnector` with real processes sharing a directory: a pair answers as one engine
 //! does, with the consumer computing only what the store lacks; damaged files are misses
 //! (computed, counted), never garbage; a restarted `kv_both` instance reuses the disk.
+//! `OffloadingConnector`: a small engine pool backed by host memory loads back what it evicted.
 
 mod common;
 
@@ -200,4 +201,33 @@ fn a_store_without_its_directory_or_prefix_caching_is_refused_at_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_pool_backed_by_host_memory_loads_what_it_evicted() {
+    // 32 blocks of 16 tokens: the second prompt evicts most of the first one's cached blocks.
+    let kv = json!({"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"cpu_bytes_to_use": 256 << 20, "block_size": 32}})
+    .to_string();
+    let p = serve(&["--num-kv-blocks", "32"], Some(kv));
+    ready(&p).await;
+    let a = prompt();
+    let b = a.replace("colour", "shape").replace("Item", "Entry");
+    let first = complete(&p, &a, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    complete(&p, &b, None).await;
+    all_free(&p, Duration::from_secs(10)).await;
+    let before = metric(&p, "prompt_tokens_computed").await;
+    let again = complete(&p, &a, None).await;
+    assert_eq!(tokens(&again), tokens(&first));
+    all_free(&p, Duration::from_secs(10)).await;
+    // Offloaded blocks are 2 engine blocks: the prompt's full blocks, rounded down to pairs,
+    // come from host memory; the rest is computed.
+    let full = n / 16;
+    let loaded = (full - full % 2) * 16;
+    assert_eq!(
+        metric(&p, "prompt_tokens_computed").await - before,
+        (n - loaded) as f64
+    );
+    assert_eq!(misses(&p).await, 0.0);
 }

@@ -19,7 +19,12 @@ use crate::tls::Tls;
 use splitserve_engine::LoadFailurePolicy;
 
 /// Connectors this build has.
-pub const CONNECTORS: &[&str] = &["TcpConnector", "ExampleConnector", "SharedStorageConnector"];
+pub const CONNECTORS: &[&str] = &[
+    "TcpConnector",
+    "ExampleConnector",
+    "SharedStorageConnector",
+    "OffloadingConnector",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,6 +85,12 @@ pub struct ExtraConfig {
     /// `ExampleConnector`: the directory of stored KV blocks that instances share.
     #[serde(default)]
     pub shared_storage_path: Option<std::path::PathBuf>,
+    /// `OffloadingConnector`: host memory the offloaded blocks may take, in bytes.
+    #[serde(default)]
+    pub cpu_bytes_to_use: Option<u64>,
+    /// `OffloadingConnector`: tokens per offloaded block (a multiple of the engine's).
+    #[serde(default)]
+    pub block_size: Option<usize>,
 }
 
 fn default_host() -> String {
@@ -106,6 +117,8 @@ impl Default for ExtraConfig {
             tls_key_file: None,
             tls_ca_file: None,
             shared_storage_path: None,
+            cpu_bytes_to_use: None,
+            block_size: None,
         }
     }
 }
@@ -170,14 +183,27 @@ impl KvTransferConfig {
                 ),
             });
         }
-        let store = c.is_store();
-        if store && c.kv_connector_extra_config.shared_storage_path.is_none() {
+        let dir = matches!(
+            c.kv_connector.as_str(),
+            "ExampleConnector" | "SharedStorageConnector"
+        );
+        if c.kv_connector == "OffloadingConnector"
+            && c.kv_connector_extra_config
+                .cpu_bytes_to_use
+                .is_none_or(|b| b == 0)
+        {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.cpu_bytes_to_use",
+                reason: "OffloadingConnector needs the host memory it may use, in bytes".into(),
+            });
+        }
+        if dir && c.kv_connector_extra_config.shared_storage_path.is_none() {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.shared_storage_path",
                 reason: format!("{} needs the directory its instances share", c.kv_connector),
             });
         }
-        if !store && c.kv_connector_extra_config.shared_storage_path.is_some() {
+        if !dir && c.kv_connector_extra_config.shared_storage_path.is_some() {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.shared_storage_path",
                 reason: format!("{} keeps no store; ExampleConnector does", c.kv_connector),
@@ -274,7 +300,7 @@ impl KvTransferConfig {
     pub fn is_store(&self) -> bool {
         matches!(
             self.kv_connector.as_str(),
-            "ExampleConnector" | "SharedStorageConnector"
+            "ExampleConnector" | "SharedStorageConnector" | "OffloadingConnector"
         )
     }
 

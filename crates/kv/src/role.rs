@@ -104,7 +104,7 @@ pub trait KvRoleConnector: Send + Sync {
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
     match setup.config.kv_connector.as_str() {
         "TcpConnector" => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
-        "ExampleConnector" | "SharedStorageConnector" => {
+        "ExampleConnector" | "SharedStorageConnector" | "OffloadingConnector" => {
             Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?))
         }
         other => Err(ConfigError::Field {

@@ -45,6 +45,113 @@ const FLUSH_WAIT: Duration = Duration::from_secs(30);
 /// Why a stored block was not used.
 pub type MissHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
+/// Where encoded block files live: a shared directory, or host memory.
+trait Tier: Send + Sync + 'static {
+    /// Keeps `bytes` as `hash`'s file.
+    fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()>;
+    /// Whether `hash` may be there (the load checks it).
+    fn has(&self, hash: &BlockHash) -> bool;
+    /// `hash`'s file into `buf`, at most `max` bytes of it.
+    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()>;
+    fn describe(&self) -> String;
+}
+
+/// Files in a directory that instances share.
+struct Dir(PathBuf);
+
+impl Tier for Dir {
+    fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()> {
+        write_atomic(&self.0, hash, &bytes)
+    }
+
+    fn has(&self, hash: &BlockHash) -> bool {
+        std::fs::metadata(file_of(&self.0, hash)).is_ok_and(|m| m.len() > HEADER as u64)
+    }
+
+    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        // Never more than a block file's size, whatever the file claims.
+        std::fs::File::open(file_of(&self.0, hash))
+            .and_then(|f| f.take(max as u64).read_to_end(buf))
+            .map(|_| ())
+    }
+
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+/// Host memory up to a byte budget, least recently used out first.
+struct Memory {
+    cap: usize,
+    state: Mutex<Lru>,
+}
+
+#[derive(Default)]
+struct Lru {
+    used: usize,
+    tick: u64,
+    map: std::collections::HashMap<BlockHash, (Arc<Vec<u8>>, u64)>,
+    order: std::collections::BTreeMap<u64, BlockHash>,
+}
+
+impl Memory {
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Tier for Memory {
+    fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()> {
+        if bytes.len() > self.cap {
+            return Ok(());
+        }
+        let mut l = self.lru();
+        l.tick += 1;
+        let tick = l.tick;
+        if let Some((old, t)) = l.map.remove(hash) {
+            l.used -= old.len();
+            l.order.remove(&t);
+        }
+        l.used += bytes.len();
+        l.map.insert(*hash, (Arc::new(bytes), tick));
+        l.order.insert(tick, *hash);
+        while l.used > self.cap {
+            let Some((_, h)) = l.order.pop_first() else {
+                break;
+            };
+            if let Some((b, _)) = l.map.remove(&h) {
+                l.used -= b.len();
+            }
+        }
+        Ok(())
+    }
+
+    fn has(&self, hash: &BlockHash) -> bool {
+        self.lru().map.contains_key(hash)
+    }
+
+    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let bytes = {
+            let mut l = self.lru();
+            l.tick += 1;
+            let tick = l.tick;
+            let Some((b, t)) = l.map.get_mut(hash) else {
+                return Err(std::io::ErrorKind::NotFound.into());
+            };
+            let (b, old) = (b.clone(), std::mem::replace(t, tick));
+            l.order.remove(&old);
+            l.order.insert(tick, *hash);
+            b
+        };
+        buf.extend_from_slice(&bytes[..bytes.len().min(max)]);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("host memory ({} MiB)", self.cap >> 20)
+    }
+}
+
 /// Saves queued and saves done (written, skipped or failed), for a producer's flush.
 #[derive(Default)]
 struct Progress {
@@ -58,11 +165,13 @@ impl Progress {
     }
 }
 
-/// The engine's side of the store.
-pub struct SharedStorage {
-    dir: PathBuf,
+/// The engine's side of a store: block files in a [`Tier`].
+pub struct BlockStore {
+    tier: Arc<dyn Tier>,
     digest: [u8; 32],
     block_size: usize,
+    /// Loads come in runs of this many blocks (an offloaded block of several engine blocks).
+    group: usize,
     saves: bool,
     loads: bool,
     writer: Option<SyncSender<(BlockHash, Vec<u8>)>>,
@@ -83,7 +192,8 @@ fn file_of(dir: &Path, hash: &BlockHash) -> PathBuf {
     dir.join(format!("{}.kv", hex(hash)))
 }
 
-/// A block file's bytes: header then, per layer, K then V.
+/// A block file's bytes: header then, per layer, K then V; its checksum is left zero for
+/// [`seal`].
 fn encode(digest: &[u8; 32], hash: &BlockHash, layers: &[[&[u8]; 2]]) -> Vec<u8> {
     let layer_bytes = layers.first().map_or(0, |[k, v]| k.len() + v.len());
     let mut b = Vec::with_capacity(HEADER + layers.len() * layer_bytes);
@@ -97,9 +207,13 @@ fn encode(digest: &[u8; 32], hash: &BlockHash, layers: &[[&[u8]; 2]]) -> Vec<u8>
         b.extend_from_slice(k);
         b.extend_from_slice(v);
     }
-    let sum = checksum(&b);
-    b[HEADER - 32..HEADER].copy_from_slice(&sum);
     b
+}
+
+/// Fills in `file`'s checksum (off the engine thread: hashing a block takes a while).
+fn seal(file: &mut [u8]) {
+    let sum = checksum(file);
+    file[HEADER - 32..HEADER].copy_from_slice(&sum);
 }
 
 /// SHA-256 over the header (its checksum field as zeros) and the KV.
@@ -140,24 +254,25 @@ fn check(
     Ok(())
 }
 
-impl SharedStorage {
+impl BlockStore {
     fn new(
-        dir: PathBuf,
+        tier: Arc<dyn Tier>,
         fingerprint: &Fingerprint,
+        group: usize,
         saves: bool,
         loads: bool,
         hooks: &Hooks,
     ) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
         let progress = Arc::new(Progress::default());
         let writer = if saves {
             let (tx, rx) = sync_channel::<(BlockHash, Vec<u8>)>(QUEUE);
-            let (dir, progress) = (dir.clone(), progress.clone());
+            let (t, progress) = (tier.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("kv-store-writer".into())
                 .spawn(move || {
-                    for (hash, bytes) in rx {
-                        if let Err(e) = write_atomic(&dir, &hash, &bytes) {
+                    for (hash, mut bytes) in rx {
+                        seal(&mut bytes);
+                        if let Err(e) = t.put(&hash, bytes) {
                             tracing::warn!(error = %e, block = %hex(&hash), "cannot save a KV block");
                         }
                         progress.counts().1 += 1;
@@ -169,9 +284,10 @@ impl SharedStorage {
             None
         };
         Ok(Self {
-            dir,
+            tier,
             digest: digest_of(fingerprint),
             block_size: fingerprint.block_size as usize,
+            group: group.max(1),
             saves,
             loads,
             writer,
@@ -228,14 +344,14 @@ fn write_atomic(dir: &Path, hash: &BlockHash, bytes: &[u8]) -> std::io::Result<(
     r
 }
 
-impl KvConnector for SharedStorage {
+impl KvConnector for BlockStore {
     fn remote_tokens(&self, _: &RemoteKv, _: usize) -> usize {
         // Loads come from lookups by hash (`stored_tokens`), never from a peer's params.
         0
     }
 
     fn start_load(&self, _remote: RemoteKv, mut target: LoadTarget) {
-        let (dir, digest, bs) = (self.dir.clone(), self.digest, self.block_size);
+        let (tier, digest, bs) = (self.tier.clone(), self.digest, self.block_size);
         let (on_miss, observer) = (self.on_miss.clone(), self.observer.clone());
         if let Some(f) = &self.on_start {
             f();
@@ -253,11 +369,7 @@ impl KvConnector for SharedStorage {
                     break;
                 };
                 buf.clear();
-                let read = std::fs::File::open(file_of(&dir, &hash)).and_then(|f| {
-                    // Never more than a block file's size, whatever the file claims.
-                    f.take((HEADER + n_layer * layer_bytes + 1) as u64)
-                        .read_to_end(&mut buf)
-                });
+                let read = tier.get(&hash, HEADER + n_layer * layer_bytes + 1, &mut buf);
                 let ok = match read {
                     Err(_) => Err("missing"),
                     Ok(_) => check(&buf, &digest, &hash, n_layer, layer_bytes),
@@ -282,7 +394,7 @@ impl KvConnector for SharedStorage {
             }
             let report = LoadReport {
                 request_id: target.request_id().to_string(),
-                producer: dir.display().to_string(),
+                producer: tier.describe(),
                 blocks: loaded,
                 bytes: (loaded * n_layer * layer_bytes) as u64,
                 took: t0.elapsed(),
@@ -336,47 +448,72 @@ impl KvConnector for SharedStorage {
     }
 
     fn stored_tokens(&self, hashes: &[BlockHash]) -> usize {
-        let found = hashes
-            .iter()
-            .take_while(|h| {
-                std::fs::metadata(file_of(&self.dir, h)).is_ok_and(|m| m.len() > HEADER as u64)
-            })
-            .count();
-        found * self.block_size
+        let found = hashes.iter().take_while(|h| self.tier.has(h)).count();
+        // Whole offloaded blocks only.
+        (found - found % self.group) * self.block_size
     }
 }
 
-/// `ExampleConnector` as a server sees it.
+/// `ExampleConnector` and `OffloadingConnector` as a server sees them.
 pub(crate) struct StorageRole {
     config: KvTransferConfig,
     fingerprint: Fingerprint,
     engine_id: String,
-    store: Arc<SharedStorage>,
+    store: Arc<BlockStore>,
 }
 
 impl StorageRole {
     pub(crate) fn new(s: Setup, hooks: Hooks) -> Result<Self, ConfigError> {
-        let path = s
-            .config
-            .kv_connector_extra_config
-            .shared_storage_path
-            .clone()
-            .ok_or_else(|| ConfigError::Field {
-                field: "kv_connector_extra_config.shared_storage_path",
-                reason: format!("{} needs a directory", s.config.kv_connector),
-            })?;
+        let x = &s.config.kv_connector_extra_config;
         let role = s.config.kv_role;
-        let store = SharedStorage::new(
-            path.clone(),
-            &s.fingerprint,
-            role.produces(),
-            role.consumes(),
-            &hooks,
-        )
-        .map_err(|e| ConfigError::Field {
-            field: "kv_connector_extra_config.shared_storage_path",
-            reason: format!("{}: {e}", path.display()),
-        })?;
+        let field = |field: &'static str, reason: String| ConfigError::Field { field, reason };
+        let (tier, group, saves, loads): (Arc<dyn Tier>, usize, bool, bool) =
+            match s.config.kv_connector.as_str() {
+                "OffloadingConnector" => {
+                    let cap = x.cpu_bytes_to_use.ok_or_else(|| {
+                        field(
+                            "kv_connector_extra_config.cpu_bytes_to_use",
+                            "OffloadingConnector needs the host memory it may use, in bytes".into(),
+                        )
+                    })?;
+                    let bs = s.fingerprint.block_size as usize;
+                    let tokens = x.block_size.unwrap_or(bs);
+                    if tokens == 0 || !tokens.is_multiple_of(bs) {
+                        return Err(field(
+                            "kv_connector_extra_config.block_size",
+                            format!("{tokens} is not a multiple of the engine's block size {bs}"),
+                        ));
+                    }
+                    let memory = Memory {
+                        cap: usize::try_from(cap).unwrap_or(usize::MAX),
+                        state: Mutex::new(Lru::default()),
+                    };
+                    // A tier of this process: it saves and loads whatever the role.
+                    (Arc::new(memory), tokens / bs, true, true)
+                }
+                _ => {
+                    let path = x.shared_storage_path.clone().ok_or_else(|| {
+                        field(
+                            "kv_connector_extra_config.shared_storage_path",
+                            format!("{} needs a directory", s.config.kv_connector),
+                        )
+                    })?;
+                    std::fs::create_dir_all(&path).map_err(|e| {
+                        field(
+                            "kv_connector_extra_config.shared_storage_path",
+                            format!("{}: {e}", path.display()),
+                        )
+                    })?;
+                    (Arc::new(Dir(path)), 1, role.produces(), role.consumes())
+                }
+            };
+        let store =
+            BlockStore::new(tier, &s.fingerprint, group, saves, loads, &hooks).map_err(|e| {
+                field(
+                    "kv_connector",
+                    format!("cannot start the store's writer: {e}"),
+                )
+            })?;
         Ok(Self {
             config: s.config,
             fingerprint: s.fingerprint,
@@ -459,7 +596,13 @@ mod tests {
         let hash = [9u8; 32];
         let (k, v) = (vec![1u8; 24], vec![2u8; 24]);
         let layers = [[&k[..], &v[..]], [&v[..], &k[..]]];
-        let good = encode(&digest, &hash, &layers);
+        let mut good = encode(&digest, &hash, &layers);
+        assert_eq!(
+            check(&good, &digest, &hash, 2, 48),
+            Err("corrupt"),
+            "unsealed"
+        );
+        seal(&mut good);
         assert_eq!(good.len(), HEADER + 2 * 48);
         assert_eq!(check(&good, &digest, &hash, 2, 48), Ok(()));
         assert_eq!(
