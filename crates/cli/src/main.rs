@@ -37,7 +37,7 @@ enum Command {
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API (colocated, or one role of a pair).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// xPyD proxy: one OpenAI-compatible front over prefill and decode instances.
     Proxy(proxy::ProxyArgs),
     /// Drain a decode instance behind a proxy: out of rotation, its requests migrate away.
@@ -186,7 +186,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(a) => generate::run(a),
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::Proxy(a) => proxy::proxy(a),
         Command::Up(a) => up::up(a),
         Command::Drain(a) => drain::drain(a),

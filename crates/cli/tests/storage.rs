@@ -231,3 +231,82 @@ async fn a_small_pool_backed_by_host_memory_loads_what_it_evicted() {
     );
     assert_eq!(misses(&p).await, 0.0);
 }
+
+/// A `redis-server` of this test's own on a free loopback port (killed on drop), or `None`
+/// when the machine has none (`.ci/run` installs it and sets SPLITSERVE_REQUIRE_REDIS, under
+/// which a missing server fails the test).
+struct RedisServer(std::process::Child, u16);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server() -> Option<RedisServer> {
+    let port = free_port();
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("SPLITSERVE_REQUIRE_REDIS").is_none(),
+                "SPLITSERVE_REQUIRE_REDIS is set, but redis-server cannot start: {e}"
+            );
+            eprintln!("skipped: no redis-server here ({e}); Debian's redis-server package has it");
+            return None;
+        }
+    };
+    let r = RedisServer(child, port);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(r);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not listen on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
+    let Some(redis) = redis_server() else {
+        return;
+    };
+    let kv = json!({"kv_connector": "RedisStoreConnector", "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"remote_url": format!("redis://127.0.0.1:{}", redis.1)}})
+    .to_string();
+    let a = serve(&[], Some(kv.clone()));
+    let b = serve(&[], Some(kv));
+    ready(&a).await;
+    ready(&b).await;
+    let prompt = prompt();
+    let first = complete(&a, &prompt, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    all_free(&a, Duration::from_secs(10)).await;
+    // A's saves reach Redis off its engine thread: B finds them shortly after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = complete(&b, &prompt, None).await;
+    assert_eq!(tokens(&got), tokens(&first));
+    all_free(&b, Duration::from_secs(10)).await;
+    // 256-token chunks: the prompt's first whole chunk came from Redis.
+    let loaded = n / 256 * 256;
+    assert!(loaded > 0, "{n} prompt tokens");
+    assert_eq!(
+        metric(&b, "prompt_tokens_computed").await,
+        (n - loaded) as f64
+    );
+    assert_eq!(misses(&b).await, 0.0);
+
+    // Redis gone: requests are computed here, no error, no hang.
+    drop(redis);
+    let other = prompt.replace("number", "letter");
+    let t0 = std::time::Instant::now();
+    let v = complete(&b, &other, None).await;
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}

@@ -24,6 +24,7 @@ pub const CONNECTORS: &[&str] = &[
     "ExampleConnector",
     "SharedStorageConnector",
     "OffloadingConnector",
+    "RedisStoreConnector",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,6 +92,14 @@ pub struct ExtraConfig {
     /// `OffloadingConnector`: tokens per offloaded block (a multiple of the engine's).
     #[serde(default)]
     pub block_size: Option<usize>,
+    /// `RedisStoreConnector`: the Redis server, `redis://host:port` (no password here: a
+    /// command line is visible to every user).
+    #[serde(default)]
+    pub remote_url: Option<String>,
+    /// `RedisStoreConnector`: tokens per stored chunk (a multiple of the engine's block
+    /// size; 256 as LMCache's).
+    #[serde(default)]
+    pub chunk_size: Option<usize>,
 }
 
 fn default_host() -> String {
@@ -119,6 +128,8 @@ impl Default for ExtraConfig {
             shared_storage_path: None,
             cpu_bytes_to_use: None,
             block_size: None,
+            remote_url: None,
+            chunk_size: None,
         }
     }
 }
@@ -195,6 +206,27 @@ impl KvTransferConfig {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.cpu_bytes_to_use",
                 reason: "OffloadingConnector needs the host memory it may use, in bytes".into(),
+            });
+        }
+        if let Some(url) = &c.kv_connector_extra_config.remote_url {
+            if c.kv_connector != "RedisStoreConnector" {
+                return Err(ConfigError::Field {
+                    field: "kv_connector_extra_config.remote_url",
+                    reason: format!("{} has no remote store", c.kv_connector),
+                });
+            }
+            // redis://host:port[/db]; a password would sit on the command line.
+            let rest = url.strip_prefix("redis://").unwrap_or("");
+            if rest.is_empty() || rest.contains('@') {
+                return Err(ConfigError::Field {
+                    field: "kv_connector_extra_config.remote_url",
+                    reason: "expected redis://host:port, without credentials (bind Redis to loopback or a private network)".into(),
+                });
+            }
+        } else if c.kv_connector == "RedisStoreConnector" {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.remote_url",
+                reason: "RedisStoreConnector needs the server, redis://host:port".into(),
             });
         }
         if dir && c.kv_connector_extra_config.shared_storage_path.is_none() {
@@ -300,7 +332,10 @@ impl KvTransferConfig {
     pub fn is_store(&self) -> bool {
         matches!(
             self.kv_connector.as_str(),
-            "ExampleConnector" | "SharedStorageConnector" | "OffloadingConnector"
+            "ExampleConnector"
+                | "SharedStorageConnector"
+                | "OffloadingConnector"
+                | "RedisStoreConnector"
         )
     }
 

@@ -104,9 +104,10 @@ pub trait KvRoleConnector: Send + Sync {
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
     match setup.config.kv_connector.as_str() {
         "TcpConnector" => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
-        "ExampleConnector" | "SharedStorageConnector" | "OffloadingConnector" => {
-            Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?))
-        }
+        "ExampleConnector"
+        | "SharedStorageConnector"
+        | "OffloadingConnector"
+        | "RedisStoreConnector" => Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?)),
         other => Err(ConfigError::Field {
             field: "kv_connector",
             reason: format!("unknown connector {other:?}"),

@@ -54,6 +54,127 @@ trait Tier: Send + Sync + 'static {
     /// `hash`'s file into `buf`, at most `max` bytes of it.
     fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()>;
     fn describe(&self) -> String;
+    /// How many of `hashes`, from the first, may be there.
+    fn run_of(&self, hashes: &[BlockHash]) -> usize {
+        hashes.iter().take_while(|h| self.has(h)).count()
+    }
+}
+
+/// A Redis server that instances share (LMCache's role): a block's file is the value of
+/// `splitserve:kv:<fingerprint digest>:<block hash>`. Redis down is a miss, never a wait:
+/// after a failure it is left alone for a few seconds, and every call is bounded in time.
+struct Redis {
+    client: redis::Client,
+    prefix: String,
+    idle: Mutex<Vec<redis::Connection>>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// Connect, read and write limit of one Redis call.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long Redis is left alone after a failure.
+const REDIS_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Redis {
+    fn new(url: &str, digest: &[u8; 32]) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            prefix: format!("splitserve:kv:{}:", hex(digest)),
+            idle: Mutex::new(Vec::new()),
+            down_until: Mutex::new(None),
+        })
+    }
+
+    fn key(&self, hash: &BlockHash) -> String {
+        format!("{}{}", self.prefix, hex(hash))
+    }
+
+    /// Runs `f` on a pooled connection; an error (or Redis marked down) is an `io::Error`.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> std::io::Result<T> {
+        let down = |e: String| {
+            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + REDIS_BACKOFF);
+            tracing::warn!(redis = %self.describe(), error = %e, "Redis unavailable; stored KV skipped for {REDIS_BACKOFF:?}");
+            std::io::Error::other(e)
+        };
+        if let Some(t) = *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < t {
+                return Err(std::io::Error::other("Redis marked down"));
+            }
+        }
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut con = match pooled {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .client
+                    .get_connection_with_timeout(REDIS_TIMEOUT)
+                    .map_err(|e| down(e.to_string()))?;
+                c.set_read_timeout(Some(REDIS_TIMEOUT))
+                    .and_then(|()| c.set_write_timeout(Some(REDIS_TIMEOUT)))
+                    .map_err(|e| down(e.to_string()))?;
+                c
+            }
+        };
+        let r = f(&mut con).map_err(|e| down(e.to_string()))?;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < 8 {
+            idle.push(con);
+        }
+        Ok(r)
+    }
+}
+
+impl Tier for Redis {
+    fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()> {
+        let key = self.key(hash);
+        self.with(|c| redis::cmd("SET").arg(&key).arg(bytes).query::<()>(c))
+    }
+
+    fn has(&self, hash: &BlockHash) -> bool {
+        self.run_of(std::slice::from_ref(hash)) == 1
+    }
+
+    fn run_of(&self, hashes: &[BlockHash]) -> usize {
+        if hashes.is_empty() {
+            return 0;
+        }
+        // One round trip for the whole prompt.
+        let mut p = redis::pipe();
+        for h in hashes {
+            p.cmd("EXISTS").arg(self.key(h));
+        }
+        match self.with(|c| p.query::<Vec<i64>>(c)) {
+            Ok(found) => found.iter().take_while(|&&n| n == 1).count(),
+            Err(_) => 0,
+        }
+    }
+
+    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let key = self.key(hash);
+        // Never more than a block file's size, whatever the value holds.
+        let v: Vec<u8> = self.with(|c| {
+            redis::cmd("GETRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(max.saturating_sub(1))
+                .query(c)
+        })?;
+        if v.is_empty() {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        buf.extend_from_slice(&v);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        // The address only: a URL may carry a password.
+        format!("redis {}", self.client.get_connection_info().addr())
+    }
 }
 
 /// Files in a directory that instances share.
@@ -448,7 +569,7 @@ impl KvConnector for BlockStore {
     }
 
     fn stored_tokens(&self, hashes: &[BlockHash]) -> usize {
-        let found = hashes.iter().take_while(|h| self.tier.has(h)).count();
+        let found = self.tier.run_of(hashes);
         // Whole offloaded blocks only.
         (found - found % self.group) * self.block_size
     }
@@ -490,6 +611,30 @@ impl StorageRole {
                     };
                     // A tier of this process: it saves and loads whatever the role.
                     (Arc::new(memory), tokens / bs, true, true)
+                }
+                "RedisStoreConnector" => {
+                    let url = x.remote_url.as_deref().ok_or_else(|| {
+                        field(
+                            "kv_connector_extra_config.remote_url",
+                            "RedisStoreConnector needs the server, redis://host:port".into(),
+                        )
+                    })?;
+                    let bs = s.fingerprint.block_size as usize;
+                    let chunk = x.chunk_size.unwrap_or(256);
+                    if chunk == 0 || !chunk.is_multiple_of(bs) {
+                        return Err(field(
+                            "kv_connector_extra_config.chunk_size",
+                            format!("{chunk} is not a multiple of the engine's block size {bs}"),
+                        ));
+                    }
+                    let redis = Redis::new(url, &digest_of(&s.fingerprint))
+                        .map_err(|e| field("kv_connector_extra_config.remote_url", e))?;
+                    (
+                        Arc::new(redis),
+                        chunk / bs,
+                        role.produces(),
+                        role.consumes(),
+                    )
                 }
                 _ => {
                     let path = x.shared_storage_path.clone().ok_or_else(|| {
