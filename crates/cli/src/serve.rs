@@ -187,7 +187,7 @@ fn pd_setup(
     let fingerprint = fingerprint(path, model, cfg)?;
     let secret = kv.secret(&splitserve_engine::model_file::cache_dir())?;
     let listener = if kv.serves_side_channel() {
-        let x = &kv.kv_connector_extra_config;
+        let x = &kv.tcp().kv_connector_extra_config;
         let addr = format!("{}:{}", x.side_channel_host, x.side_channel_port);
         let l = std::net::TcpListener::bind(&addr)
             .with_context(|| format!("binding the KV side channel {addr}"))?;
@@ -226,7 +226,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let pd = match &a.kv_transfer_config {
         Some(kv) => {
             anyhow::ensure!(
-                !kv.is_store() || cfg.enable_prefix_caching,
+                !(kv.is_store() || kv.children.iter().any(|c| c.is_store()))
+                    || cfg.enable_prefix_caching,
                 "{} finds stored KV by prefix-cache hashes: drop --no-enable-prefix-caching",
                 kv.kv_connector
             );

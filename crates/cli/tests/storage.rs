@@ -310,3 +310,44 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
     assert_eq!(v["usage"]["completion_tokens"], 16);
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_connector_pulls_over_the_side_channel_and_keeps_a_store_for_later() {
+    let dir = fresh_dir("store-multi");
+    let multi = |role: &str, side: u16| {
+        json!({"kv_connector": "MultiConnector", "kv_role": role,
+               "kv_connector_extra_config": {"connectors": [
+                   {"kv_connector": "TcpConnector",
+                    "kv_connector_extra_config": {"side_channel_port": side}},
+                   {"kv_connector": "ExampleConnector",
+                    "kv_connector_extra_config": {"shared_storage_path": dir}}]}})
+        .to_string()
+    };
+    let p = serve(&[], Some(multi("kv_producer", free_port())));
+    let d = serve(&[], Some(multi("kv_consumer", free_port())));
+    ready(&p).await;
+    ready(&d).await;
+    let prompt = prompt();
+    let params = complete(&p, &prompt, Some(&json!({"do_remote_decode": true}))).await
+        ["kv_transfer_params"]
+        .clone();
+    // The side channel's grant, merged with the store's fields.
+    assert!(params["remote_capability"].is_string(), "{params}");
+    assert!(params["remote_port"].is_u64(), "{params}");
+    let got = complete(&d, &prompt, Some(&params)).await;
+    let n = got["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    all_free(&d, Duration::from_secs(10)).await;
+    // Pulled whole over the side channel, first token included: nothing computed.
+    assert_eq!(metric(&d, "prompt_tokens_computed").await, 0.0);
+    all_free(&p, Duration::from_secs(10)).await;
+    assert_eq!(files(&dir).len(), n / 16, "and saved to the store");
+
+    // Another consumer, asked without params, finds the prompt in the store.
+    let d2 = serve(&[], Some(multi("kv_consumer", free_port())));
+    ready(&d2).await;
+    let again = complete(&d2, &prompt, None).await;
+    assert_eq!(tokens(&again), tokens(&got));
+    all_free(&d2, Duration::from_secs(10)).await;
+    assert_eq!(metric(&d2, "prompt_tokens_computed").await, tail(n) as f64);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -25,6 +25,7 @@ pub const CONNECTORS: &[&str] = &[
     "SharedStorageConnector",
     "OffloadingConnector",
     "RedisStoreConnector",
+    "MultiConnector",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,6 +97,10 @@ pub struct ExtraConfig {
     /// command line is visible to every user).
     #[serde(default)]
     pub remote_url: Option<String>,
+    /// `MultiConnector`: the connectors it chains, each a `--kv-transfer-config` object
+    /// (`kv_role` taken from the outer one when absent).
+    #[serde(default)]
+    pub connectors: Option<Vec<serde_json::Value>>,
     /// `RedisStoreConnector`: tokens per stored chunk (a multiple of the engine's block
     /// size; 256 as LMCache's).
     #[serde(default)]
@@ -130,6 +135,7 @@ impl Default for ExtraConfig {
             block_size: None,
             remote_url: None,
             chunk_size: None,
+            connectors: None,
         }
     }
 }
@@ -154,6 +160,9 @@ pub struct KvTransferConfig {
     /// `recompute` the prompt itself.
     #[serde(default)]
     pub kv_load_failure_policy: LoadFailurePolicy,
+    /// `MultiConnector`: its connectors, parsed.
+    #[serde(skip)]
+    pub children: Vec<KvTransferConfig>,
 }
 
 fn default_device() -> String {
@@ -183,7 +192,9 @@ impl KvTransferConfig {
                 });
             }
         }
-        let c: Self = serde_json::from_value(v).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let mut c: Self =
+            serde_json::from_value(v).map_err(|e| ConfigError::Json(e.to_string()))?;
+        c.children = c.parse_children()?;
         if !CONNECTORS.contains(&c.kv_connector.as_str()) {
             return Err(ConfigError::Field {
                 field: "kv_connector",
@@ -284,8 +295,67 @@ impl KvTransferConfig {
     }
 
     /// The side channel's TLS settings (none unless the tls_* files are named).
+    /// `MultiConnector`'s connectors, each checked as a config of its own.
+    fn parse_children(&self) -> Result<Vec<KvTransferConfig>, ConfigError> {
+        let field = |reason: String| ConfigError::Field {
+            field: "kv_connector_extra_config.connectors",
+            reason,
+        };
+        let given = &self.kv_connector_extra_config.connectors;
+        if self.kv_connector != "MultiConnector" {
+            if given.is_some() {
+                return Err(field(format!("{} chains no connectors", self.kv_connector)));
+            }
+            return Ok(Vec::new());
+        }
+        let list = given.as_deref().unwrap_or_default();
+        if list.is_empty() || list.len() > 4 {
+            return Err(field("MultiConnector needs 1 to 4 connectors".into()));
+        }
+        let mut out = Vec::new();
+        for v in list {
+            let mut v = v.clone();
+            let Some(o) = v.as_object_mut() else {
+                return Err(field(format!("{v} is not a connector's config object")));
+            };
+            o.entry("kv_role")
+                .or_insert_with(|| self.kv_role.as_str().into());
+            if o.get("kv_connector").and_then(|x| x.as_str()) == Some("MultiConnector") {
+                return Err(field("a MultiConnector inside a MultiConnector".into()));
+            }
+            let c = Self::parse(&v.to_string())?;
+            if c.kv_role != self.kv_role {
+                return Err(field(format!(
+                    "{} is {}, the MultiConnector {}",
+                    c.kv_connector,
+                    c.kv_role.as_str(),
+                    self.kv_role.as_str()
+                )));
+            }
+            out.push(c);
+        }
+        if out
+            .iter()
+            .filter(|c| c.kv_connector == "TcpConnector")
+            .count()
+            > 1
+        {
+            return Err(field("at most one TcpConnector".into()));
+        }
+        Ok(out)
+    }
+
+    /// The config whose `kv_connector_extra_config` holds the side channel's settings
+    /// (secret, TLS, address, hold timeout): this one, or a MultiConnector's TcpConnector.
+    pub fn tcp(&self) -> &KvTransferConfig {
+        self.children
+            .iter()
+            .find(|c| c.kv_connector == "TcpConnector")
+            .unwrap_or(self)
+    }
+
     pub fn tls(&self) -> Result<Tls, ConfigError> {
-        let x = &self.kv_connector_extra_config;
+        let x = &self.tcp().kv_connector_extra_config;
         let e = |e: crate::tls::TlsError| ConfigError::Field {
             field: "kv_connector_extra_config.tls",
             reason: e.to_string(),
@@ -303,7 +373,7 @@ impl KvTransferConfig {
     /// The pair's shared secret. Without `secret_env` or `secret_file`, this user's cookie
     /// in `cache_dir`; then a producer's side channel must be on loopback.
     pub fn secret(&self, cache_dir: &std::path::Path) -> Result<Secret, ConfigError> {
-        let x = &self.kv_connector_extra_config;
+        let x = &self.tcp().kv_connector_extra_config;
         let e = |e: crate::auth::SecretError| ConfigError::Secret(e.to_string());
         match (&x.secret_env, &x.secret_file) {
             (Some(v), _) => Secret::from_env(v).map_err(e),
@@ -341,11 +411,14 @@ impl KvTransferConfig {
 
     /// Whether a producer of this connector serves a side channel.
     pub fn serves_side_channel(&self) -> bool {
-        self.kv_role.produces() && !self.is_store()
+        match self.kv_connector.as_str() {
+            "MultiConnector" => self.children.iter().any(|c| c.serves_side_channel()),
+            _ => self.kv_role.produces() && !self.is_store(),
+        }
     }
 
     pub fn hold_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.kv_connector_extra_config.hold_timeout_s)
+        Duration::from_secs_f64(self.tcp().kv_connector_extra_config.hold_timeout_s)
     }
 }
 
@@ -375,6 +448,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown variant `retry`"), "{e}");
+    }
+
+    #[test]
+    fn a_multi_connector_checks_each_of_its_connectors() {
+        let c = KvTransferConfig::parse(
+            r#"{"kv_connector":"MultiConnector","kv_role":"kv_consumer","kv_connector_extra_config":{"connectors":[
+                {"kv_connector":"TcpConnector","kv_connector_extra_config":{"secret_env":"X","hold_timeout_s":7}},
+                {"kv_connector":"OffloadingConnector","kv_connector_extra_config":{"cpu_bytes_to_use":1048576}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.children.len(), 2);
+        assert_eq!(c.children[1].kv_role, KvRole::KvConsumer, "role inherited");
+        assert_eq!(
+            c.hold_timeout(),
+            Duration::from_secs(7),
+            "the side channel's settings"
+        );
+        for (bad, want) in [
+            (r#"[]"#, "1 to 4"),
+            (
+                r#"[{"kv_connector":"MultiConnector","kv_connector_extra_config":{"connectors":[]}}]"#,
+                "inside a MultiConnector",
+            ),
+            (
+                r#"[{"kv_connector":"TcpConnector","kv_role":"kv_producer"}]"#,
+                "is kv_producer",
+            ),
+            (
+                r#"[{"kv_connector":"OffloadingConnector"}]"#,
+                "cpu_bytes_to_use",
+            ),
+            (
+                r#"[{"kv_connector":"TcpConnector"},{"kv_connector":"TcpConnector"}]"#,
+                "at most one",
+            ),
+        ] {
+            let e = KvTransferConfig::parse(&format!(
+                r#"{{"kv_connector":"MultiConnector","kv_role":"kv_consumer","kv_connector_extra_config":{{"connectors":{bad}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

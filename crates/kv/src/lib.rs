@@ -9,6 +9,7 @@ pub mod fingerprint;
 pub mod fuzz;
 pub mod grant;
 pub mod migration;
+mod multi;
 pub mod params;
 pub mod role;
 pub mod storage;

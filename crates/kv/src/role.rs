@@ -35,7 +35,7 @@ pub struct Setup {
 }
 
 /// Callbacks for metrics and logs.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Hooks {
     pub on_load_start: Option<Arc<dyn Fn() + Send + Sync>>,
     pub on_load_end: Option<LoadObserver>,
@@ -104,6 +104,7 @@ pub trait KvRoleConnector: Send + Sync {
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
     match setup.config.kv_connector.as_str() {
         "TcpConnector" => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
+        "MultiConnector" => Ok(Arc::new(crate::multi::MultiRole::new(setup, hooks)?)),
         "ExampleConnector"
         | "SharedStorageConnector"
         | "OffloadingConnector"

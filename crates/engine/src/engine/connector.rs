@@ -90,6 +90,7 @@ pub trait KvConnector: Send + Sync {
 }
 
 /// A computed block offered to [`KvConnector::save_block`]: read-only while it is cached.
+#[derive(Clone, Copy)]
 pub struct SavedBlock<'a> {
     mem: &'a Memory,
     block: u32,
