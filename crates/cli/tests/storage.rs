@@ -177,7 +177,7 @@ async fn a_restarted_instance_reuses_what_is_on_disk() {
 }
 
 #[test]
-fn a_store_without_its_directory_or_prefix_caching_is_refused_at_start() {
+fn a_store_misconfigured_is_refused_at_start_naming_the_key() {
     for (extra, kv, want) in [
         (
             vec![],
@@ -188,6 +188,23 @@ fn a_store_without_its_directory_or_prefix_caching_is_refused_at_start() {
             vec!["--no-enable-prefix-caching"],
             store_config("kv_both", &fresh_dir("store-refused")),
             "prefix-caching",
+        ),
+        (
+            vec![],
+            store_config("kv_both", Path::new("/proc/version/kv")),
+            "shared_storage_path",
+        ),
+        (
+            vec![],
+            json!({"kv_connector": "RedisStoreConnector", "kv_role": "kv_both",
+                   "kv_connector_extra_config": {"remote_url": format!("redis://127.0.0.1:{}", free_port())}})
+            .to_string(),
+            "does not answer",
+        ),
+        (
+            vec![],
+            r#"{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":{"cpu_bytes_to_use":1048576,"block_size":24}}"#.to_string(),
+            "block_size",
         ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))

@@ -629,6 +629,15 @@ impl StorageRole {
                     }
                     let redis = Redis::new(url, &digest_of(&s.fingerprint))
                         .map_err(|e| field("kv_connector_extra_config.remote_url", e))?;
+                    // Unreachable at startup is a configuration error; later, a miss.
+                    redis
+                        .with(|c| redis::cmd("PING").query::<String>(c))
+                        .map_err(|e| {
+                            field(
+                                "kv_connector_extra_config.remote_url",
+                                format!("{} does not answer: {e}", redis.describe()),
+                            )
+                        })?;
                     (
                         Arc::new(redis),
                         chunk / bs,
@@ -643,12 +652,17 @@ impl StorageRole {
                             format!("{} needs a directory", s.config.kv_connector),
                         )
                     })?;
-                    std::fs::create_dir_all(&path).map_err(|e| {
-                        field(
-                            "kv_connector_extra_config.shared_storage_path",
-                            format!("{}: {e}", path.display()),
-                        )
-                    })?;
+                    // Missing or unwritable is a configuration error, found now.
+                    let probe = path.join(format!(".probe.{}", std::process::id()));
+                    std::fs::create_dir_all(&path)
+                        .and_then(|()| std::fs::write(&probe, b"ok"))
+                        .and_then(|()| std::fs::remove_file(&probe))
+                        .map_err(|e| {
+                            field(
+                                "kv_connector_extra_config.shared_storage_path",
+                                format!("{} is not a writable directory: {e}", path.display()),
+                            )
+                        })?;
                     (Arc::new(Dir(path)), 1, role.produces(), role.consumes())
                 }
             };
