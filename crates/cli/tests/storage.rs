@@ -73,6 +73,16 @@ fn tail(n: usize) -> usize {
     }
 }
 
+/// A store counter of `connector` from `/metrics` (0 when not yet exported).
+async fn store_metric(p: &Proc, name: &str, connector: &str) -> f64 {
+    let want = format!("splitserve:{name}{{connector=\"{connector}\"}} ");
+    metrics_text(p)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&want)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn misses(p: &Proc) -> f64 {
     metrics_text(p)
         .await
@@ -116,6 +126,21 @@ async fn a_pair_through_shared_storage_answers_like_one_engine_and_survives_bad_
     all_free(&d, Duration::from_secs(10)).await;
     assert_eq!(metric(&d, "prompt_tokens_computed").await, tail as f64);
     assert_eq!(misses(&d).await, 0.0);
+    let example = "ExampleConnector";
+    let blocks = (n / 16) as f64;
+    assert_eq!(
+        store_metric(&p, "kv_store_saved_blocks_total", example).await,
+        blocks
+    );
+    assert_eq!(
+        store_metric(&d, "kv_store_loaded_blocks_total", example).await,
+        blocks
+    );
+    assert_eq!(
+        store_metric(&d, "kv_store_loaded_bytes_total", example).await,
+        blocks * 30.0 * 2.0 * 16.0 * 3.0 * 64.0 * 2.0,
+        "30 layers, K and V, 16 tokens, 3 KV heads of 64 f16 values"
+    );
 
     // A corrupted and a truncated file: a fresh consumer uses the blocks before the first
     // bad one, computes the rest, counts the miss, and answers the same.

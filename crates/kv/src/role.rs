@@ -40,8 +40,8 @@ pub struct Hooks {
     pub on_load_start: Option<Arc<dyn Fn() + Send + Sync>>,
     pub on_load_end: Option<LoadObserver>,
     pub on_sent: Option<SentHook>,
-    /// A store connector did not use a stored block, or dropped a save: the reason.
-    pub on_store_miss: Option<crate::storage::MissHook>,
+    /// What a store connector loaded, saved and missed.
+    pub on_store_event: Option<crate::storage::StoreHook>,
 }
 
 /// What one request asks of the connector.

@@ -42,8 +42,20 @@ const QUEUE: usize = 4096;
 /// How long a producer's answer waits for its saves to reach the disk.
 const FLUSH_WAIT: Duration = Duration::from_secs(30);
 
-/// Why a stored block was not used.
-pub type MissHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+/// What a store connector did, for metrics (each event names the connector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Blocks loaded into an engine's blocks, and their KV bytes.
+    Loaded { blocks: u64, bytes: u64 },
+    /// A block stored, and its bytes (file or value, header included).
+    Saved { bytes: u64 },
+    /// A stored block not used (`missing`, `truncated`, `corrupt`, `foreign`) or a save
+    /// dropped (`save_dropped`) or failed (`save_failed`).
+    Miss { reason: &'static str },
+}
+
+/// Receives a store connector's events: the connector's name and what happened.
+pub type StoreHook = Arc<dyn Fn(&'static str, StoreEvent) + Send + Sync>;
 
 /// Where encoded block files live: a shared directory, or host memory.
 trait Tier: Send + Sync + 'static {
@@ -299,7 +311,9 @@ pub struct BlockStore {
     progress: Arc<Progress>,
     dropped: AtomicU64,
     spawner: Spawner,
-    on_miss: Option<MissHook>,
+    /// The connector's name, for its metrics.
+    name: &'static str,
+    on_event: Option<StoreHook>,
     on_start: Option<Arc<dyn Fn() + Send + Sync>>,
     observer: Option<LoadObserver>,
 }
@@ -376,7 +390,9 @@ fn check(
 }
 
 impl BlockStore {
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        name: &'static str,
         tier: Arc<dyn Tier>,
         fingerprint: &Fingerprint,
         group: usize,
@@ -388,13 +404,24 @@ impl BlockStore {
         let writer = if saves {
             let (tx, rx) = sync_channel::<(BlockHash, Vec<u8>)>(QUEUE);
             let (t, progress) = (tier.clone(), progress.clone());
+            let on_event = hooks.on_store_event.clone();
+            let emit = move |e: StoreEvent| {
+                if let Some(f) = &on_event {
+                    f(name, e)
+                }
+            };
             std::thread::Builder::new()
                 .name("kv-store-writer".into())
                 .spawn(move || {
                     for (hash, mut bytes) in rx {
                         seal(&mut bytes);
-                        if let Err(e) = t.put(&hash, bytes) {
-                            tracing::warn!(error = %e, block = %hex(&hash), "cannot save a KV block");
+                        let n = bytes.len() as u64;
+                        match t.put(&hash, bytes) {
+                            Ok(()) => emit(StoreEvent::Saved { bytes: n }),
+                            Err(e) => {
+                                tracing::warn!(error = %e, block = %hex(&hash), "cannot save a KV block");
+                                emit(StoreEvent::Miss { reason: "save_failed" });
+                            }
                         }
                         progress.counts().1 += 1;
                         progress.done.notify_all();
@@ -415,7 +442,8 @@ impl BlockStore {
             progress,
             dropped: AtomicU64::new(0),
             spawner: Spawner::new(),
-            on_miss: hooks.on_store_miss.clone(),
+            name,
+            on_event: hooks.on_store_event.clone(),
             on_start: hooks.on_load_start.clone(),
             observer: hooks.on_load_end.clone(),
         })
@@ -473,7 +501,7 @@ impl KvConnector for BlockStore {
 
     fn start_load(&self, _remote: RemoteKv, mut target: LoadTarget) {
         let (tier, digest, bs) = (self.tier.clone(), self.digest, self.block_size);
-        let (on_miss, observer) = (self.on_miss.clone(), self.observer.clone());
+        let (name, on_event, observer) = (self.name, self.on_event.clone(), self.observer.clone());
         if let Some(f) = &self.on_start {
             f();
         }
@@ -510,8 +538,14 @@ impl KvConnector for BlockStore {
                 }
                 loaded += 1;
             }
-            if let (Some(why), Some(f)) = (miss, &on_miss) {
-                f(why);
+            if let Some(f) = &on_event {
+                if loaded > 0 {
+                    let bytes = (loaded * n_layer * layer_bytes) as u64;
+                    f(name, StoreEvent::Loaded { blocks: loaded as u64, bytes });
+                }
+                if let Some(reason) = miss {
+                    f(name, StoreEvent::Miss { reason });
+                }
             }
             let report = LoadReport {
                 request_id: target.request_id().to_string(),
@@ -557,8 +591,13 @@ impl KvConnector for BlockStore {
                         "the KV store's writer is behind; blocks not saved"
                     );
                 }
-                if let Some(f) = &self.on_miss {
-                    f("save_dropped");
+                if let Some(f) = &self.on_event {
+                    f(
+                        self.name,
+                        StoreEvent::Miss {
+                            reason: "save_dropped",
+                        },
+                    );
                 }
             }
         }
@@ -666,8 +705,14 @@ impl StorageRole {
                     (Arc::new(Dir(path)), 1, role.produces(), role.consumes())
                 }
             };
-        let store =
-            BlockStore::new(tier, &s.fingerprint, group, saves, loads, &hooks).map_err(|e| {
+        let name = match s.config.kv_connector.as_str() {
+            "OffloadingConnector" => "OffloadingConnector",
+            "RedisStoreConnector" => "RedisStoreConnector",
+            "SharedStorageConnector" => "SharedStorageConnector",
+            _ => "ExampleConnector",
+        };
+        let store = BlockStore::new(name, tier, &s.fingerprint, group, saves, loads, &hooks)
+            .map_err(|e| {
                 field(
                     "kv_connector",
                     format!("cannot start the store's writer: {e}"),

@@ -36,12 +36,22 @@ pub struct Metrics {
     pub kv_transfers_in_flight: IntGauge,
     pub kv_transfer: Histogram,
     /// Stored KV blocks not used (`missing`, `truncated`, `corrupt`, `foreign`) and saves
-    /// dropped (`save_dropped`), by reason.
+    /// dropped or failed, by connector and reason.
     pub kv_store_misses: IntCounterVec,
+    /// Store connectors' blocks and bytes loaded and saved, by connector.
+    pub kv_store_loaded_blocks: IntCounterVec,
+    pub kv_store_loaded_bytes: IntCounterVec,
+    pub kv_store_saved_blocks: IntCounterVec,
+    pub kv_store_saved_bytes: IntCounterVec,
     /// Migrations out of this engine by result (`ok`, `refused`, `failed`).
     pub migrations: IntCounterVec,
     pub migration_bytes: IntCounter,
     pub migration: Histogram,
+}
+
+fn by_connector(name: &str, help: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(format!("{PREFIX}{name}"), help), &["connector"])
+        .expect("valid counter")
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -142,11 +152,27 @@ impl Metrics {
             kv_store_misses: IntCounterVec::new(
                 Opts::new(
                     format!("{PREFIX}kv_store_misses_total"),
-                    "Stored KV blocks a load did not use, and saves dropped, by reason.",
+                    "Stored KV blocks a load did not use, and saves dropped or failed.",
                 ),
-                &["reason"],
+                &["connector", "reason"],
             )
             .expect("valid counter"),
+            kv_store_loaded_blocks: by_connector(
+                "kv_store_loaded_blocks_total",
+                "KV blocks loaded from a store.",
+            ),
+            kv_store_loaded_bytes: by_connector(
+                "kv_store_loaded_bytes_total",
+                "KV bytes loaded from a store.",
+            ),
+            kv_store_saved_blocks: by_connector(
+                "kv_store_saved_blocks_total",
+                "KV blocks saved to a store.",
+            ),
+            kv_store_saved_bytes: by_connector(
+                "kv_store_saved_bytes_total",
+                "Bytes saved to a store (block files, headers included).",
+            ),
             migrations: IntCounterVec::new(
                 Opts::new(
                     format!("{PREFIX}migrations_total"),
@@ -183,6 +209,14 @@ impl Metrics {
         let _ = r.register(Box::new(m.kv_bytes_received.clone()));
         let _ = r.register(Box::new(m.kv_transfers_in_flight.clone()));
         let _ = r.register(Box::new(m.kv_store_misses.clone()));
+        for c in [
+            &m.kv_store_loaded_blocks,
+            &m.kv_store_loaded_bytes,
+            &m.kv_store_saved_blocks,
+            &m.kv_store_saved_bytes,
+        ] {
+            let _ = r.register(Box::new(c.clone()));
+        }
         let _ = r.register(Box::new(m.migrations.clone()));
         let _ = r.register(Box::new(m.migration_bytes.clone()));
         for h in [

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use splitserve_kv::connector::LoadObserver;
 use splitserve_kv::role::{Hooks, KvRoleConnector, Plan};
+use splitserve_kv::storage::StoreEvent;
 use splitserve_kv::{KvTransferParams, LoadReport};
 
 use crate::error::ApiError;
@@ -70,8 +71,27 @@ pub(crate) fn hooks(metrics: &Arc<Metrics>) -> Hooks {
         on_load_start: Some(on_load_start),
         on_load_end: Some(on_load_end),
         on_sent: Some(on_sent),
-        on_store_miss: Some(Arc::new(move |why| {
-            m.kv_store_misses.with_label_values(&[why]).inc()
+        on_store_event: Some(Arc::new(move |connector, e| match e {
+            StoreEvent::Loaded { blocks, bytes } => {
+                m.kv_store_loaded_blocks
+                    .with_label_values(&[connector])
+                    .inc_by(blocks);
+                m.kv_store_loaded_bytes
+                    .with_label_values(&[connector])
+                    .inc_by(bytes);
+            }
+            StoreEvent::Saved { bytes } => {
+                m.kv_store_saved_blocks
+                    .with_label_values(&[connector])
+                    .inc();
+                m.kv_store_saved_bytes
+                    .with_label_values(&[connector])
+                    .inc_by(bytes);
+            }
+            StoreEvent::Miss { reason } => m
+                .kv_store_misses
+                .with_label_values(&[connector, reason])
+                .inc(),
         })),
     }
 }
