@@ -22,22 +22,33 @@ use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 #[derive(clap::Args)]
 pub struct BenchKvArgs {
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Prompt tokens whose KV is moved.
     #[arg(long, default_value_t = 2000)]
-    prompt_len: usize,
+    pub(crate) prompt_len: usize,
     /// Transfers measured (the median is reported).
     #[arg(long, default_value_t = 5)]
-    reps: usize,
+    pub(crate) reps: usize,
     /// KV cache dtype (f16, f32 or q8_0).
     #[arg(long, default_value = "f16")]
-    kv_cache_dtype: splitserve_engine::KvDtype,
+    pub(crate) kv_cache_dtype: splitserve_engine::KvDtype,
     /// Write the results here as JSON.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
+    /// TcpConnector (against a raw TCP copy), or a store: ExampleConnector (against plain
+    /// file writes and reads in the same directory), OffloadingConnector (against memcpy),
+    /// RedisStoreConnector (against plain SET and GET of the same values).
+    #[arg(long, default_value = "TcpConnector")]
+    pub(crate) connector: String,
+    /// ExampleConnector: the directory (default: a fresh one under the temp dir, removed).
+    #[arg(long)]
+    pub(crate) shared_storage_path: Option<PathBuf>,
+    /// RedisStoreConnector: the server.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub(crate) remote_url: String,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -71,12 +82,21 @@ fn raw_copy(bytes: usize) -> Result<Duration> {
     Ok(t)
 }
 
-pub fn run(a: BenchKvArgs) -> Result<()> {
-    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+/// The model of `--model` (or the default) and its file's sha256.
+pub(crate) fn load_model(a: &BenchKvArgs) -> Result<(Arc<Model>, String)> {
     let path = crate::model_path(&a.model)?;
     let model =
         Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
     let sha = splitserve_engine::model_file::sha256_file(&path, false)?;
+    Ok((model, sha))
+}
+
+pub fn run(a: BenchKvArgs) -> Result<()> {
+    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+    if a.connector != "TcpConnector" {
+        return crate::bench_kv_store::run(&a);
+    }
+    let (model, sha) = load_model(&a)?;
     let cfg = EngineConfig {
         kv_dtype: a.kv_cache_dtype,
         max_model_len: Some(a.prompt_len + 16),

@@ -2,6 +2,7 @@
 
 mod bench_engine;
 mod bench_kv;
+mod bench_kv_store;
 mod bench_pd;
 mod bench_prefix;
 mod bench_router;

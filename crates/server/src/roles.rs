@@ -72,7 +72,7 @@ pub(crate) fn hooks(metrics: &Arc<Metrics>) -> Hooks {
         on_load_end: Some(on_load_end),
         on_sent: Some(on_sent),
         on_store_event: Some(Arc::new(move |connector, e| match e {
-            StoreEvent::Loaded { blocks, bytes } => {
+            StoreEvent::Loaded { blocks, bytes, .. } => {
                 m.kv_store_loaded_blocks
                     .with_label_values(&[connector])
                     .inc_by(blocks);
@@ -80,7 +80,7 @@ pub(crate) fn hooks(metrics: &Arc<Metrics>) -> Hooks {
                     .with_label_values(&[connector])
                     .inc_by(bytes);
             }
-            StoreEvent::Saved { bytes } => {
+            StoreEvent::Saved { bytes, .. } => {
                 m.kv_store_saved_blocks
                     .with_label_values(&[connector])
                     .inc();
