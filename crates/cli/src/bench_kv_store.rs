@@ -110,6 +110,9 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     let cfg = EngineConfig {
         kv_dtype: a.kv_cache_dtype,
         max_model_len: Some(a.prompt_len + 16),
+        // Room for two prompts: later repetitions reuse (evict) blocks earlier ones
+        // touched, as a pool in service does, instead of faulting in fresh pages.
+        num_blocks: 2 * (a.prompt_len / 16 + 2),
         ..EngineConfig::default()
     };
     let layout =
