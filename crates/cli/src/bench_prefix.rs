@@ -48,6 +48,20 @@ pub struct BenchPrefixArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// KV blocks of the server under test (default: serve's).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    /// Compare the pool alone against the pool backed by an OffloadingConnector of this
+    /// many bytes of host memory (both with prefix caching), instead of caching on vs off.
+    #[arg(long)]
+    pub offload_bytes: Option<u64>,
+}
+
+/// One arm: its name, whether prefix caching is on, and a `--kv-transfer-config`.
+struct Arm {
+    name: &'static str,
+    caching: bool,
+    kv: Option<String>,
 }
 
 pub fn run(a: BenchPrefixArgs) -> Result<()> {
@@ -64,20 +78,61 @@ pub fn run(a: BenchPrefixArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let arms = match a.offload_bytes {
+        None => vec![
+            Arm {
+                name: "caching on",
+                caching: true,
+                kv: None,
+            },
+            Arm {
+                name: "caching off",
+                caching: false,
+                kv: None,
+            },
+        ],
+        Some(b) => vec![
+            Arm {
+                name: "offloading on",
+                caching: true,
+                kv: Some(
+                    json!({"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                                "kv_connector_extra_config": {"cpu_bytes_to_use": b}})
+                    .to_string(),
+                ),
+            },
+            Arm {
+                name: "offloading off",
+                caching: true,
+                kv: None,
+            },
+        ],
+    };
     let mut reports = Vec::new();
-    for caching in [true, false] {
-        let name = if caching { "caching on" } else { "caching off" };
+    let mut computed = Vec::new();
+    for arm_ in &arms {
+        let name = arm_.name;
         eprintln!("[{name}] starting the server");
-        let r = rt.block_on(arm(&a, &model, caching))?;
-        println!("[{name}]\n{}", r.table());
+        let (r, c) = rt.block_on(arm(&a, &model, arm_))?;
+        println!("[{name}]\n{}prompt tokens computed: {c}", r.table());
         reports.push((name, r));
+        computed.push(c);
     }
     let (on, off) = (&reports[0].1, &reports[1].1);
     let p50 = on.ttft_ms.p50 / off.ttft_ms.p50;
     let p99 = on.ttft_ms.p99 / off.ttft_ms.p99;
     let summary = format!(
-        "{} dataset, {} requests per arm: TTFT p50 {:.1} ms with caching, {:.1} ms without ({p50:.3}x); p99 {:.1} vs {:.1} ms ({p99:.3}x)\n",
-        a.dataset, a.num_prompts, on.ttft_ms.p50, off.ttft_ms.p50, on.ttft_ms.p99, off.ttft_ms.p99
+        "{} dataset, {} requests per arm: TTFT p50 {:.1} ms {}, {:.1} ms {} ({p50:.3}x); p99 {:.1} vs {:.1} ms ({p99:.3}x); prompt tokens computed {} vs {}\n",
+        a.dataset,
+        a.num_prompts,
+        on.ttft_ms.p50,
+        arms[0].name,
+        off.ttft_ms.p50,
+        arms[1].name,
+        on.ttft_ms.p99,
+        off.ttft_ms.p99,
+        computed[0],
+        computed[1]
     );
     print!("{summary}");
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -87,7 +142,8 @@ pub fn run(a: BenchPrefixArgs) -> Result<()> {
         "cpu": cpu,
         "ttft_p50_ratio": p50,
         "ttft_p99_ratio": p99,
-        "arms": reports.iter().map(|(n, r)| json!({
+        "arms": reports.iter().zip(&computed).map(|((n, r), c)| json!({
+            "prompt_tokens_computed": c,
             "arm": n,
             "ttft_ms": r.ttft_ms,
             "itl_ms": r.itl_ms,
@@ -109,7 +165,10 @@ pub fn run(a: BenchPrefixArgs) -> Result<()> {
         .collect();
     splitserve_bench::plot::cdf_of(
         &plot,
-        &format!("TTFT, {} dataset, prefix caching on vs off", a.dataset),
+        &format!(
+            "TTFT, {} dataset, {} vs {}",
+            a.dataset, arms[0].name, arms[1].name
+        ),
         "time to first token (ms, log scale)",
         "fraction of requests ≤ x",
         &series,
@@ -130,7 +189,7 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Result<Report> {
+async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, arm: &Arm) -> Result<(Report, f64)> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
     cmd.arg("serve")
@@ -139,8 +198,14 @@ async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Res
         .args(["--port", &a.port.to_string()])
         .args(["--threads", &a.threads.to_string()])
         .arg("--enable-prompt-tokens-details");
-    if !caching {
+    if !arm.caching {
         cmd.arg("--no-enable-prefix-caching");
+    }
+    if let Some(n) = a.num_kv_blocks {
+        cmd.args(["--num-kv-blocks", &n.to_string()]);
+    }
+    if let Some(kv) = &arm.kv {
+        cmd.args(["--kv-transfer-config", kv]);
     }
     let mut child = crate::child::spawn_quiet(cmd).context("starting the server")?;
     let url = format!("http://127.0.0.1:{}", a.port);
@@ -157,9 +222,20 @@ async fn arm(a: &BenchPrefixArgs, model: &std::path::Path, caching: bool) -> Res
         output_len: a.output_len,
         max_concurrency: Some(a.max_concurrency),
         seed: a.seed,
-        ..ServeBenchArgs::new(url)
+        ..ServeBenchArgs::new(url.clone())
     };
     let r = splitserve_bench::load::run(&args, Value::Null).await?;
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let computed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("splitserve:prompt_tokens_computed "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
     drop(child);
-    Ok(r)
+    Ok((r, computed))
 }
