@@ -1,3 +1,7 @@
+//! The connectors with real processes: one conformance suite every pair passes (the same
+//! tokens and logprob bits as one engine alone, a partial prefix hit, two writers of one
+//! prefix, every block back), then each connector's own tests.
+//!
 //! `ExampleConnector` with real processes sharing a directory: a pair answers as one engine
 //! does, with the consumer computing only what the store lacks; damaged files are misses
 //! (computed, counted), never garbage; a restarted `kv_both` instance reuses the disk.
@@ -391,5 +395,132 @@ async fn a_multi_connector_pulls_over_the_side_channel_and_keeps_a_store_for_lat
     assert_eq!(tokens(&again), tokens(&got));
     all_free(&d2, Duration::from_secs(10)).await;
     assert_eq!(metric(&d2, "prompt_tokens_computed").await, tail(n) as f64);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The conformance suite's pairs: a name and the producer's and consumer's configs (the
+/// side-channel port given).
+fn pairs(
+    dir: &Path,
+    redis: Option<&RedisServer>,
+) -> Vec<(&'static str, Box<dyn Fn(&str, u16) -> String>)> {
+    let d = dir.to_path_buf();
+    let d2 = dir.to_path_buf();
+    let mut v: Vec<(&'static str, PairConfig)> = vec![
+        (
+            "TcpConnector",
+            Box::new(|role, side| kv_config(role, side, 30.0)),
+        ),
+        (
+            "ExampleConnector",
+            Box::new(move |role, _| store_config(role, &d)),
+        ),
+        (
+            "MultiConnector",
+            Box::new(move |role, side| {
+                json!({"kv_connector": "MultiConnector", "kv_role": role,
+                       "kv_connector_extra_config": {"connectors": [
+                           {"kv_connector": "TcpConnector",
+                            "kv_connector_extra_config": {"side_channel_port": side}},
+                           {"kv_connector": "ExampleConnector",
+                            "kv_connector_extra_config": {"shared_storage_path": d2}}]}})
+                .to_string()
+            }),
+        ),
+    ];
+    if let Some(r) = redis {
+        let url = format!("redis://127.0.0.1:{}", r.1);
+        v.push((
+            "RedisStoreConnector",
+            Box::new(move |role, _| {
+                json!({"kv_connector": "RedisStoreConnector", "kv_role": role,
+                       "kv_connector_extra_config": {"remote_url": url, "chunk_size": 16}})
+                .to_string()
+            }),
+        ));
+    }
+    v
+}
+
+/// A completion with the top-5 logprobs of every token: equal JSON means equal bits.
+async fn with_logprobs(p: &Proc, prompt: &str, params: Option<&Value>) -> Value {
+    let produce = params.is_some_and(|x| x["do_remote_decode"] == true);
+    let mut body = json!({"prompt": prompt, "max_tokens": if produce { 1 } else { 8 },
+                          "temperature": 0, "logprobs": 5});
+    if let Some(x) = params {
+        body["kv_transfer_params"] = x.clone();
+    }
+    let (st, v) = post(&format!("{}/v1/completions", p.url()), &body).await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connector_passes_the_same_conformance_suite() {
+    let redis = redis_server();
+    let long = prompt();
+    // Shares the first half of `long`, then goes its own way: a partial prefix hit.
+    let half: String = long.chars().take(long.len() / 2).collect();
+    let branch = format!("{half} A different ending follows here, about something else.");
+    let solo = serve(&[], None);
+    ready(&solo).await;
+    let mut reference = Vec::new();
+    for p in [&long, &branch] {
+        reference.push(with_logprobs(&solo, p, None).await["choices"][0].clone());
+    }
+    drop(solo);
+    for r in &reference {
+        let lp = r["logprobs"]["top_logprobs"].as_array().map_or(0, Vec::len);
+        assert_eq!(lp, 8, "top-5 logprobs for each of 8 tokens: {r}");
+    }
+    let dir = fresh_dir("conformance");
+    let mut passed = Vec::new();
+    for (name, config) in pairs(&dir, redis.as_ref()) {
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = serve(&[], Some(config("kv_producer", free_port())));
+        let d = serve(&[], Some(config("kv_consumer", free_port())));
+        ready(&p).await;
+        ready(&d).await;
+        for (i, prompt) in [&long, &branch].into_iter().enumerate() {
+            // Two producers' requests for the same prompt at once: two writers of one
+            // prefix (the second may hit the first's cache; both must answer).
+            let produce = json!({"do_remote_decode": true});
+            let (a, b) = tokio::join!(
+                with_logprobs(&p, prompt, Some(&produce)),
+                with_logprobs(&p, prompt, Some(&produce))
+            );
+            for params in [&a["kv_transfer_params"], &b["kv_transfer_params"]] {
+                assert!(params.is_object(), "{name}: {a}");
+            }
+            let got = with_logprobs(&d, prompt, Some(&a["kv_transfer_params"])).await;
+            // Token for token, logprob for logprob: the same bits as one engine alone.
+            assert_eq!(
+                got["choices"][0]["text"], reference[i]["text"],
+                "{name}, prompt {i}"
+            );
+            assert_eq!(
+                got["choices"][0]["logprobs"], reference[i]["logprobs"],
+                "{name}, prompt {i}"
+            );
+            // The second producer's grant is good too: a consumer redeems it (or, for a
+            // store, finds the same blocks).
+            {
+                let (st, _) = post(
+                    &format!("{}/v1/completions", d.url()),
+                    &json!({"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                            "kv_transfer_params": b["kv_transfer_params"]}),
+                )
+                .await;
+                assert_eq!(st, 200, "{name}: the second grant is good too");
+            }
+        }
+        all_free(&p, Duration::from_secs(10)).await;
+        all_free(&d, Duration::from_secs(10)).await;
+        assert_eq!(health(&p).await["held_blocks"].as_u64(), Some(0), "{name}");
+        assert_eq!(misses(&d).await, 0.0, "{name}");
+        passed.push(name);
+    }
+    eprintln!("conformance passed: {passed:?}");
+    assert_eq!(passed.len(), 3 + usize::from(redis.is_some()));
     let _ = std::fs::remove_dir_all(&dir);
 }
