@@ -398,12 +398,11 @@ async fn a_multi_connector_pulls_over_the_side_channel_and_keeps_a_store_for_lat
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The conformance suite's pairs: a name and the producer's and consumer's configs (the
-/// side-channel port given).
-fn pairs(
-    dir: &Path,
-    redis: Option<&RedisServer>,
-) -> Vec<(&'static str, Box<dyn Fn(&str, u16) -> String>)> {
+/// A pair's `--kv-transfer-config` for a role, given the side channel's port.
+type PairConfig = Box<dyn Fn(&str, u16) -> String>;
+
+/// The conformance suite's pairs, by connector name.
+fn pairs(dir: &Path, redis: Option<&RedisServer>) -> Vec<(&'static str, PairConfig)> {
     let d = dir.to_path_buf();
     let d2 = dir.to_path_buf();
     let mut v: Vec<(&'static str, PairConfig)> = vec![
