@@ -69,8 +69,8 @@ trait Tier: Send + Sync + 'static {
     fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()>;
     /// Whether `hash` may be there (the load checks it).
     fn has(&self, hash: &BlockHash) -> bool;
-    /// `hash`'s file into `buf`, at most `max` bytes of it.
-    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()>;
+    /// `hash`'s file to read, at most `max` bytes of it.
+    fn open(&self, hash: &BlockHash, max: usize) -> std::io::Result<Box<dyn Read + Send>>;
     fn describe(&self) -> String;
     /// How many of `hashes`, from the first, may be there.
     fn run_of(&self, hashes: &[BlockHash]) -> usize {
@@ -172,7 +172,7 @@ impl Tier for Redis {
         }
     }
 
-    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    fn open(&self, hash: &BlockHash, max: usize) -> std::io::Result<Box<dyn Read + Send>> {
         let key = self.key(hash);
         // Never more than a block file's size, whatever the value holds.
         let v: Vec<u8> = self.with(|c| {
@@ -185,8 +185,7 @@ impl Tier for Redis {
         if v.is_empty() {
             return Err(std::io::ErrorKind::NotFound.into());
         }
-        buf.extend_from_slice(&v);
-        Ok(())
+        Ok(Box::new(std::io::Cursor::new(v)))
     }
 
     fn describe(&self) -> String {
@@ -207,11 +206,10 @@ impl Tier for Dir {
         std::fs::metadata(file_of(&self.0, hash)).is_ok_and(|m| m.len() > HEADER as u64)
     }
 
-    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    fn open(&self, hash: &BlockHash, max: usize) -> std::io::Result<Box<dyn Read + Send>> {
         // Never more than a block file's size, whatever the file claims.
-        std::fs::File::open(file_of(&self.0, hash))
-            .and_then(|f| f.take(max as u64).read_to_end(buf))
-            .map(|_| ())
+        let f = std::fs::File::open(file_of(&self.0, hash))?;
+        Ok(Box::new(f.take(max as u64)))
     }
 
     fn describe(&self) -> String {
@@ -269,7 +267,7 @@ impl Tier for Memory {
         self.lru().map.contains_key(hash)
     }
 
-    fn get(&self, hash: &BlockHash, max: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    fn open(&self, hash: &BlockHash, max: usize) -> std::io::Result<Box<dyn Read + Send>> {
         let bytes = {
             let mut l = self.lru();
             l.tick += 1;
@@ -282,12 +280,33 @@ impl Tier for Memory {
             l.order.insert(tick, *hash);
             b
         };
-        buf.extend_from_slice(&bytes[..bytes.len().min(max)]);
-        Ok(())
+        // Read in place: the bytes are copied once, into the engine's blocks.
+        Ok(Box::new(Shared {
+            bytes,
+            at: 0,
+            end: max,
+        }))
     }
 
     fn describe(&self) -> String {
         format!("host memory ({} MiB)", self.cap >> 20)
+    }
+}
+
+/// A stored block's bytes in memory, read without copying them first.
+struct Shared {
+    bytes: Arc<Vec<u8>>,
+    at: usize,
+    end: usize,
+}
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let end = self.end.min(self.bytes.len());
+        let n = buf.len().min(end.saturating_sub(self.at));
+        buf[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -371,30 +390,65 @@ fn checksum(file: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Checks a block file read whole against what this instance expects; the reason if not.
-fn check(
-    file: &[u8],
+/// Where a block file's KV goes as it is read: layer `l`'s K and V.
+trait Sink {
+    fn layer(&mut self, l: usize) -> [&mut [u8]; 2];
+}
+
+/// Lent block `i` of a load.
+struct Lent<'a>(&'a mut LoadTarget, usize);
+
+impl Sink for Lent<'_> {
+    fn layer(&mut self, l: usize) -> [&mut [u8]; 2] {
+        self.0.block_mut(l, self.1)
+    }
+}
+
+/// Reads one block file from `r` straight into `sink`, checksumming as it goes, and checks
+/// it against what this instance expects; the reason if it is not usable (then what the
+/// sink holds is not to be used).
+fn read_block(
+    r: &mut dyn Read,
     digest: &[u8; 32],
     hash: &BlockHash,
     n_layer: usize,
     layer_bytes: usize,
+    sink: &mut dyn Sink,
 ) -> Result<(), &'static str> {
-    if file.len() != HEADER + n_layer * layer_bytes {
-        return Err("truncated");
-    }
+    let mut head = [0u8; HEADER];
+    r.read_exact(&mut head).map_err(|_| "truncated")?;
     let u32_at = |at: usize| {
         let mut w = [0u8; 4];
-        w.copy_from_slice(&file[at..at + 4]);
+        w.copy_from_slice(&head[at..at + 4]);
         u32::from_le_bytes(w) as usize
     };
-    if &file[..8] != MAGIC || u32_at(72) != n_layer || u32_at(76) != layer_bytes {
+    if &head[..8] != MAGIC || u32_at(72) != n_layer || u32_at(76) != layer_bytes {
         return Err("foreign");
     }
-    if checksum(file)[..] != file[HEADER - 32..HEADER] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&head[..HEADER - 32]);
+    h.update(&[0u8; 32]);
+    for l in 0..n_layer {
+        let [k, v] = sink.layer(l);
+        if k.len() + v.len() != layer_bytes {
+            return Err("foreign");
+        }
+        for part in [k, v] {
+            r.read_exact(part).map_err(|_| "truncated")?;
+            h.update(part);
+        }
+    }
+    let mut more = [0u8; 1];
+    if !matches!(r.read(&mut more), Ok(0)) {
+        return Err("truncated");
+    }
+    let mut sum = [0u8; 32];
+    sum[..16].copy_from_slice(&h.digest128().to_le_bytes());
+    if sum[..] != head[HEADER - 32..HEADER] {
         return Err("corrupt");
     }
     // Checked after the checksum: a file for another model or block, intact, is foreign.
-    if &file[8..40] != digest || &file[40..72] != hash {
+    if &head[8..40] != digest || &head[40..72] != hash {
         return Err("foreign");
     }
     Ok(())
@@ -524,7 +578,6 @@ impl KvConnector for BlockStore {
             let t0 = Instant::now();
             let layout = target.layout();
             let (n_layer, layer_bytes) = (layout.n_layer, layout.layer_block_bytes());
-            let mut buf = Vec::with_capacity(HEADER + n_layer * layer_bytes);
             let mut loaded = 0;
             let mut miss = None;
             for i in 0..target.n_blocks() {
@@ -532,24 +585,22 @@ impl KvConnector for BlockStore {
                     miss = Some("missing");
                     break;
                 };
-                buf.clear();
-                let read = tier.get(&hash, HEADER + n_layer * layer_bytes + 1, &mut buf);
-                let ok = match read {
+                let max = HEADER + n_layer * layer_bytes + 1;
+                let ok = match tier.open(&hash, max) {
                     Err(_) => Err("missing"),
-                    Ok(_) => check(&buf, &digest, &hash, n_layer, layer_bytes),
+                    Ok(mut r) => read_block(
+                        &mut r,
+                        &digest,
+                        &hash,
+                        n_layer,
+                        layer_bytes,
+                        &mut Lent(&mut target, i),
+                    ),
                 };
                 if let Err(why) = ok {
                     tracing::warn!(block = %hex(&hash), reason = why, request = %target.request_id(), "stored KV block not used; computing from there");
                     miss = Some(why);
                     break;
-                }
-                let mut at = HEADER;
-                for l in 0..n_layer {
-                    let [k, v] = target.block_mut(l, i);
-                    k.copy_from_slice(&buf[at..at + k.len()]);
-                    at += k.len();
-                    v.copy_from_slice(&buf[at..at + v.len()]);
-                    at += v.len();
                 }
                 loaded += 1;
             }
@@ -809,6 +860,33 @@ impl KvRoleConnector for StorageRole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole file checked through [`read_block`] into buffers.
+    fn check(
+        file: &[u8],
+        digest: &[u8; 32],
+        hash: &BlockHash,
+        n_layer: usize,
+        layer_bytes: usize,
+    ) -> Result<(), &'static str> {
+        struct Bufs(Vec<[Vec<u8>; 2]>);
+        impl Sink for Bufs {
+            fn layer(&mut self, l: usize) -> [&mut [u8]; 2] {
+                let [k, v] = &mut self.0[l];
+                [k, v]
+            }
+        }
+        let half = layer_bytes / 2;
+        let mut sink = Bufs(vec![[vec![0; half], vec![0; layer_bytes - half]]; n_layer]);
+        read_block(
+            &mut &file[..],
+            digest,
+            hash,
+            n_layer,
+            layer_bytes,
+            &mut sink,
+        )
+    }
 
     #[test]
     fn a_block_file_is_checked_field_by_field() {
