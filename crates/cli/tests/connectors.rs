@@ -37,6 +37,18 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     f
 }
 
+/// A MultiConnector of a TcpConnector (side channel at `side`) and an ExampleConnector
+/// in `dir`.
+fn multi_config(role: &str, side: u16, dir: &Path) -> String {
+    json!({"kv_connector": "MultiConnector", "kv_role": role,
+           "kv_connector_extra_config": {"connectors": [
+               {"kv_connector": "TcpConnector",
+                "kv_connector_extra_config": {"side_channel_port": side}},
+               {"kv_connector": "ExampleConnector",
+                "kv_connector_extra_config": {"shared_storage_path": dir}}]}})
+    .to_string()
+}
+
 /// A prompt of a few hundred tokens (several 16-token blocks and a partial one).
 fn prompt() -> String {
     (0..24)
@@ -360,15 +372,7 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_connector_pulls_over_the_side_channel_and_keeps_a_store_for_later() {
     let dir = fresh_dir("store-multi");
-    let multi = |role: &str, side: u16| {
-        json!({"kv_connector": "MultiConnector", "kv_role": role,
-               "kv_connector_extra_config": {"connectors": [
-                   {"kv_connector": "TcpConnector",
-                    "kv_connector_extra_config": {"side_channel_port": side}},
-                   {"kv_connector": "ExampleConnector",
-                    "kv_connector_extra_config": {"shared_storage_path": dir}}]}})
-        .to_string()
-    };
+    let multi = |role: &str, side: u16| multi_config(role, side, &dir);
     let p = serve(&[], Some(multi("kv_producer", free_port())));
     let d = serve(&[], Some(multi("kv_consumer", free_port())));
     ready(&p).await;
@@ -416,15 +420,7 @@ fn pairs(dir: &Path, redis: Option<&RedisServer>) -> Vec<(&'static str, PairConf
         ),
         (
             "MultiConnector",
-            Box::new(move |role, side| {
-                json!({"kv_connector": "MultiConnector", "kv_role": role,
-                       "kv_connector_extra_config": {"connectors": [
-                           {"kv_connector": "TcpConnector",
-                            "kv_connector_extra_config": {"side_channel_port": side}},
-                           {"kv_connector": "ExampleConnector",
-                            "kv_connector_extra_config": {"shared_storage_path": d2}}]}})
-                .to_string()
-            }),
+            Box::new(move |role, side| multi_config(role, side, &d2)),
         ),
     ];
     if let Some(r) = redis {

@@ -18,15 +18,36 @@ use crate::auth::Secret;
 use crate::tls::Tls;
 use splitserve_engine::LoadFailurePolicy;
 
-/// Connectors this build has.
-pub const CONNECTORS: &[&str] = &[
-    "TcpConnector",
-    "ExampleConnector",
-    "SharedStorageConnector",
-    "OffloadingConnector",
-    "RedisStoreConnector",
-    "MultiConnector",
+/// What a connector is, whatever name `kv_connector` gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConnectorKind {
+    /// `TcpConnector`: grants and a side channel.
+    #[default]
+    Tcp,
+    /// `ExampleConnector` (or `SharedStorageConnector`): block files in a shared directory.
+    SharedStorage,
+    /// `OffloadingConnector`: block files in host memory.
+    Offloading,
+    /// `RedisStoreConnector`: block files in Redis.
+    RedisStore,
+    /// `MultiConnector`: several of the others.
+    Multi,
+}
+
+/// Connectors this build has, by the names `kv_connector` takes.
+const CONNECTORS: &[(&str, ConnectorKind)] = &[
+    ("TcpConnector", ConnectorKind::Tcp),
+    ("ExampleConnector", ConnectorKind::SharedStorage),
+    ("SharedStorageConnector", ConnectorKind::SharedStorage),
+    ("OffloadingConnector", ConnectorKind::Offloading),
+    ("RedisStoreConnector", ConnectorKind::RedisStore),
+    ("MultiConnector", ConnectorKind::Multi),
 ];
+
+/// The connector `name` names, as this build's own string (for metric labels).
+fn connector(name: &str) -> Option<(&'static str, ConnectorKind)> {
+    CONNECTORS.iter().copied().find(|(n, _)| *n == name)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -163,6 +184,11 @@ pub struct KvTransferConfig {
     /// `MultiConnector`: its connectors, parsed.
     #[serde(skip)]
     pub children: Vec<KvTransferConfig>,
+    /// What `kv_connector` names, and that name as this build's own string.
+    #[serde(skip)]
+    pub kind: ConnectorKind,
+    #[serde(skip)]
+    pub connector_name: &'static str,
 }
 
 fn default_device() -> String {
@@ -194,22 +220,20 @@ impl KvTransferConfig {
         }
         let mut c: Self =
             serde_json::from_value(v).map_err(|e| ConfigError::Json(e.to_string()))?;
-        c.children = c.parse_children()?;
-        if !CONNECTORS.contains(&c.kv_connector.as_str()) {
-            return Err(ConfigError::Field {
+        (c.connector_name, c.kind) = connector(&c.kv_connector).ok_or_else(|| {
+            let names: Vec<&str> = CONNECTORS.iter().map(|(n, _)| *n).collect();
+            ConfigError::Field {
                 field: "kv_connector",
                 reason: format!(
                     "unknown connector {:?}; this build has {}",
                     c.kv_connector,
-                    CONNECTORS.join(", ")
+                    names.join(", ")
                 ),
-            });
-        }
-        let dir = matches!(
-            c.kv_connector.as_str(),
-            "ExampleConnector" | "SharedStorageConnector"
-        );
-        if c.kv_connector == "OffloadingConnector"
+            }
+        })?;
+        c.children = c.parse_children()?;
+        let dir = c.kind == ConnectorKind::SharedStorage;
+        if c.kind == ConnectorKind::Offloading
             && c.kv_connector_extra_config
                 .cpu_bytes_to_use
                 .is_none_or(|b| b == 0)
@@ -220,7 +244,7 @@ impl KvTransferConfig {
             });
         }
         if let Some(url) = &c.kv_connector_extra_config.remote_url {
-            if c.kv_connector != "RedisStoreConnector" {
+            if c.kind != ConnectorKind::RedisStore {
                 return Err(ConfigError::Field {
                     field: "kv_connector_extra_config.remote_url",
                     reason: format!("{} has no remote store", c.kv_connector),
@@ -234,7 +258,7 @@ impl KvTransferConfig {
                     reason: "expected redis://host:port, without credentials (bind Redis to loopback or a private network)".into(),
                 });
             }
-        } else if c.kv_connector == "RedisStoreConnector" {
+        } else if c.kind == ConnectorKind::RedisStore {
             return Err(ConfigError::Field {
                 field: "kv_connector_extra_config.remote_url",
                 reason: "RedisStoreConnector needs the server, redis://host:port".into(),
@@ -302,7 +326,7 @@ impl KvTransferConfig {
             reason,
         };
         let given = &self.kv_connector_extra_config.connectors;
-        if self.kv_connector != "MultiConnector" {
+        if self.kind != ConnectorKind::Multi {
             if given.is_some() {
                 return Err(field(format!("{} chains no connectors", self.kv_connector)));
             }
@@ -320,7 +344,8 @@ impl KvTransferConfig {
             };
             o.entry("kv_role")
                 .or_insert_with(|| self.kv_role.as_str().into());
-            if o.get("kv_connector").and_then(|x| x.as_str()) == Some("MultiConnector") {
+            let named = o.get("kv_connector").and_then(|x| x.as_str());
+            if named.and_then(connector).map(|(_, k)| k) == Some(ConnectorKind::Multi) {
                 return Err(field("a MultiConnector inside a MultiConnector".into()));
             }
             let c = Self::parse(&v.to_string())?;
@@ -334,12 +359,7 @@ impl KvTransferConfig {
             }
             out.push(c);
         }
-        if out
-            .iter()
-            .filter(|c| c.kv_connector == "TcpConnector")
-            .count()
-            > 1
-        {
+        if out.iter().filter(|c| c.kind == ConnectorKind::Tcp).count() > 1 {
             return Err(field("at most one TcpConnector".into()));
         }
         Ok(out)
@@ -350,7 +370,7 @@ impl KvTransferConfig {
     pub fn tcp(&self) -> &KvTransferConfig {
         self.children
             .iter()
-            .find(|c| c.kv_connector == "TcpConnector")
+            .find(|c| c.kind == ConnectorKind::Tcp)
             .unwrap_or(self)
     }
 
@@ -401,18 +421,15 @@ impl KvTransferConfig {
     /// Whether the connector keeps KV in a store (no side channel, no holds).
     pub fn is_store(&self) -> bool {
         matches!(
-            self.kv_connector.as_str(),
-            "ExampleConnector"
-                | "SharedStorageConnector"
-                | "OffloadingConnector"
-                | "RedisStoreConnector"
+            self.kind,
+            ConnectorKind::SharedStorage | ConnectorKind::Offloading | ConnectorKind::RedisStore
         )
     }
 
     /// Whether a producer of this connector serves a side channel.
     pub fn serves_side_channel(&self) -> bool {
-        match self.kv_connector.as_str() {
-            "MultiConnector" => self.children.iter().any(|c| c.serves_side_channel()),
+        match self.kind {
+            ConnectorKind::Multi => self.children.iter().any(|c| c.serves_side_channel()),
             _ => self.kv_role.produces() && !self.is_store(),
         }
     }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use splitserve_engine::{Engine, KvConnector, RemoteKv};
 
 use crate::auth::Secret;
-use crate::config::{ConfigError, KvRole, KvTransferConfig};
+use crate::config::{ConfigError, ConnectorKind, KvRole, KvTransferConfig};
 use crate::connector::{release_hold, LoadObserver, TcpConnector};
 use crate::fingerprint::Fingerprint;
 use crate::grant::{GrantError, Grants, RemoteAddr};
@@ -102,17 +102,12 @@ pub trait KvRoleConnector: Send + Sync {
 
 /// The connector `--kv-transfer-config` names.
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
-    match setup.config.kv_connector.as_str() {
-        "TcpConnector" => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
-        "MultiConnector" => Ok(Arc::new(crate::multi::MultiRole::new(setup, hooks)?)),
-        "ExampleConnector"
-        | "SharedStorageConnector"
-        | "OffloadingConnector"
-        | "RedisStoreConnector" => Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?)),
-        other => Err(ConfigError::Field {
-            field: "kv_connector",
-            reason: format!("unknown connector {other:?}"),
-        }),
+    match setup.config.kind {
+        ConnectorKind::Tcp => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
+        ConnectorKind::Multi => Ok(Arc::new(crate::multi::MultiRole::new(setup, hooks)?)),
+        ConnectorKind::SharedStorage | ConnectorKind::Offloading | ConnectorKind::RedisStore => {
+            Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?))
+        }
     }
 }
 

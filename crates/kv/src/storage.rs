@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use splitserve_engine::prefix_cache::{hex, BlockHash};
 use splitserve_engine::{Engine, KvConnector, LoadTarget, RemoteFirst, RemoteKv, SavedBlock};
 
-use crate::config::{ConfigError, KvTransferConfig};
+use crate::config::{ConfigError, ConnectorKind, KvTransferConfig};
 use crate::connector::{LoadObserver, LoadReport, Spawner};
 use crate::fingerprint::Fingerprint;
 use crate::params::{Ask, KvTransferParams};
@@ -694,90 +694,84 @@ impl StorageRole {
         let x = &s.config.kv_connector_extra_config;
         let role = s.config.kv_role;
         let field = |field: &'static str, reason: String| ConfigError::Field { field, reason };
-        let (tier, group, saves, loads): (Arc<dyn Tier>, usize, bool, bool) =
-            match s.config.kv_connector.as_str() {
-                "OffloadingConnector" => {
-                    let cap = x.cpu_bytes_to_use.ok_or_else(|| {
-                        field(
-                            "kv_connector_extra_config.cpu_bytes_to_use",
-                            "OffloadingConnector needs the host memory it may use, in bytes".into(),
-                        )
-                    })?;
-                    let bs = s.fingerprint.block_size as usize;
-                    let tokens = x.block_size.unwrap_or(bs);
-                    if tokens == 0 || !tokens.is_multiple_of(bs) {
-                        return Err(field(
-                            "kv_connector_extra_config.block_size",
-                            format!("{tokens} is not a multiple of the engine's block size {bs}"),
-                        ));
-                    }
-                    let memory = Memory {
-                        cap: usize::try_from(cap).unwrap_or(usize::MAX),
-                        state: Mutex::new(Lru::default()),
-                    };
-                    // A tier of this process: it saves and loads whatever the role.
-                    (Arc::new(memory), tokens / bs, true, true)
+        let (tier, group, saves, loads): (Arc<dyn Tier>, usize, bool, bool) = match s.config.kind {
+            ConnectorKind::Offloading => {
+                let cap = x.cpu_bytes_to_use.ok_or_else(|| {
+                    field(
+                        "kv_connector_extra_config.cpu_bytes_to_use",
+                        "OffloadingConnector needs the host memory it may use, in bytes".into(),
+                    )
+                })?;
+                let bs = s.fingerprint.block_size as usize;
+                let tokens = x.block_size.unwrap_or(bs);
+                if tokens == 0 || !tokens.is_multiple_of(bs) {
+                    return Err(field(
+                        "kv_connector_extra_config.block_size",
+                        format!("{tokens} is not a multiple of the engine's block size {bs}"),
+                    ));
                 }
-                "RedisStoreConnector" => {
-                    let url = x.remote_url.as_deref().ok_or_else(|| {
+                let memory = Memory {
+                    cap: usize::try_from(cap).unwrap_or(usize::MAX),
+                    state: Mutex::new(Lru::default()),
+                };
+                // A tier of this process: it saves and loads whatever the role.
+                (Arc::new(memory), tokens / bs, true, true)
+            }
+            ConnectorKind::RedisStore => {
+                let url = x.remote_url.as_deref().ok_or_else(|| {
+                    field(
+                        "kv_connector_extra_config.remote_url",
+                        "RedisStoreConnector needs the server, redis://host:port".into(),
+                    )
+                })?;
+                let bs = s.fingerprint.block_size as usize;
+                let chunk = x.chunk_size.unwrap_or(256);
+                if chunk == 0 || !chunk.is_multiple_of(bs) {
+                    return Err(field(
+                        "kv_connector_extra_config.chunk_size",
+                        format!("{chunk} is not a multiple of the engine's block size {bs}"),
+                    ));
+                }
+                let redis = Redis::new(url, &digest_of(&s.fingerprint))
+                    .map_err(|e| field("kv_connector_extra_config.remote_url", e))?;
+                // Unreachable at startup is a configuration error; later, a miss.
+                redis
+                    .with(|c| redis::cmd("PING").query::<String>(c))
+                    .map_err(|e| {
                         field(
                             "kv_connector_extra_config.remote_url",
-                            "RedisStoreConnector needs the server, redis://host:port".into(),
+                            format!("{} does not answer: {e}", redis.describe()),
                         )
                     })?;
-                    let bs = s.fingerprint.block_size as usize;
-                    let chunk = x.chunk_size.unwrap_or(256);
-                    if chunk == 0 || !chunk.is_multiple_of(bs) {
-                        return Err(field(
-                            "kv_connector_extra_config.chunk_size",
-                            format!("{chunk} is not a multiple of the engine's block size {bs}"),
-                        ));
-                    }
-                    let redis = Redis::new(url, &digest_of(&s.fingerprint))
-                        .map_err(|e| field("kv_connector_extra_config.remote_url", e))?;
-                    // Unreachable at startup is a configuration error; later, a miss.
-                    redis
-                        .with(|c| redis::cmd("PING").query::<String>(c))
-                        .map_err(|e| {
-                            field(
-                                "kv_connector_extra_config.remote_url",
-                                format!("{} does not answer: {e}", redis.describe()),
-                            )
-                        })?;
-                    (
-                        Arc::new(redis),
-                        chunk / bs,
-                        role.produces(),
-                        role.consumes(),
+                (
+                    Arc::new(redis),
+                    chunk / bs,
+                    role.produces(),
+                    role.consumes(),
+                )
+            }
+            _ => {
+                let path = x.shared_storage_path.clone().ok_or_else(|| {
+                    field(
+                        "kv_connector_extra_config.shared_storage_path",
+                        format!("{} needs a directory", s.config.kv_connector),
                     )
-                }
-                _ => {
-                    let path = x.shared_storage_path.clone().ok_or_else(|| {
+                })?;
+                // Missing or unwritable is a configuration error, found now.
+                let probe = path.join(format!(".probe.{}", std::process::id()));
+                std::fs::create_dir_all(&path)
+                    .and_then(|()| std::fs::write(&probe, b"ok"))
+                    .and_then(|()| std::fs::remove_file(&probe))
+                    .map_err(|e| {
                         field(
                             "kv_connector_extra_config.shared_storage_path",
-                            format!("{} needs a directory", s.config.kv_connector),
+                            format!("{} is not a writable directory: {e}", path.display()),
                         )
                     })?;
-                    // Missing or unwritable is a configuration error, found now.
-                    let probe = path.join(format!(".probe.{}", std::process::id()));
-                    std::fs::create_dir_all(&path)
-                        .and_then(|()| std::fs::write(&probe, b"ok"))
-                        .and_then(|()| std::fs::remove_file(&probe))
-                        .map_err(|e| {
-                            field(
-                                "kv_connector_extra_config.shared_storage_path",
-                                format!("{} is not a writable directory: {e}", path.display()),
-                            )
-                        })?;
-                    (Arc::new(Dir(path)), 1, role.produces(), role.consumes())
-                }
-            };
-        let name = match s.config.kv_connector.as_str() {
-            "OffloadingConnector" => "OffloadingConnector",
-            "RedisStoreConnector" => "RedisStoreConnector",
-            "SharedStorageConnector" => "SharedStorageConnector",
-            _ => "ExampleConnector",
+                (Arc::new(Dir(path)), 1, role.produces(), role.consumes())
+            }
         };
+        let name = s.config.connector_name;
         let store = BlockStore::new(name, tier, &s.fingerprint, group, saves, loads, &hooks)
             .map_err(|e| {
                 field(
