@@ -106,7 +106,7 @@ pub struct ServeArgs {
     /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..,
     /// "secret_env":..|"secret_file":..,"tls_cert_file":..,"tls_key_file":..,"tls_ca_file":..}}'.
     /// The pair's secret is named, never given here.
-    #[arg(long, value_parser = parse_kv_config)]
+    #[arg(long, value_parser = KvConfigParser)]
     pub kv_transfer_config: Option<KvTransferConfig>,
     /// Serve the admin endpoints (list, migrate, drain, import) on this port; off if unset.
     #[arg(long)]
@@ -163,8 +163,28 @@ impl HttpArgs {
     }
 }
 
-fn parse_kv_config(s: &str) -> Result<KvTransferConfig, String> {
-    KvTransferConfig::parse(s).map_err(|e| e.to_string())
+/// Parses `--kv-transfer-config`; its error names the problem without echoing the value
+/// (clap's would, and a mistaken value may hold a credential).
+#[derive(Clone)]
+struct KvConfigParser;
+
+impl clap::builder::TypedValueParser for KvConfigParser {
+    type Value = KvTransferConfig;
+
+    fn parse_ref(
+        &self,
+        _: &clap::Command,
+        _: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KvTransferConfig, clap::Error> {
+        let invalid = |why: String| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{why}\n"))
+        };
+        let s = value
+            .to_str()
+            .ok_or_else(|| invalid("--kv-transfer-config: not UTF-8".into()))?;
+        KvTransferConfig::parse(s).map_err(|e| invalid(e.to_string()))
+    }
 }
 
 /// What a peer's KV must match: the model file's hash and the KV layout.

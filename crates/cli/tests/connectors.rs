@@ -303,10 +303,16 @@ impl Drop for RedisServer {
 }
 
 fn redis_server() -> Option<RedisServer> {
+    redis_server_with(&[])
+}
+
+/// As [`redis_server`], with more `redis-server` arguments.
+fn redis_server_with(args: &[&str]) -> Option<RedisServer> {
     let port = free_port();
     let child = std::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .spawn();
     let child = match child {
@@ -330,6 +336,28 @@ fn redis_server() -> Option<RedisServer> {
     panic!("redis-server did not listen on {port}");
 }
 
+/// Two `kv_both` instances on one Redis: `b` answers `prompt` as `a` did, loading the
+/// prompt's whole 256-token chunks that `a` saved and computing only the rest.
+async fn b_loads_what_a_computed(a: &Proc, b: &Proc, prompt: &str) {
+    ready(a).await;
+    ready(b).await;
+    let first = complete(a, prompt, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    all_free(a, Duration::from_secs(10)).await;
+    // A's saves reach Redis off its engine thread: B finds them shortly after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = complete(b, prompt, None).await;
+    assert_eq!(tokens(&got), tokens(&first));
+    all_free(b, Duration::from_secs(10)).await;
+    let loaded = n / 256 * 256;
+    assert!(loaded > 0, "{n} prompt tokens");
+    assert_eq!(
+        metric(b, "prompt_tokens_computed").await,
+        (n - loaded) as f64
+    );
+    assert_eq!(misses(b).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
     let Some(redis) = redis_server() else {
@@ -340,25 +368,8 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
     .to_string();
     let a = serve(&[], Some(kv.clone()));
     let b = serve(&[], Some(kv));
-    ready(&a).await;
-    ready(&b).await;
     let prompt = prompt();
-    let first = complete(&a, &prompt, None).await;
-    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
-    all_free(&a, Duration::from_secs(10)).await;
-    // A's saves reach Redis off its engine thread: B finds them shortly after.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = complete(&b, &prompt, None).await;
-    assert_eq!(tokens(&got), tokens(&first));
-    all_free(&b, Duration::from_secs(10)).await;
-    // 256-token chunks: the prompt's first whole chunk came from Redis.
-    let loaded = n / 256 * 256;
-    assert!(loaded > 0, "{n} prompt tokens");
-    assert_eq!(
-        metric(&b, "prompt_tokens_computed").await,
-        (n - loaded) as f64
-    );
-    assert_eq!(misses(&b).await, 0.0);
+    b_loads_what_a_computed(&a, &b, &prompt).await;
 
     // Redis gone: requests are computed here, no error, no hang.
     drop(redis);
@@ -367,6 +378,120 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
     let v = complete(&b, &other, None).await;
     assert_eq!(v["usage"]["completion_tokens"], 16);
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_with_a_password_takes_it_from_the_environment_only() {
+    let Some(redis) = redis_server_with(&["--requirepass", "kv-store-pw-9f3"]) else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", redis.1);
+    let kv = |url: &str| {
+        json!({"kv_connector": "RedisStoreConnector", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"remote_url": url}})
+        .to_string()
+    };
+    let refused = |url: &str, env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"));
+        c.args(["serve", "--model", &model(), "--threads", "1"])
+            .args(["--port", &free_port().to_string()])
+            .args(["--kv-transfer-config", &kv(url)])
+            .env_remove("SPLITSERVE_REDIS_PASSWORD");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("run");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // No password, a wrong one, or one in the URL: refused at start, naming the key.
+    let err = refused(&url, &[]);
+    assert!(
+        err.contains("remote_url") && err.contains("does not answer"),
+        "{err}"
+    );
+    let err = refused(&url, &[("SPLITSERVE_REDIS_PASSWORD", "wrong")]);
+    assert!(err.contains("does not answer"), "{err}");
+    let err = refused(
+        &format!("redis://:kv-store-pw-9f3@127.0.0.1:{}", redis.1),
+        &[],
+    );
+    assert!(err.contains("SPLITSERVE_REDIS_PASSWORD"), "{err}");
+    assert!(
+        !err.contains("kv-store-pw-9f3"),
+        "the password is echoed: {err}"
+    );
+
+    let env = [("SPLITSERVE_REDIS_PASSWORD", "kv-store-pw-9f3")];
+    let a = serve_env(&[], Some(kv(&url)), &env);
+    let b = serve_env(&[], Some(kv(&url)), &env);
+    b_loads_what_a_computed(&a, &b, &prompt()).await;
+    for p in [&a, &b] {
+        assert!(
+            !p.log().contains("kv-store-pw-9f3"),
+            "the password is in a log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_memory_full_spills_to_a_bounded_disk_tier_and_never_fails() {
+    // A block file: 30 layers x K and V x 16 tokens x 3 heads x 64 x f16, and its header.
+    const FILE: u64 = 30 * 2 * 16 * 3 * 64 * 2 + 144;
+    let dir = fresh_dir("offload-disk");
+    // Host memory holds 8 block files; the disk 64 MiB.
+    let kv = |disk_bytes: u64| {
+        json!({"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"cpu_bytes_to_use": 8 * FILE, "block_size": 32,
+                   "secondary_tiers": [{"kind": "disk", "path": dir, "bytes": disk_bytes}]}})
+        .to_string()
+    };
+    let a = prompt();
+    let b = a.replace("colour", "shape").replace("Item", "Entry");
+    let p = serve(&["--num-kv-blocks", "32"], Some(kv(64 << 20)));
+    ready(&p).await;
+    // Full blocks with KV: the prompt's and the generated tokens' but the last one's.
+    let blocks = |v: &Value| {
+        let u = &v["usage"];
+        (u["prompt_tokens"].as_u64().expect("usage")
+            + u["completion_tokens"].as_u64().expect("usage")
+            - 1) as usize
+            / 16
+    };
+    let first = complete(&p, &a, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    let full = n / 16;
+    let other = complete(&p, &b, None).await;
+    all_free(&p, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both requests' blocks were offloaded; memory kept the newest 8, the disk the rest.
+    assert_eq!(files(&dir).len(), blocks(&first) + blocks(&other) - 8);
+    let before = metric(&p, "prompt_tokens_computed").await;
+    let again = complete(&p, &a, None).await;
+    assert_eq!(tokens(&again), tokens(&first));
+    all_free(&p, Duration::from_secs(10)).await;
+    // All of `a` came back from the disk, in whole offloaded blocks.
+    let loaded = (full - full % 2) * 16;
+    assert_eq!(
+        metric(&p, "prompt_tokens_computed").await - before,
+        (n - loaded) as f64
+    );
+    assert_eq!(misses(&p).await, 0.0);
+    drop(p);
+
+    // A disk tier of 4 files: it evicts its oldest, and requests never fail; a restart
+    // trims what an earlier run left to the budget.
+    let p = serve(&["--num-kv-blocks", "32"], Some(kv(4 * FILE)));
+    ready(&p).await;
+    assert_eq!(files(&dir).len(), 4);
+    for text in [&a, &b, &a] {
+        let v = complete(&p, text, None).await;
+        assert_eq!(v["usage"]["completion_tokens"], 16);
+        assert!(files(&dir).len() <= 4, "{}", files(&dir).len());
+    }
+    assert_eq!(tokens(&complete(&p, &a, None).await), tokens(&first));
+    all_free(&p, Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

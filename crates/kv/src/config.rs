@@ -126,6 +126,19 @@ pub struct ExtraConfig {
     /// size; 256 as LMCache's).
     #[serde(default)]
     pub chunk_size: Option<usize>,
+    /// `OffloadingConnector`: tiers below host memory that take what it evicts (one disk
+    /// tier today).
+    #[serde(default)]
+    pub secondary_tiers: Option<Vec<SecondaryTier>>,
+}
+
+/// A tier below host memory: `{"kind": "disk", "path": DIR, "bytes": N}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondaryTier {
+    pub kind: String,
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
 }
 
 fn default_host() -> String {
@@ -157,6 +170,7 @@ impl Default for ExtraConfig {
             remote_url: None,
             chunk_size: None,
             connectors: None,
+            secondary_tiers: None,
         }
     }
 }
@@ -255,7 +269,7 @@ impl KvTransferConfig {
             if rest.is_empty() || rest.contains('@') {
                 return Err(ConfigError::Field {
                     field: "kv_connector_extra_config.remote_url",
-                    reason: "expected redis://host:port, without credentials (bind Redis to loopback or a private network)".into(),
+                    reason: "expected redis://host:port[/db], without credentials: the password comes from SPLITSERVE_REDIS_PASSWORD".into(),
                 });
             }
         } else if c.kind == ConnectorKind::RedisStore {
@@ -263,6 +277,30 @@ impl KvTransferConfig {
                 field: "kv_connector_extra_config.remote_url",
                 reason: "RedisStoreConnector needs the server, redis://host:port".into(),
             });
+        }
+        if let Some(tiers) = &c.kv_connector_extra_config.secondary_tiers {
+            let field = "kv_connector_extra_config.secondary_tiers";
+            let reason = if c.kind != ConnectorKind::Offloading {
+                Some(format!(
+                    "{} has no tiers; OffloadingConnector does",
+                    c.kv_connector
+                ))
+            } else if tiers.len() > 1 {
+                Some("one tier below host memory is supported: {\"kind\": \"disk\", ...}".into())
+            } else {
+                tiers.iter().find_map(|t| {
+                    if t.kind != "disk" {
+                        Some(format!("kind {:?}: \"disk\" is the one kind", t.kind))
+                    } else if t.bytes == 0 {
+                        Some("a disk tier needs bytes > 0".into())
+                    } else {
+                        None
+                    }
+                })
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError::Field { field, reason });
+            }
         }
         if dir && c.kv_connector_extra_config.shared_storage_path.is_none() {
             return Err(ConfigError::Field {

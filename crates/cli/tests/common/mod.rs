@@ -22,6 +22,11 @@ impl Proc {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         let g = self.child.lock().unwrap_or_else(|e| e.into_inner());
         g.as_ref().map(|c| c.id())

@@ -204,6 +204,20 @@ impl LoadTarget {
         unsafe { self.lease.mem.block_mut(layer, b) }
     }
 
+    /// Every layer's K then V bytes of lent block `i`, in layer order, to fill at once (one
+    /// vectored read).
+    pub fn block_parts_mut(&mut self, i: usize) -> Vec<&mut [u8]> {
+        let b = self.lease.blocks[i];
+        let n_layer = self.lease.mem.layout.n_layer;
+        let mut parts = Vec::with_capacity(2 * n_layer);
+        for layer in 0..n_layer {
+            // SAFETY: as in `block_mut`; the layers' regions are disjoint, so the slices
+            // never overlap, and `&mut self` keeps them the only borrows.
+            parts.extend(unsafe { self.lease.mem.block_mut(layer, b) });
+        }
+        parts
+    }
+
     /// Ends the load: the request continues (`Ok`) or fails with the message (`Err`).
     pub fn finish(mut self, result: Result<RemoteFirst, String>) {
         self.done = true;
