@@ -367,9 +367,45 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
                     "kv_connector_extra_config": {"remote_url": format!("redis://127.0.0.1:{}", redis.1)}})
     .to_string();
     let a = serve(&[], Some(kv.clone()));
-    let b = serve(&[], Some(kv));
+    let b = serve(&[], Some(kv.clone()));
     let prompt = prompt();
     b_loads_what_a_computed(&a, &b, &prompt).await;
+
+    // Every stored value damaged (one byte of its KV changed, or cut short): a third
+    // instance computes the prompt, answers the same tokens, and counts the misses by name.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.1.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools, with redis-server)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = cli(&["--scan", "--pattern", "splitserve:kv:*"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!(!keys.is_empty());
+    for (i, k) in keys.iter().enumerate() {
+        if i % 2 == 0 {
+            cli(&["SETRANGE", k, "5000", "X"]);
+        } else {
+            cli(&["SET", k, "short"]);
+        }
+    }
+    let c = serve(&[], Some(kv.clone()));
+    ready(&c).await;
+    let got = complete(&c, &prompt, None).await;
+    let n = got["usage"]["prompt_tokens"].as_f64().expect("usage");
+    assert_eq!(tokens(&got), tokens(&complete(&a, &prompt, None).await));
+    assert_eq!(metric(&c, "prompt_tokens_computed").await, n);
+    let text = metrics_text(&c).await;
+    let count = |reason: &str| {
+        let want = format!("splitserve:kv_store_misses_total{{connector=\"RedisStoreConnector\",reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // The load stops at the first bad block.
+    assert_eq!(count("corrupt") + count("truncated"), 1.0, "{text}");
 
     // Redis gone: requests are computed here, no error, no hang.
     drop(redis);
@@ -378,6 +414,40 @@ async fn two_instances_share_a_prompt_through_redis_and_serve_without_it() {
     let v = complete(&b, &other, None).await;
     assert_eq!(v["usage"]["completion_tokens"], 16);
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_evicts_and_every_request_still_answers() {
+    // Room for a few block values only: saves push older ones out.
+    let Some(redis) =
+        redis_server_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"])
+    else {
+        return;
+    };
+    let kv = json!({"kv_connector": "RedisStoreConnector", "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"remote_url": format!("redis://127.0.0.1:{}", redis.1),
+                                                  "chunk_size": 16}})
+    .to_string();
+    let a = serve(&[], Some(kv.clone()));
+    let c = serve(&[], Some(kv));
+    ready(&a).await;
+    ready(&c).await;
+    let long = prompt();
+    let first = complete(&a, &long, None).await;
+    let n = first["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+    complete(&a, &long.replace("Item", "Entry"), None).await;
+    all_free(&a, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first prompt's first blocks were evicted: `c` computes from there, the same
+    // tokens.
+    let got = complete(&c, &long, None).await;
+    assert_eq!(tokens(&got), tokens(&first));
+    all_free(&c, Duration::from_secs(10)).await;
+    let computed = metric(&c, "prompt_tokens_computed").await;
+    assert!(
+        computed > tail(n) as f64,
+        "{computed} of {n} computed: nothing was evicted?"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
