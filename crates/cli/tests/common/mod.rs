@@ -14,12 +14,13 @@ use serde_json::Value;
 pub struct Proc {
     child: Mutex<Option<Child>>,
     pub port: u16,
+    host: String,
     log: PathBuf,
 }
 
 impl Proc {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// What the process logged so far.
@@ -150,10 +151,32 @@ pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
 
 /// [`spawn_env`] on a given port (to restart an instance where it was).
 pub fn spawn_at(port: u16, args: &[String], env: &[(&str, &str)]) -> Proc {
-    let log =
-        std::env::temp_dir().join(format!("splitserve-test-{}-{port}.log", std::process::id()));
+    spawn_on(None, "127.0.0.1", port, args, env)
+}
+
+/// [`spawn_at`] inside network namespace `netns` (when given; `ip netns exec`), listening on
+/// `host`.
+pub fn spawn_on(
+    netns: Option<&str>,
+    host: &str,
+    port: u16,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Proc {
+    let log = std::env::temp_dir().join(format!(
+        "splitserve-test-{}-{host}-{port}.log",
+        std::process::id()
+    ));
     let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_splitserve"))
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_splitserve")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_splitserve")),
+    };
+    let child = cmd
         .args(args)
         .args(["--port", &port.to_string()])
         .env("RUST_LOG", "info")
@@ -166,6 +189,7 @@ pub fn spawn_at(port: u16, args: &[String], env: &[(&str, &str)]) -> Proc {
     Proc {
         child: Mutex::new(Some(child)),
         port,
+        host: host.to_string(),
         log,
     }
 }
