@@ -4,12 +4,15 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use splitserve_econ::link::{tcp_over_ethernet, transfer_time, Link};
 use splitserve_econ::shape::{freight, KvFormat};
+
+use crate::hosts::Hosts;
 
 #[derive(clap::Args)]
 pub struct BenchLinkArgs {
@@ -41,43 +44,6 @@ pub struct BenchLinkArgs {
     /// Write the rows here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// The namespaces, removed on drop (also when the benchmark fails).
-struct Hosts {
-    script: PathBuf,
-    name: String,
-}
-
-impl Hosts {
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.script)
-            .args(args)
-            .output()
-            .with_context(|| format!("running {}", self.script.display()))?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        if !err.trim().is_empty() {
-            eprint!("{err}");
-        }
-        ensure!(
-            out.status.success(),
-            "{} {args:?} failed",
-            self.script.display()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    fn addr(&self, role: &str) -> Result<String> {
-        self.run(&["addr", &self.name, role])
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.script)
-            .args(["down", &self.name])
-            .status();
-    }
 }
 
 /// `rate[:delay]` → (tc rate, delay, the link for econ).
@@ -149,11 +115,7 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let model = crate::model_path(&a.model)?;
     let shape = crate::econ::shape_of(&model)?;
-    let hosts = Hosts {
-        script: a.hosts_script.clone(),
-        name: a.name.clone(),
-    };
-    hosts.run(&["up", &a.name, &links[0].0])?;
+    let hosts = Hosts::up(&a.hosts_script, &a.name, &links[0].0)?;
     let (p_addr, d_addr) = (hosts.addr("prefill")?, hosts.addr("decode")?);
     // Off loopback the pair needs a shared secret: a fresh one, in the children's
     // environment only.
@@ -239,9 +201,7 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     for (rate, delay, link) in &links {
-        let mut args = vec!["shape", &a.name, rate];
-        args.extend(delay.as_deref());
-        let shaped = hosts.run(&args)?;
+        let shaped = hosts.shape(rate, delay.as_deref())?;
         let delay_applied = !shaped.ends_with("delay=none");
         let link = Link {
             latency_s: if delay_applied { link.latency_s } else { 0.0 },
@@ -262,6 +222,7 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
                            "kv_transfer_params": {"do_remote_decode": true}}),
                 ))?;
                 let params = v["kv_transfer_params"].clone();
+                let shown = params.to_string();
                 let before = rt.block_on(metrics(d_url.clone()))?;
                 rt.block_on(post(
                     format!("{d_url}/v1/completions"),
@@ -272,7 +233,8 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
                 let d = |name: &str| counter(&after, name) - counter(&before, name);
                 ensure!(
                     d("kv_transfer_seconds_count") == 1.0,
-                    "no KV transfer was measured"
+                    "{n} tokens: {} KV transfers measured for one request (its params: {shown})",
+                    d("kv_transfer_seconds_count")
                 );
                 took.push(d("kv_transfer_seconds_sum"));
                 bytes = d("kv_transfer_bytes_received_total");

@@ -104,6 +104,18 @@ pub struct BenchPdArgs {
     pub slo_ttft_ms: f64,
     #[arg(long, default_value_t = 100.0)]
     pub slo_itl_ms: f64,
+    /// Across hosts: `deploy/netns/hosts.sh` hosts of this name, made for the run (root).
+    /// The colocated engine runs on the decode host; the pair's instances on their own
+    /// hosts, the KV crossing the link; the proxy and the clients here.
+    #[arg(long)]
+    pub hosts: Option<String>,
+    /// With --hosts: every link's tc rate[:delay] (e.g. 1gbit:200us; a delay needs the
+    /// kernel's sch_netem).
+    #[arg(long, default_value = "10gbit")]
+    pub link: String,
+    /// The hosts harness.
+    #[arg(long, default_value = "deploy/netns/hosts.sh")]
+    pub hosts_script: PathBuf,
 }
 
 #[derive(Clone, serde::Serialize)]
@@ -181,10 +193,25 @@ struct Arm {
 async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Result<Arm> {
     let exe = std::env::current_exe()?;
     let port = a.base_port;
-    let mut cmd = Command::new(&exe);
+    let hosts = a
+        .hosts
+        .as_deref()
+        .map(|n| crate::hosts::Hosts::existing(&a.hosts_script, n));
+    // Across hosts the colocated engine runs on the decode host, at its address.
+    let mut host = "127.0.0.1".to_string();
+    let mut cmd = match (&hosts, arm) {
+        (Some(h), "colocated") => {
+            host = h.addr("decode")?;
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &h.netns("decode")]).arg(&exe);
+            c
+        }
+        _ => Command::new(&exe),
+    };
     match arm {
         "colocated" => {
             cmd.args(["serve", "--model", model, "--port", &port.to_string()])
+                .args(["--host", &host])
                 .args(["--threads", &s.threads.to_string()]);
             if let Some(x) = &a.serve_args {
                 cmd.args(x.split_whitespace());
@@ -209,6 +236,11 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
             if let Some(x) = &a.prefill_args {
                 cmd.args(["--prefill-args", x]);
             }
+            if let Some(h) = &hosts {
+                cmd.args(["--hosts", h.name()])
+                    .arg("--hosts-script")
+                    .arg(&a.hosts_script);
+            }
         }
         other => bail!("unknown arm {other:?} (colocated or disaggregated)"),
     }
@@ -218,7 +250,7 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     }
     let mut child =
         crate::child::spawn_quiet(cmd).with_context(|| format!("starting the {arm} arm"))?;
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("http://{host}:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
         .build()?;
@@ -401,6 +433,19 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     }
     let model = crate::model_path(&a.model)?.display().to_string();
     std::fs::create_dir_all(&a.out)?;
+    // Across hosts: made for the run, removed at its end (also on failure).
+    let _hosts = match &a.hosts {
+        Some(name) => {
+            let (rate, delay) = match a.link.split_once(':') {
+                Some((r, d)) => (r, Some(d)),
+                None => (a.link.as_str(), None),
+            };
+            let h = crate::hosts::Hosts::up(&a.hosts_script, name, rate)?;
+            eprintln!("hosts {name}: {}", h.shape(rate, delay)?);
+            Some(h)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -421,8 +466,12 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     let jsons: Vec<Value> = arms.iter().map(arm_json).collect();
     let mut md = String::new();
     md.push_str(&format!(
-        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}; kernel threads bound to CPUs {}.\n\n",
-        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or(""), s.cpu_bind.as_deref().unwrap_or("default (the pair: disjoint cores, as up places them)")
+        "Workload: {} decode streams of {} tokens (16-token prompts, re-issued until the end) + {} big prompts of {} tokens (max_tokens {}) every {} s; threads: colocated {}, pair {} (split; prefill {:?}, decode {:?} when given); disagg threshold {}; engine flags {:?}; prefill-instance flags {:?}; kernel threads bound to CPUs {}{}.\n\n",
+        s.streams, s.stream_tokens, s.big_prompts, s.big_prompt_tokens, s.big_max_tokens, s.big_interval_s, s.threads, s.pair_threads, s.prefill_threads, s.decode_threads, s.disagg_threshold, s.serve_args.as_deref().unwrap_or(""), s.prefill_args.as_deref().unwrap_or(""), s.cpu_bind.as_deref().unwrap_or("default (the pair: disjoint cores, as up places them)"),
+        match &a.hosts {
+            Some(n) => format!("; across hosts {n} (network namespaces), every link {}", a.link),
+            None => String::new(),
+        }
     ));
     md.push_str("| arm | decode ITL p50 ms | p90 | p99 | p99.9 | max | p99/p50 | big-prompt TTFT p50 ms | max | stream TTFT p50 ms | requests ok/failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for j in &jsons {

@@ -12,6 +12,7 @@ mod child;
 mod drain;
 mod econ;
 mod generate;
+mod hosts;
 mod proxy;
 mod serve;
 mod up;
@@ -62,7 +63,7 @@ enum BenchCommand {
     /// KV transfer throughput of the TCP connector vs a raw loopback TCP copy.
     Kv(bench_kv::BenchKvArgs),
     /// The interference experiment: colocated vs disaggregated, same threads, same workload.
-    Pd(bench_pd::BenchPdArgs),
+    Pd(Box<bench_pd::BenchPdArgs>),
     /// Soak a pair: mixed load, client aborts, an instance killed and restarted; RSS over
     /// time, blocks back at the end, outcomes by kind.
     Soak(bench_soak::BenchSoakArgs),
@@ -199,7 +200,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Engine(a)) => bench_engine::run(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
         Command::Bench(BenchCommand::Kv(a)) => bench_kv::run(a),
-        Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(a),
+        Command::Bench(BenchCommand::Pd(a)) => bench_pd::run(*a),
         Command::Bench(BenchCommand::Soak(a)) => bench_soak::run(a),
         Command::Bench(BenchCommand::Prefix(a)) => bench_prefix::run(a),
         Command::Bench(BenchCommand::Router(a)) => bench_router::run(a),

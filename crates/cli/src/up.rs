@@ -72,8 +72,47 @@ pub struct UpArgs {
     /// (passed to the instances in their environment). Prefer the environment variable.
     #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Run the prefill and the decode instance on the hosts of `deploy/netns/hosts.sh up
+    /// NAME` (network namespaces NAME-prefill and NAME-decode, each bound to its address,
+    /// the KV crossing their shaped link); the proxy stays here. One of each role; root.
+    #[arg(long)]
+    pub hosts: Option<String>,
+    /// The hosts harness, for --hosts (its `addr` command names each host's address).
+    #[arg(long, default_value = "deploy/netns/hosts.sh")]
+    pub hosts_script: PathBuf,
     #[command(flatten)]
     pub routing: RoutingArgs,
+}
+
+/// Where each role runs with `--hosts`: its namespace and address.
+struct Placement {
+    netns: [String; 2],
+    addr: [String; 2],
+    /// The pair's shared secret (off loopback the side channel needs one), for the
+    /// children's environment only.
+    secret: String,
+}
+
+impl Placement {
+    fn of(a: &UpArgs) -> Result<Option<Self>> {
+        let Some(name) = &a.hosts else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            a.prefill == 1 && a.decode == 1,
+            "--hosts runs one prefill and one decode instance"
+        );
+        let h = crate::hosts::Hosts::existing(&a.hosts_script, name);
+        let secret = splitserve_kv::auth::random_bytes(32)?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Some(Self {
+            netns: [h.netns("prefill"), h.netns("decode")],
+            addr: [h.addr("prefill")?, h.addr("decode")?],
+            secret,
+        }))
+    }
 }
 
 fn split_flags(s: &Option<String>) -> Vec<String> {
@@ -97,13 +136,14 @@ impl Drop for Children {
 }
 
 fn wait_listening(
+    host: &str,
     port: u16,
     children: &mut Children,
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Result<()> {
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if TcpStream::connect((host, port)).is_ok() {
             return Ok(());
         }
         if stop.load(Ordering::Relaxed) {
@@ -146,6 +186,7 @@ pub fn up(a: UpArgs) -> Result<()> {
     );
     let model = crate::model_path(&a.model)?;
     let exe = std::env::current_exe()?;
+    let hosts = Placement::of(&a)?;
     let given = a.cpu_bind.clone().unwrap_or_default().0;
     let total = a.threads.unwrap_or_else(|| match given.len() {
         0 => std::thread::available_parallelism()
@@ -215,12 +256,30 @@ pub fn up(a: UpArgs) -> Result<()> {
             ("kv_consumer", format!("decode[{}]", i - a.prefill))
         };
         let side = a.side_channel_port + i as u16;
-        let kv = format!(
-            r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
-        );
-        let mut child = Command::new(&exe);
+        let host = hosts
+            .as_ref()
+            .map_or("127.0.0.1", |h| &h.addr[usize::from(!producer)]);
+        let kv = match &hosts {
+            None => format!(
+                r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
+            ),
+            Some(_) => format!(
+                r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_host":"{host}","side_channel_port":{side},"secret_env":"SPLITSERVE_KV_SECRET"}}}}"#
+            ),
+        };
+        let mut child = match &hosts {
+            None => Command::new(&exe),
+            Some(h) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &h.netns[usize::from(!producer)]])
+                    .arg(&exe)
+                    .env("SPLITSERVE_KV_SECRET", &h.secret);
+                c
+            }
+        };
         child
             .arg("serve")
+            .args(["--host", host])
             .arg("--model")
             .arg(&model)
             .args(["--port", &port.to_string()])
@@ -235,7 +294,8 @@ pub fn up(a: UpArgs) -> Result<()> {
             child.args(&prefill_extra);
         }
         let admin_port = a.admin_base_port + (i - a.prefill.min(i)) as u16;
-        if !producer {
+        // Across hosts one decode instance has no other to migrate to: no admin listener.
+        if !producer && hosts.is_none() {
             // Decode instances can be drained: their requests migrate to the others, and
             // only to them.
             let others: Vec<String> = (a.prefill..n)
@@ -263,7 +323,7 @@ pub fn up(a: UpArgs) -> Result<()> {
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         commands.push(command);
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{host}:{port}");
         println!(
             "{name}: {url} ({role}, {threads} thread{}{}{})",
             if threads == 1 { "" } else { "s" },
@@ -273,22 +333,29 @@ pub fn up(a: UpArgs) -> Result<()> {
                 None => String::new(),
             },
             if producer {
-                format!(", KV side channel 127.0.0.1:{side}")
-            } else {
+                format!(", KV side channel {host}:{side}")
+            } else if hosts.is_none() {
                 format!(", admin http://127.0.0.1:{admin_port}")
+            } else {
+                String::new()
             }
         );
         if producer {
             prefill_urls.push(url);
         } else {
             decode_urls.push(url);
-            decode_admin.push(format!("http://127.0.0.1:{admin_port}"));
+            if hosts.is_none() {
+                decode_admin.push(format!("http://127.0.0.1:{admin_port}"));
+            }
         }
         children.0.push((name, child));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     for i in 0..n {
-        wait_listening(a.base_port + i as u16, &mut children, deadline, &stop)?;
+        let host = hosts
+            .as_ref()
+            .map_or("127.0.0.1", |h| &h.addr[usize::from(i >= a.prefill)]);
+        wait_listening(host, a.base_port + i as u16, &mut children, deadline, &stop)?;
     }
     let args = ProxyArgs {
         prefill: prefill_urls,

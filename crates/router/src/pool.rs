@@ -293,12 +293,12 @@ impl Pool {
                 continue;
             }
             list.retain(|i| i.member != m.url || urls.contains(&i.url));
-            for u in &urls {
+            for (u, a) in urls.iter().zip(&addrs_sorted(&addrs)) {
                 if !list.iter().any(|i| &i.url == u) {
                     list.push(Arc::new(Instance::new(
                         u.clone(),
                         m.url.clone(),
-                        None,
+                        m.admin.as_deref().and_then(|x| admin_at(x, &host, a.ip())),
                         self.thresholds,
                     )));
                 }
@@ -309,6 +309,29 @@ impl Pool {
 }
 
 /// `scheme://host:port` of a base URL (the port defaulting by scheme).
+/// The addresses in the order of their URLs (sorted, without repeats).
+fn addrs_sorted(addrs: &[std::net::SocketAddr]) -> Vec<std::net::SocketAddr> {
+    let mut v: Vec<(String, std::net::SocketAddr)> =
+        addrs.iter().map(|a| (a.to_string(), *a)).collect();
+    v.sort();
+    v.dedup_by(|x, y| x.0 == y.0);
+    v.into_iter().map(|(_, a)| a).collect()
+}
+
+/// A resolved instance's admin URL: the member's admin URL, where it names the member's
+/// host, at the instance's address (a headless Service's pod at its admin port).
+fn admin_at(admin: &str, host: &str, ip: IpAddr) -> Option<String> {
+    let (scheme, admin_host, port) = split_url(admin)?;
+    if admin_host != host {
+        return None;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    Some(format!("{scheme}://{ip}:{port}"))
+}
+
 fn split_url(url: &str) -> Option<(String, String, u16)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
@@ -389,6 +412,21 @@ async fn poll(client: &reqwest::Client, i: &Instance, timeout: Duration) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_resolved_instance_gets_the_members_admin_port_at_its_address() {
+        let ip = "10.1.2.3".parse().expect("ip");
+        assert_eq!(
+            super::admin_at("http://decode:9000", "decode", ip).as_deref(),
+            Some("http://10.1.2.3:9000")
+        );
+        assert_eq!(super::admin_at("http://other:9000", "decode", ip), None);
+        let v6 = "fd00::7".parse().expect("ip");
+        assert_eq!(
+            super::admin_at("http://decode:9000", "decode", v6).as_deref(),
+            Some("http://[fd00::7]:9000")
+        );
+    }
+
     use super::*;
     use crate::policy::RoundRobin;
 
