@@ -12,12 +12,12 @@
 # RATE is tc's (10gbit, 1gbit, 100mbit); DELAY (e.g. 50us) needs sch_netem: on a kernel
 # without it the links are rate-shaped only, and `shape` says so on stderr and prints
 # "delay=none". NAME: up to 8 letters and digits.
-set -euo pipefail
+set -Eeuo pipefail
 
 cmd=${1:?usage: hosts.sh up|shape|down|addr NAME ...}
 name=${2:?NAME}
 [[ $name =~ ^[a-z0-9]{1,8}$ ]] || { echo "NAME: 1 to 8 lowercase letters and digits" >&2; exit 2; }
-# A subnet per NAME, so two harnesses never share one.
+# A subnet per NAME (`up` refuses one that another harness holds).
 net="10.77.$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 250 ))"
 roles=(prefill decode router)
 br="${name}-br"
@@ -79,6 +79,10 @@ case $cmd in
   up)
     rate=${3:?RATE}
     down
+    if ip -4 route show | grep -q "^$net.0/24 "; then
+      echo "hosts.sh: $net.0/24 is in use (another harness?); choose another NAME" >&2
+      exit 1
+    fi
     trap down ERR
     ip link add "$br" type bridge
     ip addr add "$(addr this)/24" dev "$br"

@@ -58,7 +58,11 @@ fn parse_link(s: &str) -> Result<(String, Option<String>, Link)> {
             .find(|c: char| c.is_ascii_alphabetic())
             .unwrap_or(lower.len()),
     );
-    let n: f64 = n.parse().with_context(|| format!("link {s:?}: rate"))?;
+    // Whole numbers, as hosts.sh takes them.
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("link {s:?}: a whole number and a unit"))?;
+    let n = n as f64;
     let bits = n * match unit {
         "gbit" => 1e9,
         "mbit" => 1e6,
@@ -108,6 +112,7 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "bench link makes network namespaces and shapes links: run it as root"
     );
+    ensure!(a.reps >= 1, "--reps must be at least 1");
     let links = a
         .links
         .iter()

@@ -23,8 +23,8 @@ pub fn drain(a: DrainArgs) -> Result<()> {
     rt.block_on(async {
         let path = if a.undo { "undrain" } else { "drain" };
         let url = format!("{}/admin/{path}", a.proxy_admin.trim_end_matches('/'));
-        let r = reqwest::Client::new()
-            .post(&url)
+        // An admin listener off loopback wants the fleet's token ($SPLITSERVE_ADMIN_TOKEN).
+        let r = splitserve_server::http::with_admin_token(reqwest::Client::new().post(&url))
             .json(&serde_json::json!({ "decode": a.decode }))
             .send()
             .await

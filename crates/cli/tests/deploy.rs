@@ -132,6 +132,12 @@ fn the_kubernetes_manifests_are_valid_and_wire_the_roles() {
         "{pre_stop}"
     );
     assert!(decode["terminationGracePeriodSeconds"].as_u64() >= Some(60));
+    // ... to the other decode pods, which its allow-list names through their Service.
+    let args = decode["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--migrate-targets http://splitserve-decode:9000"),
+        "{args}"
+    );
     let router = get("Deployment", "splitserve-router")["spec"]["template"]["spec"]["containers"]
         [0]["args"]
         .to_string();

@@ -54,10 +54,11 @@ pub struct LinkArgs {
     pub link_gbps: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub link_latency_us: f64,
-    /// TCP over Ethernet with this MTU on --link-gbps or an Ethernet preset: each packet's
-    /// headers take their share of the line (0: count none).
-    #[arg(long, default_value_t = 1500)]
-    pub mtu: u32,
+    /// TCP over Ethernet with this MTU: each packet's headers take their share of the line
+    /// (the Ethernet presets count MTU 1500 unless told; a --link-gbps link counts none
+    /// unless told; 0: none).
+    #[arg(long)]
+    pub mtu: Option<u32>,
     /// Share of the nominal bandwidth a transfer achieves.
     #[arg(long, default_value_t = 1.0)]
     pub efficiency: f64,
@@ -184,7 +185,7 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
             name: format!("{g} GB/s"),
             bytes_per_s: g * 1e9,
             latency_s: l.link_latency_us * 1e-6,
-            payload_share: framing(l.mtu),
+            payload_share: framing(l.mtu.unwrap_or(0))?,
         });
     }
     if l.link.eq_ignore_ascii_case("loopback") {
@@ -211,17 +212,20 @@ fn link_of(l: &LinkArgs) -> Result<Link, EconError> {
     if l.link_latency_us > 0.0 {
         k.latency_s = l.link_latency_us * 1e-6;
     }
-    if k.payload_share < 1.0 {
-        k.payload_share = framing(l.mtu);
+    if let Some(m) = l.mtu {
+        k.payload_share = framing(m)?;
     }
     Ok(k)
 }
 
 /// The payload share of TCP over Ethernet at `mtu` (0: no framing counted).
-fn framing(mtu: u32) -> f64 {
+fn framing(mtu: u32) -> Result<f64, EconError> {
     match mtu {
-        0 => 1.0,
-        m => link::tcp_over_ethernet(f64::from(m)),
+        0 => Ok(1.0),
+        68..=65535 => Ok(link::tcp_over_ethernet(f64::from(mtu))),
+        m => Err(EconError::Hook(format!(
+            "--mtu {m}: an MTU from 68 to 65535, or 0 for no framing"
+        ))),
     }
 }
 

@@ -113,15 +113,17 @@ async fn migrate(State(state): State<AppState>, body: Bytes) -> Response {
     reply(r.await)
 }
 
-/// Refuses a target that is not on the allow-list, before anything is parked or sent.
-fn check_target(state: &AppState, target: &str) -> Result<(), ApiError> {
+/// Refuses a target that is not on the allow-list, before anything is parked or sent. A
+/// listed URL that names a host allows every address the name resolves to, at its scheme
+/// and port (a Kubernetes headless Service: every decode pod).
+async fn check_target(state: &AppState, target: &str) -> Result<(), ApiError> {
     let allowed = state
         .0
         .migrate_targets
         .get()
         .map(Vec::as_slice)
         .unwrap_or(&[]);
-    if allowed.iter().any(|t| t == target) {
+    if allowed.iter().any(|t| t == target) || resolves_to(allowed, target).await {
         return Ok(());
     }
     Err(ApiError::Forbidden(if allowed.is_empty() {
@@ -136,6 +138,55 @@ fn check_target(state: &AppState, target: &str) -> Result<(), ApiError> {
     }))
 }
 
+/// Whether `target` (`scheme://ip:port`) is an address that a name in `allowed` resolves
+/// to, with the same scheme and port.
+async fn resolves_to(allowed: &[String], target: &str) -> bool {
+    let Ok(t) = reqwest::Url::parse(target) else {
+        return false;
+    };
+    // A base URL and nothing else: no path, query, fragment or credentials to smuggle.
+    let bare = matches!(t.path(), "" | "/")
+        && t.query().is_none()
+        && t.fragment().is_none()
+        && t.username().is_empty()
+        && t.password().is_none();
+    if !bare {
+        return false;
+    }
+    let Some(ip) = t
+        .host_str()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+    else {
+        return false;
+    };
+    for a in allowed {
+        let Ok(u) = reqwest::Url::parse(a) else {
+            continue;
+        };
+        let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+            continue;
+        };
+        let named = host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_err();
+        if !named || u.scheme() != t.scheme() || Some(port) != t.port_or_known_default() {
+            continue;
+        }
+        let found = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio::net::lookup_host((host, port)),
+        )
+        .await;
+        if let Ok(Ok(mut addrs)) = found {
+            if addrs.any(|x| x.ip() == ip) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Moves the request (the first live one of `ids`) to the engine whose admin base URL is
 /// `target`; on any refusal the request continues here and the error says why.
 pub(crate) async fn migrate_one(
@@ -144,7 +195,7 @@ pub(crate) async fn migrate_one(
     target: &str,
     after_tokens: usize,
 ) -> Result<Value, ApiError> {
-    check_target(state, target)?;
+    check_target(state, target).await?;
     let fp = state
         .fingerprint()
         .ok_or_else(|| ApiError::Internal("migration needs the model's fingerprint".into()))?
@@ -439,7 +490,7 @@ async fn drain(State(state): State<AppState>, body: Bytes) -> Response {
             ));
         }
         for t in &targets {
-            check_target(&state, t)?;
+            check_target(&state, t).await?;
         }
         state.0.draining.store(true, Ordering::Relaxed);
         tracing::info!(targets = ?targets, "draining: new requests are refused, live ones move");
@@ -471,4 +522,41 @@ async fn undrain(State(state): State<AppState>) -> Response {
     state.0.draining.store(false, Ordering::Relaxed);
     tracing::info!("accepting requests again");
     Json(json!({"draining": false})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolves_to;
+
+    #[tokio::test]
+    async fn a_named_migration_target_allows_the_addresses_it_resolves_to() {
+        let allowed = ["http://localhost:9000".to_string()];
+        assert!(resolves_to(&allowed, "http://127.0.0.1:9000").await);
+        assert!(
+            !resolves_to(&allowed, "http://127.0.0.1:9001").await,
+            "another port"
+        );
+        assert!(
+            !resolves_to(&allowed, "https://127.0.0.1:9000").await,
+            "another scheme"
+        );
+        assert!(
+            !resolves_to(&allowed, "http://10.9.9.9:9000").await,
+            "another address"
+        );
+        assert!(
+            !resolves_to(&allowed, "http://localhost:9000").await,
+            "a name, not an address"
+        );
+        for smuggled in [
+            "http://127.0.0.1:9000/admin/undrain?x=",
+            "http://127.0.0.1:9000/x",
+            "http://u:p@127.0.0.1:9000",
+            "http://127.0.0.1:9000#f",
+        ] {
+            assert!(!resolves_to(&allowed, smuggled).await, "{smuggled}");
+        }
+        let by_ip = ["http://127.0.0.1:9000".to_string()];
+        assert!(!resolves_to(&by_ip, "http://127.0.0.2:9000").await);
+    }
 }

@@ -83,6 +83,9 @@ trait Tier: Send + Sync + 'static {
         head: &mut [u8],
         parts: &mut [&mut [u8]],
     ) -> Result<bool, &'static str>;
+    /// Forgets `hash`'s file: it was read and found unusable (truncated, corrupt, foreign),
+    /// so that the next save of the block writes it anew.
+    fn discard(&self, _hash: &BlockHash) {}
     fn describe(&self) -> String;
     /// How many of `hashes`, from the first, may be there.
     fn run_of(&self, hashes: &[BlockHash]) -> usize {
@@ -383,6 +386,9 @@ impl KvConnector for BlockStore {
                     &mut target.block_parts_mut(i),
                 );
                 if let Err(why) = ok {
+                    if why != "missing" {
+                        tier.discard(&hash);
+                    }
                     tracing::warn!(block = %hex(&hash), reason = why, request = %target.request_id(), "stored KV block not used; computing from there");
                     miss = Some(why);
                     break;

@@ -66,9 +66,14 @@ impl Redis {
         format!("{}{}", self.prefix, hex(hash))
     }
 
-    /// Marks Redis down for [`BACKOFF`] and says why.
+    /// Marks Redis down for [`BACKOFF`], drops its pooled connections, and says why.
     fn down(&self, e: impl std::fmt::Display) -> std::io::Error {
         *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + BACKOFF);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         tracing::warn!(redis = %self.describe(), error = %e, "Redis unavailable; stored KV skipped for {BACKOFF:?}");
         std::io::Error::other(e.to_string())
     }
@@ -77,49 +82,50 @@ impl Redis {
         matches!(*self.down_until.lock().unwrap_or_else(|p| p.into_inner()), Some(t) if Instant::now() < t)
     }
 
-    /// Runs `f` on a pooled connection; an error (or Redis marked down) is an `io::Error`.
+    /// Runs `f` on a connection; an error (or Redis marked down) is an `io::Error`. A
+    /// pooled connection that fails (gone stale: a restart, the server's idle timeout) gets
+    /// one more try on a fresh one before Redis is called down.
     pub(crate) fn with<T>(
         &self,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> std::io::Result<T> {
         if self.is_down() {
             return Err(std::io::Error::other("Redis marked down"));
         }
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut con = match pooled {
-            Some(c) => c,
-            None => {
-                let c = self
-                    .client
-                    .get_connection_with_timeout(TIMEOUT)
-                    .map_err(|e| self.down(e))?;
-                c.set_read_timeout(Some(TIMEOUT))
-                    .and_then(|()| c.set_write_timeout(Some(TIMEOUT)))
-                    .map_err(|e| self.down(e))?;
-                c
+        if let Some(mut c) = pooled {
+            if let Ok(r) = f(&mut c) {
+                self.keep(c);
+                return Ok(r);
             }
-        };
-        let r = f(&mut con).map_err(|e| self.down(e))?;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE {
-            idle.push(con);
         }
+        let mut c = self
+            .client
+            .get_connection_with_timeout(TIMEOUT)
+            .map_err(|e| self.down(e))?;
+        c.set_read_timeout(Some(TIMEOUT))
+            .and_then(|()| c.set_write_timeout(Some(TIMEOUT)))
+            .map_err(|e| self.down(e))?;
+        let r = f(&mut c).map_err(|e| self.down(e))?;
+        self.keep(c);
         Ok(r)
     }
 
-    /// A reader connection: pooled, or a new one (TCP only; `None` for TLS or a socket
-    /// path, which load through the crate).
-    fn reader(&self) -> std::io::Result<Option<Reader>> {
-        if let Some(r) = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(Some(r));
+    fn keep(&self, c: redis::Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE {
+            idle.push(c);
         }
+    }
+
+    /// A new reader connection (TCP only; `None` for TLS or a socket path, which load
+    /// through the crate).
+    fn new_reader(&self) -> std::io::Result<Option<Reader>> {
         let info = self.client.get_connection_info();
         let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Ok(None);
         };
-        Reader::connect(host, *port, info.redis_settings())
-            .map(Some)
-            .map_err(|e| self.down(e))
+        Reader::connect(host, *port, info.redis_settings()).map(Some)
     }
 }
 
@@ -236,10 +242,30 @@ impl Reader {
     }
 }
 
+impl Redis {
+    /// A load through the crate's connection (TLS, a socket path): its buffer, then a copy.
+    fn read_through_crate(
+        &self,
+        key: &str,
+        head: &mut [u8],
+        parts: &mut [&mut [u8]],
+    ) -> Result<bool, &'static str> {
+        let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        // Never more than a block file's size and a byte, whatever the value holds.
+        let v: Vec<u8> = self
+            .with(|c| redis::cmd("GETRANGE").arg(key).arg(0).arg(len).query(c))
+            .map_err(|_| "missing")?;
+        if v.is_empty() {
+            return Err("missing");
+        }
+        super::fill_from(&mut &v[..], head, parts).map(|()| true)
+    }
+}
+
 impl Tier for Redis {
     fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()> {
         let key = self.key(hash);
-        self.with(|c| redis::cmd("SET").arg(&key).arg(bytes).query::<()>(c))
+        self.with(|c| redis::cmd("SET").arg(&key).arg(&bytes[..]).query::<()>(c))
     }
 
     fn has(&self, hash: &BlockHash) -> bool {
@@ -271,39 +297,45 @@ impl Tier for Redis {
             return Err("missing");
         }
         let key = self.key(hash);
-        match self.reader() {
-            Err(_) => Err("missing"),
-            Ok(Some(mut r)) => {
-                let got = r.get_into(&key, head, parts);
-                if matches!(got, Ok(Got::Value | Got::Missing)) {
-                    let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-                    if idle.len() < IDLE {
-                        idle.push(r);
-                    }
-                }
-                match got {
-                    Ok(Got::Value) => Ok(true),
-                    Ok(Got::Missing) => Err("missing"),
-                    // A value of another length is a bad block, not an outage.
-                    Ok(Got::WrongLength) => Err("truncated"),
+        // A pooled reader first; if it fails (stale), one fresh one before calling Redis
+        // down. What a failed try left in the blocks is overwritten or not used.
+        let mut pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        loop {
+            let (mut r, fresh) = match pooled.take() {
+                Some(r) => (r, false),
+                None => match self.new_reader() {
+                    Ok(Some(r)) => (r, true),
+                    Ok(None) => return self.read_through_crate(&key, head, parts),
                     Err(e) => {
                         self.down(e);
-                        Err("missing")
+                        return Err("missing");
                     }
+                },
+            };
+            let got = r.get_into(&key, head, parts);
+            if matches!(got, Ok(Got::Value | Got::Missing)) {
+                let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < IDLE {
+                    idle.push(r);
                 }
             }
-            Ok(None) => {
-                let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
-                // Never more than a block file's size and a byte, whatever the value holds.
-                let v: Vec<u8> = self
-                    .with(|c| redis::cmd("GETRANGE").arg(&key).arg(0).arg(len).query(c))
-                    .map_err(|_| "missing")?;
-                if v.is_empty() {
-                    return Err("missing");
+            return match got {
+                Ok(Got::Value) => Ok(true),
+                Ok(Got::Missing) => Err("missing"),
+                // A value of another length is a bad block, not an outage.
+                Ok(Got::WrongLength) => Err("truncated"),
+                Err(_) if !fresh => continue,
+                Err(e) => {
+                    self.down(e);
+                    Err("missing")
                 }
-                super::fill_from(&mut &v[..], head, parts).map(|()| true)
-            }
+            };
         }
+    }
+
+    fn discard(&self, hash: &BlockHash) {
+        let key = self.key(hash);
+        let _ = self.with(|c| redis::cmd("DEL").arg(&key).query::<()>(c));
     }
 
     fn describe(&self) -> String {

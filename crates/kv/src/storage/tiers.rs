@@ -89,6 +89,10 @@ impl Tier for Dir {
         Ok(true)
     }
 
+    fn discard(&self, hash: &BlockHash) {
+        let _ = std::fs::remove_file(file_of(&self.0, hash));
+    }
+
     fn describe(&self) -> String {
         self.0.display().to_string()
     }
@@ -163,8 +167,15 @@ pub(super) struct Disk {
 impl Disk {
     pub(super) fn new(path: PathBuf, cap: u64) -> std::io::Result<Self> {
         writable_dir(&path)?;
-        let mut found: Vec<(std::time::SystemTime, BlockHash, u64)> = std::fs::read_dir(&path)?
-            .flatten()
+        let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&path)?.flatten().collect();
+        // Temporary files of a run that ended mid-write are no block's.
+        for e in &entries {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let mut found: Vec<(std::time::SystemTime, BlockHash, u64)> = entries
+            .iter()
             .filter_map(|e| {
                 let m = e.metadata().ok()?;
                 Some((m.modified().ok()?, hash_of(&e.path())?, m.len()))
@@ -216,9 +227,14 @@ impl Tier for Disk {
         }
         let r = self.dir.read_into(hash, head, parts);
         if r.is_err() {
-            self.index().remove(hash);
+            self.discard(hash);
         }
         r
+    }
+
+    fn discard(&self, hash: &BlockHash) {
+        self.index().remove(hash);
+        self.dir.discard(hash);
     }
 
     fn describe(&self) -> String {
@@ -288,6 +304,13 @@ impl Tier for Memory {
         // Copied once, into the engine's blocks, outside the lock. Not checksummed: sealed
         // by this process and never out of its memory since.
         fill_from(&mut &bytes[..], head, parts).map(|()| false)
+    }
+
+    fn discard(&self, hash: &BlockHash) {
+        self.lru().remove(hash);
+        if let Some(disk) = &self.below {
+            disk.discard(hash);
+        }
     }
 
     fn describe(&self) -> String {
