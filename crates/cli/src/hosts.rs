@@ -28,7 +28,31 @@ impl Hosts {
             owned: true,
         };
         h.run(&["up", name, rate])?;
+        h.down_on_signal();
         Ok(h)
+    }
+
+    /// Ctrl-C or SIGTERM ends the process without running destructors: the hosts are
+    /// removed first (the children die with us).
+    fn down_on_signal(&self) {
+        let (script, name) = (self.script.clone(), self.name.clone());
+        let started = std::thread::Builder::new()
+            .name("hosts-signal".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(crate::shutdown_signal());
+                eprintln!("stopped: removing hosts {name}");
+                let _ = Command::new(&script).args(["down", &name]).status();
+                std::process::exit(130);
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "a signal will leave the hosts behind (hosts.sh down removes them)");
+        }
     }
 
     /// Hosts `name` as made by `hosts.sh up` beforehand (left as they are).

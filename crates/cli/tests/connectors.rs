@@ -250,6 +250,16 @@ fn a_store_misconfigured_is_refused_at_start_naming_the_key() {
             r#"{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":{"cpu_bytes_to_use":1048576,"block_size":24}}"#.to_string(),
             "block_size",
         ),
+        (
+            vec![],
+            r#"{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":{"cpu_bytes_to_use":1048576,"secondary_tiers":[{"kind":"disk","path":"/proc/version/kv","bytes":1048576}]}}"#.to_string(),
+            "secondary_tiers",
+        ),
+        (
+            vec![],
+            r#"{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":{"cpu_bytes_to_use":1048576,"secondary_tiers":[{"kind":"tape","path":"/tmp","bytes":1}]}}"#.to_string(),
+            "secondary_tiers",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
             .args(["serve", "--model", &model(), "--threads", "1"])
