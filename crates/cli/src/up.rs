@@ -357,6 +357,22 @@ pub fn up(a: UpArgs) -> Result<()> {
             .map_or("127.0.0.1", |h| &h.addr[usize::from(i >= a.prefill)]);
         wait_listening(host, a.base_port + i as u16, &mut children, deadline, &stop)?;
     }
+    // The decode instances' CPUs run their engines only: every other thread (this proxy's,
+    // each instance's HTTP and KV transfer threads, and those they start later) moves to
+    // the prefill instances' CPUs, whose work waits better than a decode step does.
+    let prefill_cpus: usize = (0..a.prefill).map(threads_of).sum();
+    if prefill_cpus > 0 && prefill_cpus < bind.len() {
+        let (spare, decode) = (
+            CpuList(bind[..prefill_cpus].to_vec()),
+            &bind[prefill_cpus..],
+        );
+        // Our own main thread stays as it is: the instances restarted later are its children,
+        // and their engines bind to the decode CPUs (the moved threads' children could not).
+        let pids =
+            std::iter::once(std::process::id()).chain(children.0.iter().map(|(_, c)| c.id()));
+        let moved: usize = pids.map(|pid| keep_off(pid, decode, &spare)).sum();
+        tracing::info!(cpus = %spare, threads = moved, "I/O threads kept off the decode CPUs");
+    }
     let args = ProxyArgs {
         prefill: prefill_urls,
         decode: decode_urls,
@@ -399,6 +415,39 @@ pub fn up(a: UpArgs) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
     drop(children);
     r
+}
+
+/// Moves process `pid`'s threads to `spare`, but its engine threads (the step loop, and
+/// compute threads bound within `decode`); how many moved.
+fn keep_off(pid: u32, decode: &[usize], spare: &CpuList) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut moved = 0;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() && tid as u32 == pid {
+            continue;
+        }
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let mask: Option<CpuList> = std::fs::read_to_string(t.path().join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .and_then(|v| v.trim().parse().ok())
+            });
+        let bound_to_decode = mask.is_some_and(|m| m.0.iter().all(|c| decode.contains(c)));
+        if comm.starts_with("splitserve-engi") || bound_to_decode {
+            continue;
+        }
+        if spare.confine_thread(tid).is_ok() {
+            moved += 1;
+        }
+    }
+    moved
 }
 
 /// First wait before restarting a dead instance; it doubles per quick death, up to the max.

@@ -54,6 +54,44 @@ impl CpuList {
     pub fn allowed() -> Option<CpuList> {
         allowed_cpus().map(CpuList)
     }
+
+    /// Confines thread `tid` (of any process this one may manage) to these CPUs; the
+    /// threads it starts later inherit that.
+    pub fn confine_thread(&self, tid: i32) -> std::io::Result<()> {
+        confine(tid, &self.0)
+    }
+}
+
+/// Sets thread `tid`'s affinity to `cpus`.
+#[cfg(target_os = "linux")]
+fn confine(tid: i32, cpus: &[usize]) -> std::io::Result<()> {
+    if cpus.is_empty() || cpus.iter().any(|&c| c > MAX_CPU) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an empty CPU list, or a CPU past the last one Linux can name",
+        ));
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; every CPU fits it (checked above).
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn confine(_tid: i32, _cpus: &[usize]) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "CPU affinity is implemented for Linux only",
+    ))
 }
 
 impl std::str::FromStr for CpuList {
