@@ -3,7 +3,6 @@
 //! each link, beside what `econ` predicts for the same bytes on the same link. Needs root.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use std::time::Duration;
 
@@ -48,10 +47,8 @@ pub struct BenchLinkArgs {
 
 /// `rate[:delay]` → (tc rate, delay, the link for econ).
 fn parse_link(s: &str) -> Result<(String, Option<String>, Link)> {
-    let (rate, delay) = match s.split_once(':') {
-        Some((r, d)) => (r.to_string(), Some(d.to_string())),
-        None => (s.to_string(), None),
-    };
+    let (rate, delay) = crate::hosts::split_link(s);
+    let (rate, delay) = (rate.to_string(), delay.map(str::to_string));
     let lower = rate.to_ascii_lowercase();
     let (n, unit) = lower.split_at(
         lower
@@ -107,11 +104,6 @@ fn counter(text: &str, name: &str) -> f64 {
 }
 
 pub fn run(a: &BenchLinkArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "bench link makes network namespaces and shapes links: run it as root"
-    );
     ensure!(a.reps >= 1, "--reps must be at least 1");
     let links = a
         .links
@@ -122,21 +114,14 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
     let shape = crate::econ::shape_of(&model)?;
     let hosts = Hosts::up(&a.hosts_script, &a.name, &links[0].0)?;
     let (p_addr, d_addr) = (hosts.addr("prefill")?, hosts.addr("decode")?);
-    // Off loopback the pair needs a shared secret: a fresh one, in the children's
-    // environment only.
-    let secret: String = splitserve_kv::auth::random_bytes(32)?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let secret = crate::hosts::pair_secret()?;
     let exe = std::env::current_exe()?;
     let serve = |ns: &str, addr: &str, role: &str, extra: &[&str]| -> Result<crate::child::Kill> {
         let kv = json!({"kv_connector": "TcpConnector", "kv_role": role,
                         "kv_connector_extra_config": {"side_channel_host": addr,
                             "side_channel_port": 5600, "secret_env": "SPLITSERVE_KV_SECRET"}});
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &format!("{}-{ns}", a.name)])
-            .arg(&exe)
-            .args(["serve", "--model", &model.display().to_string()])
+        let mut cmd = hosts.exec(ns, &exe);
+        cmd.args(["serve", "--model", &model.display().to_string()])
             .args(["--host", addr, "--port", "8000"])
             .args(["--threads", &a.threads.to_string()])
             .args(["--kv-transfer-config", &kv.to_string()])

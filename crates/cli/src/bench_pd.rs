@@ -202,9 +202,7 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
     let mut cmd = match (&hosts, arm) {
         (Some(h), "colocated") => {
             host = h.addr("decode")?;
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &h.netns("decode")]).arg(&exe);
-            c
+            h.exec("decode", &exe)
         }
         _ => Command::new(&exe),
     };
@@ -436,10 +434,7 @@ pub fn run(a: BenchPdArgs) -> Result<()> {
     // Across hosts: made for the run, removed at its end (also on failure).
     let _hosts = match &a.hosts {
         Some(name) => {
-            let (rate, delay) = match a.link.split_once(':') {
-                Some((r, d)) => (r, Some(d)),
-                None => (a.link.as_str(), None),
-            };
+            let (rate, delay) = crate::hosts::split_link(&a.link);
             let h = crate::hosts::Hosts::up(&a.hosts_script, name, rate)?;
             eprintln!("hosts {name}: {}", h.shape(rate, delay)?);
             Some(h)

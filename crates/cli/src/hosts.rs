@@ -97,9 +97,29 @@ impl Hosts {
         self.run(&["addr", &self.name, role])
     }
 
-    /// `role`'s network namespace.
-    pub(crate) fn netns(&self, role: &str) -> String {
-        format!("{}-{role}", self.name)
+    /// `program` to run on `role`'s host (`ip netns exec`).
+    pub(crate) fn exec(&self, role: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{}-{role}", self.name)])
+            .arg(program);
+        c
+    }
+}
+
+/// A pair's fresh shared secret (hex), for its instances' environment only: off loopback
+/// the side channel needs one.
+pub(crate) fn pair_secret() -> Result<String> {
+    Ok(splitserve_kv::auth::random_bytes(32)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A link as `rate[:delay]` (tc's units, e.g. `1gbit:200us`): the rate and the delay.
+pub(crate) fn split_link(s: &str) -> (&str, Option<&str>) {
+    match s.split_once(':') {
+        Some((r, d)) => (r, Some(d)),
+        None => (s, None),
     }
 }
 

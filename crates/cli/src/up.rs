@@ -84,12 +84,11 @@ pub struct UpArgs {
     pub routing: RoutingArgs,
 }
 
-/// Where each role runs with `--hosts`: its namespace and address.
+/// Where each role runs with `--hosts`: its host and address (prefill, decode).
 struct Placement {
-    netns: [String; 2],
+    hosts: crate::hosts::Hosts,
     addr: [String; 2],
-    /// The pair's shared secret (off loopback the side channel needs one), for the
-    /// children's environment only.
+    /// The pair's shared secret, for the children's environment only.
     secret: String,
 }
 
@@ -102,15 +101,11 @@ impl Placement {
             a.prefill == 1 && a.decode == 1,
             "--hosts runs one prefill and one decode instance"
         );
-        let h = crate::hosts::Hosts::existing(&a.hosts_script, name);
-        let secret = splitserve_kv::auth::random_bytes(32)?
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hosts = crate::hosts::Hosts::existing(&a.hosts_script, name);
         Ok(Some(Self {
-            netns: [h.netns("prefill"), h.netns("decode")],
-            addr: [h.addr("prefill")?, h.addr("decode")?],
-            secret,
+            addr: [hosts.addr("prefill")?, hosts.addr("decode")?],
+            hosts,
+            secret: crate::hosts::pair_secret()?,
         }))
     }
 }
@@ -270,10 +265,10 @@ pub fn up(a: UpArgs) -> Result<()> {
         let mut child = match &hosts {
             None => Command::new(&exe),
             Some(h) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &h.netns[usize::from(!producer)]])
-                    .arg(&exe)
-                    .env("SPLITSERVE_KV_SECRET", &h.secret);
+                let mut c = h
+                    .hosts
+                    .exec(if producer { "prefill" } else { "decode" }, &exe);
+                c.env("SPLITSERVE_KV_SECRET", &h.secret);
                 c
             }
         };

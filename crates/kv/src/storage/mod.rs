@@ -68,7 +68,8 @@ pub enum StoreEvent {
 /// Receives a store connector's events: the connector's name and what happened.
 pub type StoreHook = Arc<dyn Fn(&'static str, StoreEvent) + Send + Sync>;
 
-/// Where encoded block files live: a shared directory, or host memory.
+/// Where encoded block files live: a shared directory, host memory (over a disk tier), or
+/// a Redis server.
 trait Tier: Send + Sync + 'static {
     /// Keeps `bytes` as `hash`'s file.
     fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()>;
@@ -91,6 +92,11 @@ trait Tier: Send + Sync + 'static {
     fn run_of(&self, hashes: &[BlockHash]) -> usize {
         hashes.iter().take_while(|h| self.has(h)).count()
     }
+}
+
+/// Bytes of a block file read into `head` then `parts`.
+fn file_len(head: &[u8], parts: &[&mut [u8]]) -> usize {
+    head.len() + parts.iter().map(|p| p.len()).sum::<usize>()
 }
 
 /// Fills `head` then `parts` from `r` with vectored reads (one, from a file).
@@ -472,6 +478,20 @@ impl KvConnector for BlockStore {
     }
 }
 
+/// Engine blocks per `field`'s tokens (a multiple of the engine's block size; the engine's
+/// block when not given).
+fn blocks_per(s: &Setup, field: &'static str, tokens: Option<usize>) -> Result<usize, ConfigError> {
+    let bs = s.fingerprint.block_size as usize;
+    let tokens = tokens.unwrap_or(bs);
+    if tokens == 0 || !tokens.is_multiple_of(bs) {
+        return Err(ConfigError::Field {
+            field,
+            reason: format!("{tokens} is not a multiple of the engine's block size {bs}"),
+        });
+    }
+    Ok(tokens / bs)
+}
+
 /// `ExampleConnector` and `OffloadingConnector` as a server sees them.
 pub(crate) struct StorageRole {
     config: KvTransferConfig,
@@ -493,14 +513,7 @@ impl StorageRole {
                         "OffloadingConnector needs the host memory it may use, in bytes".into(),
                     )
                 })?;
-                let bs = s.fingerprint.block_size as usize;
-                let tokens = x.block_size.unwrap_or(bs);
-                if tokens == 0 || !tokens.is_multiple_of(bs) {
-                    return Err(field(
-                        "kv_connector_extra_config.block_size",
-                        format!("{tokens} is not a multiple of the engine's block size {bs}"),
-                    ));
-                }
+                let group = blocks_per(&s, "kv_connector_extra_config.block_size", x.block_size)?;
                 let disk = match x.secondary_tiers.as_deref() {
                     Some([t, ..]) => Some(Disk::new(t.path.clone(), t.bytes).map_err(|e| {
                         field(
@@ -512,7 +525,7 @@ impl StorageRole {
                 };
                 let memory = Memory::new(cap, disk);
                 // A tier of this process: it saves and loads whatever the role.
-                (Arc::new(memory), tokens / bs, true, true)
+                (Arc::new(memory), group, true, true)
             }
             ConnectorKind::RedisStore => {
                 let url = x.remote_url.as_deref().ok_or_else(|| {
@@ -521,14 +534,12 @@ impl StorageRole {
                         "RedisStoreConnector needs the server, redis://host:port".into(),
                     )
                 })?;
-                let bs = s.fingerprint.block_size as usize;
-                let chunk = x.chunk_size.unwrap_or(256);
-                if chunk == 0 || !chunk.is_multiple_of(bs) {
-                    return Err(field(
-                        "kv_connector_extra_config.chunk_size",
-                        format!("{chunk} is not a multiple of the engine's block size {bs}"),
-                    ));
-                }
+                // 256 tokens by default, as LMCache's chunks.
+                let group = blocks_per(
+                    &s,
+                    "kv_connector_extra_config.chunk_size",
+                    x.chunk_size.or(Some(256)),
+                )?;
                 let redis = Redis::new(url, &digest_of(&s.fingerprint))
                     .map_err(|e| field("kv_connector_extra_config.remote_url", e))?;
                 // Unreachable at startup is a configuration error; later, a miss.
@@ -540,12 +551,7 @@ impl StorageRole {
                             format!("{} does not answer: {e}", redis.describe()),
                         )
                     })?;
-                (
-                    Arc::new(redis),
-                    chunk / bs,
-                    role.produces(),
-                    role.consumes(),
-                )
+                (Arc::new(redis), group, role.produces(), role.consumes())
             }
             _ => {
                 let path = x.shared_storage_path.clone().ok_or_else(|| {

@@ -35,16 +35,11 @@ pub(crate) struct Redis {
 }
 
 impl Redis {
-    /// `url` (`redis://host:port[/db]`, a user name allowed, a password refused: it comes
-    /// from [`PASSWORD_ENV`]).
+    /// `url` (`redis://host:port[/db]`); the password, if any, from [`PASSWORD_ENV`].
     pub(crate) fn new(url: &str, digest: &[u8; 32]) -> Result<Self, String> {
         use redis::IntoConnectionInfo;
+        // The config refused credentials in the URL already.
         let info = url.into_connection_info().map_err(|e| e.to_string())?;
-        if info.redis_settings().password().is_some() {
-            return Err(format!(
-                "a password in the URL would sit on the command line; set {PASSWORD_ENV} instead"
-            ));
-        }
         let info = match std::env::var(PASSWORD_ENV) {
             Ok(pw) if !pw.is_empty() => {
                 let settings = info.redis_settings().clone().set_password(pw);
@@ -206,7 +201,7 @@ impl Reader {
         head: &mut [u8],
         parts: &mut [&mut [u8]],
     ) -> std::io::Result<Got> {
-        let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = super::file_len(head, parts);
         self.send(&[
             b"GETRANGE",
             key.as_bytes(),
@@ -250,7 +245,7 @@ impl Redis {
         head: &mut [u8],
         parts: &mut [&mut [u8]],
     ) -> Result<bool, &'static str> {
-        let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = super::file_len(head, parts);
         // Never more than a block file's size and a byte, whatever the value holds.
         let v: Vec<u8> = self
             .with(|c| redis::cmd("GETRANGE").arg(key).arg(0).arg(len).query(c))

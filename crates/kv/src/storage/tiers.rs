@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use splitserve_engine::prefix_cache::{hex, BlockHash};
 
-use super::{fill_from, read_vectored_exact, Tier, HEADER};
+use super::{file_len, fill_from, read_vectored_exact, Tier, HEADER};
 
 fn file_of(dir: &Path, hash: &BlockHash) -> PathBuf {
     dir.join(format!("{}.kv", hex(hash)))
@@ -79,7 +79,7 @@ impl Tier for Dir {
         parts: &mut [&mut [u8]],
     ) -> Result<bool, &'static str> {
         let mut f = std::fs::File::open(file_of(&self.0, hash)).map_err(|_| "missing")?;
-        let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = file_len(head, parts);
         if f.metadata().map_err(|_| "missing")?.len() != len as u64 {
             return Err("truncated");
         }
@@ -201,11 +201,12 @@ impl Disk {
 
 impl Tier for Disk {
     fn put(&self, hash: &BlockHash, bytes: Vec<u8>) -> std::io::Result<()> {
-        if bytes.len() as u64 > self.index().cap {
+        let n = bytes.len() as u64;
+        if n > self.index().cap {
             return Ok(());
         }
-        self.dir.put(hash, bytes.clone())?;
-        let out = self.index().insert(*hash, (), bytes.len() as u64);
+        self.dir.put(hash, bytes)?;
+        let out = self.index().insert(*hash, (), n);
         for (old, ()) in out {
             let _ = std::fs::remove_file(file_of(&self.dir.0, &old));
         }
