@@ -17,58 +17,58 @@ use crate::BenchError;
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct ServeBenchArgs {
-    /// Server to load, e.g. http://127.0.0.1:8000 (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    /// Server to load (loopback only)
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8000")]
     pub base_url: String,
-    /// Model name to send (default: the first of /v1/models).
-    #[arg(long)]
+    /// Model to send (default: the first of /v1/models)
+    #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
-    /// `random` (seeded token ids); `prefix` (a head of --prefix-len tokens shared by
-    /// the prompts, one of --num-prefixes, then a suffix of --input-len of their own);
-    /// `multiturn` (conversations of --turns turns, each turn resending the conversation:
-    /// earlier turns with a reply of --output-len tokens, then --input-len new tokens;
-    /// sent turn by turn); or a path to a JSONL file with a "prompt" per line.
-    #[arg(long, default_value = "random")]
+    /// random, prefix, multiturn, or a JSONL file
+    #[arg(long, value_name = "KIND", default_value = "random")]
     pub dataset: String,
-    /// `prefix`: tokens of each shared head.
-    #[arg(long, default_value_t = 1024)]
+    /// prefix: tokens of each shared head
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     pub prefix_len: usize,
-    /// `prefix`: distinct heads, used in turn.
-    #[arg(long, default_value_t = 1)]
+    /// prefix: distinct heads, used in turn
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub num_prefixes: usize,
-    /// `multiturn`: turns of each conversation.
-    #[arg(long, default_value_t = 4)]
+    /// multiturn: turns of each conversation
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub turns: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Requests to send
+    #[arg(long, value_name = "N", default_value_t = 64)]
     pub num_prompts: usize,
-    /// Mean prompt length for `random`.
-    #[arg(long, default_value_t = 64)]
+    /// Prompt tokens (prefix: the suffix; multiturn: a turn)
+    #[arg(long, value_name = "N", default_value_t = 64)]
     pub input_len: usize,
-    /// Output tokens per request.
-    #[arg(long, default_value_t = 128)]
+    /// Output tokens per request
+    #[arg(long, value_name = "N", default_value_t = 128)]
     pub output_len: usize,
-    /// Lengths are drawn uniformly from [len·(1−r), len·(1+r)].
-    #[arg(long, default_value_t = 0.0)]
+    /// Lengths drawn from len·(1±r)
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
     pub range_ratio: f64,
-    /// Requests per second (Poisson arrivals), or `inf` to send all at once.
-    #[arg(long, default_value = "inf")]
+    /// Poisson requests/s, or inf: all at once
+    #[arg(long, value_name = "R", default_value = "inf")]
     pub request_rate: String,
-    /// Requests in flight at most.
-    #[arg(long)]
+    /// Requests in flight at most (default: no cap)
+    #[arg(long, value_name = "N")]
     pub max_concurrency: Option<usize>,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the prompts and arrivals
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
-    /// Goodput SLOs (DistServe): time to first token and mean inter-token latency.
-    #[arg(long, default_value_t = 1000.0)]
+    /// Goodput SLO: time to first token, ms
+    #[arg(long, value_name = "MS", default_value_t = 1000.0)]
     pub slo_ttft_ms: f64,
-    #[arg(long, default_value_t = 50.0)]
+    /// Goodput SLO: mean inter-token latency, ms
+    #[arg(long, value_name = "MS", default_value_t = 50.0)]
     pub slo_itl_ms: f64,
-    /// Write the report as JSON here.
-    #[arg(long)]
+    /// Write the report here as JSON
+    #[arg(long, value_name = "PATH")]
     pub result_json: Option<PathBuf>,
-    /// Give up on a request after this many seconds.
-    #[arg(long, default_value_t = 600.0)]
+    /// Seconds before a request is given up
+    #[arg(long, value_name = "S", default_value_t = 600.0)]
     pub timeout_s: f64,
+    /// No progress bar
     #[arg(long)]
     pub no_progress: bool,
 }

@@ -12,35 +12,45 @@ use splitserve_engine::{
 
 #[derive(clap::Args)]
 pub struct BenchEngineArgs {
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
+    /// Prompt tokens of the prefill measurement
+    #[arg(long, value_name = "N", default_value_t = 512)]
     prompt_len: usize,
-    /// Tokens generated per stream in the decode measurement.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens per stream in the decode measurement
+    #[arg(long, value_name = "N", default_value_t = 128)]
     decode_tokens: usize,
-    /// Prompt tokens of each decode stream (stream `i` gets this many plus `i`), so decode
-    /// is measured at that depth of context; the prefill steps are not counted.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Context of decode stream i: N + i tokens
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     decode_context: u64,
-    /// Thread counts to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    /// Thread counts to measure
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1,2"
+    )]
     threads: Vec<usize>,
-    /// Decode batch sizes to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    /// Decode batch sizes to measure
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1,8"
+    )]
     batch: Vec<usize>,
-    /// Repetitions of the prefill measurement (the best is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Prefill repetitions (the best is reported)
+    #[arg(long, value_name = "N", default_value_t = 3)]
     reps: usize,
-    /// KV cache storage type (f16, f32 or q8_0).
-    #[arg(long, default_value = "f16")]
+    /// KV cache type: f16, f32 or q8_0
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
+    /// Tokens per KV block
+    #[arg(long, value_name = "N", default_value_t = 16)]
     block_size: usize,
-    /// Write the results here as JSON.
-    #[arg(long)]
+    /// Write the results here as JSON
+    #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
 }
 

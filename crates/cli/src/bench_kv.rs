@@ -21,30 +21,29 @@ use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 
 #[derive(clap::Args)]
 pub struct BenchKvArgs {
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub(crate) model: Option<PathBuf>,
-    /// Prompt tokens whose KV is moved.
-    #[arg(long, default_value_t = 2000)]
+    /// Prompt tokens whose KV is moved
+    #[arg(long, value_name = "N", default_value_t = 2000)]
     pub(crate) prompt_len: usize,
-    /// Transfers measured (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    /// Transfers measured (median reported)
+    #[arg(long, value_name = "N", default_value_t = 5)]
     pub(crate) reps: usize,
-    /// KV cache dtype (f16, f32 or q8_0).
-    #[arg(long, default_value = "f16")]
+    /// KV cache type: f16, f32 or q8_0
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub(crate) kv_cache_dtype: splitserve_engine::KvDtype,
-    /// Write the results here as JSON.
-    #[arg(long)]
+    /// Write the results here as JSON
+    #[arg(long, value_name = "PATH")]
     pub(crate) json: Option<PathBuf>,
-    /// TcpConnector (against a raw TCP copy), or a store: ExampleConnector (against plain
-    /// file writes and reads in the same directory), OffloadingConnector (against memcpy),
-    /// RedisStoreConnector (against plain SET and GET of the same values).
-    #[arg(long, default_value = "TcpConnector")]
+    /// Connector to measure (docs/connectors.md)
+    #[arg(long, value_name = "NAME", default_value = "TcpConnector")]
     pub(crate) connector: String,
-    /// ExampleConnector: the directory (default: a fresh one under the temp dir, removed).
-    #[arg(long)]
+    /// Example: its folder (default: a temporary one)
+    #[arg(long, value_name = "DIR")]
     pub(crate) shared_storage_path: Option<PathBuf>,
-    /// RedisStoreConnector: the server.
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    /// RedisStore: the server
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
     pub(crate) remote_url: String,
 }
 

@@ -15,33 +15,39 @@ use crate::hosts::Hosts;
 
 #[derive(clap::Args)]
 pub struct BenchLinkArgs {
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Links as tc rate[:delay], e.g. 10gbit:50us (a delay needs the kernel's sch_netem;
-    /// without it the link is rate-shaped only, and the table says so).
+    /// Links as tc rate[:delay]
     #[arg(
         long,
+        value_name = "LIST",
         value_delimiter = ',',
         default_value = "10gbit:50us,1gbit:200us,100mbit"
     )]
     links: Vec<String>,
-    /// Prompt lengths in tokens.
-    #[arg(long, value_delimiter = ',', default_value = "500,2000,8000")]
+    /// Prompt lengths in tokens
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "500,2000,8000"
+    )]
     prompt_tokens: Vec<usize>,
-    /// Transfers per link and length (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Transfers per row (median reported)
+    #[arg(long, value_name = "N", default_value_t = 3)]
     reps: usize,
-    /// Threads of each instance.
-    #[arg(long, default_value_t = 1)]
+    /// Threads of each instance
+    #[arg(long, value_name = "N", default_value_t = 1)]
     threads: usize,
-    /// The hosts harness.
-    #[arg(long, default_value = "deploy/netns/hosts.sh")]
+    /// The hosts harness
+    #[arg(long, value_name = "PATH", default_value = "deploy/netns/hosts.sh")]
     hosts_script: PathBuf,
-    /// Harness name (namespaces NAME-prefill, NAME-decode, NAME-router).
-    #[arg(long, default_value = "sslink")]
+    /// Harness name (namespaces NAME-prefill, …)
+    #[arg(long, value_name = "NAME", default_value = "sslink")]
     name: String,
-    /// Write the rows here as JSON.
-    #[arg(long)]
+    /// Write the rows here as JSON
+    #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
 }
 

@@ -22,99 +22,98 @@ use splitserve_engine::CpuList;
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchPdArgs {
-    /// Small settings that finish in under two minutes.
+    /// Small settings: under two minutes
     #[arg(long)]
     pub quick: bool,
-    /// Threads for each arm in total (colocated: all; pair: split).
-    #[arg(long, default_value_t = 2)]
+    /// Threads of each arm, all roles together
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub threads: usize,
-    /// Threads of the disaggregated arm in total, split between producer and consumer
-    /// (default: --threads). Twice --threads gives each role what the colocated engine has.
-    #[arg(long)]
+    /// The pair's threads (default: --threads)
+    #[arg(long, value_name = "N")]
     pub pair_threads: Option<usize>,
-    /// Threads of the pair's producer and consumer (override the split of --pair-threads).
-    #[arg(long)]
+    /// The pair's producer threads (default: split)
+    #[arg(long, value_name = "N")]
     pub prefill_threads: Option<usize>,
-    #[arg(long)]
+    /// The pair's consumer threads (default: split)
+    #[arg(long, value_name = "N")]
     pub decode_threads: Option<usize>,
-    /// The pair's proxy prefills prompts shorter than this on the decode instance (0: never).
-    #[arg(long, default_value_t = 0)]
+    /// The pair prefills shorter prompts on decode
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub disagg_threshold: usize,
-    /// Concurrent decode streams.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent decode streams
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub streams: usize,
-    /// Output tokens per decode request.
-    #[arg(long)]
+    /// Tokens per stream (default: 128; quick 48)
+    #[arg(long, value_name = "N")]
     pub stream_tokens: Option<usize>,
-    /// Prompt tokens of each big prompt.
-    #[arg(long)]
+    /// Big prompt tokens (default: 1490; quick 256)
+    #[arg(long, value_name = "N")]
     pub big_prompt_tokens: Option<usize>,
-    /// max_tokens of each big prompt.
-    #[arg(long, default_value_t = 1)]
+    /// max_tokens of each big prompt
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub big_max_tokens: usize,
-    /// Big prompts per arm.
-    #[arg(long)]
+    /// Big prompts per arm (default: 4; quick 2)
+    #[arg(long, value_name = "N")]
     pub big_prompts: Option<usize>,
-    /// Seconds between big-prompt arrivals.
-    #[arg(long)]
+    /// Seconds between them (default: 20; quick 4)
+    #[arg(long, value_name = "S")]
     pub big_interval_s: Option<f64>,
-    /// Output folder for pd.json, pd.md and the plots.
-    #[arg(long, default_value = "bench-results/pd")]
+    /// Folder of pd.json, pd.md and the plots
+    #[arg(long, value_name = "DIR", default_value = "bench-results/pd")]
     pub out: PathBuf,
-    /// Arms to run (colocated, disaggregated).
-    #[arg(long, value_delimiter = ',', default_value = "colocated,disaggregated")]
+    /// Arms to run
+    #[arg(
+        long,
+        value_name = "ARMS",
+        value_delimiter = ',',
+        default_value = "colocated,disaggregated"
+    )]
     pub arms: Vec<String>,
-    /// Rounds of the experiment, the arms alternating within each: the table gets a row per
-    /// arm and round, plus each arm's median and range. One run on a shared machine moves
-    /// the tail ratio by ±0.15, too much to judge a target by.
-    #[arg(long, default_value_t = 1)]
+    /// Rounds, arms alternating; medians reported
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub runs: usize,
-    /// First port to use on loopback.
-    #[arg(long, default_value_t = 18100)]
+    /// First loopback port
+    #[arg(long, value_name = "PORT", default_value_t = 18100)]
     pub base_port: u16,
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Extra flags for every engine of both arms (e.g. "--long-prefill-token-threshold 128").
-    #[arg(long, allow_hyphen_values = true)]
+    /// Extra flags for every engine of both arms
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub serve_args: Option<String>,
-    /// CPUs for the arms' kernel threads ("0-1"): the colocated engine's threads take them
-    /// in turn, the pair's producer the first ones and its consumer the next (`serve
-    /// --cpu-bind`, `up --cpu-bind`). Default: wherever the OS puts them.
-    #[arg(long)]
+    /// CPUs, taken in turn (default: as up places)
+    #[arg(long, value_name = "CPUS")]
     #[serde(skip)]
     pub cpu_bind: Option<CpuList>,
-    /// Extra flags for the pair's prefill instance only (e.g. "--long-prefill-token-threshold
-    /// 64"); the colocated engine keeps its defaults.
-    #[arg(long, allow_hyphen_values = true)]
+    /// Extra flags for the pair's producer only
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub prefill_args: Option<String>,
-    /// Goodput sweep: request rates (req/s, Poisson) to offer each arm, e.g. 0.1,0.2,0.4.
-    #[arg(long, value_delimiter = ',')]
+    /// Goodput sweep: request rates, e.g. 0.1,0.2
+    #[arg(long, value_name = "RATES", value_delimiter = ',')]
     pub sweep: Vec<f64>,
-    /// Sweep: requests per rate.
-    #[arg(long)]
+    /// Sweep: requests per rate (default: 24)
+    #[arg(long, value_name = "N")]
     pub sweep_prompts: Option<usize>,
-    /// Sweep: prompt tokens of each request.
-    #[arg(long)]
+    /// Sweep: prompt tokens (default: 256)
+    #[arg(long, value_name = "N")]
     pub sweep_input_len: Option<usize>,
-    /// Sweep: output tokens of each request.
-    #[arg(long)]
+    /// Sweep: output tokens (default: 64)
+    #[arg(long, value_name = "N")]
     pub sweep_output_len: Option<usize>,
-    /// Sweep SLOs: time to first token and mean inter-token latency.
-    #[arg(long, default_value_t = 3000.0)]
+    /// Sweep SLO: time to first token, ms
+    #[arg(long, value_name = "MS", default_value_t = 3000.0)]
     pub slo_ttft_ms: f64,
-    #[arg(long, default_value_t = 100.0)]
+    /// Sweep SLO: mean inter-token latency, ms
+    #[arg(long, value_name = "MS", default_value_t = 100.0)]
     pub slo_itl_ms: f64,
-    /// Across hosts: `deploy/netns/hosts.sh` hosts of this name, made for the run (root).
-    /// The colocated engine runs on the decode host; the pair's instances on their own
-    /// hosts, the KV crossing the link; the proxy and the clients here.
-    #[arg(long)]
+    /// Run on hosts.sh's hosts NAME (root)
+    #[arg(long, value_name = "NAME")]
     pub hosts: Option<String>,
-    /// With --hosts: every link's tc rate[:delay] (e.g. 1gbit:200us; a delay needs the
-    /// kernel's sch_netem).
-    #[arg(long, default_value = "10gbit")]
+    /// With --hosts: tc rate[:delay] of each link
+    #[arg(long, value_name = "RATE", default_value = "10gbit")]
     pub link: String,
-    /// The hosts harness.
-    #[arg(long, default_value = "deploy/netns/hosts.sh")]
+    /// The hosts harness
+    #[arg(long, value_name = "PATH", default_value = "deploy/netns/hosts.sh")]
     pub hosts_script: PathBuf,
 }
 

@@ -13,47 +13,47 @@ use splitserve_bench::load::{Report, ServeBenchArgs};
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchPrefixArgs {
-    /// GGUF model file (default: the default model).
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// `prefix` (a shared head + suffixes of their own) or `multiturn`.
-    #[arg(long, default_value = "prefix")]
+    /// prefix (shared heads) or multiturn
+    #[arg(long, value_name = "KIND", default_value = "prefix")]
     pub dataset: String,
-    /// Tokens of the shared head (`prefix`).
-    #[arg(long, default_value_t = 1024)]
+    /// Tokens of the shared head (prefix)
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     pub prefix_len: usize,
-    /// Tokens of each prompt's own suffix (`prefix`), or of each new turn (`multiturn`).
-    #[arg(long, default_value_t = 64)]
+    /// Tokens of each suffix, or of each new turn
+    #[arg(long, value_name = "N", default_value_t = 64)]
     pub input_len: usize,
-    /// Output tokens per request.
-    #[arg(long, default_value_t = 8)]
+    /// Output tokens per request
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub output_len: usize,
-    /// Turns per conversation (`multiturn`).
-    #[arg(long, default_value_t = 4)]
+    /// Turns per conversation (multiturn)
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub turns: usize,
-    /// Requests per arm.
-    #[arg(long, default_value_t = 24)]
+    /// Requests per arm
+    #[arg(long, value_name = "N", default_value_t = 24)]
     pub num_prompts: usize,
-    /// Requests in flight at most (1: each TTFT is the server's alone).
-    #[arg(long, default_value_t = 1)]
+    /// Requests in flight at most
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub max_concurrency: usize,
-    /// Kernel threads of the server.
-    #[arg(long, default_value_t = 2)]
+    /// Kernel threads of the server
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub threads: usize,
-    /// Loopback port of the server under test.
+    /// Loopback port of the server
     #[arg(long, default_value_t = 18400)]
     pub port: u16,
-    /// Where the JSON and the plot go.
-    #[arg(long, default_value = "bench-results/prefix")]
+    /// Folder of the JSON and the plot
+    #[arg(long, value_name = "DIR", default_value = "bench-results/prefix")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the prompts
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
-    /// KV blocks of the server under test (default: serve's).
-    #[arg(long)]
+    /// KV blocks of the server (default: serve's)
+    #[arg(long, value_name = "N")]
     pub num_kv_blocks: Option<usize>,
-    /// Compare the pool alone against the pool backed by an OffloadingConnector of this
-    /// many bytes of host memory (both with prefix caching), instead of caching on vs off.
-    #[arg(long)]
+    /// Compare pool vs pool + offload of BYTES
+    #[arg(long, value_name = "BYTES")]
     pub offload_bytes: Option<u64>,
 }
 

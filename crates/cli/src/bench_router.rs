@@ -17,46 +17,52 @@ use splitserve_bench::stats::{percentile, Summary};
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchRouterArgs {
-    /// Decode policies to compare, in this order.
+    /// Policies to compare
     #[arg(
         long,
+        value_name = "LIST",
         value_delimiter = ',',
         default_value = "round_robin,free_blocks,least_load"
     )]
     pub policies: Vec<String>,
-    #[arg(long, default_value_t = 1)]
+    /// Prefill instances
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub prefill: usize,
-    #[arg(long, default_value_t = 2)]
+    /// Decode instances
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub decode: usize,
-    /// Requests per policy.
-    #[arg(long, default_value_t = 48)]
+    /// Requests per policy
+    #[arg(long, value_name = "N", default_value_t = 48)]
     pub num_prompts: usize,
-    /// Requests in flight at most.
-    #[arg(long, default_value_t = 8)]
+    /// Requests in flight at most
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_concurrency: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Prompt tokens per request
+    #[arg(long, value_name = "N", default_value_t = 64)]
     pub input_len: usize,
-    /// Output tokens of the long requests.
-    #[arg(long, default_value_t = 320)]
+    /// Output tokens of the long requests
+    #[arg(long, value_name = "N", default_value_t = 320)]
     pub long_output: usize,
-    /// Output tokens of the short requests.
-    #[arg(long, default_value_t = 16)]
+    /// Output tokens of the short requests
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub short_output: usize,
-    /// Every n-th request is long, the others short: with n equal to the decode instances,
-    /// round robin sends every long request to the same one.
-    #[arg(long, default_value_t = 2)]
+    /// Every n-th request is long
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub long_every: usize,
-    /// KV blocks of each instance (small, so that where requests land shows).
-    #[arg(long, default_value_t = 256)]
+    /// KV blocks of each instance
+    #[arg(long, value_name = "N", default_value_t = 256)]
     pub num_kv_blocks: usize,
-    /// First of the loopback ports `up` uses (24 from here).
-    #[arg(long, default_value_t = 18500)]
+    /// First loopback port (24 from here)
+    #[arg(long, value_name = "PORT", default_value_t = 18500)]
     pub base_port: u16,
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value = "bench-results/router")]
+    /// Folder of the results
+    #[arg(long, value_name = "DIR", default_value = "bench-results/router")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the workload
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 }
 

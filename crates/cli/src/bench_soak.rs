@@ -18,39 +18,41 @@ use crate::child::Kill;
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchSoakArgs {
-    /// How long the load runs.
-    #[arg(long, default_value_t = 30.0)]
+    /// How long the load runs
+    #[arg(long, value_name = "M", default_value_t = 30.0)]
     pub minutes: f64,
-    /// Concurrent clients.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent clients
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub concurrency: usize,
-    /// Share of requests the client abandons after its first streamed chunk.
-    #[arg(long, default_value_t = 0.1)]
+    /// Share abandoned after their first chunk
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
     pub abort_fraction: f64,
-    /// Which instance is killed (SIGKILL) and restarted: prefill, decode or none.
-    #[arg(long, default_value = "prefill")]
+    /// Instance killed: prefill, decode or none
+    #[arg(long, value_name = "ROLE", default_value = "prefill")]
     pub kill: String,
-    /// Seconds between kills.
-    #[arg(long, default_value_t = 300.0)]
+    /// Seconds between kills
+    #[arg(long, value_name = "S", default_value_t = 300.0)]
     pub kill_every_s: f64,
-    /// Seconds a producer holds KV nobody pulls (the pair's hold_timeout_s).
-    #[arg(long, default_value_t = 10.0)]
+    /// The pair's hold_timeout_s
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
     pub hold_timeout_s: f64,
-    /// Kernel threads of each instance.
-    #[arg(long, default_value_t = 1)]
+    /// Kernel threads of each instance
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
-    /// A request that has not finished after this many seconds counts as hung.
-    #[arg(long, default_value_t = 120.0)]
+    /// Seconds after which a request is hung
+    #[arg(long, value_name = "S", default_value_t = 120.0)]
     pub request_timeout_s: f64,
-    /// First of five loopback ports (proxy, prefill, decode, two side channels).
-    #[arg(long, default_value_t = 18300)]
+    /// First of five loopback ports
+    #[arg(long, value_name = "PORT", default_value_t = 18300)]
     pub base_port: u16,
-    #[arg(long, default_value_t = 1)]
+    /// Seed of the load
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Output folder for soak.json and soak-rss.svg.
-    #[arg(long, default_value = "bench-results/soak")]
+    /// Folder of soak.json and soak-rss.svg
+    #[arg(long, value_name = "DIR", default_value = "bench-results/soak")]
     pub out: PathBuf,
 }
 

@@ -4,13 +4,13 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Args)]
 pub struct DrainArgs {
-    /// The proxy's admin base URL (its --admin-port).
-    #[arg(long)]
+    /// The proxy's admin URL (its --admin-port)
+    #[arg(long, value_name = "URL")]
     pub proxy_admin: String,
-    /// The decode instance to drain, as the proxy knows it (its --decode URL).
-    #[arg(long)]
+    /// The instance to drain: its URL in the proxy's --decode
+    #[arg(long, value_name = "URL")]
     pub decode: String,
-    /// Put the instance back into rotation instead.
+    /// Put the instance back into rotation instead
     #[arg(long)]
     pub undo: bool,
 }

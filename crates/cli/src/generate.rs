@@ -12,30 +12,35 @@ use splitserve_engine::{
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    #[arg(long)]
+    /// The prompt
+    #[arg(long, value_name = "TEXT")]
     prompt: String,
-    /// Wrap the prompt as a user message in the model's chat template.
+    /// Wrap it in the model's chat template
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 64)]
+    /// Tokens to generate at most
+    #[arg(long, value_name = "N", default_value_t = 64)]
     max_tokens: usize,
-    /// Sampling temperature (greedy when not given or 0).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature (0: greedy)
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: top probability mass
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
     top_p: f32,
-    #[arg(long, default_value_t = 0)]
+    /// Sample among the k likeliest (0: all)
+    #[arg(long, value_name = "K", default_value_t = 0)]
     top_k: usize,
-    #[arg(long)]
+    /// Sampling seed (default: random)
+    #[arg(long, value_name = "N")]
     seed: Option<u64>,
-    /// Kernel threads (default: all cores).
-    #[arg(long)]
+    /// Kernel threads (default: all cores)
+    #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// KV cache storage type (f16, f32 or q8_0).
-    #[arg(long, default_value = "f16")]
+    /// KV cache type: f16, f32 or q8_0
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
 }
 

@@ -56,23 +56,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Engine alone: prefill tok/s for one prompt, decode tok/s per batch size and thread count.
+    /// Engine alone: prefill tok/s, and decode tok/s per batch size and thread count.
     Engine(bench_engine::BenchEngineArgs),
-    /// Load any OpenAI-compatible server: TTFT, ITL, E2E percentiles, throughput, goodput.
+    /// Load an OpenAI-compatible server: TTFT, ITL, E2E percentiles, goodput.
     Serve(splitserve_bench::load::ServeBenchArgs),
-    /// KV transfer throughput of the TCP connector vs a raw loopback TCP copy.
+    /// KV transfer throughput of a connector beside a plain copy of the same bytes.
     Kv(bench_kv::BenchKvArgs),
-    /// The interference experiment: colocated vs disaggregated, same threads, same workload.
+    /// The interference experiment: colocated vs disaggregated, same threads and load.
     Pd(Box<bench_pd::BenchPdArgs>),
-    /// Soak a pair: mixed load, client aborts, an instance killed and restarted; RSS over
-    /// time, blocks back at the end, outcomes by kind.
+    /// Soak a pair: mixed load, aborts, kills and restarts; RSS, leaks, outcomes.
     Soak(bench_soak::BenchSoakArgs),
     /// Prefix caching on vs off in one run: a shared-prefix or multi-turn workload, TTFT.
     Prefix(bench_prefix::BenchPrefixArgs),
     /// The proxy's decode policies side by side on one skewed workload through `up`.
     Router(bench_router::BenchRouterArgs),
-    /// KV transfer between a prefill and a decode host (network namespaces) over shaped
-    /// links, beside econ's prediction for each (root).
+    /// KV transfer between hosts over shaped links, beside econ's prediction (root).
     Link(bench_link::BenchLinkArgs),
 }
 

@@ -5,76 +5,72 @@ use std::time::Duration;
 use anyhow::Result;
 use splitserve_router::{Pools, Proxy};
 
+/// `proxy`'s flags; each help is one line so that `--help` fits a screen (docs/pd.md says more).
 #[derive(clap::Args)]
 pub struct ProxyArgs {
-    /// Prefill (kv_producer) instance base URLs.
-    #[arg(long, num_args = 1.., required = true)]
+    /// Prefill (kv_producer) instance URLs
+    #[arg(long, value_name = "URL", num_args = 1.., required = true)]
     pub prefill: Vec<String>,
-    /// Decode (kv_consumer) instance base URLs.
-    #[arg(long, num_args = 1.., required = true)]
+    /// Decode (kv_consumer) instance URLs
+    #[arg(long, value_name = "URL", num_args = 1.., required = true)]
     pub decode: Vec<String>,
+    /// Address to listen on
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Prompts shorter than this many tokens are prefilled on the decode instance
-    /// (conditional disaggregation); 0 sends every request through a prefill instance.
-    #[arg(long, default_value_t = 0)]
+    /// Prefill shorter prompts on the decode side
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub disagg_threshold: usize,
-    /// Admin base URL of each decode instance (their `serve --admin-port`), in --decode's
-    /// order; needed to drain one.
-    #[arg(long, num_args = 1..)]
+    /// Decode instances' admin URLs, in --decode order
+    #[arg(long, value_name = "URL", num_args = 1..)]
     pub decode_admin: Vec<String>,
-    /// Serve the proxy's admin endpoints (drain, undrain, instances) on this port.
-    #[arg(long)]
+    /// Port of the proxy's admin endpoints
+    #[arg(long, value_name = "PORT")]
     pub admin_port: Option<u16>,
-    /// Address of the admin listener; loopback unless you mean otherwise (then the admin
-    /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address of the admin listener
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
     pub admin_host: String,
     /// The API key (the proxy sends it to the instances too) and the header-read timeout.
     #[command(flatten)]
     pub http: crate::serve::HttpArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Routing (docs/pd.md)")]
     pub routing: RoutingArgs,
 }
 
 /// How the proxy chooses instances, watches their health and falls back.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RoutingArgs {
-    /// Prefill instance choice: round_robin, random, least_load, power_of_two, free_blocks
-    /// or cache_aware.
-    #[arg(long, default_value = "least_load")]
+    /// Prefill choice (policies: docs/pd.md)
+    #[arg(long, value_name = "POLICY", default_value = "least_load")]
     pub prefill_policy: String,
-    /// Decode instance choice (same names); free_blocks: the most free KV blocks after
-    /// this request.
-    #[arg(long, default_value = "free_blocks")]
+    /// Decode choice (same policies)
+    #[arg(long, value_name = "POLICY", default_value = "free_blocks")]
     pub decode_policy: String,
-    /// Seconds between polls of every instance's /health.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds between /health polls
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub health_interval_s: f64,
-    /// Seconds a /health poll may take.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds a /health poll may take
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
     pub health_timeout_s: f64,
-    /// Failures in a row (unreachable, 5xx, failed poll) that take an instance out.
-    #[arg(long, default_value_t = 3)]
+    /// Failures in a row that take an instance out
+    #[arg(long, value_name = "N", default_value_t = 3)]
     pub failure_threshold: u32,
-    /// Successes in a row, after the cool-down, that bring it back.
-    #[arg(long, default_value_t = 1)]
+    /// Successes in a row that bring it back
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub success_threshold: u32,
-    /// Seconds an instance that failed gets no requests before it is tried again.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds a failed instance rests
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
     pub circuit_cooldown_s: f64,
-    /// Prefill on the decode instance while every prefill instance has at least this many
-    /// requests running, waiting or on their way (0: never).
-    #[arg(long, default_value_t = 0)]
+    /// Queue at which prefill moves to decode (0: off)
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub prefill_busy_threshold: u64,
-    /// Answer 502 instead of prefilling on a decode instance when no prefill instance can.
+    /// 502 rather than prefill on a decode instance
     #[arg(long)]
     pub no_fallback: bool,
-    /// Re-resolve instances named by host name this often, every address an instance
-    /// (a Kubernetes headless Service); 0: use the URLs as given.
-    #[arg(long, default_value_t = 0.0)]
+    /// Seconds between DNS lookups of hosts (0: off)
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
     pub resolve_interval_s: f64,
 }
 

@@ -8,65 +8,64 @@ use splitserve_engine::{ComputePriority, CpuList, EngineConfig, KvDtype, KvLayou
 use splitserve_kv::{Fingerprint, KvTransferConfig};
 use splitserve_server::{AppState, PdSetup};
 
-/// Engine flags, named as vLLM names them.
+/// Engine flags, named as vLLM names them. Each help is one line, so that `--help` fits a
+/// screen; docs/flags.md says more where a flag needs it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Model name served in the API (default: the file name without extension).
-    #[arg(long)]
+    /// API model name (default: the file's stem)
+    #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Tokens per KV cache block.
-    #[arg(long, default_value_t = 16)]
+    /// Tokens per KV cache block
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub block_size: usize,
-    /// KV cache blocks in the pool (vLLM: --num-gpu-blocks-override).
-    #[arg(long, alias = "num-gpu-blocks-override", default_value_t = 2048)]
+    /// KV cache blocks in the pool
+    #[arg(
+        long,
+        value_name = "N",
+        alias = "num-gpu-blocks-override",
+        default_value_t = 2048
+    )]
     pub num_kv_blocks: usize,
-    /// Requests in the running batch at most.
-    #[arg(long, default_value_t = 16)]
+    /// Requests in the running batch at most
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_num_seqs: usize,
-    /// Token budget of one step (prompt chunk tokens plus one per decoding request).
-    #[arg(long, default_value_t = 512)]
+    /// Token budget of one step
+    #[arg(long, value_name = "N", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
-    /// Context length served (default: the model's, capped by the KV pool).
-    #[arg(long)]
+    /// Context length (default: the model's)
+    #[arg(long, value_name = "N")]
     pub max_model_len: Option<usize>,
-    /// Split long prompts into chunks of the step budget.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    /// Prefill in chunks of the step budget
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", hide_possible_values = true)]
     pub enable_chunked_prefill: bool,
-    /// A prompt with more tokens left than this gets at most this many per step, so short
-    /// prompts are not stuck behind it (0: no cap).
-    #[arg(long, default_value_t = 0)]
+    /// Per-step cap on a long prompt (0: none)
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub long_prefill_token_threshold: usize,
-    /// With a threshold, how many prompts over it are prefilled at once; shorter prompts
-    /// may pass the ones waiting.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Long prompts prefilled at once
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_long_partial_prefills: u64,
-    /// KV cache storage type: f16, f32, or q8_0 (llama.cpp's 8-bit groups: half the bytes
-    /// of f16 to hold, read and ship; not bit-identical to f16).
-    #[arg(long, default_value = "f16")]
+    /// KV cache type: f16, f32 or q8_0
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
-    /// Kernel threads (default: all cores).
-    #[arg(long)]
+    /// Kernel threads (default: all cores)
+    #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Scheduling class of the kernel threads: normal, or idle (Linux SCHED_IDLE: HTTP
-    /// streaming, proxy and KV-transfer threads preempt a running step at once instead of
-    /// at the next scheduler tick; for a machine dedicated to serving).
-    #[arg(long, default_value = "normal")]
+    /// Kernel threads: normal or idle
+    #[arg(long, value_name = "CLASS", default_value = "normal")]
     pub compute_priority: ComputePriority,
-    /// CPUs for the kernel threads, one each in turn, as `taskset -c` writes them ("0-3,8";
-    /// default: wherever the OS puts them). Without --threads, one thread per CPU listed.
-    #[arg(long)]
+    /// CPUs for the kernel threads, e.g. 0-3,8 (default: any)
+    #[arg(long, value_name = "CPUS")]
     pub cpu_bind: Option<CpuList>,
-    /// Requests allowed to wait; beyond this new requests get 503 with Retry-After.
-    #[arg(long, default_value_t = 256)]
+    /// Requests that may wait; more get 503
+    #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_waiting_requests: usize,
-    /// Reuse the KV of cached full blocks for prompts that begin with the same tokens
-    /// (automatic prefix caching; on by default).
+    /// Automatic prefix caching (on by default)
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
-    /// Turn automatic prefix caching off.
+    /// Turn automatic prefix caching off
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
 }
@@ -97,30 +96,25 @@ impl EngineArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Address to listen on
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Role in a disaggregated pair, vLLM's shape:
-    /// '{"kv_connector":"TcpConnector","kv_role":"kv_producer|kv_consumer|kv_both",
-    /// "kv_connector_extra_config":{"side_channel_host":..,"side_channel_port":..,"hold_timeout_s":..,
-    /// "secret_env":..|"secret_file":..,"tls_cert_file":..,"tls_key_file":..,"tls_ca_file":..}}'.
-    /// The pair's secret is named, never given here.
-    #[arg(long, value_parser = KvConfigParser)]
+    /// Role in a PD pair, vLLM's JSON (docs/pd.md)
+    #[arg(long, value_name = "JSON", value_parser = KvConfigParser)]
     pub kv_transfer_config: Option<KvTransferConfig>,
-    /// Serve the admin endpoints (list, migrate, drain, import) on this port; off if unset.
-    #[arg(long)]
+    /// Port of the admin endpoints (default: off)
+    #[arg(long, value_name = "PORT")]
     pub admin_port: Option<u16>,
-    /// Address of the admin listener; loopback unless you mean otherwise (then the admin
-    /// endpoints require the token in $SPLITSERVE_ADMIN_TOKEN).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address of the admin listener
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
     pub admin_host: String,
-    /// Admin base URLs (their --admin-port) that migrate and drain may send requests to;
-    /// comma-separated. Any other target is refused (403), and none is allowed if unset.
-    #[arg(long, value_delimiter = ',')]
+    /// Admin URLs that migrate and drain may send to
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
     pub migrate_targets: Vec<String>,
-    /// Report `usage.prompt_tokens_details.cached_tokens`: prompt tokens whose KV came
-    /// from the prefix cache.
+    /// Report usage.prompt_tokens_details.cached_tokens
     #[arg(long)]
     pub enable_prompt_tokens_details: bool,
     #[command(flatten)]
@@ -130,12 +124,11 @@ pub struct ServeArgs {
 /// What the HTTP front enforces besides the API.
 #[derive(clap::Args, Clone, Debug)]
 pub struct HttpArgs {
-    /// Clients must send `Authorization: Bearer <key>` (all routes but /health and
-    /// /metrics). Prefer the environment variable: a command line is visible to every user.
-    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
+    /// Bearer key clients send; env SPLITSERVE_API_KEY
+    #[arg(long, value_name = "KEY", env = "SPLITSERVE_API_KEY", hide_env = true)]
     pub api_key: Option<String>,
-    /// Seconds a client has to send a request's headers before its connection is closed.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds a client has to send its headers
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
     pub header_read_timeout_s: f64,
 }
 

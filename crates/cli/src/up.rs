@@ -13,74 +13,67 @@ use splitserve_engine::CpuList;
 
 use crate::proxy::{proxy_runtime, run_proxy, ProxyArgs, RoutingArgs};
 
+/// `up`'s flags; each help is one line so that `--help` fits a screen (docs/pd.md says more).
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Prefill instances.
-    #[arg(long, default_value_t = 1)]
+    /// Prefill instances
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub prefill: usize,
-    /// Decode instances.
-    #[arg(long, default_value_t = 1)]
+    /// Decode instances
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub decode: usize,
-    /// GGUF model file (default: the default model, fetched on first use).
-    #[arg(long)]
+    /// GGUF file (default: SmolLM2-135M, fetched)
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Proxy port (the one URL clients use).
+    /// The proxy's port: the URL clients use
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// First instance HTTP port; instances take the ports after it.
-    #[arg(long, default_value_t = 8100)]
+    /// First instance HTTP port
+    #[arg(long, value_name = "PORT", default_value_t = 8100)]
     pub base_port: u16,
-    /// First admin port: decode instance i gets this + i, the proxy this - 1.
-    #[arg(long, default_value_t = 8200)]
+    /// First admin port (the proxy's is one below)
+    #[arg(long, value_name = "PORT", default_value_t = 8200)]
     pub admin_base_port: u16,
-    /// First producer side-channel port.
-    #[arg(long, default_value_t = 5600)]
+    /// First producer side-channel port
+    #[arg(long, value_name = "PORT", default_value_t = 5600)]
     pub side_channel_port: u16,
-    /// Threads for all instances together (default: all cores), split between them.
-    #[arg(long)]
+    /// Threads of all instances (default: all cores)
+    #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Threads of each prefill instance (overrides the split of --threads).
-    #[arg(long)]
+    /// Threads of each prefill instance
+    #[arg(long, value_name = "N")]
     pub prefill_threads: Option<usize>,
-    /// Threads of each decode instance (overrides the split of --threads).
-    #[arg(long)]
+    /// Threads of each decode instance
+    #[arg(long, value_name = "N")]
     pub decode_threads: Option<usize>,
-    /// CPUs to run the instances' kernel threads on ("0-7"): each instance takes the next
-    /// ones, as many as it has threads, so prefill and decode never share a core. Default:
-    /// the CPUs this process may use, in order, when there are enough for every instance's
-    /// threads. Without --threads, one thread per CPU listed.
-    #[arg(long)]
+    /// CPUs, taken in turn (default: ours, roles apart)
+    #[arg(long, value_name = "CPUS")]
     pub cpu_bind: Option<CpuList>,
-    /// Leave the instances' threads wherever the OS puts them (no default --cpu-bind).
+    /// Leave threads where the OS puts them
     #[arg(long, conflicts_with = "cpu_bind")]
     pub no_cpu_bind: bool,
-    /// KV blocks per instance.
-    #[arg(long, default_value_t = 2048)]
+    /// KV blocks per instance
+    #[arg(long, value_name = "N", default_value_t = 2048)]
     pub num_kv_blocks: usize,
-    /// Prompts shorter than this many tokens are prefilled on the decode instance.
-    #[arg(long, default_value_t = 0)]
+    /// Prefill shorter prompts on the decode side
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub disagg_threshold: usize,
-    /// Extra flags passed to every `serve` (e.g. "--max-num-seqs 8").
-    #[arg(long, allow_hyphen_values = true)]
+    /// Extra flags for every `serve`
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub serve_args: Option<String>,
-    /// Extra flags for the prefill instances only, after --serve-args. Default:
-    /// "--long-prefill-token-threshold 64", so that short prompts do not queue behind a long
-    /// one; give "" for none.
-    #[arg(long, allow_hyphen_values = true)]
+    /// Extra flags for prefill (default: threshold 64)
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub prefill_args: Option<String>,
-    /// Clients of the proxy and of each instance must send `Authorization: Bearer <key>`
-    /// (passed to the instances in their environment). Prefer the environment variable.
-    #[arg(long, env = "SPLITSERVE_API_KEY", hide_env_values = true)]
+    /// Bearer key for all; env SPLITSERVE_API_KEY
+    #[arg(long, value_name = "KEY", env = "SPLITSERVE_API_KEY", hide_env = true)]
     pub api_key: Option<String>,
-    /// Run the prefill and the decode instance on the hosts of `deploy/netns/hosts.sh up
-    /// NAME` (network namespaces NAME-prefill and NAME-decode, each bound to its address,
-    /// the KV crossing their shaped link); the proxy stays here. One of each role; root.
-    #[arg(long)]
+    /// Run the pair on hosts.sh's hosts NAME (root)
+    #[arg(long, value_name = "NAME")]
     pub hosts: Option<String>,
-    /// The hosts harness, for --hosts (its `addr` command names each host's address).
-    #[arg(long, default_value = "deploy/netns/hosts.sh")]
+    /// The hosts harness, for --hosts
+    #[arg(long, value_name = "PATH", default_value = "deploy/netns/hosts.sh")]
     pub hosts_script: PathBuf,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Routing (docs/pd.md)")]
     pub routing: RoutingArgs,
 }
 

@@ -15,54 +15,59 @@ pub trait EconHooks {
     fn calibrate_prefill_tok_s(&self, model: Option<&Path>) -> Result<f64, String>;
 }
 
+/// The model's shape. Each help is one line so that `--help` fits a screen (docs/econ.md).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A named shape: SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B, Llama-3.1-70B.
-    #[arg(long)]
+    /// SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B or -70B
+    #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// Read the shape from a GGUF file.
-    #[arg(long)]
+    /// Read the shape from a GGUF file
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    #[arg(long)]
+    /// Layers (overrides the preset's)
+    #[arg(long, value_name = "N")]
     pub layers: Option<u64>,
-    #[arg(long)]
+    /// KV heads (overrides the preset's)
+    #[arg(long, value_name = "N")]
     pub kv_heads: Option<u64>,
-    #[arg(long)]
+    /// Head size (overrides the preset's)
+    #[arg(long, value_name = "N")]
     pub head_dim: Option<u64>,
-    /// Query heads (default: the KV heads).
-    #[arg(long)]
+    /// Query heads (default: the KV heads)
+    #[arg(long, value_name = "N")]
     pub heads: Option<u64>,
-    /// Total parameters (for the FLOPs estimate).
-    #[arg(long)]
+    /// Total parameters, for the FLOPs estimate
+    #[arg(long, value_name = "N")]
     pub params: Option<u64>,
-    /// KV dtype: f32, f16/bf16, fp8, q8_0.
-    #[arg(long, default_value = "f16")]
+    /// KV type: f32, f16/bf16, fp8 or q8_0
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub kv_dtype: String,
-    #[arg(long, default_value_t = 2048)]
+    /// Prompt tokens
+    #[arg(long, value_name = "N", default_value_t = 2048)]
     pub prompt_tokens: u64,
-    #[arg(long, default_value_t = 16)]
+    /// Tokens per KV block
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub block_size: u64,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LinkArgs {
-    /// nvlink, ib-400, ib-200, 100gbe, 25gbe, 10gbe, pcie, or loopback (measured now).
-    #[arg(long, default_value = "10gbe")]
+    /// nvlink, ib-400/200, 100/25/10gbe, pcie, loopback
+    #[arg(long, value_name = "LINK", default_value = "10gbe")]
     pub link: String,
-    /// A custom link bandwidth in GB/s (overrides --link).
-    #[arg(long)]
+    /// Custom bandwidth, GB/s (overrides --link)
+    #[arg(long, value_name = "GBPS")]
     pub link_gbps: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    /// Link latency, microseconds
+    #[arg(long, value_name = "US", default_value_t = 0.0)]
     pub link_latency_us: f64,
-    /// TCP over Ethernet with this MTU: each packet's headers take their share of the line
-    /// (the Ethernet presets count MTU 1500 unless told; a --link-gbps link counts none
-    /// unless told; 0: none).
-    #[arg(long)]
+    /// Count TCP/Ethernet headers at this MTU (0: none)
+    #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// Share of the nominal bandwidth a transfer achieves.
-    #[arg(long, default_value_t = 1.0)]
+    /// Share of the bandwidth a transfer gets
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
     pub efficiency: f64,
-    /// Stream KV layer by layer behind the prefill.
+    /// Stream KV layer by layer behind the prefill
     #[arg(long)]
     pub overlap: bool,
 }
@@ -73,7 +78,8 @@ pub enum EconCommand {
     Freight {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long, default_value_t = 1.0)]
+        /// Share of the bandwidth a transfer gets
+        #[arg(long, value_name = "F", default_value_t = 1.0)]
         efficiency: f64,
     },
     /// Does disaggregation pay for this request on this link?
@@ -82,45 +88,63 @@ pub enum EconCommand {
         model: ModelArgs,
         #[command(flatten)]
         link: LinkArgs,
-        #[arg(long, default_value_t = 256)]
+        /// Output tokens of the request
+        #[arg(long, value_name = "N", default_value_t = 256)]
         output_tokens: u64,
-        /// Compute rate for the FLOPs model of prefill, TFLOP/s (peak × MFU).
-        #[arg(long, default_value_t = 400.0)]
+        /// Prefill compute, TFLOP/s (peak × MFU)
+        #[arg(long, value_name = "TF", default_value_t = 400.0)]
         tflops: f64,
-        /// Measured prefill rate instead of the FLOPs model.
-        #[arg(long)]
+        /// Measured prefill rate (overrides --tflops)
+        #[arg(long, value_name = "TOK_S")]
         prefill_tok_s: Option<f64>,
-        /// Measure the prefill rate with the local engine (on --model or the default model).
+        /// Measure the prefill rate with this engine
         #[arg(long)]
         calibrate: bool,
-        #[arg(long, default_value_t = 15.0)]
+        /// Decode step time, ms
+        #[arg(long, value_name = "MS", default_value_t = 15.0)]
         decode_step_ms: f64,
-        #[arg(long, default_value_t = 2048)]
+        /// Prefill chunk size, tokens
+        #[arg(long, value_name = "N", default_value_t = 2048)]
         chunk_tokens: u64,
-        #[arg(long, default_value_t = 30.0)]
+        /// Inter-token latency SLO, ms
+        #[arg(long, value_name = "MS", default_value_t = 30.0)]
         itl_slo_ms: f64,
-        #[arg(long, default_value_t = 1_000_000)]
+        /// Free KV blocks on the decode side
+        #[arg(long, value_name = "N", default_value_t = 1_000_000)]
         decode_free_blocks: u64,
     },
     /// Colocated or xPyD, and the ratio, for a workload.
+    #[command(
+        override_usage = "splitserve econ plan [OPTIONS] --request-rate <R> --input-tokens <N>\n       \
+                          --output-tokens <N> --prefill-tok-s <TOK_S> --decode-tok-s <TOK_S>"
+    )]
     Plan {
-        #[arg(long)]
+        /// Requests per second
+        #[arg(long, value_name = "R")]
         request_rate: f64,
-        #[arg(long)]
+        /// Mean prompt tokens
+        #[arg(long, value_name = "N")]
         input_tokens: f64,
-        #[arg(long)]
+        /// Mean output tokens
+        #[arg(long, value_name = "N")]
         output_tokens: f64,
-        #[arg(long, default_value_t = 1000.0)]
+        /// Time-to-first-token SLO, ms
+        #[arg(long, value_name = "MS", default_value_t = 1000.0)]
         ttft_slo_ms: f64,
-        #[arg(long, default_value_t = 50.0)]
+        /// Inter-token latency SLO, ms
+        #[arg(long, value_name = "MS", default_value_t = 50.0)]
         itl_slo_ms: f64,
-        #[arg(long)]
+        /// One engine's prefill rate, tokens/s
+        #[arg(long, value_name = "TOK_S")]
         prefill_tok_s: f64,
-        #[arg(long)]
+        /// One engine's decode rate, tokens/s
+        #[arg(long, value_name = "TOK_S")]
         decode_tok_s: f64,
-        #[arg(long, default_value_t = 20.0)]
+        /// Decode step time, ms
+        #[arg(long, value_name = "MS", default_value_t = 20.0)]
         decode_step_ms: f64,
-        #[arg(long, default_value_t = 512.0)]
+        /// Prefill chunk size, tokens
+        #[arg(long, value_name = "N", default_value_t = 512.0)]
         chunk_tokens: f64,
     },
 }
@@ -129,7 +153,7 @@ pub enum EconCommand {
 pub struct EconArgs {
     #[command(subcommand)]
     pub command: EconCommand,
-    /// Machine-readable output.
+    /// Machine-readable output
     #[arg(long, global = true)]
     pub json: bool,
 }
