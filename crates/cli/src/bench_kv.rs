@@ -52,7 +52,7 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn raw_copy(bytes: usize) -> Result<Duration> {
+pub(crate) fn raw_copy(bytes: usize) -> Result<Duration> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     // Both buffers are allocated and touched before the clock starts; the clock starts when
@@ -92,6 +92,12 @@ pub(crate) fn load_model(a: &BenchKvArgs) -> Result<(Arc<Model>, String)> {
 
 pub fn run(a: BenchKvArgs) -> Result<()> {
     anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+    if a.connector == "NixlConnector" {
+        #[cfg(not(feature = "nixl"))]
+        anyhow::bail!("this build has no NixlConnector: build with --features splitserve/nixl");
+        #[cfg(feature = "nixl")]
+        return crate::bench_kv_pair::run(&a);
+    }
     if a.connector != "TcpConnector" {
         return crate::bench_kv_store::run(&a);
     }
@@ -128,6 +134,8 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         grants: grants.clone(),
         on_sent: None,
         tls: Default::default(),
+        #[cfg(feature = "nixl")]
+        nixl: None,
     };
     std::thread::spawn(move || side.serve(l));
     let vocab = model.config.vocab_size as u32;

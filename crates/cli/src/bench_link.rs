@@ -101,14 +101,6 @@ fn parse_link(s: &str) -> Result<(String, Option<String>, Link)> {
     ))
 }
 
-/// A counter or a histogram's `_sum`/`_count` from a `/metrics` text.
-fn counter(text: &str, name: &str) -> f64 {
-    let want = format!("splitserve:{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 pub fn run(a: &BenchLinkArgs) -> Result<()> {
     ensure!(a.reps >= 1, "--reps must be at least 1");
     let links = a
@@ -165,29 +157,9 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
         crate::child::wait_ready(&client, &p_url, &mut producer).await?;
         crate::child::wait_ready(&client, &d_url, &mut consumer).await
     })?;
-    let post = |url: String, body: Value| {
-        let client = client.clone();
-        async move {
-            let r = client.post(url).json(&body).send().await?;
-            let st = r.status();
-            let v: Value = r.json().await?;
-            ensure!(st.is_success(), "{st}: {v}");
-            anyhow::Ok(v)
-        }
-    };
-    let metrics = |url: String| {
-        let client = client.clone();
-        async move {
-            anyhow::Ok(
-                client
-                    .get(format!("{url}/metrics"))
-                    .send()
-                    .await?
-                    .text()
-                    .await?,
-            )
-        }
-    };
+    let post = |url: String, body: Value| crate::child::post_json(&client, url, body);
+    let client = &client;
+    let metrics = |url: String| async move { crate::child::metrics(client, &url).await };
     // Token ids every model's vocabulary has.
     let vocab = 32_000u32;
     let mut rows = Vec::new();
@@ -226,7 +198,9 @@ pub fn run(a: &BenchLinkArgs) -> Result<()> {
                            "kv_transfer_params": params}),
                 ))?;
                 let after = rt.block_on(metrics(d_url.clone()))?;
-                let d = |name: &str| counter(&after, name) - counter(&before, name);
+                let d = |name: &str| {
+                    crate::child::counter(&after, name) - crate::child::counter(&before, name)
+                };
                 ensure!(
                     d("kv_transfer_seconds_count") == 1.0,
                     "{n} tokens: {} KV transfers measured for one request (its params: {shown})",

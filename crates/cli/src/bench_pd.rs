@@ -40,6 +40,10 @@ pub struct BenchPdArgs {
     /// The pair prefills shorter prompts on decode
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub disagg_threshold: usize,
+    /// The pair's connector (or NixlConnector)
+    #[arg(long, value_name = "NAME", default_value = "TcpConnector",
+          value_parser = ["TcpConnector", "NixlConnector"], hide_possible_values = true)]
+    pub kv_connector: String,
     /// Concurrent decode streams
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub streams: usize,
@@ -220,7 +224,8 @@ async fn start_arm(a: &BenchPdArgs, s: &Settings, arm: &str, model: &str) -> Res
                 .args(["--side-channel-port", &(port + 20).to_string()])
                 .args(["--admin-base-port", &(port + 31).to_string()])
                 .args(["--threads", &s.pair_threads.to_string()])
-                .args(["--disagg-threshold", &s.disagg_threshold.to_string()]);
+                .args(["--disagg-threshold", &s.disagg_threshold.to_string()])
+                .args(["--kv-connector", &a.kv_connector]);
             if let Some(t) = a.prefill_threads {
                 cmd.args(["--prefill-threads", &t.to_string()]);
             }

@@ -90,3 +90,34 @@ pub(crate) async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// POSTs `body` as JSON to `url`; the answer's JSON, or an error with its status.
+pub(crate) async fn post_json(
+    client: &reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let r = client.post(url).json(&body).send().await?;
+    let st = r.status();
+    let v: serde_json::Value = r.json().await?;
+    anyhow::ensure!(st.is_success(), "{st}: {v}");
+    Ok(v)
+}
+
+/// The `/metrics` text of the server at `url`.
+pub(crate) async fn metrics(client: &reqwest::Client, url: &str) -> Result<String> {
+    Ok(client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// A counter or a histogram's `_sum`/`_count` from a `/metrics` text (0 when absent).
+pub(crate) fn counter(text: &str, name: &str) -> f64 {
+    let want = format!("splitserve:{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -2,6 +2,8 @@
 
 mod bench_engine;
 mod bench_kv;
+#[cfg(feature = "nixl")]
+mod bench_kv_pair;
 mod bench_kv_store;
 mod bench_link;
 mod bench_pd;

@@ -58,6 +58,10 @@ pub struct UpArgs {
     /// Prefill shorter prompts on the decode side
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub disagg_threshold: usize,
+    /// The pair's connector (or NixlConnector)
+    #[arg(long, value_name = "NAME", default_value = "TcpConnector",
+          value_parser = ["TcpConnector", "NixlConnector"], hide_possible_values = true)]
+    pub kv_connector: String,
     /// Extra flags for every `serve`
     #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     pub serve_args: Option<String>,
@@ -247,12 +251,13 @@ pub fn up(a: UpArgs) -> Result<()> {
         let host = hosts
             .as_ref()
             .map_or("127.0.0.1", |h| &h.addr[usize::from(!producer)]);
+        let connector = &a.kv_connector;
         let kv = match &hosts {
             None => format!(
-                r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
+                r#"{{"kv_connector":"{connector}","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_port":{side}}}}}"#
             ),
             Some(_) => format!(
-                r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_host":"{host}","side_channel_port":{side},"secret_env":"SPLITSERVE_KV_SECRET"}}}}"#
+                r#"{{"kv_connector":"{connector}","kv_role":"{role}","kv_connector_extra_config":{{"side_channel_host":"{host}","side_channel_port":{side},"secret_env":"SPLITSERVE_KV_SECRET"}}}}"#
             ),
         };
         let mut child = match &hosts {

@@ -631,6 +631,11 @@ fn pairs(dir: &Path, redis: Option<&RedisServer>) -> Vec<(&'static str, PairConf
             Box::new(move |role, side| multi_config(role, side, &d2)),
         ),
     ];
+    #[cfg(feature = "nixl")]
+    v.push((
+        "NixlConnector",
+        Box::new(|role, side| kv_config_for("NixlConnector", role, side, 30.0)),
+    ));
     if let Some(r) = redis {
         let url = format!("redis://127.0.0.1:{}", r.1);
         v.push((
@@ -724,6 +729,9 @@ async fn every_connector_passes_the_same_conformance_suite() {
         passed.push(name);
     }
     eprintln!("conformance passed: {passed:?}");
-    assert_eq!(passed.len(), 3 + usize::from(redis.is_some()));
+    assert_eq!(
+        passed.len(),
+        3 + usize::from(redis.is_some()) + usize::from(cfg!(feature = "nixl"))
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

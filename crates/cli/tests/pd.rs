@@ -79,6 +79,19 @@ fn chat_text(events: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
+    pair_equals_colocated_and_nothing_leaks("TcpConnector").await
+}
+
+/// The same, with the KV read over NIXL (builds with `--features nixl`; the library must be
+/// on LD_LIBRARY_PATH, as `.ci/run` puts it).
+#[cfg(feature = "nixl")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nixl_pair_equals_colocated_and_nothing_leaks() {
+    pair_equals_colocated_and_nothing_leaks("NixlConnector").await
+}
+
+async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
+    let kv_config = |role: &str, side: u16, hold: f64| kv_config_for(connector, role, side, hold);
     // Prompts are processed one at a time here, so the prefilling engines get both cores.
     let colo = serve(&["--threads", "2"], None);
     let prod = serve(
@@ -363,7 +376,19 @@ async fn disaggregated_pair_equals_colocated_and_nothing_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mismatched_pairs_are_refused_by_field() {
-    let dir = std::env::temp_dir().join(format!("splitserve-pd-{}", std::process::id()));
+    pairs_mismatched_are_refused_by_field("TcpConnector").await
+}
+
+#[cfg(feature = "nixl")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nixl_mismatched_pairs_are_refused_by_field() {
+    pairs_mismatched_are_refused_by_field("NixlConnector").await
+}
+
+async fn pairs_mismatched_are_refused_by_field(connector: &str) {
+    let kv_config = |role: &str, side: u16, hold: f64| kv_config_for(connector, role, side, hold);
+    let dir =
+        std::env::temp_dir().join(format!("splitserve-pd-{}-{connector}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     // Same shape, different weights: only the file hash tells them apart.
     let other = dir.join("other.gguf");
@@ -440,7 +465,7 @@ async fn mismatched_pairs_are_refused_by_field() {
 async fn bad_kv_transfer_config_is_a_startup_error_naming_the_field() {
     for (json, field) in [
         (
-            r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#,
+            r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_producer"}"#,
             "kv_connector",
         ),
         (
@@ -456,5 +481,31 @@ async fn bad_kv_transfer_config_is_a_startup_error_naming_the_field() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(field), "{json}: {err}");
+    }
+}
+
+/// NixlConnector where it cannot run is a startup error that says what to do: without the
+/// cargo feature, how to build it; with it, but without NIXL's library, what to install.
+#[test]
+fn nixl_connector_that_cannot_run_is_a_startup_error_saying_why() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_splitserve"))
+        .args(["serve", "--port", &free_port().to_string()])
+        .args([
+            "--kv-transfer-config",
+            &kv_config_for("NixlConnector", "kv_producer", free_port(), 5.0),
+        ])
+        // Nowhere to find libnixl_capi.so.
+        .env("LD_LIBRARY_PATH", "")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "nixl") {
+        assert!(
+            err.contains("libnixl_capi.so") && err.contains("nixl-cu12==1.5.1"),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("--features splitserve/nixl"), "{err}");
     }
 }

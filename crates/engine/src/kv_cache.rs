@@ -358,6 +358,18 @@ impl Memory {
     ///
     /// # Safety
     /// The caller has the block to itself (see [`Region`]); nobody writes it meanwhile.
+    /// Where the pool lives, for a transport that registers it (NIXL): each layer's K
+    /// region then its V region, as (address, bytes). The regions never move or shrink while
+    /// the engine lives.
+    pub fn regions(&self) -> Vec<(usize, usize)> {
+        self.k
+            .iter()
+            .zip(&self.v)
+            .flat_map(|(k, v)| [k, v])
+            .map(|r| (r.ptr as usize, r.words * 4))
+            .collect()
+    }
+
     pub unsafe fn block(&self, layer: usize, block: u32) -> [&[u8]; 2] {
         let n = self.layout.block_values();
         let at = block as usize * n;

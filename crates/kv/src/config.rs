@@ -32,6 +32,9 @@ pub enum ConnectorKind {
     RedisStore,
     /// `MultiConnector`: several of the others.
     Multi,
+    /// `NixlConnector`: the side channel's grants and handshake, the KV read over NIXL
+    /// (builds with the cargo feature `nixl`).
+    Nixl,
 }
 
 /// Connectors this build has, by the names `kv_connector` takes.
@@ -42,6 +45,7 @@ const CONNECTORS: &[(&str, ConnectorKind)] = &[
     ("OffloadingConnector", ConnectorKind::Offloading),
     ("RedisStoreConnector", ConnectorKind::RedisStore),
     ("MultiConnector", ConnectorKind::Multi),
+    ("NixlConnector", ConnectorKind::Nixl),
 ];
 
 /// The connector `name` names, as this build's own string (for metric labels).
@@ -118,6 +122,9 @@ pub struct ExtraConfig {
     /// command line is visible to every user).
     #[serde(default)]
     pub remote_url: Option<String>,
+    /// `NixlConnector`: the NIXL backends to create (default `["UCX"]`).
+    #[serde(default)]
+    pub backends: Option<Vec<String>>,
     /// `MultiConnector`: the connectors it chains, each a `--kv-transfer-config` object
     /// (`kv_role` taken from the outer one when absent).
     #[serde(default)]
@@ -171,6 +178,7 @@ impl Default for ExtraConfig {
             chunk_size: None,
             connectors: None,
             secondary_tiers: None,
+            backends: None,
         }
     }
 }
@@ -246,6 +254,18 @@ impl KvTransferConfig {
             }
         })?;
         c.children = c.parse_children()?;
+        if c.kind == ConnectorKind::Nixl && !cfg!(feature = "nixl") {
+            return Err(ConfigError::Field {
+                field: "kv_connector",
+                reason: "this build has no NixlConnector: build with `cargo build --release --features splitserve/nixl` (docs/connectors.md)".into(),
+            });
+        }
+        if c.kind != ConnectorKind::Nixl && c.kv_connector_extra_config.backends.is_some() {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.backends",
+                reason: format!("{} has no NIXL backends", c.kv_connector),
+            });
+        }
         let dir = c.kind == ConnectorKind::SharedStorage;
         if c.kind == ConnectorKind::Offloading
             && c.kv_connector_extra_config
@@ -383,8 +403,14 @@ impl KvTransferConfig {
             o.entry("kv_role")
                 .or_insert_with(|| self.kv_role.as_str().into());
             let named = o.get("kv_connector").and_then(|x| x.as_str());
-            if named.and_then(connector).map(|(_, k)| k) == Some(ConnectorKind::Multi) {
-                return Err(field("a MultiConnector inside a MultiConnector".into()));
+            match named.and_then(connector).map(|(_, k)| k) {
+                Some(ConnectorKind::Multi) => {
+                    return Err(field("a MultiConnector inside a MultiConnector".into()))
+                }
+                Some(ConnectorKind::Nixl) => {
+                    return Err(field("a NixlConnector inside a MultiConnector is not supported; use TcpConnector there".into()))
+                }
+                _ => {}
             }
             let c = Self::parse(&v.to_string())?;
             if c.kv_role != self.kv_role {

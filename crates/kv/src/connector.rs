@@ -41,6 +41,9 @@ pub struct TcpConnector {
     /// Called when a load starts (`None`) and when it ends.
     observer: Option<LoadObserver>,
     on_start: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// NixlConnector: the KV is read over NIXL, not sent down the side channel.
+    #[cfg(feature = "nixl")]
+    nixl: Option<Arc<crate::nixl::Nixl>>,
 }
 
 impl TcpConnector {
@@ -57,7 +60,16 @@ impl TcpConnector {
             spawner: Spawner::new(),
             observer,
             on_start,
+            #[cfg(feature = "nixl")]
+            nixl: None,
         }
+    }
+
+    /// Reads the KV over NIXL through this agent (NixlConnector).
+    #[cfg(feature = "nixl")]
+    pub fn with_nixl(mut self, nixl: Arc<crate::nixl::Nixl>) -> Self {
+        self.nixl = Some(nixl);
+        self
     }
 }
 
@@ -92,9 +104,17 @@ impl KvConnector for TcpConnector {
             self.tls.clone(),
         );
         let observer = self.observer.clone();
+        #[cfg(feature = "nixl")]
+        let nixl = self.nixl.clone();
         self.spawner.spawn("kv-load", move || {
             let t0 = Instant::now();
             let blocks = target.n_blocks();
+            #[cfg(feature = "nixl")]
+            let result = match &nixl {
+                Some(n) => tcp::load_over_nixl(&r, &fp, &secret, &tls, n, &mut target),
+                None => tcp::load_into(&r, &fp, &secret, &tls, &mut target),
+            };
+            #[cfg(not(feature = "nixl"))]
             let result = tcp::load_into(&r, &fp, &secret, &tls, &mut target);
             let (bytes, outcome) = match result {
                 Ok(l) => {

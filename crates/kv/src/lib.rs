@@ -10,6 +10,8 @@ pub mod fuzz;
 pub mod grant;
 pub mod migration;
 mod multi;
+#[cfg(feature = "nixl")]
+pub mod nixl;
 pub mod params;
 pub mod role;
 pub mod storage;

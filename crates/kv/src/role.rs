@@ -103,7 +103,7 @@ pub trait KvRoleConnector: Send + Sync {
 /// The connector `--kv-transfer-config` names.
 pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, ConfigError> {
     match setup.config.kind {
-        ConnectorKind::Tcp => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
+        ConnectorKind::Tcp | ConnectorKind::Nixl => Ok(Arc::new(TcpRole::new(setup, hooks)?)),
         ConnectorKind::Multi => Ok(Arc::new(crate::multi::MultiRole::new(setup, hooks)?)),
         ConnectorKind::SharedStorage | ConnectorKind::Offloading | ConnectorKind::RedisStore => {
             Ok(Arc::new(crate::storage::StorageRole::new(setup, hooks)?))
@@ -112,6 +112,7 @@ pub fn build(setup: Setup, hooks: Hooks) -> Result<Arc<dyn KvRoleConnector>, Con
 }
 
 /// `TcpConnector`: grants signed with the pair's secret, pulls over the side channel.
+/// `NixlConnector` is the same with the KV itself read over NIXL.
 struct TcpRole {
     config: KvTransferConfig,
     fingerprint: Fingerprint,
@@ -123,6 +124,8 @@ struct TcpRole {
     listener: Mutex<Option<TcpListener>>,
     on_sent: Option<SentHook>,
     consumer: Option<Arc<TcpConnector>>,
+    #[cfg(feature = "nixl")]
+    nixl: Option<Arc<crate::nixl::Nixl>>,
 }
 
 impl TcpRole {
@@ -142,16 +145,38 @@ impl TcpRole {
             _ => None,
         };
         let grants = side_channel.map(|a| Arc::new(Grants::new(s.secret.clone(), a)));
+        #[cfg(feature = "nixl")]
+        let nixl = if s.config.kind == crate::config::ConnectorKind::Nixl {
+            let backends = s
+                .config
+                .kv_connector_extra_config
+                .backends
+                .clone()
+                .unwrap_or_else(|| vec!["UCX".into()]);
+            let n = crate::nixl::Nixl::new(role.as_str(), &backends).map_err(|e| {
+                ConfigError::Field {
+                    field: "kv_connector",
+                    reason: e.to_string(),
+                }
+            })?;
+            Some(n)
+        } else {
+            None
+        };
         let consumer = role.consumes().then(|| {
-            Arc::new(
-                TcpConnector::new(
-                    s.fingerprint.clone(),
-                    s.secret.clone(),
-                    hooks.on_load_start.clone(),
-                    hooks.on_load_end.clone(),
-                )
-                .with_tls(s.tls.clone()),
+            let c = TcpConnector::new(
+                s.fingerprint.clone(),
+                s.secret.clone(),
+                hooks.on_load_start.clone(),
+                hooks.on_load_end.clone(),
             )
+            .with_tls(s.tls.clone());
+            #[cfg(feature = "nixl")]
+            let c = match &nixl {
+                Some(n) => c.with_nixl(n.clone()),
+                None => c,
+            };
+            Arc::new(c)
         });
         Ok(Self {
             config: s.config,
@@ -164,6 +189,8 @@ impl TcpRole {
             listener: Mutex::new(s.listener),
             on_sent: hooks.on_sent,
             consumer,
+            #[cfg(feature = "nixl")]
+            nixl,
         })
     }
 
@@ -233,6 +260,8 @@ impl KvRoleConnector for TcpRole {
             grants,
             on_sent: self.on_sent.clone(),
             tls: self.tls.clone(),
+            #[cfg(feature = "nixl")]
+            nixl: self.nixl.clone(),
         };
         std::thread::Builder::new()
             .name("kv-side-channel".into())

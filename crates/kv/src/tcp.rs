@@ -61,6 +61,9 @@ pub enum KvError {
     Peer(String),
     #[error("unexpected frame from peer: {0}")]
     Protocol(String),
+    /// The NIXL read (NixlConnector) failed.
+    #[error("{0}")]
+    Transport(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +72,20 @@ struct Meta {
     n_tokens: usize,
     generated: Vec<u32>,
     sampler: Sampler,
+    /// Answering a `NixlPull`: where the blocks lie for the consumer to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nixl: Option<NixlWhere>,
+}
+
+/// Where a held request's blocks lie in the producer's pool, for a NIXL read: the
+/// producer's agent (name, metadata in hex), its pool regions (each layer's K then V, as
+/// address and bytes) and the blocks' ids in position order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NixlWhere {
+    pub agent: String,
+    pub md: String,
+    pub regions: Vec<(u64, u64)>,
+    pub blocks: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -254,6 +271,9 @@ pub struct SideChannel {
     pub on_sent: Option<SentHook>,
     /// TLS the side channel serves in (`Tls::default()`: plain TCP).
     pub tls: Tls,
+    /// NixlConnector: the agent consumers read the blocks through.
+    #[cfg(feature = "nixl")]
+    pub nixl: Option<Arc<crate::nixl::Nixl>>,
 }
 
 /// Decrements the open-connection count when a connection's thread ends.
@@ -341,16 +361,21 @@ impl SideChannel {
             Role::Producer,
         )?;
         let engine = &self.engine;
-        let (id, capability, from, release) = match read_frame(s, addr)? {
+        let (id, capability, from, release, nixl) = match read_frame(s, addr)? {
             Frame::Pull {
                 request_id,
                 capability,
                 from_block,
-            } => (request_id, capability, from_block as usize, false),
+            } => (request_id, capability, from_block as usize, false, false),
+            Frame::NixlPull {
+                request_id,
+                capability,
+                from_block,
+            } => (request_id, capability, from_block as usize, false, true),
             Frame::Release {
                 request_id,
                 capability,
-            } => (request_id, capability, 0, true),
+            } => (request_id, capability, 0, true, false),
             other => return Err(KvError::Protocol(format!("{other:?}"))),
         };
         if !self.grants.redeem(&id, &capability) {
@@ -383,12 +408,32 @@ impl SideChannel {
         }
         // The consumer has the blocks before `from` in its prefix cache.
         let blocks = held.n_blocks() - from;
-        let meta = Meta {
+        let mut meta = Meta {
             layout,
             n_tokens: held.n_tokens,
             generated: held.generated.clone(),
             sampler: held.sampler.clone(),
+            nixl: None,
         };
+        if nixl {
+            // The consumer reads the blocks itself; they stay lent until it says it is done.
+            meta.nixl = Some(self.nixl_where(s, addr, &held.block_ids()[from..])?);
+            let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
+            #[cfg(feature = "nixl")]
+            let serving = self.nixl.as_ref().map(|n| n.serving());
+            write_frame(s, addr, &Frame::Meta(json))?;
+            let done = read_frame(s, addr);
+            #[cfg(feature = "nixl")]
+            drop(serving);
+            match done? {
+                Frame::Done => {}
+                Frame::Error(m) => return Err(KvError::Peer(m)),
+                other => return Err(KvError::Protocol(format!("{other:?} after a NIXL read"))),
+            }
+            drop(held);
+            write_frame(s, addr, &Frame::Done)?;
+            return Ok((blocks * layout.layer_block_bytes() * layout.n_layer) as u64);
+        }
         let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
         write_frame(s, addr, &Frame::Meta(json))?;
         let per_block = layout.layer_block_bytes();
@@ -414,6 +459,22 @@ impl SideChannel {
         drop(held);
         write_frame(s, addr, &Frame::Done)?;
         Ok(bytes)
+    }
+}
+
+impl SideChannel {
+    /// Where `blocks` lie for a NIXL read, or the refusal the consumer is sent.
+    fn nixl_where(&self, s: &mut Link, addr: &str, blocks: &[u32]) -> Result<NixlWhere, KvError> {
+        #[cfg(feature = "nixl")]
+        if let Some(n) = &self.nixl {
+            return n
+                .at(&self.engine.kv_regions(), blocks)
+                .map_err(|e| KvError::Transport(e.to_string()));
+        }
+        let _ = blocks;
+        let m = "this producer serves no NIXL reads (its kv_connector is not NixlConnector)";
+        write_frame(s, addr, &Frame::Error(m.into()))?;
+        Err(KvError::Peer(m.into()))
     }
 }
 
@@ -487,37 +548,8 @@ pub fn load_into(
     target: &mut LoadTarget,
 ) -> Result<Loaded, KvError> {
     let addr = r.addr.as_str();
-    let mut s = connect(addr, fingerprint, secret, tls)?;
-    write_frame(
-        &mut s,
-        addr,
-        &Frame::Pull {
-            request_id: r.request_id.clone(),
-            capability: r.capability.clone(),
-            from_block: target.first_block() as u32,
-        },
-    )?;
-    let meta: Meta = match read_frame(&mut s, addr)? {
-        Frame::Meta(j) => {
-            serde_json::from_slice(&j).map_err(|e| KvError::Protocol(format!("bad meta: {e}")))?
-        }
-        Frame::Error(m) => return Err(KvError::Peer(m)),
-        other => return Err(KvError::Protocol(format!("{other:?}"))),
-    };
+    let (mut s, meta) = ask(r, fingerprint, secret, tls, target, false)?;
     let layout = target.layout();
-    if meta.layout != layout {
-        return Err(KvError::Protocol(format!(
-            "producer's KV layout {:?} differs from ours {layout:?}",
-            meta.layout
-        )));
-    }
-    if meta.n_tokens != target.n_tokens() {
-        return Err(KvError::Protocol(format!(
-            "the producer holds KV for {} tokens; this request's prompt has {}",
-            meta.n_tokens,
-            target.n_tokens()
-        )));
-    }
     let blocks = target.n_blocks();
     let per_block = layout.layer_block_bytes();
     let mut r = std::io::BufReader::with_capacity(1 << 20, &mut s);
@@ -566,6 +598,128 @@ pub fn load_into(
         Frame::Done => {}
         Frame::Error(m) => return Err(KvError::Peer(m)),
         other => return Err(KvError::Protocol(format!("{other:?} after the last layer"))),
+    }
+    Ok(Loaded {
+        n_tokens: meta.n_tokens,
+        generated: meta.generated,
+        sampler: meta.sampler,
+        bytes,
+    })
+}
+
+/// Connects, asks for the granted KV of `r` (`Pull`, or `NixlPull` to read it over NIXL)
+/// and returns the connection and the producer's `Meta`, checked against `target`.
+fn ask(
+    r: &RemoteAddr,
+    fingerprint: &Fingerprint,
+    secret: &Secret,
+    tls: &Tls,
+    target: &LoadTarget,
+    nixl: bool,
+) -> Result<(Link, Meta), KvError> {
+    let addr = r.addr.as_str();
+    let mut s = connect(addr, fingerprint, secret, tls)?;
+    let (request_id, capability) = (r.request_id.clone(), r.capability.clone());
+    let from_block = target.first_block() as u32;
+    let ask = if nixl {
+        Frame::NixlPull {
+            request_id,
+            capability,
+            from_block,
+        }
+    } else {
+        Frame::Pull {
+            request_id,
+            capability,
+            from_block,
+        }
+    };
+    write_frame(&mut s, addr, &ask)?;
+    let meta: Meta = match read_frame(&mut s, addr)? {
+        Frame::Meta(j) => {
+            serde_json::from_slice(&j).map_err(|e| KvError::Protocol(format!("bad meta: {e}")))?
+        }
+        Frame::Error(m) => return Err(KvError::Peer(m)),
+        other => return Err(KvError::Protocol(format!("{other:?}"))),
+    };
+    check_meta(&meta, target)?;
+    Ok((s, meta))
+}
+
+/// Checks the producer's `Meta` against the request's blocks.
+fn check_meta(meta: &Meta, target: &LoadTarget) -> Result<(), KvError> {
+    let layout = target.layout();
+    if meta.layout != layout {
+        return Err(KvError::Protocol(format!(
+            "producer's KV layout {:?} differs from ours {layout:?}",
+            meta.layout
+        )));
+    }
+    if meta.n_tokens != target.n_tokens() {
+        return Err(KvError::Protocol(format!(
+            "the producer holds KV for {} tokens; this request's prompt has {}",
+            meta.n_tokens,
+            target.n_tokens()
+        )));
+    }
+    Ok(())
+}
+
+/// Consumer side, NixlConnector: asks where the granted KV of `r` lies and reads it over
+/// NIXL straight into the blocks of `target`, then tells the producer it may free them.
+#[cfg(feature = "nixl")]
+pub fn load_over_nixl(
+    r: &RemoteAddr,
+    fingerprint: &Fingerprint,
+    secret: &Secret,
+    tls: &Tls,
+    nixl: &crate::nixl::Nixl,
+    target: &mut LoadTarget,
+) -> Result<Loaded, KvError> {
+    let transport = |e: crate::nixl::NixlError| KvError::Transport(e.to_string());
+    nixl.register(&target.pool_regions()).map_err(transport)?;
+    let addr = r.addr.as_str();
+    let (mut s, meta) = ask(r, fingerprint, secret, tls, target, true)?;
+    let w = meta
+        .nixl
+        .as_ref()
+        .ok_or_else(|| KvError::Protocol("no NIXL location in the producer's answer".into()))?;
+    let blocks = target.n_blocks();
+    if w.blocks.len() != blocks {
+        return Err(KvError::Protocol(format!(
+            "the producer offers {} blocks; this request loads {blocks}",
+            w.blocks.len()
+        )));
+    }
+    let layout = target.layout();
+    let part = layout.layer_block_bytes() / 2;
+    let mut local = Vec::with_capacity(2 * layout.n_layer * blocks);
+    // Each layer's K parts, then its V parts: the order of the producer's regions.
+    for layer in 0..layout.n_layer {
+        for kv in 0..2 {
+            for i in 0..blocks {
+                let p = &mut target.block_mut(layer, i)[kv];
+                if p.len() != part {
+                    return Err(KvError::Protocol(
+                        "a block part of an unexpected size".into(),
+                    ));
+                }
+                local.push(p.as_mut_ptr() as usize);
+            }
+        }
+    }
+    let bytes = match nixl.read(w, part, &local, IO_TIMEOUT) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = write_frame(&mut s, addr, &Frame::Error(e.to_string()));
+            return Err(transport(e));
+        }
+    };
+    write_frame(&mut s, addr, &Frame::Done)?;
+    match read_frame(&mut s, addr)? {
+        Frame::Done => {}
+        Frame::Error(m) => return Err(KvError::Peer(m)),
+        other => return Err(KvError::Protocol(format!("{other:?} after the NIXL read"))),
     }
     Ok(Loaded {
         n_tokens: meta.n_tokens,

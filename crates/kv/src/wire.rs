@@ -48,6 +48,13 @@ pub enum Frame {
         request_id: String,
         capability: String,
     },
+    /// As `Pull`, but the consumer reads the blocks itself over NIXL: the producer answers
+    /// with `Meta` (where the blocks lie), then waits for the consumer's `Done`.
+    NixlPull {
+        request_id: String,
+        capability: String,
+        from_block: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +125,7 @@ pub mod kind {
     pub const META: u8 = 6;
     pub const RELEASE: u8 = 7;
     pub const AUTH: u8 = 8;
+    pub const NIXL_PULL: u8 = 9;
 }
 
 impl Frame {
@@ -131,6 +139,7 @@ impl Frame {
             Frame::Meta(_) => kind::META,
             Frame::Release { .. } => kind::RELEASE,
             Frame::Auth(_) => kind::AUTH,
+            Frame::NixlPull { .. } => kind::NIXL_PULL,
         }
     }
 
@@ -139,6 +148,11 @@ impl Frame {
         match self {
             Frame::Hello(j) | Frame::Meta(j) | Frame::Auth(j) => p.extend_from_slice(j),
             Frame::Pull {
+                request_id,
+                capability,
+                from_block,
+            }
+            | Frame::NixlPull {
                 request_id,
                 capability,
                 from_block,
@@ -223,7 +237,7 @@ impl Frame {
         };
         let frame = match header[6] {
             kind::HELLO => Frame::Hello(p.to_vec()),
-            kind::PULL => {
+            k @ (kind::PULL | kind::NIXL_PULL) => {
                 let (request_id, at) = get_str(p, 0, "Pull", "id")?;
                 let (capability, at) = get_str(p, at, "Pull", "capability")?;
                 let from_block = u32_at(p, at).ok_or_else(|| bad("Pull", "no first block"))?;
@@ -233,10 +247,18 @@ impl Frame {
                         &format!("{} bytes after the first block", p.len() - at - 4),
                     ));
                 }
-                Frame::Pull {
-                    request_id,
-                    capability,
-                    from_block,
+                if k == kind::PULL {
+                    Frame::Pull {
+                        request_id,
+                        capability,
+                        from_block,
+                    }
+                } else {
+                    Frame::NixlPull {
+                        request_id,
+                        capability,
+                        from_block,
+                    }
                 }
             }
             kind::LAYER => {
@@ -283,6 +305,11 @@ mod tests {
                 from_block: 5,
             },
             Frame::Auth(vec![7; 32]),
+            Frame::NixlPull {
+                request_id: "cmpl-2".into(),
+                capability: "cd".repeat(16),
+                from_block: 0,
+            },
             Frame::Layer {
                 layer: 29,
                 blocks: 2,

@@ -36,6 +36,8 @@ fn producer() -> Producer {
         grants: grants.clone(),
         on_sent: None,
         tls: Default::default(),
+        #[cfg(feature = "nixl")]
+        nixl: None,
     };
     std::thread::spawn(move || side.serve(listener));
     Producer {

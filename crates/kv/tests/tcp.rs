@@ -158,6 +158,8 @@ fn producer_in(cfg: EngineConfig, tls: Tls) -> (Engine, Fingerprint, Arc<Grants>
         grants: grants.clone(),
         on_sent: None,
         tls,
+        #[cfg(feature = "nixl")]
+        nixl: None,
     };
     std::thread::spawn(move || side.serve(listener));
     (e, fp, grants)

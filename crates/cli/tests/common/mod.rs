@@ -252,8 +252,14 @@ fn serve_args(extra: &[&str], kv: Option<String>) -> Vec<String> {
 }
 
 pub fn kv_config(role: &str, side_port: u16, hold_s: f64) -> String {
+    kv_config_for("TcpConnector", role, side_port, hold_s)
+}
+
+/// As [`kv_config`], for a connector with a side channel (TcpConnector, NixlConnector).
+#[allow(dead_code)]
+pub fn kv_config_for(connector: &str, role: &str, side_port: u16, hold_s: f64) -> String {
     format!(
-        r#"{{"kv_connector":"TcpConnector","kv_role":"{role}","kv_buffer_device":"cpu","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{side_port},"hold_timeout_s":{hold_s}}}}}"#
+        r#"{{"kv_connector":"{connector}","kv_role":"{role}","kv_buffer_device":"cpu","kv_connector_extra_config":{{"side_channel_host":"127.0.0.1","side_channel_port":{side_port},"hold_timeout_s":{hold_s}}}}}"#
     )
 }
 

@@ -195,6 +195,12 @@ impl LoadTarget {
         self.lease.blocks.len()
     }
 
+    /// The engine's whole KV pool as (address, bytes) regions ([`KvLayout`] order: each
+    /// layer's K then V), for a transport that registers it once (NIXL).
+    pub fn pool_regions(&self) -> Vec<(usize, usize)> {
+        self.lease.mem.regions()
+    }
+
     /// The K bytes and the V bytes of lent block `i` (position order, from
     /// [`LoadTarget::first_block`]) in `layer`, to fill.
     pub fn block_mut(&mut self, layer: usize, i: usize) -> [&mut [u8]; 2] {
@@ -271,6 +277,12 @@ impl HeldKv {
 
     pub fn n_blocks(&self) -> usize {
         self.lease.blocks.len()
+    }
+
+    /// The pool block ids of the held blocks, in position order (where a transport that
+    /// reads the pool in place, NIXL, finds them).
+    pub fn block_ids(&self) -> &[u32] {
+        &self.lease.blocks
     }
 
     /// The K bytes and the V bytes of block `i` (position order) in `layer`.

@@ -1,0 +1,151 @@
+//! `bench kv --connector NixlConnector`: one prompt's KV loaded between two processes on
+//! this host, NixlConnector beside TcpConnector (each a producer and a consumer `serve`,
+//! the pairs alternating rep by rep) and beside a raw loopback TCP copy of the same bytes.
+//! A load's time is the consumer's own `kv_transfer_seconds` (handshake to last byte).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::bench_kv::BenchKvArgs;
+
+/// The first of `n` consecutive loopback ports that are free now.
+fn free_ports(n: u16) -> Result<u16> {
+    for start in (20_000..60_000).step_by(97) {
+        if (start..start + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return Ok(start);
+        }
+    }
+    anyhow::bail!("no {n} consecutive free loopback ports")
+}
+
+pub fn run(a: &BenchKvArgs) -> Result<()> {
+    let model = crate::model_path(&a.model)?;
+    let secret = crate::hosts::pair_secret()?;
+    let exe = std::env::current_exe()?;
+    let max_len = (a.prompt_len + 8).to_string();
+    let dtype = a.kv_cache_dtype.to_string();
+    let base = free_ports(8)?;
+    let serve = |port: u16, role: &str, connector: &str, side: u16| -> Result<crate::child::Kill> {
+        let kv = json!({"kv_connector": connector, "kv_role": role,
+                        "kv_connector_extra_config": {"side_channel_port": side,
+                            "secret_env": "SPLITSERVE_KV_SECRET"}});
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["serve", "--model", &model.display().to_string()])
+            .args(["--port", &port.to_string(), "--threads", "1"])
+            .args(["--max-model-len", &max_len, "--kv-cache-dtype", &dtype])
+            // Every request loads its whole prompt.
+            .arg("--no-enable-prefix-caching")
+            .args(["--kv-transfer-config", &kv.to_string()])
+            .env("SPLITSERVE_KV_SECRET", &secret);
+        crate::child::spawn_quiet(cmd).with_context(|| format!("starting a {connector} {role}"))
+    };
+    let connectors = ["TcpConnector", "NixlConnector"];
+    let mut pairs = Vec::new();
+    for (i, c) in connectors.iter().enumerate() {
+        let p = base + 4 * i as u16;
+        let producer = serve(p, "kv_producer", c, p + 2)?;
+        let consumer = serve(p + 1, "kv_consumer", c, p + 3)?;
+        pairs.push((
+            format!("http://127.0.0.1:{p}"),
+            format!("http://127.0.0.1:{}", p + 1),
+            producer,
+            consumer,
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    rt.block_on(async {
+        for (p, d, pc, dc) in &mut pairs {
+            crate::child::wait_ready(&client, p, pc).await?;
+            crate::child::wait_ready(&client, d, dc).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let post = |url: String, body: Value| crate::child::post_json(&client, url, body);
+    let client = &client;
+    let metrics = |url: String| async move { crate::child::metrics(client, &url).await };
+    // Token ids every model's vocabulary has.
+    let vocab = 32_000u32;
+    let mut took = vec![Vec::new(); pairs.len()];
+    let mut raw = Vec::new();
+    let mut bytes = 0.0;
+    for rep in 0..a.reps + 1 {
+        for (k, (p, d, ..)) in pairs.iter().enumerate() {
+            let prompt: Vec<u32> = (0..a.prompt_len as u32)
+                .map(|i| ((i ^ (rep as u32 * 7919)).wrapping_mul(2_654_435_761) >> 7) % vocab)
+                .collect();
+            let v = rt.block_on(post(
+                format!("{p}/v1/completions"),
+                json!({"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                       "kv_transfer_params": {"do_remote_decode": true}}),
+            ))?;
+            let params = v["kv_transfer_params"].clone();
+            let before = rt.block_on(metrics(d.clone()))?;
+            rt.block_on(post(
+                format!("{d}/v1/completions"),
+                json!({"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                       "kv_transfer_params": params}),
+            ))?;
+            let after = rt.block_on(metrics(d.clone()))?;
+            let delta = |name: &str| {
+                crate::child::counter(&after, name) - crate::child::counter(&before, name)
+            };
+            ensure!(
+                delta("kv_transfer_seconds_count") == 1.0,
+                "{}: {} KV transfers for one request",
+                connectors[k],
+                delta("kv_transfer_seconds_count")
+            );
+            bytes = delta("kv_transfer_bytes_received_total");
+            // The first round sets up connections and registrations; it is not counted.
+            if rep > 0 {
+                took[k].push(delta("kv_transfer_seconds_sum") * 1e3);
+            }
+        }
+        let r = crate::bench_kv::raw_copy(bytes as usize)?;
+        if rep > 0 {
+            raw.push(r.as_secs_f64() * 1e3);
+        }
+    }
+    let gib = bytes / (1u64 << 30) as f64;
+    println!(
+        "KV of a {}-token prompt: {:.1} MiB, loaded between two processes on this host",
+        a.prompt_len,
+        bytes / (1 << 20) as f64
+    );
+    println!("| path | median ms | GiB/s |");
+    println!("|---|---|---|");
+    let mut rates = Vec::new();
+    for (c, t) in connectors.iter().zip(took.iter_mut()) {
+        let ms = crate::bench_kv::median(t);
+        rates.push(gib / (ms / 1e3));
+        println!(
+            "| {c} load (handshake to last byte) | {ms:.1} | {:.2} |",
+            gib / (ms / 1e3)
+        );
+    }
+    let rms = crate::bench_kv::median(&mut raw);
+    let rg = gib / (rms / 1e3);
+    println!("| raw loopback TCP copy, same bytes | {rms:.1} | {rg:.2} |");
+    println!(
+        "NixlConnector / TcpConnector: {:.2}x; NixlConnector / raw copy: {:.2}x (median of {} reps)",
+        rates[1] / rates[0],
+        rates[1] / rg,
+        a.reps
+    );
+    if let Some(j) = &a.json {
+        let v = json!({"prompt_len": a.prompt_len, "bytes": bytes, "reps": a.reps,
+                       "tcp_ms": took[0], "nixl_ms": took[1], "raw_ms": raw,
+                       "tcp_gib_s": rates[0], "nixl_gib_s": rates[1], "raw_gib_s": rg});
+        std::fs::write(j, serde_json::to_string_pretty(&v)?)?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}
