@@ -461,14 +461,14 @@ impl Engine {
         self.ask_blocking(|tx| Command::Export(id.to_string(), tx))?
     }
 
-    /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
-    /// dropping the returned [`HeldKv`] frees its blocks.
     /// The KV pool as (address, bytes) regions, each layer's K then V: what a transport
     /// that reads blocks in place (NIXL) registers once.
     pub fn kv_regions(&self) -> Vec<(usize, usize)> {
         self.kv_mem.regions()
     }
 
+    /// Lends the KV a finished `Hold` request left behind to a reader, without copying;
+    /// dropping the returned [`HeldKv`] frees its blocks.
     pub fn lease_held(&self, id: &str) -> Result<HeldKv, EngineError> {
         // Counted as lent before the map's lock is released, so the held-blocks gauge (map
         // plus lent) never misses them in between.

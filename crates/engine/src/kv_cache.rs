@@ -354,10 +354,6 @@ pub(crate) struct Memory {
 }
 
 impl Memory {
-    /// The K range and the V range of `block` in `layer`, as bytes.
-    ///
-    /// # Safety
-    /// The caller has the block to itself (see [`Region`]); nobody writes it meanwhile.
     /// Where the pool lives, for a transport that registers it (NIXL): each layer's K
     /// region then its V region, as (address, bytes). The regions never move or shrink while
     /// the engine lives.
@@ -370,6 +366,10 @@ impl Memory {
             .collect()
     }
 
+    /// The K range and the V range of `block` in `layer`, as bytes.
+    ///
+    /// # Safety
+    /// The caller has the block to itself (see [`Region`]); nobody writes it meanwhile.
     pub unsafe fn block(&self, layer: usize, block: u32) -> [&[u8]; 2] {
         let n = self.layout.block_values();
         let at = block as usize * n;

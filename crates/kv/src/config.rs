@@ -257,7 +257,16 @@ impl KvTransferConfig {
         if c.kind == ConnectorKind::Nixl && !cfg!(feature = "nixl") {
             return Err(ConfigError::Field {
                 field: "kv_connector",
-                reason: "this build has no NixlConnector: build with `cargo build --release --features splitserve/nixl` (docs/connectors.md)".into(),
+                reason: "this build has no NixlConnector: build with `cargo build --release --features splitserve/nixl` (docs/pd.md)".into(),
+            });
+        }
+        let x = &c.kv_connector_extra_config;
+        if c.kind == ConnectorKind::Nixl
+            && (x.tls_cert_file.is_some() || x.tls_key_file.is_some() || x.tls_ca_file.is_some())
+        {
+            return Err(ConfigError::Field {
+                field: "kv_connector_extra_config.tls",
+                reason: "TLS would cover only NixlConnector's side channel, not the KV that UCX moves; use TcpConnector where the link needs encryption".into(),
             });
         }
         if c.kind != ConnectorKind::Nixl && c.kv_connector_extra_config.backends.is_some() {
@@ -505,6 +514,29 @@ impl KvTransferConfig {
 
 #[cfg(test)]
 mod tests {
+    /// NixlConnector: refused without the feature (saying how to build it); with it, TLS
+    /// settings are refused (UCX would move the KV in the clear) and `backends` is its own.
+    #[test]
+    fn nixl_connector_settings_are_checked() {
+        use super::*;
+        let tls = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer",
+                      "kv_connector_extra_config":{"tls_ca_file":"/ca.pem"}}"#;
+        let err = KvTransferConfig::parse(tls).expect_err("refused").to_string();
+        if cfg!(feature = "nixl") {
+            assert!(err.contains("kv_connector_extra_config.tls"), "{err}");
+            let ok = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer",
+                         "kv_connector_extra_config":{"backends":["UCX"]}}"#;
+            let c = KvTransferConfig::parse(ok).expect("parses");
+            assert_eq!(c.kind, ConnectorKind::Nixl);
+        } else {
+            assert!(err.contains("--features splitserve/nixl"), "{err}");
+        }
+        let other = r#"{"kv_connector":"TcpConnector","kv_role":"kv_consumer",
+                        "kv_connector_extra_config":{"backends":["UCX"]}}"#;
+        let err = KvTransferConfig::parse(other).expect_err("refused").to_string();
+        assert!(err.contains("backends"), "{err}");
+    }
+
     use super::*;
 
     #[test]

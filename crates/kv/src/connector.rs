@@ -116,6 +116,25 @@ impl KvConnector for TcpConnector {
             };
             #[cfg(not(feature = "nixl"))]
             let result = tcp::load_into(&r, &fp, &secret, &tls, &mut target);
+            // A read that may still be writing: the blocks must never be reused.
+            if let Err(tcp::KvError::InFlight(e)) = &result {
+                let msg = format!(
+                    "KV transfer of request {} from {} failed: {e}",
+                    r.request_id, r.addr
+                );
+                if let Some(o) = &observer {
+                    o(&LoadReport {
+                        request_id: target.request_id().to_string(),
+                        producer: r.addr.clone(),
+                        blocks,
+                        bytes: 0,
+                        took: t0.elapsed(),
+                        error: Some(msg.clone()),
+                    });
+                }
+                target.fail_keeping_blocks(msg);
+                return;
+            }
             let (bytes, outcome) = match result {
                 Ok(l) => {
                     let first = match &r.first_tokens {

@@ -5,9 +5,11 @@
 //! lie (`NixlPull` answered by `Meta` with a [`Where`]) and when the read is over (the
 //! consumer's `Done`, after which the producer frees them).
 //!
-//! Each side registers its whole pool once (the producer at start, the consumer at its
-//! first load). The library is loaded at run time (`nixl-sys`'s `stub-api`): a process
-//! without it fails at start, saying what to install.
+//! Each side registers its whole pool once (the producer at its first pull, the consumer at
+//! its first load). Registration is of the whole pool, so a consumer that holds the pair's
+//! secret can read any block of the producer's pool, not only the ones granted: the pair is
+//! one trust domain (docs/security.md). The library is loaded at run time (`nixl-sys`'s
+//! `stub-api`): a process without it fails at start, saying what to install.
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ const MAX_DESCS: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixlError {
-    #[error("NixlConnector needs NIXL's libnixl_capi.so, which this process cannot load ({0}). Install it: `pip download nixl-cu12==1.5.1`, unzip the wheel, keep its folders .nixl_cu12.mesonpy.libs/ and nixl_cu12.libs/ side by side, and put the first on LD_LIBRARY_PATH (on a CPU-only host also set UCX_MODULES=^ib)")]
+    #[error("NixlConnector needs NIXL's libnixl_capi.so, which this process cannot load ({0}). Install it: `pip download nixl-cu12==1.5.1`, unzip the wheel, keep its folders .nixl_cu12.mesonpy.libs/ and nixl_cu12.libs/ side by side, and put the first on LD_LIBRARY_PATH (on a CPU-only host also set UCX_MODULES=^ib); docs/pd.md")]
     Missing(String),
     #[error("NIXL {what}: {source}")]
     Call {
@@ -32,6 +34,7 @@ pub enum NixlError {
     },
     #[error("NIXL: {0}")]
     Protocol(String),
+    /// The read did not end in time and may still be writing into the blocks.
     #[error("NIXL read of {0} bytes did not finish in time")]
     Timeout(u64),
 }
@@ -238,14 +241,17 @@ impl Nixl {
         let mut remote = Vec::with_capacity(local.len());
         for &(base, len) in &w.regions {
             for &b in &w.blocks {
-                {
-                    let off = b as u64 * part as u64;
-                    if off + part as u64 > len {
+                let off = b as u64 * part as u64;
+                let end = off.checked_add(part as u64);
+                match (end, base.checked_add(off)) {
+                    (Some(end), Some(at)) if end <= len && base.checked_add(len).is_some() => {
+                        remote.push(at)
+                    }
+                    _ => {
                         return Err(NixlError::Protocol(format!(
                             "block {b} lies outside the producer's pool"
-                        )));
+                        )))
                     }
-                    remote.push(base + off);
                 }
             }
         }
@@ -273,8 +279,8 @@ impl Nixl {
         while i < local.len() {
             let mut j = i + 1;
             while j < local.len()
-                && local[j] == local[j - 1] + part
-                && remote[j] == remote[j - 1] + part as u64
+                && local[j - 1].checked_add(part) == Some(local[j])
+                && remote[j - 1].checked_add(part as u64) == Some(remote[j])
             {
                 j += 1;
             }
@@ -350,10 +356,12 @@ fn progress(nixl: Weak<Nixl>) {
             *g > 0
         };
         if busy {
-            // Progresses the backends' workers (and collects notifications we do not use).
+            // Progresses the backends' workers; the notifications it collects are unused.
             let _ = n.agent.get_notifications(&mut notifs, None);
+            let _ = notifs.take_notifs();
             drop(n);
-            std::thread::yield_now();
+            // A short nap: a busy loop would take a core from the engines for the whole read.
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }

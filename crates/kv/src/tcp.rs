@@ -42,6 +42,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for any one read or write after it.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a consumer gives a NIXL read: less than the producer waits for its end (IO_TIMEOUT
+/// from its answer), so the producer never frees blocks under a read that may yet succeed.
+#[cfg(feature = "nixl")]
+const NIXL_READ_TIMEOUT: Duration = Duration::from_secs(20);
 const AUTH_LABEL: &[u8] = b"splitserve-kv-auth-v2";
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,9 @@ pub enum KvError {
     /// The NIXL read (NixlConnector) failed.
     #[error("{0}")]
     Transport(String),
+    /// The NIXL read did not end in time and may still write into the lent blocks.
+    #[error("{0}")]
+    InFlight(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -171,7 +178,7 @@ impl<C: Conn> Read for Deadline<'_, C> {
         if left.is_zero() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("the handshake did not end within {HANDSHAKE_TIMEOUT:?}"),
+                "the peer did not answer in time".to_string(),
             ));
         }
         self.inner.set_read_wait(left);
@@ -419,10 +426,26 @@ impl SideChannel {
             // The consumer reads the blocks itself; they stay lent until it says it is done.
             meta.nixl = Some(self.nixl_where(s, addr, &held.block_ids()[from..])?);
             let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
+            if json.len() > MAX_CONTROL_PAYLOAD {
+                let m = format!(
+                    "request {id}'s blocks take {} bytes to locate, over the {MAX_CONTROL_PAYLOAD}-byte control frame; use TcpConnector for prompts this long",
+                    json.len()
+                );
+                write_frame(s, addr, &Frame::Error(m.clone()))?;
+                return Err(KvError::Peer(m));
+            }
             #[cfg(feature = "nixl")]
             let serving = self.nixl.as_ref().map(|n| n.serving());
             write_frame(s, addr, &Frame::Meta(json))?;
-            let done = read_frame(s, addr);
+            // The whole wait has one deadline: a peer that trickles bytes must not keep the
+            // blocks lent. The consumer's read has less time than this (NIXL_READ_TIMEOUT).
+            let done = read_frame(
+                &mut Deadline {
+                    inner: s,
+                    by: Instant::now() + IO_TIMEOUT,
+                },
+                addr,
+            );
             #[cfg(feature = "nixl")]
             drop(serving);
             match done? {
@@ -708,11 +731,14 @@ pub fn load_over_nixl(
             }
         }
     }
-    let bytes = match nixl.read(w, part, &local, IO_TIMEOUT) {
+    let bytes = match nixl.read(w, part, &local, NIXL_READ_TIMEOUT) {
         Ok(b) => b,
         Err(e) => {
             let _ = write_frame(&mut s, addr, &Frame::Error(e.to_string()));
-            return Err(transport(e));
+            return Err(match e {
+                crate::nixl::NixlError::Timeout(_) => KvError::InFlight(e.to_string()),
+                e => transport(e),
+            });
         }
     };
     write_frame(&mut s, addr, &Frame::Done)?;

@@ -230,6 +230,20 @@ impl LoadTarget {
         self.send(result);
     }
 
+    /// Fails the load but keeps the lent blocks out of the pool for good: a transport that
+    /// may still write into them (a NIXL read that never ended) must not see them reused.
+    /// They stay counted as used until the engine restarts.
+    pub fn fail_keeping_blocks(mut self, message: String) {
+        self.done = true;
+        let kept = std::mem::take(&mut self.lease.blocks);
+        tracing::error!(id = %self.lease.id, blocks = kept.len(), "KV blocks quarantined: a transfer into them may still be under way");
+        let _ = self.lease.back.send(Command::Loaded {
+            id: self.lease.id.clone(),
+            blocks: Vec::new(),
+            result: Box::new(Err(message)),
+        });
+    }
+
     fn send(&mut self, result: Result<RemoteFirst, String>) {
         let _ = self.lease.back.send(Command::Loaded {
             id: self.lease.id.clone(),
