@@ -12,7 +12,7 @@ use splitserve_engine::{
 
 #[derive(clap::Args)]
 pub struct BenchEngineArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Prompt tokens of the prefill measurement

@@ -21,7 +21,7 @@ use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 
 #[derive(clap::Args)]
 pub struct BenchKvArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub(crate) model: Option<PathBuf>,
     /// Prompt tokens whose KV is moved

@@ -15,7 +15,7 @@ use crate::hosts::Hosts;
 
 #[derive(clap::Args)]
 pub struct BenchLinkArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Links as tc rate[:delay]

@@ -79,7 +79,7 @@ pub struct BenchPdArgs {
     /// First loopback port
     #[arg(long, value_name = "PORT", default_value_t = 18100)]
     pub base_port: u16,
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Extra flags for every engine of both arms

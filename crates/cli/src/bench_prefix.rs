@@ -13,7 +13,7 @@ use splitserve_bench::load::{Report, ServeBenchArgs};
 
 #[derive(clap::Args, Clone, serde::Serialize)]
 pub struct BenchPrefixArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// prefix (shared heads) or multiturn

@@ -55,7 +55,7 @@ pub struct BenchRouterArgs {
     /// First loopback port (24 from here)
     #[arg(long, value_name = "PORT", default_value_t = 18500)]
     pub base_port: u16,
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Folder of the results

@@ -48,7 +48,7 @@ pub struct BenchSoakArgs {
     /// Seed of the load
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Folder of soak.json and soak-rss.svg

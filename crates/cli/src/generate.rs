@@ -12,7 +12,7 @@ use splitserve_engine::{
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// The prompt
@@ -42,12 +42,18 @@ pub struct GenerateArgs {
     /// KV cache type: f16, f32 or q8_0
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     kv_cache_dtype: splitserve_engine::KvDtype,
+    /// Run weight types the kernels lack as f32 (slow)
+    #[arg(long)]
+    allow_f32_weights: bool,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let path = crate::model_path(&a.model)?;
     let t_load = Instant::now();
-    let model = Arc::new(Model::load(&path)?);
+    let opts = splitserve_engine::LoadOptions {
+        allow_f32_weights: a.allow_f32_weights,
+    };
+    let model = Arc::new(Model::load_with(&path, opts)?);
     tracing::info!(
         model = %path.display(),
         load_ms = t_load.elapsed().as_millis() as u64,

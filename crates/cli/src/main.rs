@@ -21,7 +21,7 @@ mod up;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,8 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache and verify it.
-    FetchModel,
+    /// Download a named model (default: smollm2-135m) into the cache and verify it.
+    FetchModel(FetchModelArgs),
     /// Generate text for one prompt, streamed to stdout.
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API (colocated, or one role of a pair).
@@ -98,7 +98,6 @@ pub(crate) async fn shutdown_signal() {
 
 /// Binds `host:port` for an HTTP front; the error names `what` and the address.
 pub(crate) async fn listen(host: &str, port: u16, what: &str) -> Result<tokio::net::TcpListener> {
-    use anyhow::Context;
     let addr = format!("{host}:{port}");
     tokio::net::TcpListener::bind(&addr)
         .await
@@ -112,7 +111,6 @@ pub(crate) async fn spawn_admin(
     routes: axum::Router,
     what: &str,
 ) -> Result<()> {
-    use anyhow::Context;
     // Off loopback, the admin endpoints (migrate, drain, import) need their own token.
     let loopback = host == "localhost"
         || host
@@ -146,11 +144,24 @@ pub(crate) async fn spawn_admin(
     Ok(())
 }
 
-/// The model path given, or the default model (fetched on first use).
+#[derive(clap::Args, Debug)]
+struct FetchModelArgs {
+    /// Model to fetch: smollm2-135m or gemma3-270m
+    #[arg(default_value = "smollm2-135m", value_name = "NAME")]
+    name: String,
+}
+
+/// The model path given (a GGUF file, or a preset's name: fetched on first use), or the
+/// default model.
 pub(crate) fn model_path(given: &Option<PathBuf>) -> Result<PathBuf> {
+    use splitserve_engine::model_file;
     match given {
-        Some(p) => Ok(p.clone()),
-        None => Ok(splitserve_engine::model_file::default_model(true)?),
+        Some(p) if p.exists() => Ok(p.clone()),
+        Some(p) => match p.to_str().and_then(model_file::preset) {
+            Some(preset) => Ok(model_file::model(preset, true)?),
+            None => Ok(p.clone()),
+        },
+        None => Ok(model_file::default_model(true)?),
     }
 }
 
@@ -180,11 +191,19 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::FetchModel => {
-            let path = splitserve_engine::model_file::default_model(true)?;
-            let sha = splitserve_engine::model_file::sha256_file(&path, true)?;
+        Command::FetchModel(a) => {
+            use splitserve_engine::model_file;
+            let preset = model_file::preset(&a.name).with_context(|| {
+                format!(
+                    "no model named {:?} (known: {})",
+                    a.name,
+                    model_file::preset_names()
+                )
+            })?;
+            let path = model_file::model(preset, true)?;
+            let sha = model_file::sha256_file(&path, true)?;
             anyhow::ensure!(
-                sha == splitserve_engine::model_file::DEFAULT_MODEL_SHA256,
+                sha == preset.sha256,
                 "{}: sha256 {sha} does not match; delete it and fetch again",
                 path.display()
             );

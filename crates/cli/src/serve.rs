@@ -12,9 +12,12 @@ use splitserve_server::{AppState, PdSetup};
 /// screen; docs/flags.md says more where a flag needs it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// Run weight types the kernels lack as f32 (slow)
+    #[arg(long)]
+    pub allow_f32_weights: bool,
     /// API model name (default: the file's stem)
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
@@ -228,8 +231,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let path = crate::model_path(&a.engine.model)?;
-    let model =
-        Arc::new(Model::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let opts = splitserve_engine::LoadOptions {
+        allow_f32_weights: a.engine.allow_f32_weights,
+    };
+    let model = Arc::new(
+        Model::load_with(&path, opts).with_context(|| format!("loading {}", path.display()))?,
+    );
     let name = a.engine.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())

@@ -22,7 +22,7 @@ pub struct UpArgs {
     /// Decode instances
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub decode: usize,
-    /// GGUF file (default: SmolLM2-135M, fetched)
+    /// GGUF file or model name (default: smollm2-135m, fetched)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// The proxy's port: the URL clients use

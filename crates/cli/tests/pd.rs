@@ -90,15 +90,15 @@ async fn nixl_pair_equals_colocated_and_nothing_leaks() {
     pair_equals_colocated_and_nothing_leaks("NixlConnector").await
 }
 
-async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
+/// A colocated engine, a producer, a consumer and the proxy over the pair, all ready, with
+/// `extra` serve flags for each engine.
+async fn colocated_and_pair(connector: &str, extra: &[&str]) -> (Proc, Proc, Proc, Proc) {
     let kv_config = |role: &str, side: u16, hold: f64| kv_config_for(connector, role, side, hold);
     // Prompts are processed one at a time here, so the prefilling engines get both cores.
-    let colo = serve(&["--threads", "2"], None);
-    let prod = serve(
-        &["--threads", "2"],
-        Some(kv_config("kv_producer", free_port(), 15.0)),
-    );
-    let cons = serve(&[], Some(kv_config("kv_consumer", free_port(), 15.0)));
+    let two = [extra, &["--threads", "2"]].concat();
+    let colo = serve(&two, None);
+    let prod = serve(&two, Some(kv_config("kv_producer", free_port(), 15.0)));
+    let cons = serve(extra, Some(kv_config("kv_consumer", free_port(), 15.0)));
     let proxy = spawn(&[
         "proxy".into(),
         "--prefill".into(),
@@ -109,6 +109,11 @@ async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
     for p in [&colo, &prod, &cons, &proxy] {
         ready(p).await;
     }
+    (colo, prod, cons, proxy)
+}
+
+async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
+    let (colo, prod, cons, proxy) = colocated_and_pair(connector, &[]).await;
     let (c_url, p_url) = (
         format!("{}/v1/completions", colo.url()),
         format!("{}/v1/completions", proxy.url()),
@@ -372,6 +377,50 @@ async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
     assert_eq!(s, 502, "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("prefill"), "{msg}");
+}
+
+/// The second model (Gemma 3 270M: K-quants, sliding-window layers, SentencePiece
+/// tokenizer) through the same pair: token-identical to colocated, greedy and seeded, for
+/// prompts shorter and longer than its 512-position window, and for chat; nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma_pair_equals_colocated_and_nothing_leaks() {
+    let preset = splitserve_engine::model_file::preset("gemma3-270m").expect("preset");
+    let path = splitserve_engine::model_file::model(preset, true).expect("gemma model");
+    let gemma = path.display().to_string();
+    let (colo, prod, cons, proxy) =
+        colocated_and_pair("TcpConnector", &["--model", gemma.as_str()]).await;
+    let (c_url, p_url) = (
+        format!("{}/v1/completions", colo.url()),
+        format!("{}/v1/completions", proxy.url()),
+    );
+    let ps = prompts();
+    let mut longest = 0;
+    for (i, prompt) in [&ps[0], &ps[2], &ps[7]].into_iter().enumerate() {
+        for seeded in [None, Some(40 + i as u64)] {
+            let b = body(prompt, seeded, 16);
+            let (s1, a) = post(&c_url, &b).await;
+            let (s2, d) = post(&p_url, &b).await;
+            assert_eq!((s1, s2), (200, 200), "{a} / {d}");
+            assert_eq!(tokens(&a), tokens(&d), "prompt {i} seeded={seeded:?}");
+            assert_eq!(a["choices"][0]["text"], d["choices"][0]["text"]);
+            longest = longest.max(a["usage"]["prompt_tokens"].as_u64().unwrap_or(0));
+        }
+    }
+    assert!(longest > 512, "longest prompt has only {longest} tokens");
+    let chat = json!({"messages": [{"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Name a planet."}], "max_tokens": 16, "temperature": 0});
+    let (s1, a) = post(&format!("{}/v1/chat/completions", colo.url()), &chat).await;
+    let (s2, d) = post(&format!("{}/v1/chat/completions", proxy.url()), &chat).await;
+    assert_eq!((s1, s2), (200, 200), "{a} / {d}");
+    assert_eq!(a["choices"][0]["message"], d["choices"][0]["message"]);
+    assert_eq!(a["usage"], d["usage"]);
+    assert_eq!(metric(&cons, "prompt_tokens_computed").await, 0.0);
+    assert_eq!(
+        metric(&cons, "kv_transfer_bytes_received_total").await,
+        metric(&prod, "kv_transfer_bytes_sent_total").await
+    );
+    all_free(&prod, Duration::from_secs(10)).await;
+    all_free(&cons, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

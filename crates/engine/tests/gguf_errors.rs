@@ -122,3 +122,31 @@ fn unsupported_architecture_is_named() {
         other => panic!("expected UnsupportedArchitecture, got {other}"),
     }
 }
+
+/// A weight type our kernels do not run (here F16) is refused at load, naming the tensor and
+/// the type, unless the slow f32 path is asked for.
+#[test]
+fn weights_the_kernels_lack_are_refused_unless_allowed() {
+    let (_, mut b) = tiny_bytes();
+    let name = b"blk.0.ffn_up.weight";
+    let at = find(&b, name) + name.len();
+    let ty = at + 4 + 16;
+    assert_eq!(b[ty..ty + 4], 3u32.to_le_bytes(), "Q4_1 in the tiny model");
+    b[ty..ty + 4].copy_from_slice(&1u32.to_le_bytes());
+    let p = write("f16.gguf", &b);
+    let e = load_err(&p);
+    match &e {
+        GgufError::UnsupportedTensorType {
+            name, ggml_type, ..
+        } => assert_eq!(
+            (name.as_str(), ggml_type.as_str()),
+            ("blk.0.ffn_up.weight", "F16")
+        ),
+        other => panic!("expected UnsupportedTensorType, got {other}"),
+    }
+    assert!(e.to_string().contains("--allow-f32-weights"), "{e}");
+    let opts = splitserve_engine::LoadOptions {
+        allow_f32_weights: true,
+    };
+    Model::load_with(&p, opts).expect("the f32 path loads it");
+}

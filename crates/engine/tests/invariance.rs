@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run_all, wait_all_free, Output};
+use common::{assert_same, run_all, wait_all_free, Output};
 
 /// Each prompt alone on a default engine.
 fn solo(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Output> {
@@ -34,16 +34,6 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
             m.tokenizer.encode(&text).expect("encode")
         })
         .collect()
-}
-
-fn assert_same(reference: &[Output], got: &[Output], what: &str) {
-    for (i, (a, b)) in reference.iter().zip(got).enumerate() {
-        assert_eq!(a.tokens, b.tokens, "{what}: tokens of request {i}");
-        assert_eq!(
-            a.logit_hashes, b.logit_hashes,
-            "{what}: logits bits of request {i}"
-        );
-    }
 }
 
 #[test]

@@ -4,44 +4,10 @@
 
 mod common;
 
-use common::{collect, engine, request, Output};
+use common::{block_on, collect, engine, migrated, request};
 use splitserve_engine::{
-    Engine, EngineConfig, EngineError, Event, FinishReason, KvTransfer, Request, SamplingParams,
+    EngineConfig, EngineError, Event, FinishReason, KvTransfer, Request, SamplingParams,
 };
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
-
-/// Runs `prompt` on `a`, moves it to `b` after `n` tokens, and returns what its client saw.
-fn migrated(a: &Engine, b: &Engine, prompt: &[u32], params: &SamplingParams, n: usize) -> Output {
-    let rx = a
-        .submit(request("m", prompt, params, KvTransfer::None))
-        .expect("submit");
-    let parked = block_on(a.park(&["m"], n)).expect("park");
-    assert_eq!(
-        parked.migration.state.generated(),
-        n,
-        "parked exactly at {n}"
-    );
-    let mut from_b = block_on(b.adopt(parked.migration)).expect("adopt");
-    a.commit_parked("m");
-    // What the server's relay does: the target's events go to the source's client channel.
-    let events = parked.events;
-    let relay = std::thread::spawn(move || {
-        while let Some(ev) = from_b.blocking_recv() {
-            if events.send(ev).is_err() {
-                break;
-            }
-        }
-    });
-    let out = collect(rx);
-    relay.join().expect("relay");
-    out
-}
 
 #[test]
 fn migrated_requests_continue_token_identical() {

@@ -521,7 +521,9 @@ mod tests {
         use super::*;
         let tls = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer",
                       "kv_connector_extra_config":{"tls_ca_file":"/ca.pem"}}"#;
-        let err = KvTransferConfig::parse(tls).expect_err("refused").to_string();
+        let err = KvTransferConfig::parse(tls)
+            .expect_err("refused")
+            .to_string();
         if cfg!(feature = "nixl") {
             assert!(err.contains("kv_connector_extra_config.tls"), "{err}");
             let ok = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer",
@@ -533,7 +535,9 @@ mod tests {
         }
         let other = r#"{"kv_connector":"TcpConnector","kv_role":"kv_consumer",
                         "kv_connector_extra_config":{"backends":["UCX"]}}"#;
-        let err = KvTransferConfig::parse(other).expect_err("refused").to_string();
+        let err = KvTransferConfig::parse(other)
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("backends"), "{err}");
     }
 

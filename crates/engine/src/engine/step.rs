@@ -136,18 +136,20 @@ impl Core {
     /// Samples the next token of running request `i`; returns a finish reason if it ended.
     pub(super) fn sample_into(&mut self, i: usize, logits: Vec<f32>) -> Option<FinishReason> {
         let tok = &self.model.tokenizer;
-        let eos = tok.eos_id();
+        let ends = tok.end_ids();
         let s = &mut self.running[i];
         let mut banned = Vec::new();
         if s.completion_tokens() < s.params.min_tokens {
-            banned.extend(eos.filter(|_| !s.params.ignore_eos));
+            if !s.params.ignore_eos {
+                banned.extend_from_slice(ends);
+            }
             banned.extend_from_slice(&s.params.stop_token_ids);
         }
         let sampled = s.sampler.sample(&logits, &s.params, &banned);
         let t = sampled.token;
         s.tokens.push(t);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        let is_eos = Some(t) == eos && !s.params.ignore_eos;
+        let is_eos = ends.contains(&t) && !s.params.ignore_eos;
         let is_stop_id = s.params.stop_token_ids.contains(&t);
         let mut reason = None;
         let mut text = String::new();

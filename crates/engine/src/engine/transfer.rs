@@ -218,9 +218,9 @@ impl Core {
             };
             let _ = s.tx.send(Event::Token(out));
         }
-        let eos = self.model.tokenizer.eos_id();
+        let ends = self.model.tokenizer.end_ids();
         let ended = generated.iter().any(|&t| {
-            (Some(t) == eos && !s.params.ignore_eos) || s.params.stop_token_ids.contains(&t)
+            (ends.contains(&t) && !s.params.ignore_eos) || s.params.stop_token_ids.contains(&t)
         });
         if ended {
             return self.finish(s, FinishReason::Stop, None);

@@ -42,13 +42,18 @@ impl Scratch {
 }
 
 /// For each query row `i` (`n_head * head_dim` values at `q.0[i * q.1..]`), row `i` of `out`
-/// is `softmax(q_i·Kᵀ·scale)·V` over positions `0..first_ctx + i` of the sequence with `table`.
+/// is `softmax(q_i·Kᵀ·scale)·V` over positions `0..first_ctx + i` of the sequence with `table`
+/// (with a `window`, only the last `window` of them).
+///
+/// A window leaves the order of every sum as it was: positions outside it add nothing, and
+/// blocks wholly outside it are not read.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_rows(
     cache: &KvCache,
     layer: usize,
     table: &[u32],
     first_ctx: usize,
+    window: Option<usize>,
     q: (&[f32], usize),
     n_head: usize,
     out: &mut [f32],
@@ -59,6 +64,7 @@ pub(crate) fn attend_rows(
     let rows = Rows {
         table,
         first_ctx,
+        window: window.unwrap_or(usize::MAX),
         q,
         n_head,
     };
@@ -69,8 +75,17 @@ pub(crate) fn attend_rows(
 struct Rows<'a> {
     table: &'a [u32],
     first_ctx: usize,
+    /// Positions a row sees, counting back from its own (`usize::MAX`: all).
+    window: usize,
     q: (&'a [f32], usize),
     n_head: usize,
+}
+
+impl Rows<'_> {
+    /// The first position a row with `n_ctx` positions of context sees.
+    fn first_seen(&self, n_ctx: usize) -> usize {
+        n_ctx.saturating_sub(self.window)
+    }
 }
 
 /// [`attend_rows`] with the kernels of `level`.
@@ -91,12 +106,15 @@ fn attend_at(
         first_ctx,
         q,
         n_head,
+        ..
     } = *r;
     let lay = &cache.layout;
     let (bs, n_kv, hd) = (lay.block_size, lay.n_kv_head, lay.head_dim);
     let d = n_head * hd;
     let rows = out.len() / d;
     let (q, q_stride) = q;
+    // The first row sees the earliest positions: blocks before its window are not read.
+    let skip = r.first_seen(first_ctx) / bs;
     let last_ctx = first_ctx + rows - 1;
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -121,19 +139,20 @@ fn attend_at(
     s.l.resize(rows * n_head, 0.0);
     out.fill(0.0);
     let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
-    for (start, at, ns_max) in blocks(cache, layer, table, last_ctx) {
+    for (start, at, ns_max) in blocks(cache, layer, table, skip, last_ctx) {
         #[cfg(target_arch = "x86_64")]
         if fused {
             let (n, row) = (bs * per_slot, (&mut s.m[..], &mut s.l[..], &mut out[..]));
+            let from = r.first_seen(first_ctx).saturating_sub(start);
             // SAFETY: the block is this sequence's, and the step writes no KV while
             // attention runs.
             let kv = unsafe { kr.f16s(at, n).zip(vr.f16s(at, n)) };
             if let Some((k, v)) = kv {
-                decode_block(k, v, ns_max, q, &dims, row, &mut s.scores);
+                decode_block(k, v, (from, ns_max), q, &dims, row, &mut s.scores);
             } else {
                 kr.read(at, &mut s.k[..ns_max * per_slot]);
                 vr.read(at, &mut s.v[..ns_max * per_slot]);
-                decode_block(&s.k, &s.v, ns_max, q, &dims, row, &mut s.scores);
+                decode_block(&s.k, &s.v, (from, ns_max), q, &dims, row, &mut s.scores);
             }
             continue;
         }
@@ -141,10 +160,12 @@ fn attend_at(
         vr.read(at, &mut s.v[..ns_max * per_slot]);
         for i in 0..rows {
             let n_ctx = first_ctx + i;
-            if start >= n_ctx {
+            let seen = r.first_seen(n_ctx);
+            if start >= n_ctx || start + bs <= seen {
                 continue;
             }
             let ns = bs.min(n_ctx - start);
+            let from = seen.saturating_sub(start);
             for h in 0..n_head {
                 let g = h / group;
                 let qh = &q[i * q_stride + h * hd..i * q_stride + (h + 1) * hd];
@@ -154,14 +175,14 @@ fn attend_at(
                 };
                 scores_rows(qh, k, ns, scale, &mut s.scores);
                 let (m, l) = (&mut s.m[i * n_head + h], &mut s.l[i * n_head + h]);
-                let (new_m, corr) = rescale(*m, &s.scores[..ns]);
+                let (new_m, corr) = rescale(*m, &s.scores[from..ns]);
                 let oh = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
                 scale_by(oh, corr);
                 let v = Strided {
                     data: &s.v[g * hd..],
                     stride: per_slot,
                 };
-                *l = weigh(&mut s.scores, ns, new_m, v, *l * corr, oh);
+                *l = weigh(&mut s.scores, (from, ns), new_m, v, *l * corr, oh);
                 *m = new_m;
             }
         }
@@ -184,12 +205,13 @@ fn blocks<'a>(
     cache: &'a KvCache,
     layer: usize,
     table: &'a [u32],
+    skip: usize,
     last_ctx: usize,
 ) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
     let lay = &cache.layout;
     let (bs, per_slot) = (lay.block_size, lay.n_kv_head * lay.head_dim);
     let used = move |start: usize| bs.min(last_ctx - start);
-    (0..table.len())
+    (skip.min(table.len())..table.len())
         .map(move |bi| (bi * bs, table[bi] as usize * bs * per_slot))
         .take_while(move |&(start, _)| start < last_ctx)
         .map(move |(start, at)| {
@@ -219,6 +241,7 @@ fn attend_tiled(
         first_ctx,
         q: (q, q_stride),
         n_head,
+        ..
     } = *r;
     let lay = &cache.layout;
     let (bs, n_kv, hd) = (lay.block_size, lay.n_kv_head, lay.head_dim);
@@ -253,22 +276,26 @@ fn attend_tiled(
     s.scores.resize(bs * lanes, 0.0);
     let last_ctx = first_ctx + rows - 1;
     let (kr, vr): (&Region, &Region) = (cache.k(layer), cache.v(layer));
-    for (start, at, ns_max) in blocks(cache, layer, table, last_ctx) {
+    let skip = r.first_seen(first_ctx) / bs;
+    for (start, at, ns_max) in blocks(cache, layer, table, skip, last_ctx) {
         kr.read(at, &mut s.k[..ns_max * per_slot]);
         vr.read(at, &mut s.v[..ns_max * per_slot]);
         for ti in 0..tiles {
             // The context lengths of the tile's first and last rows.
             let lo = first_ctx + ti * lanes;
             let hi = lo + lanes.min(rows - ti * lanes) - 1;
-            if start >= hi {
+            if start >= hi || start + bs <= r.first_seen(lo) {
                 continue;
             }
             let ns = bs.min(hi - start);
-            // Lane `r` sees the block's positions below `lim[r]`; only a block that the
-            // tile's first row does not see whole needs the mask.
-            let lim: [i32; 16] =
-                std::array::from_fn(|r| (lo + r).saturating_sub(start).min(bs) as i32);
-            let masked = start + ns > lo;
+            // Lane `l` sees the block's positions from `lim[16 + l]` to below `lim[l]`; only
+            // a block that some row of the tile does not see whole needs the mask.
+            let mut lim = [0i32; 32];
+            for l in 0..16 {
+                lim[l] = (lo + l).saturating_sub(start).min(bs) as i32;
+                lim[16 + l] = r.first_seen(lo + l).saturating_sub(start).min(bs) as i32;
+            }
+            let masked = start + ns > lo || start < r.first_seen(hi);
             for h in 0..n_head {
                 let (g, u) = (h / group, ti * n_head + h);
                 let block = BlockRows {
@@ -324,13 +351,14 @@ struct Tile<'a> {
 }
 
 /// Folds one block into a tile at `level` (a SIMD level), lane `r` taking only positions
-/// below `lim[r]` when `masked`; `scores` is scratch for `bs` lanes-wide rows.
+/// from `lim[16 + r]` to below `lim[r]` when `masked`; `scores` is scratch for `bs`
+/// lanes-wide rows.
 #[cfg(target_arch = "x86_64")]
 fn tile_block(
     level: Level,
     masked: bool,
     b: &BlockRows<'_>,
-    lim: &[i32; 16],
+    lim: &[i32; 32],
     scale: f32,
     t: Tile<'_>,
     scores: &mut [f32],
@@ -401,7 +429,7 @@ struct Dims {
 fn decode_block<T: avx512::Lanes16>(
     k: &[T],
     v: &[T],
-    ns: usize,
+    (from, ns): (usize, usize),
     q: &[f32],
     dims: &Dims,
     row: (&mut [f32], &mut [f32], &mut [f32]),
@@ -416,7 +444,7 @@ fn decode_block<T: avx512::Lanes16>(
     } = *dims;
     let (m, l, out) = row;
     let per_slot = n_kv * hd;
-    assert!(k.len() >= bs * per_slot && v.len() >= bs * per_slot && ns <= bs);
+    assert!(k.len() >= bs * per_slot && v.len() >= bs * per_slot && ns <= bs && from < ns);
     // The kernels' shapes: 4 and 8 slots per pass, 8 and 16 dims.
     assert!(bs.is_multiple_of(8) && hd.is_multiple_of(16));
     // The kernels' instruction sets (cached bit tests, so cheap per block).
@@ -437,9 +465,9 @@ fn decode_block<T: avx512::Lanes16>(
             // and 16, so every lane read or written is in bounds.
             unsafe {
                 match hn {
-                    1 => decode_pass::<T, 1>(kv, ns, q, dims, heads, row, scores),
-                    2 => decode_pass::<T, 2>(kv, ns, q, dims, heads, row, scores),
-                    _ => decode_pass::<T, 3>(kv, ns, q, dims, heads, row, scores),
+                    1 => decode_pass::<T, 1>(kv, (from, ns), q, dims, heads, row, scores),
+                    2 => decode_pass::<T, 2>(kv, (from, ns), q, dims, heads, row, scores),
+                    _ => decode_pass::<T, 3>(kv, (from, ns), q, dims, heads, row, scores),
                 }
             }
             h0 += hn;
@@ -455,7 +483,7 @@ fn decode_block<T: avx512::Lanes16>(
 #[cfg(target_arch = "x86_64")]
 unsafe fn decode_pass<T: avx512::Lanes16, const H: usize>(
     (k, v): (&[T], &[T]),
-    ns: usize,
+    (from, ns): (usize, usize),
     q: &[f32],
     dims: &Dims,
     heads: std::ops::Range<usize>,
@@ -477,9 +505,11 @@ unsafe fn decode_pass<T: avx512::Lanes16, const H: usize>(
     }
     for (j, h) in heads.enumerate() {
         let p = &mut scores[j * bs..(j + 1) * bs];
-        let (new_m, corr) = rescale(m[h], &p[..ns]);
+        let (new_m, corr) = rescale(m[h], &p[from..ns]);
         scale_by(&mut out[h * hd..(h + 1) * hd], corr);
         avx2::exp_row(p, ns, new_m);
+        // Positions before the window weigh nothing (adding zeros leaves every sum exact).
+        p[..from].fill(0.0);
         l[h] = p[..ns].iter().fold(l[h] * corr, |a, &x| a + x);
         m[h] = new_m;
     }
@@ -551,11 +581,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::reduce8(&acc)
 }
 
-/// Turns `scores[..ns]` into `p = exp(score - m)`, fuses `p * V[t]` into `o` in position order,
-/// and returns `l + sum(p)` (summed in position order).
-fn weigh(scores: &mut [f32], ns: usize, m: f32, v: Strided<'_>, l: f32, o: &mut [f32]) -> f32 {
+/// Turns `scores[from..ns]` into `p = exp(score - m)`, fuses `p * V[t]` into `o` in position
+/// order, and returns `l + sum(p)` (summed in position order).
+fn weigh(
+    scores: &mut [f32],
+    (from, ns): (usize, usize),
+    m: f32,
+    v: Strided<'_>,
+    l: f32,
+    o: &mut [f32],
+) -> f32 {
     let (hd, stride, v, mut l) = (o.len(), v.stride, v.data, l);
-    for (t, sc) in scores[..ns].iter_mut().enumerate() {
+    for (t, sc) in scores[..ns].iter_mut().enumerate().skip(from) {
         let p = exp(*sc - m);
         *sc = p;
         l += p;
@@ -600,26 +637,42 @@ fn exp(x: f32) -> f32 {
 
 /// `silu(g) · u` of one value, `silu(g) = g / (1 + exp(0 - g))` with this module's [`exp`]
 /// (which SIMD lanes compute to the same bits).
-fn silu_one(g: f32, u: f32) -> f32 {
-    (g / (1.0 + exp(0.0 - g))) * u
+/// With `GELU`, `gelu(g) · u` instead, GELU's tanh form written as a sigmoid:
+/// `0.5·(1 + tanh(z)) = 1 / (1 + exp(-2z))`, `2z = g·(C2·g² + C1)`.
+fn silu_one<const GELU: bool>(g: f32, u: f32) -> f32 {
+    let arg = if GELU {
+        g * ((GELU_C2 * (g * g)) + GELU_C1)
+    } else {
+        g
+    };
+    (g / (1.0 + exp(0.0 - arg))) * u
 }
+
+/// `2·sqrt(2/π)` and `2·sqrt(2/π)·0.044715`.
+const GELU_C1: f32 = 1.595_769;
+const GELU_C2: f32 = 0.071_354_82;
 
 /// `out[i] = silu(gate[i]) · up[i]` at the best level here, the same bits at every level.
 pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    silu_mul_at(Simd::detect(), gate, up, out)
+    gated_at::<false>(Simd::detect(), gate, up, out)
 }
 
-fn silu_mul_at(simd: Simd, gate: &[f32], up: &[f32], out: &mut [f32]) {
+/// `out[i] = gelu(gate[i]) · up[i]` (GELU's tanh approximation), as [`silu_mul`].
+pub(crate) fn gelu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    gated_at::<true>(Simd::detect(), gate, up, out)
+}
+
+fn gated_at<const GELU: bool>(simd: Simd, gate: &[f32], up: &[f32], out: &mut [f32]) {
     match simd {
         // SAFETY (both arms): the CPU has the level `Simd::detect` reported (every level
         // above the portable one includes AVX2; Avx512Vnni includes AVX-512F).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512Vnni => unsafe { avx512::silu_mul(gate, up, out) },
+        Simd::Avx512Vnni => unsafe { avx512::gated_mul::<GELU>(gate, up, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::silu_mul(gate, up, out) },
+        Simd::Avx2 => unsafe { avx2::gated_mul::<GELU>(gate, up, out) },
         Simd::Portable => {
             for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = silu_one(g, u);
+                *o = silu_one::<GELU>(g, u);
             }
         }
     }
@@ -639,21 +692,31 @@ macro_rules! prefill_kernels {
         min: $min:ident, max: $max:ident, set1: $set1:ident, load: $load:ident,
         store: $store:ident $(,)?
     ) => {
-        /// [`super::silu_mul`], `$lanes` values at a time (the tail by the portable twin):
-        /// per value the same operations, so the same bits.
+        /// [`super::silu_mul`] (or, with `GELU`, [`super::gelu_mul`]), `$lanes` values at
+        /// a time (the tail by the portable twin): per value the same operations, so the
+        /// same bits.
         #[target_feature(enable = $feat)]
-        pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        pub unsafe fn gated_mul<const GELU: bool>(g: &[f32], u: &[f32], out: &mut [f32]) {
             let n = out.len().min(g.len()).min(u.len());
             let mut i = 0;
             while i + $lanes <= n {
                 let gv = $load(g.as_ptr().add(i));
-                let e = exp_lanes($sub($set1(0.0), gv));
+                let arg = if GELU {
+                    let t = $add(
+                        $mul($set1(super::GELU_C2), $mul(gv, gv)),
+                        $set1(super::GELU_C1),
+                    );
+                    $mul(gv, t)
+                } else {
+                    gv
+                };
+                let e = exp_lanes($sub($set1(0.0), arg));
                 let s = $div(gv, $add($set1(1.0), e));
                 $store(out.as_mut_ptr().add(i), $mul(s, $load(u.as_ptr().add(i))));
                 i += $lanes;
             }
             for j in i..n {
-                out[j] = super::silu_one(g[j], u[j]);
+                out[j] = super::silu_one::<GELU>(g[j], u[j]);
             }
         }
 
@@ -680,11 +743,12 @@ macro_rules! prefill_kernels {
         /// [`super::tile_block`], which checks the reach). Per lane the operations are the
         /// per-row path's: `scores_rows` (8 accumulators by dim residue, `reduce8`'s tree,
         /// times `scale`), `rescale`, `scale_by`, `weigh`. With `MASKED`, a lane's positions
-        /// from `lim[lane]` on leave its max, sum and output as they were.
+        /// from `lim[lane]` on, and those below `lim[16 + lane]`, leave its max, sum and
+        /// output as they were.
         #[target_feature(enable = $feat)]
         pub unsafe fn tile_block<const MASKED: bool>(
             b: &BlockRows<'_>,
-            lim: &[i32; 16],
+            lim: &[i32; 32],
             scale: f32,
             t: Tile<'_>,
             scores: &mut [f32],
@@ -721,7 +785,7 @@ macro_rules! prefill_kernels {
                 let s = $load(sp.add(i * $lanes));
                 // The score first: a NaN score leaves the max as it was, as `f32::max` does.
                 let s = if MASKED {
-                    select(below(lp, i), s, neg)
+                    select(seen(lp, i), s, neg)
                 } else {
                     s
                 };
@@ -733,7 +797,7 @@ macro_rules! prefill_kernels {
                 let p = sp.add(i * $lanes);
                 let e = exp_lanes($sub($load(p), m));
                 let e = if MASKED {
-                    select(below(lp, i), e, $set1(0.0))
+                    select(seen(lp, i), e, $set1(0.0))
                 } else {
                     e
                 };
@@ -753,7 +817,7 @@ macro_rules! prefill_kernels {
                     let p = $load(sp.add(i * $lanes));
                     let vt = vp.add(i * b.stride + c);
                     if MASKED {
-                        let keep = below(lp, i);
+                        let keep = seen(lp, i);
                         for (e, a) in acc.iter_mut().enumerate() {
                             *a = fma_where(keep, p, $set1(*vt.add(e)), *a);
                         }
@@ -799,12 +863,17 @@ mod avx2 {
     /// Lanes where a condition holds: all bits set, or clear.
     type Mask = __m256;
 
-    /// Lanes whose `lim` is above `t`.
+    /// Lanes that see position `t`: `lim` above it, and `lim + 16` not.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn below(lim: *const i32, t: usize) -> Mask {
-        let lim = _mm256_loadu_si256(lim as *const __m256i);
-        _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, _mm256_set1_epi32(t as i32)))
+    unsafe fn seen(lim: *const i32, t: usize) -> Mask {
+        let t = _mm256_set1_epi32(t as i32);
+        let hi = _mm256_loadu_si256(lim as *const __m256i);
+        let lo = _mm256_loadu_si256(lim.add(16) as *const __m256i);
+        _mm256_castsi256_ps(_mm256_andnot_si256(
+            _mm256_cmpgt_epi32(lo, t),
+            _mm256_cmpgt_epi32(hi, t),
+        ))
     }
 
     /// `a` where `m` holds, else `b`.
@@ -973,10 +1042,13 @@ mod avx512 {
 
     type Mask = __mmask16;
 
+    /// Lanes that see position `t`: `lim` above it, and `lim + 16` not.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn below(lim: *const i32, t: usize) -> Mask {
-        _mm512_cmpgt_epi32_mask(_mm512_loadu_epi32(lim), _mm512_set1_epi32(t as i32))
+    unsafe fn seen(lim: *const i32, t: usize) -> Mask {
+        let t = _mm512_set1_epi32(t as i32);
+        _mm512_cmpgt_epi32_mask(_mm512_loadu_epi32(lim), t)
+            & _mm512_cmple_epi32_mask(_mm512_loadu_epi32(lim.add(16)), t)
     }
 
     #[inline]
@@ -1182,10 +1254,10 @@ mod tests {
             .collect();
         let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
         let mut want = vec![0f32; g.len()];
-        silu_mul_at(Simd::Portable, &g, &u, &mut want);
+        gated_at::<false>(Simd::Portable, &g, &u, &mut want);
         for simd in Simd::runnable() {
             let mut got = vec![0f32; g.len()];
-            silu_mul_at(simd, &g, &u, &mut got);
+            gated_at::<false>(simd, &g, &u, &mut got);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{simd:?}");
         }
@@ -1194,6 +1266,33 @@ mod tests {
             let exact = gi as f64 / (1.0 + (-gi as f64).exp()) * ui as f64;
             assert!(
                 (w as f64 - exact).abs() <= 1e-6 * exact.abs().max(1e-30),
+                "{gi}: {w} vs {exact}"
+            );
+        }
+    }
+
+    /// GELU (tanh form) gives the portable bits at every SIMD level, and is GELU.
+    #[test]
+    fn gelu_levels_agree_bitwise() {
+        let g: Vec<f32> = (0..203)
+            .map(|i| (i as f32 - 101.0) * 0.07)
+            .chain([0.0, -0.0, 95.0, -95.0, 1e-30, 3e3, -3e3])
+            .collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
+        let mut want = vec![0f32; g.len()];
+        gated_at::<true>(Simd::Portable, &g, &u, &mut want);
+        for simd in Simd::runnable() {
+            let mut got = vec![0f32; g.len()];
+            gated_at::<true>(simd, &g, &u, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{simd:?}");
+        }
+        for ((&gi, &ui), &w) in g.iter().zip(&u).zip(&want).take(203) {
+            let x = gi as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let exact = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * ui as f64;
+            assert!(
+                (w as f64 - exact).abs() <= 1e-5 * exact.abs() + 1e-9,
                 "{gi}: {w} vs {exact}"
             );
         }
@@ -1215,7 +1314,9 @@ mod tests {
 
     /// Every SIMD level this CPU has gives the portable path's bits: prefill tiles with and
     /// without padding lanes, blocks seen whole and through the causal mask, chunks that
-    /// start mid-sequence, decode rows, and K and V stored as f16, f32 and q8_0.
+    /// start mid-sequence, decode rows, sliding windows (which start inside a block, at a
+    /// block's edge, or cover everything), and K and V stored as f16, f32 and q8_0. With f32
+    /// K and V, the portable result is softmax attention over the window (f64 reference).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn levels_attend_the_same_bits() {
@@ -1226,7 +1327,12 @@ mod tests {
         let mut scratch = Scratch::new();
         // (KV heads, query heads, head size, block size): the default model's shape, 8-slot
         // blocks, and a head size that is a multiple of 8 only (AVX2 tiles, no fused decode).
-        for (n_kv, n_head, hd, bs) in [(3, 9, 64, 16), (2, 4, 64, 8), (1, 2, 40, 16)] {
+        for (n_kv, n_head, hd, bs) in [
+            (3, 9, 64, 16),
+            (2, 4, 64, 8),
+            (1, 2, 40, 16),
+            (1, 4, 256, 16),
+        ] {
             let mut levels = Vec::new();
             for simd in Simd::runnable() {
                 match simd {
@@ -1268,22 +1374,65 @@ mod tests {
                     (96, 1),
                     (50, 1),
                 ];
-                for (first_ctx, rows) in cases {
+                let windows = [usize::MAX, 1, 7, 16, 30];
+                for ((first_ctx, rows), window) in cases
+                    .into_iter()
+                    .flat_map(|c| windows.iter().map(move |&w| (c, w)))
+                {
                     let r = Rows {
                         table: &table,
                         first_ctx,
+                        window,
                         q: (&q[..], d),
                         n_head,
                     };
                     let mut want = vec![0f32; rows * d];
                     attend_at(Level::Portable, &cache, 0, &r, &mut want, &mut scratch);
                     assert!(want.iter().all(|x| x.is_finite()));
+                    if dtype == KvDtype::F32 {
+                        let group = n_head / n_kv;
+                        for i in 0..rows {
+                            let n_ctx = first_ctx + i;
+                            for h in 0..n_head {
+                                let (g, qh) = (h / group, &q[i * d + h * hd..][..hd]);
+                                let at = |pos: usize, e: usize, off: usize| {
+                                    val(pos * kvd + g * hd + e + off) as f64
+                                };
+                                let seen = r.first_seen(n_ctx)..n_ctx;
+                                let sc: Vec<f64> = seen
+                                    .clone()
+                                    .map(|p| {
+                                        (0..hd)
+                                            .map(|e| qh[e] as f64 * at(p, e, 0) / 2.0)
+                                            .sum::<f64>()
+                                            / (hd as f64).sqrt()
+                                    })
+                                    .collect();
+                                let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                                let w: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                                let sum: f64 = w.iter().sum();
+                                for e in 0..hd {
+                                    let o: f64 = seen
+                                        .clone()
+                                        .zip(&w)
+                                        .map(|(p, wp)| wp * at(p, e, 13))
+                                        .sum::<f64>()
+                                        / sum;
+                                    let got = want[i * d + h * hd + e] as f64;
+                                    assert!(
+                                        (got - o).abs() < 1e-4 * o.abs().max(1.0),
+                                        "window {window} ctx {n_ctx} head {h} dim {e}: {got} vs {o}"
+                                    );
+                                }
+                            }
+                        }
+                    }
                     for &level in &levels {
                         let mut got = vec![0f32; rows * d];
                         attend_at(level, &cache, 0, &r, &mut got, &mut scratch);
                         let lanes = level.lanes();
                         let case = format!(
-                            "{dtype} hd={hd} bs={bs} lanes={lanes} first_ctx={first_ctx} rows={rows}"
+                            "{dtype} hd={hd} bs={bs} lanes={lanes} first_ctx={first_ctx} rows={rows} window={window}"
                         );
                         let diff = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits());
                         assert_eq!(diff, None, "{case}: first differing value");
@@ -1366,7 +1515,7 @@ mod tests {
                         scale_by(oh, corr);
                         l[h] = weigh(
                             &mut sc,
-                            ns,
+                            (0, ns),
                             new_m,
                             Strided { data: vg, stride },
                             l[h] * corr,
@@ -1380,13 +1529,13 @@ mod tests {
                 let mut scores = vec![0f32; GROUP_PASS * bs];
                 for (k, v) in &blocks {
                     let row = (&mut m32[..], &mut l32[..], &mut o32[..]);
-                    decode_block(k, v, ns, &q, &dims, row, &mut scores);
+                    decode_block(k, v, (0, ns), &q, &dims, row, &mut scores);
                     let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
                         k.iter().map(|&x| half::f16::from_f32(x)).collect(),
                         v.iter().map(|&x| half::f16::from_f32(x)).collect(),
                     );
                     let row = (&mut m16[..], &mut l16[..], &mut o16[..]);
-                    decode_block(&k16, &v16, ns, &q, &dims, row, &mut scores);
+                    decode_block(&k16, &v16, (0, ns), &q, &dims, row, &mut scores);
                 }
                 let case = format!("n_kv={n_kv} group={group} hd={hd} ns={ns} wide={wide}");
                 for (mx, lx, ox) in [(&m32, &l32, &o32), (&m16, &l16, &o16)] {

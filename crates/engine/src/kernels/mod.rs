@@ -46,15 +46,24 @@ pub(crate) fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
     attention::silu_mul(g, u, out);
 }
 
-/// Rotary embedding table, pairs interleaved as GGML's "normal" RoPE (llama GGUFs).
+/// `gelu(gate) * up` for one row whose first half is gate and second half up (GELU's tanh
+/// form, through the same exponential as [`silu_mul`]).
+pub(crate) fn gelu_mul(gate_up: &[f32], out: &mut [f32]) {
+    let (g, u) = gate_up.split_at(out.len());
+    attention::gelu_mul(g, u, out);
+}
+
+/// Rotary embedding table. Pairs are interleaved as GGML's "normal" RoPE (llama GGUFs), or
+/// halves as its NeoX RoPE (`neox`: value `i` pairs with `i + head_dim / 2`; Gemma).
 pub(crate) struct Rope {
     half: usize,
+    neox: bool,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, base: f32, max_pos: usize) -> Self {
+    pub fn new(head_dim: usize, base: f32, max_pos: usize, neox: bool) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
@@ -66,7 +75,12 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Self { half, cos, sin }
+        Self {
+            half,
+            neox,
+            cos,
+            sin,
+        }
     }
 
     pub fn max_pos(&self) -> usize {
@@ -79,9 +93,14 @@ impl Rope {
         let s = &self.sin[pos * self.half..(pos + 1) * self.half];
         for head in x.chunks_exact_mut(self.half * 2) {
             for i in 0..self.half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c[i] - b * s[i];
-                head[2 * i + 1] = a * s[i] + b * c[i];
+                let (ia, ib) = if self.neox {
+                    (i, i + self.half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * c[i] - b * s[i];
+                head[ib] = a * s[i] + b * c[i];
             }
         }
     }

@@ -41,7 +41,7 @@ pub(crate) fn quantize_row(x: &[f32], kind: QKind) -> QRow {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let r = quantize_row_portable(x);
-    if kind == QKind::Q8_0 {
+    if kind.offset_acts() {
         with_offset(r)
     } else {
         r
@@ -103,26 +103,240 @@ pub(crate) enum QKind {
     /// the unsigned-by-signed `vpdpbusd` take the activations offset by 128), then for each
     /// 4-value group 16 rows × 4 bytes: 640 bytes for 16 × 32 weights.
     Q8_0,
-    /// Plain f32 rows (fallback for any other GGUF type, dequantized at load).
+    /// 8-bit quants with a scale per 16 values (GGUF Q6_K's sub-blocks). A panel block is
+    /// `[d: f32; 16][d2: f32; 16][c: i32; 16][c2: i32; 16]` (`d`, `c` for values 0..16,
+    /// `d2`, `c2` for 16..32), then the quants as in Q8_0: 768 bytes for 16 × 32 weights.
+    /// Each half's integer dot product is fused on its own, first half first.
+    Q8Halves,
+    /// 8-bit unsigned quants with a scale and an offset per 32 values (GGUF Q5_1 and Q5_K,
+    /// 0 to 31). A panel block is `[d: f32; 16][m: f32; 16]`, then the quants as in Q8_0:
+    /// 640 bytes for 16 × 32 weights. The float operations are Q4_1's.
+    U8,
+    /// Plain f32 rows (the slow path, only when the loader is told to allow it).
     F32,
 }
 
 impl QKind {
     /// Bytes of one panel block.
     const fn block_bytes(self) -> usize {
+        self.header() + self.quant_bytes()
+    }
+
+    /// Bytes of a panel block's scales, before its quants.
+    const fn header(self) -> usize {
         match self {
-            QKind::Q4_1 => 128 + 256,
-            QKind::Q8_0 => 128 + 512,
+            QKind::Q4_1 | QKind::Q8_0 | QKind::U8 => 128,
+            QKind::Q8Halves => 256,
             QKind::F32 => 0,
+        }
+    }
+
+    const fn quant_bytes(self) -> usize {
+        match self {
+            QKind::Q4_1 => 256,
+            QKind::Q8_0 | QKind::Q8Halves | QKind::U8 => 512,
+            QKind::F32 => 0,
+        }
+    }
+
+    /// Whether activations for this kind carry quants offset by 128 (signed 8-bit weights
+    /// against `vpdpbusd`'s unsigned first factor).
+    pub(crate) fn offset_acts(self) -> bool {
+        matches!(self, QKind::Q8_0 | QKind::Q8Halves)
+    }
+
+    /// The tile kernels' index for this kind.
+    fn tile_index(self) -> usize {
+        match self {
+            QKind::Q8_0 | QKind::F32 => 0,
+            QKind::Q4_1 => 1,
+            QKind::Q8Halves => 2,
+            QKind::U8 => 3,
+        }
+    }
+
+    /// Whether the weights are unsigned with an offset term (Q4_1's float operations).
+    fn has_offset(self) -> bool {
+        matches!(self, QKind::Q4_1 | QKind::U8)
+    }
+}
+
+/// The GGUF block types the loader repacks into panels, each exactly (every weight keeps
+/// its value): Q4_0, Q5_0 and Q8_0 become [`QKind::Q8_0`]; Q4_1 and Q4_K (a 32-value
+/// sub-block's scale `d·sc` and offset `-dmin·m` are exact in f32) become [`QKind::Q4_1`];
+/// Q6_K becomes [`QKind::Q8Halves`]; Q5_1 and Q5_K become [`QKind::U8`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GgufBlocks {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q6K,
+    Q5_1,
+    Q5K,
+}
+
+impl GgufBlocks {
+    /// The panel kind these blocks become.
+    pub(crate) fn kind(self) -> QKind {
+        match self {
+            GgufBlocks::Q4_0 | GgufBlocks::Q5_0 | GgufBlocks::Q8_0 => QKind::Q8_0,
+            GgufBlocks::Q4_1 | GgufBlocks::Q4K => QKind::Q4_1,
+            GgufBlocks::Q6K => QKind::Q8Halves,
+            GgufBlocks::Q5_1 | GgufBlocks::Q5K => QKind::U8,
+        }
+    }
+
+    /// Values and bytes of one GGUF block.
+    pub(crate) fn values_and_bytes(self) -> (usize, usize) {
+        match self {
+            GgufBlocks::Q4_0 => (32, 18),
+            GgufBlocks::Q4_1 => (32, 20),
+            GgufBlocks::Q5_0 => (32, 22),
+            GgufBlocks::Q8_0 => (32, 34),
+            GgufBlocks::Q4K => (256, 144),
+            GgufBlocks::Q6K => (256, 210),
+            GgufBlocks::Q5_1 => (32, 24),
+            GgufBlocks::Q5K => (256, 176),
+        }
+    }
+
+    /// Our 32-value block `b` of the row whose GGUF blocks are `row`.
+    fn block(self, row: &[u8], b: usize) -> Block {
+        let (vals, bytes) = self.values_and_bytes();
+        let at = b * QK / vals;
+        let g = &row[at * bytes..(at + 1) * bytes];
+        let h = |i: usize| f16::from_le_bytes([g[i], g[i + 1]]).to_f32();
+        match self {
+            GgufBlocks::Q4_0 => Block::signed(h(0), |v| {
+                let q = if v < 16 {
+                    g[2 + v] & 15
+                } else {
+                    g[2 + v - 16] >> 4
+                };
+                q as i32 - 8
+            }),
+            GgufBlocks::Q4_1 => Block {
+                d: h(0),
+                m: h(2),
+                d2: h(0),
+                q: std::array::from_fn(|v| {
+                    (if v < 16 {
+                        g[4 + v] & 0x0f
+                    } else {
+                        g[4 + v - 16] >> 4
+                    }) as i32
+                }),
+            },
+            GgufBlocks::Q5_0 => {
+                let qh = u32::from_le_bytes([g[2], g[3], g[4], g[5]]);
+                Block::signed(h(0), |v| {
+                    let (lo, j) = if v < 16 {
+                        (g[6 + v] & 15, v)
+                    } else {
+                        (g[6 + v - 16] >> 4, v)
+                    };
+                    (lo as i32 | (((qh >> j) & 1) as i32) << 4) - 16
+                })
+            }
+            GgufBlocks::Q8_0 => Block::signed(h(0), |v| g[2 + v] as i8 as i32),
+            GgufBlocks::Q5_1 => {
+                let qh = u32::from_le_bytes([g[4], g[5], g[6], g[7]]);
+                Block {
+                    d: h(0),
+                    m: h(2),
+                    d2: h(0),
+                    q: std::array::from_fn(|v| {
+                        let lo = if v < 16 {
+                            g[8 + v] & 15
+                        } else {
+                            g[8 + v - 16] >> 4
+                        };
+                        lo as i32 | (((qh >> v) & 1) as i32) << 4
+                    }),
+                }
+            }
+            GgufBlocks::Q5K => {
+                let j = b % 8;
+                let (s, m) = k_scale_min(&g[4..16], j);
+                let (qh, qs) = (&g[16..48], &g[48 + 32 * (j / 2)..48 + 32 * (j / 2) + 32]);
+                let d = h(0) * s as f32;
+                Block {
+                    d,
+                    m: -(h(2) * m as f32),
+                    d2: d,
+                    q: std::array::from_fn(|v| {
+                        let lo = if j.is_multiple_of(2) {
+                            qs[v] & 15
+                        } else {
+                            qs[v] >> 4
+                        };
+                        lo as i32 | (((qh[v] >> j) & 1) as i32) << 4
+                    }),
+                }
+            }
+            GgufBlocks::Q4K => {
+                let j = b % 8;
+                let (s, m) = k_scale_min(&g[4..16], j);
+                let qs = &g[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                let d = h(0) * s as f32;
+                Block {
+                    d,
+                    m: -(h(2) * m as f32),
+                    d2: d,
+                    q: std::array::from_fn(|v| {
+                        (if j.is_multiple_of(2) {
+                            qs[v] & 15
+                        } else {
+                            qs[v] >> 4
+                        }) as i32
+                    }),
+                }
+            }
+            GgufBlocks::Q6K => {
+                let (ql, qh, sc) = (&g[..128], &g[128..192], &g[192..208]);
+                let d = h(208);
+                let q = std::array::from_fn(|v| {
+                    // Value `i` of the 256: half `n`, quarter `k`, lane `l`.
+                    let i = (b % 8) * QK + v;
+                    let (n, k, l) = (i / 128, i % 128 / 32, i % 32);
+                    let lo = ql[64 * n + l + 32 * (k % 2)] >> (4 * (k / 2)) & 15;
+                    let hi = qh[32 * n + l] >> (2 * k) & 3;
+                    (lo | hi << 4) as i32 - 32
+                });
+                let s = |half: usize| d * sc[(b % 8) * 2 + half] as i8 as f32;
+                Block {
+                    d: s(0),
+                    m: 0.0,
+                    d2: s(1),
+                    q,
+                }
+            }
         }
     }
 }
 
-/// One block of one row, unpacked: its scale, offset (Q4_1) and 32 integer quants.
+/// Sub-block `j` (0..8) of a Q4_K or Q5_K block: its 6-bit scale and min from the packed 12
+/// bytes.
+fn k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One block of one row, unpacked: its scale(s), offset (Q4_1) and 32 integer quants.
 #[derive(Clone, Copy)]
 struct Block {
     d: f32,
     m: f32,
+    /// The scale of values 16..32 ([`QKind::Q8Halves`]; `d` for the other kinds).
+    d2: f32,
     q: [i32; QK],
 }
 
@@ -130,8 +344,27 @@ impl Block {
     const ZERO: Block = Block {
         d: 0.0,
         m: 0.0,
+        d2: 0.0,
         q: [0; QK],
     };
+
+    fn signed(d: f32, q: impl Fn(usize) -> i32) -> Block {
+        Block {
+            d,
+            m: 0.0,
+            d2: d,
+            q: std::array::from_fn(q),
+        }
+    }
+
+    /// Value `v`'s scale.
+    fn scale(&self, v: usize) -> f32 {
+        if v < QK / 2 {
+            self.d
+        } else {
+            self.d2
+        }
+    }
 }
 
 /// A weight matrix `rows × cols` (one output feature per row).
@@ -153,15 +386,27 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 
 /// Row `i` of one panel block (`blk`, [`QKind::block_bytes`] long), unpacked.
 fn unpack(kind: QKind, blk: &[u8], i: usize) -> Block {
-    let q = &blk[128..];
+    let q = &blk[kind.header()..];
     let q4 = kind == QKind::Q4_1;
+    let d = f32_at(blk, i);
     Block {
-        d: f32_at(blk, i),
-        m: if q4 { f32_at(&blk[64..], i) } else { 0.0 },
+        d,
+        m: if kind.has_offset() {
+            f32_at(&blk[64..], i)
+        } else {
+            0.0
+        },
+        d2: if kind == QKind::Q8Halves {
+            f32_at(&blk[64..], i)
+        } else {
+            d
+        },
         q: std::array::from_fn(|v| {
             let (g, e) = (v / 4, v % 4);
             if q4 {
                 ((q[(g / 2) * 64 + 4 * i + e] >> (4 * (g % 2))) & 0x0f) as i32
+            } else if kind == QKind::U8 {
+                q[g * 64 + 4 * i + e] as i32
             } else {
                 q[g * 64 + 4 * i + e] as i8 as i32
             }
@@ -170,29 +415,12 @@ fn unpack(kind: QKind, blk: &[u8], i: usize) -> Block {
 }
 
 impl QMatrix {
-    /// Takes GGUF blocks (Q4_1: 20-byte blocks, Q8_0: 34-byte blocks) and repacks them.
-    pub fn from_gguf(kind: QKind, rows: usize, cols: usize, gguf: &[u8]) -> Self {
-        let nb = cols / QK;
-        let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
-        Self::pack(kind, rows, cols, |r, b| {
-            let g = &gguf[(r * nb + b) * bsz..(r * nb + b + 1) * bsz];
-            let d = f16::from_le_bytes([g[0], g[1]]).to_f32();
-            if kind == QKind::Q4_1 {
-                let q = &g[4..20];
-                Block {
-                    d,
-                    m: f16::from_le_bytes([g[2], g[3]]).to_f32(),
-                    q: std::array::from_fn(|v| {
-                        (if v < 16 { q[v] & 0x0f } else { q[v - 16] >> 4 }) as i32
-                    }),
-                }
-            } else {
-                Block {
-                    d,
-                    m: 0.0,
-                    q: std::array::from_fn(|v| g[2 + v] as i8 as i32),
-                }
-            }
+    /// Takes a tensor's GGUF blocks (`rows × cols` values) and repacks them.
+    pub fn from_gguf(src: GgufBlocks, rows: usize, cols: usize, gguf: &[u8]) -> Self {
+        let (vals, bytes) = src.values_and_bytes();
+        let row_bytes = cols / vals * bytes;
+        Self::pack(src.kind(), rows, cols, |r, b| {
+            src.block(&gguf[r * row_bytes..(r + 1) * row_bytes], b)
         })
     }
 
@@ -214,15 +442,23 @@ impl QMatrix {
                     }
                 });
                 for (i, k) in blocks.iter().enumerate() {
-                    out[4 * i..4 * i + 4].copy_from_slice(&k.d.to_le_bytes());
-                    let second = if kind == QKind::Q4_1 {
-                        k.m.to_le_bytes()
-                    } else {
-                        (-128 * k.q.iter().sum::<i32>()).to_le_bytes()
+                    let put = |out: &mut [u8], at: usize, v: [u8; 4]| {
+                        out[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v)
                     };
-                    out[64 + 4 * i..64 + 4 * i + 4].copy_from_slice(&second);
+                    put(out, 0, k.d.to_le_bytes());
+                    let c = |q: &[i32]| (-128 * q.iter().sum::<i32>()).to_le_bytes();
+                    match kind {
+                        QKind::Q4_1 | QKind::U8 => put(out, 64, k.m.to_le_bytes()),
+                        QKind::Q8_0 => put(out, 64, c(&k.q)),
+                        QKind::Q8Halves => {
+                            put(out, 64, k.d2.to_le_bytes());
+                            put(out, 128, c(&k.q[..QK / 2]));
+                            put(out, 192, c(&k.q[QK / 2..]));
+                        }
+                        QKind::F32 => {}
+                    }
                 }
-                let q = &mut out[128..];
+                let q = &mut out[kind.header()..];
                 for (i, k) in blocks.iter().enumerate() {
                     for v in 0..QK {
                         let (g, e) = (v / 4, v % 4);
@@ -320,11 +556,11 @@ impl QMatrix {
         }
         for b in 0..self.cols / QK {
             let k = self.block(r, b);
-            for (o, &q) in out[b * QK..(b + 1) * QK].iter_mut().zip(&k.q) {
-                *o = if self.kind == QKind::Q4_1 {
+            for (v, (o, &q)) in out[b * QK..(b + 1) * QK].iter_mut().zip(&k.q).enumerate() {
+                *o = if self.kind.has_offset() {
                     k.d * q as f32 + k.m
                 } else {
-                    k.d * q as f32
+                    k.scale(v) * q as f32
                 };
             }
         }
@@ -356,7 +592,7 @@ impl QMatrix {
                         r.qs.len() == self.cols
                             && r.d.len() == nb
                             && r.s.len() == nb
-                            && (self.kind != QKind::Q8_0 || r.qu.len() == self.cols)
+                            && (!self.kind.offset_acts() || r.qu.len() == self.cols)
                     }),
                 "activation rows not quantized for {} columns of {:?}",
                 self.cols,
@@ -548,20 +784,22 @@ type Tile = unsafe fn(&[u8], usize, &[QRow], &mut [[f32; P]]);
 macro_rules! tiles {
     ($m:ident, $($n:literal)+) => {
         [
-            [$($m::tile::<$n, false>),+],
-            [$($m::tile::<$n, true>),+],
+            [$($m::tile::<$n, 0>),+],
+            [$($m::tile::<$n, 1>),+],
+            [$($m::tile::<$n, 2>),+],
+            [$($m::tile::<$n, 3>),+],
         ]
     };
 }
 #[cfg(target_arch = "x86_64")]
-const AVX2_TILES: [[Tile; 4]; 2] = tiles!(avx2, 1 2 3 4);
+const AVX2_TILES: [[Tile; 4]; 4] = tiles!(avx2, 1 2 3 4);
 #[cfg(target_arch = "x86_64")]
-const AVX512_TILES: [[Tile; GROUP]; 2] = tiles!(avx512, 1 2 3 4 5 6 7 8);
+const AVX512_TILES: [[Tile; GROUP]; 4] = tiles!(avx512, 1 2 3 4 5 6 7 8);
 
 /// `out[a][i]` = the dot product of panel row `i` with activation row `a`, in the canonical
 /// order (module doc), for the `x.len()` (1 to [`GROUP`]) rows of `x`.
 fn panel_tile(simd: Simd, kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]]) {
-    let q4 = usize::from(kind == QKind::Q4_1);
+    let q4 = kind.tile_index();
     match simd {
         // SAFETY (both arms): the caller picked the level from `Simd::detect` or after
         // checking the CPU has it; `panel` holds `nb` blocks and every row of `x` `nb`.
@@ -579,15 +817,23 @@ fn panel_tile(simd: Simd, kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out:
 
 fn portable_tile(kind: QKind, panel: &[u8], nb: usize, x: &[QRow], out: &mut [[f32; P]]) {
     let bb = kind.block_bytes();
-    let q4 = kind == QKind::Q4_1;
+    let q4 = kind.has_offset();
+    let dot = |w: &[i32], x: &[i8]| -> f32 {
+        w.iter().zip(x).map(|(&w, &xv)| w * xv as i32).sum::<i32>() as f32
+    };
     for (xa, row) in x.iter().zip(out.iter_mut()) {
         for (i, o) in row.iter_mut().enumerate() {
             let (mut acc, mut off) = (0f32, 0f32);
             for b in 0..nb {
                 let k = unpack(kind, &panel[b * bb..(b + 1) * bb], i);
                 let xs = &xa.qs[b * QK..(b + 1) * QK];
-                let dot: i32 = k.q.iter().zip(xs).map(|(&w, &xv)| w * xv as i32).sum();
-                acc = (k.d * xa.d[b]).mul_add(dot as f32, acc);
+                if kind == QKind::Q8Halves {
+                    let h = QK / 2;
+                    acc = (k.d * xa.d[b]).mul_add(dot(&k.q[..h], &xs[..h]), acc);
+                    acc = (k.d2 * xa.d[b]).mul_add(dot(&k.q[h..], &xs[h..]), acc);
+                    continue;
+                }
+                acc = (k.d * xa.d[b]).mul_add(dot(&k.q, xs), acc);
                 if q4 {
                     off = k.m.mul_add(xa.s[b], off);
                 }
@@ -671,13 +917,19 @@ mod avx2 {
     /// Q8_0 takes `|w|` against `x` with `w`'s sign (128·127·2 fits). The integer sums are
     /// exact, the float operations the canonical ones.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const NA: usize, const Q4: bool>(
+    pub unsafe fn tile<const NA: usize, const K: usize>(
         panel: &[u8],
         nb: usize,
         x: &[QRow],
         out: &mut [[f32; P]],
     ) {
-        let bb = if Q4 { 384 } else { 640 };
+        let (q4, halves, u8w) = (K == 1, K == 2, K == 3);
+        let offset = q4 || u8w;
+        let (bb, hdr) = match K {
+            1 => (384, 128),
+            2 => (768, 256),
+            _ => (640, 128),
+        };
         let base = panel.as_ptr();
         let mask = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
@@ -692,10 +944,12 @@ mod avx2 {
             for b in 0..nb {
                 let blk = base.add(b * bb);
                 let mut dot = [_mm256_setzero_si256(); NA];
-                if Q4 {
+                // The second half's sums ([`QKind::Q8Halves`]).
+                let mut dot2 = [_mm256_setzero_si256(); NA];
+                if q4 {
                     for p in 0..4 {
                         let raw =
-                            _mm256_loadu_si256(blk.add(128 + p * 64 + h * 32) as *const __m256i);
+                            _mm256_loadu_si256(blk.add(hdr + p * 64 + h * 32) as *const __m256i);
                         let lo = _mm256_and_si256(raw, mask);
                         let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
                         for a in 0..NA {
@@ -709,27 +963,43 @@ mod avx2 {
                 } else {
                     for g in 0..8 {
                         let w =
-                            _mm256_loadu_si256(blk.add(128 + g * 64 + h * 32) as *const __m256i);
+                            _mm256_loadu_si256(blk.add(hdr + g * 64 + h * 32) as *const __m256i);
                         let wa = _mm256_sign_epi8(w, w);
                         for a in 0..NA {
-                            let xv = _mm256_sign_epi8(bcast(xq[a].add(b * QK + g * 4)), w);
-                            let s = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
-                            dot[a] = _mm256_add_epi32(dot[a], s);
+                            let xa = bcast(xq[a].add(b * QK + g * 4));
+                            // Unsigned 5-bit weights take the activations as they are.
+                            let s = if u8w {
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(w, xa), ones)
+                            } else {
+                                let xv = _mm256_sign_epi8(xa, w);
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones)
+                            };
+                            if halves && g >= 4 {
+                                dot2[a] = _mm256_add_epi32(dot2[a], s);
+                            } else {
+                                dot[a] = _mm256_add_epi32(dot[a], s);
+                            }
                         }
                     }
                 }
                 let wd = _mm256_loadu_ps(blk.add(h * 32) as *const f32);
                 let wm = _mm256_loadu_ps(blk.add(64 + h * 32) as *const f32);
                 for a in 0..NA {
-                    let dd = _mm256_mul_ps(wd, _mm256_set1_ps(*xd[a].add(b)));
+                    let xda = _mm256_set1_ps(*xd[a].add(b));
+                    let dd = _mm256_mul_ps(wd, xda);
                     acc[a] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot[a]), acc[a]);
-                    if Q4 {
+                    if halves {
+                        // `wm` holds the second half's scales.
+                        let dd2 = _mm256_mul_ps(wm, xda);
+                        acc[a] = _mm256_fmadd_ps(dd2, _mm256_cvtepi32_ps(dot2[a]), acc[a]);
+                    }
+                    if offset {
                         off[a] = _mm256_fmadd_ps(wm, _mm256_set1_ps(*xs[a].add(b)), off[a]);
                     }
                 }
             }
             for a in 0..NA {
-                let r = if Q4 {
+                let r = if offset {
                     _mm256_add_ps(acc[a], off[a])
                 } else {
                     acc[a]
@@ -806,19 +1076,27 @@ mod avx512 {
     /// themselves, with one sum each (so that 32 registers hold them). Then the canonical
     /// float operations.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub unsafe fn tile<const NA: usize, const Q4: bool>(
+    pub unsafe fn tile<const NA: usize, const K: usize>(
         panel: &[u8],
         nb: usize,
         x: &[QRow],
         out: &mut [[f32; P]],
     ) {
-        let split = NA <= 4;
-        let bb = if Q4 { 384 } else { 640 };
+        let (q4, halves) = (K == 1, K == 2);
+        // Unsigned weights (Q4_1's nibbles, U8's bytes) with an offset term.
+        let offset = q4 || K == 3;
+        // [`QKind::Q8Halves`] keeps a sum per half instead (the first half's in `even`).
+        let split = NA <= 4 && !halves;
+        let (bb, hdr) = match K {
+            1 => (384, 128),
+            2 => (768, 256),
+            _ => (640, 128),
+        };
         let base = panel.as_ptr();
         let mask = _mm512_set1_epi8(0x0f);
         let xq: [*const u8; NA] = std::array::from_fn(|a| {
             let r = x.get_unchecked(a);
-            if Q4 {
+            if offset {
                 r.qs.as_ptr() as *const u8
             } else {
                 r.qu.as_ptr()
@@ -831,34 +1109,45 @@ mod avx512 {
         let mut off = [_mm512_setzero_ps(); NA];
         for b in 0..nb {
             let blk = base.add(b * bb);
-            let mut even = if Q4 {
+            let c_at = if halves { 128 } else { 64 };
+            let mut even = if offset {
                 [_mm512_setzero_si512(); NA]
             } else {
-                [_mm512_loadu_si512(blk.add(64) as *const __m512i); NA]
+                [_mm512_loadu_si512(blk.add(c_at) as *const __m512i); NA]
             };
-            let mut odd = [_mm512_setzero_si512(); NA];
+            let mut odd = if halves {
+                [_mm512_loadu_si512(blk.add(192) as *const __m512i); NA]
+            } else {
+                [_mm512_setzero_si512(); NA]
+            };
             for p in 0..4 {
-                let (w0, w1) = if Q4 {
-                    let raw = _mm512_loadu_si512(blk.add(128 + p * 64) as *const __m512i);
+                let (w0, w1) = if q4 {
+                    let raw = _mm512_loadu_si512(blk.add(hdr + p * 64) as *const __m512i);
                     (
                         _mm512_and_si512(raw, mask),
                         _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
                     )
                 } else {
                     (
-                        _mm512_loadu_si512(blk.add(128 + p * 128) as *const __m512i),
-                        _mm512_loadu_si512(blk.add(192 + p * 128) as *const __m512i),
+                        _mm512_loadu_si512(blk.add(hdr + p * 128) as *const __m512i),
+                        _mm512_loadu_si512(blk.add(hdr + 64 + p * 128) as *const __m512i),
                     )
                 };
                 for a in 0..NA {
                     let at = xq[a].add(b * QK + p * 8);
                     let (x0, x1) = (bcast(at), bcast(at.add(4)));
                     // `vpdpbusd` takes its first factor unsigned.
-                    let (u0, s0, u1, s1) = if Q4 {
+                    let (u0, s0, u1, s1) = if offset {
                         (w0, x0, w1, x1)
                     } else {
                         (x0, w0, x1, w1)
                     };
+                    if halves {
+                        let sum = if p < 2 { &mut even[a] } else { &mut odd[a] };
+                        *sum = _mm512_dpbusd_epi32(*sum, u0, s0);
+                        *sum = _mm512_dpbusd_epi32(*sum, u1, s1);
+                        continue;
+                    }
                     even[a] = _mm512_dpbusd_epi32(even[a], u0, s0);
                     if split {
                         odd[a] = _mm512_dpbusd_epi32(odd[a], u1, s1);
@@ -869,22 +1158,30 @@ mod avx512 {
             }
             let wd = _mm512_loadu_ps(blk as *const f32);
             for a in 0..NA {
+                let xda = _mm512_set1_ps(*xd[a].add(b));
+                if halves {
+                    let wd2 = _mm512_loadu_ps(blk.add(64) as *const f32);
+                    let (d0, d1) = (_mm512_mul_ps(wd, xda), _mm512_mul_ps(wd2, xda));
+                    acc[a] = _mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(even[a]), acc[a]);
+                    acc[a] = _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(odd[a]), acc[a]);
+                    continue;
+                }
                 let sum = if split {
                     _mm512_add_epi32(even[a], odd[a])
                 } else {
                     even[a]
                 };
                 let dot = _mm512_cvtepi32_ps(sum);
-                let dd = _mm512_mul_ps(wd, _mm512_set1_ps(*xd[a].add(b)));
+                let dd = _mm512_mul_ps(wd, xda);
                 acc[a] = _mm512_fmadd_ps(dd, dot, acc[a]);
-                if Q4 {
+                if offset {
                     let wm = _mm512_loadu_ps(blk.add(64) as *const f32);
                     off[a] = _mm512_fmadd_ps(wm, _mm512_set1_ps(*xs[a].add(b)), off[a]);
                 }
             }
         }
         for a in 0..NA {
-            let r = if Q4 {
+            let r = if offset {
                 _mm512_add_ps(acc[a], off[a])
             } else {
                 acc[a]
@@ -910,17 +1207,47 @@ mod tests {
             .collect()
     }
 
-    fn weights(kind: QKind, rows: usize, cols: usize) -> QMatrix {
-        let bsz = if kind == QKind::Q4_1 { 20 } else { 34 };
-        let mut data = random_bytes(rows * cols / QK * bsz, 7);
-        // Sane f16 scales (random bytes could make NaN/inf).
+    /// GGUF blocks of `src` with random quants and sane f16 scales (random bytes could make
+    /// NaN or inf).
+    fn gguf_bytes(src: GgufBlocks, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let (vals, bsz) = src.values_and_bytes();
+        let mut data = random_bytes(rows * cols / vals * bsz, seed);
         for (i, blk) in data.chunks_exact_mut(bsz).enumerate() {
-            blk[0..2].copy_from_slice(&f16::from_f32(0.013 + i as f32 * 1e-4).to_le_bytes());
-            if kind == QKind::Q4_1 {
-                blk[2..4].copy_from_slice(&f16::from_f32(-0.1).to_le_bytes());
+            let d = f16::from_f32(0.013 + i as f32 * 1e-4).to_le_bytes();
+            match src {
+                GgufBlocks::Q6K => blk[208..210].copy_from_slice(&d),
+                GgufBlocks::Q4K | GgufBlocks::Q5K => {
+                    blk[0..2].copy_from_slice(&d);
+                    blk[2..4].copy_from_slice(&f16::from_f32(0.02).to_le_bytes());
+                }
+                GgufBlocks::Q4_1 | GgufBlocks::Q5_1 => {
+                    blk[0..2].copy_from_slice(&d);
+                    blk[2..4].copy_from_slice(&f16::from_f32(-0.1).to_le_bytes());
+                }
+                _ => blk[0..2].copy_from_slice(&d),
             }
         }
-        QMatrix::from_gguf(kind, rows, cols, &data)
+        data
+    }
+
+    fn weights(kind: QKind, rows: usize, cols: usize) -> QMatrix {
+        let src = match kind {
+            QKind::Q4_1 => GgufBlocks::Q4_1,
+            QKind::Q8Halves => GgufBlocks::Q6K,
+            QKind::U8 => GgufBlocks::Q5K,
+            _ => GgufBlocks::Q8_0,
+        };
+        QMatrix::from_gguf(src, rows, cols, &gguf_bytes(src, rows, cols, 7))
+    }
+
+    /// The panel kinds a matrix of `cols` columns can be built as (Q6_K rows are whole
+    /// 256-value blocks).
+    fn kinds(cols: usize) -> Vec<QKind> {
+        let mut k = vec![QKind::Q4_1, QKind::Q8_0];
+        if cols.is_multiple_of(256) {
+            k.extend([QKind::Q8Halves, QKind::U8]);
+        }
+        k
     }
 
     fn acts(batch: usize, cols: usize) -> (Vec<Vec<f32>>, Vec<QRow>) {
@@ -943,7 +1270,7 @@ mod tests {
         // 608 columns: 19 blocks, an odd count.
         for cols in [576, 1536, 96, 608] {
             let (xs, xq) = acts(11, cols);
-            for kind in [QKind::Q4_1, QKind::Q8_0] {
+            for kind in kinds(cols) {
                 let w = weights(kind, 5, cols);
                 let mut results = Vec::new();
                 for &lv in &levels {
@@ -976,8 +1303,8 @@ mod tests {
     /// product of the dequantized weights and dequantized activations.
     #[test]
     fn matvec_is_the_dot_of_the_dequantized_values() {
-        for kind in [QKind::Q4_1, QKind::Q8_0] {
-            let (rows, cols) = (37, 576);
+        for kind in kinds(768) {
+            let (rows, cols) = (37, 768);
             let w = weights(kind, rows, cols);
             let (_, xq) = acts(5, cols);
             let mut got = vec![0f32; 5 * rows];
@@ -1017,7 +1344,12 @@ mod tests {
                 blk[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
                 blk[2..4].copy_from_slice(&f16::from_f32(-2.0).to_le_bytes());
             }
-            let w = QMatrix::from_gguf(kind, rows, cols, &g);
+            let src = if kind == QKind::Q4_1 {
+                GgufBlocks::Q4_1
+            } else {
+                GgufBlocks::Q8_0
+            };
+            let w = QMatrix::from_gguf(src, rows, cols, &g);
             for r in 0..rows {
                 let mut got = vec![0f32; cols];
                 w.dequantize_row(r, &mut got);
@@ -1043,8 +1375,48 @@ mod tests {
             assert_eq!(both.rows, 28);
             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
             both.dequantize_row(7 + 20, &mut a);
-            QMatrix::from_gguf(kind, rows, cols, &g).dequantize_row(20, &mut b);
+            QMatrix::from_gguf(src, rows, cols, &g).dequantize_row(20, &mut b);
             assert_eq!(a, b);
+        }
+    }
+
+    /// Every GGUF block type the loader takes repacks to exactly the values candle's own
+    /// dequantization gives (an independent reading of the formats), bit for bit.
+    #[test]
+    fn every_gguf_type_repacks_to_its_dequantized_values() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        let (rows, cols) = (19, 512);
+        for (src, dtype) in [
+            (GgufBlocks::Q4_0, GgmlDType::Q4_0),
+            (GgufBlocks::Q4_1, GgmlDType::Q4_1),
+            (GgufBlocks::Q5_0, GgmlDType::Q5_0),
+            (GgufBlocks::Q8_0, GgmlDType::Q8_0),
+            (GgufBlocks::Q4K, GgmlDType::Q4K),
+            (GgufBlocks::Q6K, GgmlDType::Q6K),
+            (GgufBlocks::Q5_1, GgmlDType::Q5_1),
+            (GgufBlocks::Q5K, GgmlDType::Q5K),
+        ] {
+            let g = gguf_bytes(src, rows, cols, 11);
+            let dev = candle_core::Device::Cpu;
+            let storage =
+                QStorage::from_data(std::borrow::Cow::Borrowed(&g), &dev, dtype).expect("storage");
+            let want: Vec<f32> = QTensor::new(storage, (rows, cols))
+                .and_then(|t| t.dequantize(&dev))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("candle dequantizes");
+            let w = QMatrix::from_gguf(src, rows, cols, &g);
+            assert_eq!(w.kind, src.kind());
+            for r in 0..rows {
+                let mut got = vec![0f32; cols];
+                w.dequantize_row(r, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want[r * cols..(r + 1) * cols]),
+                    "{src:?} row {r}"
+                );
+            }
         }
     }
 
@@ -1084,8 +1456,8 @@ mod tests {
     fn matvec_levels_agree_bitwise() {
         let levels = Simd::runnable();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for (cols, rows) in [(96, 70), (576, 67)] {
-            for kind in [QKind::Q4_1, QKind::Q8_0] {
+        for (cols, rows) in [(96, 70), (576, 67), (512, 35)] {
+            for kind in kinds(cols) {
                 let w = weights(kind, rows, cols);
                 // 130 crosses a task's 128 activation rows.
                 for batch in (1..=9).chain([16, 21, 130]) {

@@ -181,3 +181,54 @@ pub fn collect_plain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> usi
     }
     n
 }
+
+/// Asserts that each output equals its reference: tokens and logits bits.
+pub fn assert_same(reference: &[Output], got: &[Output], what: &str) {
+    for (i, (a, b)) in reference.iter().zip(got).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "{what}: tokens of request {i}");
+        assert_eq!(
+            a.logit_hashes, b.logit_hashes,
+            "{what}: logits bits of request {i}"
+        );
+    }
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// Runs `prompt` on `a`, moves it to `b` after `n` tokens, and returns what its client saw.
+pub fn migrated(
+    a: &Engine,
+    b: &Engine,
+    prompt: &[u32],
+    params: &SamplingParams,
+    n: usize,
+) -> Output {
+    let rx = a
+        .submit(request("m", prompt, params, KvTransfer::None))
+        .expect("submit");
+    let parked = block_on(a.park(&["m"], n)).expect("park");
+    assert_eq!(
+        parked.migration.state.generated(),
+        n,
+        "parked exactly at {n}"
+    );
+    let mut from_b = block_on(b.adopt(parked.migration)).expect("adopt");
+    a.commit_parked("m");
+    // What the server's relay does: the target's events go to the source's client channel.
+    let events = parked.events;
+    let relay = std::thread::spawn(move || {
+        while let Some(ev) = from_b.blocking_recv() {
+            if events.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    let out = collect(rx);
+    relay.join().expect("relay");
+    out
+}
