@@ -12,16 +12,26 @@ use common::*;
 use serde_json::json;
 
 fn run(level: &str) -> String {
+    run_model(level, None, "def fibonacci(n):", 48)
+}
+
+/// `generate` at a SIMD level with `model` (default: the default model).
+fn run_model(level: &str, model: Option<&str>, prompt: &str, tokens: usize) -> String {
+    let n = tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        n.as_str(),
+        "--threads",
+        "2",
+    ];
+    if let Some(m) = model {
+        args.extend(["--model", m]);
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_splitserve"))
-        .args([
-            "generate",
-            "--prompt",
-            "def fibonacci(n):",
-            "--max-tokens",
-            "48",
-            "--threads",
-            "2",
-        ])
+        .args(&args)
         .env("SPLITSERVE_SIMD", level)
         .env("RUST_LOG", "warn")
         .output()
@@ -38,7 +48,7 @@ fn run(level: &str) -> String {
         .rsplit_once('\n')
         .map(|(b, _)| b.to_string())
         .unwrap_or_default();
-    assert!(text.contains("output tokens: 48"), "{text}");
+    assert!(text.contains(&format!("output tokens: {tokens}")), "{text}");
     body
 }
 
@@ -75,6 +85,25 @@ fn portable_avx2_and_best_level_generate_the_same_text() {
         assert_eq!(run("avx2"), portable);
     }
     assert_eq!(run(""), portable);
+}
+
+/// The same for Gemma 3 (Q6_K's per-16 scales, the Q5 and Q4_K repacks, GELU, NeoX RoPE)
+/// with a prompt past its 512-position window, so that the windowed attention runs too.
+#[test]
+fn every_level_generates_the_same_gemma_text() {
+    let levels = levels();
+    let preset = splitserve_engine::model_file::preset("gemma3-270m").expect("preset");
+    let path = splitserve_engine::model_file::model(preset, true).expect("gemma model");
+    let model = path.display().to_string();
+    let long = include_str!("../../engine/tests/data/gemma-long-prompt.txt");
+    // About 700 tokens: past the window, and quick enough for the portable kernels.
+    let prompt = &long[long.len() - 3000..];
+    let portable = run_model("portable", Some(&model), prompt, 12);
+    assert!(!portable.trim().is_empty());
+    if levels.contains(&"avx2") {
+        assert_eq!(run_model("avx2", Some(&model), prompt, 12), portable);
+    }
+    assert_eq!(run_model("", Some(&model), prompt, 12), portable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

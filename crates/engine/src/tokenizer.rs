@@ -118,6 +118,20 @@ impl Tokenizer {
                         types.len()
                     )));
                 }
+                // llama.cpp's default for these vocabularies is a space before the text
+                // (Llama 2); Gemma's files turn it off, and only that form is built here.
+                let space_prefix = g
+                    .metadata
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(true);
+                if space_prefix {
+                    return Err(err(
+                        "tokenizer.ggml.add_space_prefix is true (a Llama 2-style vocabulary); \
+                         only SentencePiece vocabularies without the prefix (Gemma) are supported"
+                            .into(),
+                    ));
+                }
                 Vocab::Spm(Box::new(Spm::new(tokens.clone(), scores, types.clone())))
             }
             other => {

@@ -310,3 +310,27 @@ fn migrated_request_continues_token_identical() {
         assert_eq!(s.free_blocks, s.total_blocks);
     }
 }
+
+/// A SentencePiece vocabulary that wants a space before the text (Llama 2's form, which the
+/// tokenizer does not build) is refused by name rather than tokenized wrongly.
+#[test]
+fn a_space_prefixed_vocabulary_is_refused() {
+    let preset = splitserve_engine::model_file::preset("gemma3-270m").expect("preset");
+    let path = splitserve_engine::model_file::model(preset, false).expect("gemma model");
+    let mut b = std::fs::read(&path).expect("read");
+    let key = b"tokenizer.ggml.add_space_prefix";
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("key present")
+        + key.len();
+    // GGUF value type 7 (bool), then the value.
+    assert_eq!(b[at..at + 5], [7, 0, 0, 0, 0]);
+    b[at + 4] = 1;
+    let p = std::env::temp_dir().join(format!("splitserve-spm-{}.gguf", std::process::id()));
+    std::fs::write(&p, &b).expect("write");
+    drop(b);
+    let e = splitserve_engine::load_tokenizer(&p).expect_err("refused");
+    let _ = std::fs::remove_file(&p);
+    assert!(e.to_string().contains("add_space_prefix"), "{e}");
+}
