@@ -99,9 +99,10 @@ pub(crate) enum QKind {
     /// 4-value groups `(2p, 2p + 1)`, 16 rows × 4 bytes whose low nibbles are group `2p`'s
     /// values and high nibbles group `2p + 1`'s: 384 bytes for 16 × 32 weights.
     Q4_1,
-    /// GGUF Q8_0. A panel block is `[d: f32; 16][c: i32; 16]` (`c = -128 · Σ q`, which lets
-    /// the unsigned-by-signed `vpdpbusd` take the activations offset by 128), then for each
-    /// 4-value group 16 rows × 4 bytes: 640 bytes for 16 × 32 weights.
+    /// GGUF Q8_0 (and Q4_0, Q5_0). A panel block is `[d: f16; 16][s: i16; 16]` (the
+    /// GGUF's own f16 scales, and `s = Σ q`: `-128 · s` lets the unsigned-by-signed
+    /// `vpdpbusd` take the activations offset by 128), then for each 4-value group 16 rows ×
+    /// 4 bytes: 576 bytes for 16 × 32 weights.
     Q8_0,
     /// 8-bit quants with a scale per 16 values (GGUF Q6_K's sub-blocks). A panel block is
     /// `[d: f32; 16][d2: f32; 16][c: i32; 16][c2: i32; 16]` (`d`, `c` for values 0..16,
@@ -125,7 +126,8 @@ impl QKind {
     /// Bytes of a panel block's scales, before its quants.
     const fn header(self) -> usize {
         match self {
-            QKind::Q4_1 | QKind::Q8_0 | QKind::U8 => 128,
+            QKind::Q8_0 => 64,
+            QKind::Q4_1 | QKind::U8 => 128,
             QKind::Q8Halves => 256,
             QKind::F32 => 0,
         }
@@ -388,7 +390,11 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 fn unpack(kind: QKind, blk: &[u8], i: usize) -> Block {
     let q = &blk[kind.header()..];
     let q4 = kind == QKind::Q4_1;
-    let d = f32_at(blk, i);
+    let d = if kind == QKind::Q8_0 {
+        f16::from_le_bytes([blk[2 * i], blk[2 * i + 1]]).to_f32()
+    } else {
+        f32_at(blk, i)
+    };
     Block {
         d,
         m: if kind.has_offset() {
@@ -445,11 +451,20 @@ impl QMatrix {
                     let put = |out: &mut [u8], at: usize, v: [u8; 4]| {
                         out[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v)
                     };
-                    put(out, 0, k.d.to_le_bytes());
                     let c = |q: &[i32]| (-128 * q.iter().sum::<i32>()).to_le_bytes();
+                    if kind == QKind::Q8_0 {
+                        // The scales come from GGUF f16s, so f16 holds them exactly.
+                        let d = f16::from_f32(k.d);
+                        debug_assert_eq!(d.to_f32(), k.d);
+                        let sum = k.q.iter().sum::<i32>() as i16;
+                        out[2 * i..2 * i + 2].copy_from_slice(&d.to_le_bytes());
+                        out[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&sum.to_le_bytes());
+                        continue;
+                    }
+                    put(out, 0, k.d.to_le_bytes());
                     match kind {
                         QKind::Q4_1 | QKind::U8 => put(out, 64, k.m.to_le_bytes()),
-                        QKind::Q8_0 => put(out, 64, c(&k.q)),
+                        QKind::Q8_0 => {}
                         QKind::Q8Halves => {
                             put(out, 64, k.d2.to_le_bytes());
                             put(out, 128, c(&k.q[..QK / 2]));
@@ -726,6 +741,7 @@ impl Simd {
                     && level != "avx2"
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
@@ -735,6 +751,7 @@ impl Simd {
                 if level != "portable"
                     && is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
                 {
                     return Simd::Avx2;
                 }
@@ -916,7 +933,7 @@ mod avx2 {
     /// unsigned operand and saturates at `i16`: Q4_1's nibbles are unsigned (15·127·2 fits),
     /// Q8_0 takes `|w|` against `x` with `w`'s sign (128·127·2 fits). The integer sums are
     /// exact, the float operations the canonical ones.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile<const NA: usize, const K: usize>(
         panel: &[u8],
         nb: usize,
@@ -926,6 +943,7 @@ mod avx2 {
         let (q4, halves, u8w) = (K == 1, K == 2, K == 3);
         let offset = q4 || u8w;
         let (bb, hdr) = match K {
+            0 => (576, 64),
             1 => (384, 128),
             2 => (768, 256),
             _ => (640, 128),
@@ -982,7 +1000,11 @@ mod avx2 {
                         }
                     }
                 }
-                let wd = _mm256_loadu_ps(blk.add(h * 32) as *const f32);
+                let wd = if K == 0 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk.add(h * 16) as *const __m128i))
+                } else {
+                    _mm256_loadu_ps(blk.add(h * 32) as *const f32)
+                };
                 let wm = _mm256_loadu_ps(blk.add(64 + h * 32) as *const f32);
                 for a in 0..NA {
                     let xda = _mm256_set1_ps(*xd[a].add(b));
@@ -1088,6 +1110,7 @@ mod avx512 {
         // [`QKind::Q8Halves`] keeps a sum per half instead (the first half's in `even`).
         let split = NA <= 4 && !halves;
         let (bb, hdr) = match K {
+            0 => (576, 64),
             1 => (384, 128),
             2 => (768, 256),
             _ => (640, 128),
@@ -1109,11 +1132,14 @@ mod avx512 {
         let mut off = [_mm512_setzero_ps(); NA];
         for b in 0..nb {
             let blk = base.add(b * bb);
-            let c_at = if halves { 128 } else { 64 };
             let mut even = if offset {
                 [_mm512_setzero_si512(); NA]
+            } else if halves {
+                [_mm512_loadu_si512(blk.add(128) as *const __m512i); NA]
             } else {
-                [_mm512_loadu_si512(blk.add(c_at) as *const __m512i); NA]
+                // `-128 · Σ w` from the stored sums.
+                let sum = _mm512_cvtepi16_epi32(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+                [_mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum)); NA]
             };
             let mut odd = if halves {
                 [_mm512_loadu_si512(blk.add(192) as *const __m512i); NA]
@@ -1156,7 +1182,11 @@ mod avx512 {
                     }
                 }
             }
-            let wd = _mm512_loadu_ps(blk as *const f32);
+            let wd = if K == 0 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i))
+            } else {
+                _mm512_loadu_ps(blk as *const f32)
+            };
             for a in 0..NA {
                 let xda = _mm512_set1_ps(*xd[a].add(b));
                 if halves {
