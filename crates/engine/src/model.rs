@@ -25,7 +25,7 @@ use crate::error::{EngineError, GgufError};
 use crate::gguf::{GgufFile, ModelConfig, RawTensor};
 use crate::kernels::attention::{attend_rows, Scratch};
 use crate::kernels::quant::{quantize_row, GgufBlocks, QKind, QMatrix, QRow};
-use crate::kernels::{gelu_mul, rms_norm, silu_mul, Rope};
+use crate::kernels::{gelu_mul, rms_norm, rms_norm_in_place, silu_mul, Rope};
 use crate::kv_cache::KvCache;
 use crate::tokenizer::Tokenizer;
 
@@ -42,9 +42,9 @@ struct Layer {
     /// Gemma: RMS norms of the attention's and the FFN's outputs, before the residual add.
     post_attn_norm: Option<Vec<f32>>,
     post_ffn_norm: Option<Vec<f32>>,
-    /// Positions this layer attends to (`None`: all), and which RoPE table it takes.
+    /// Positions this layer attends to (`None`: all; a windowed layer takes the local RoPE
+    /// table).
     window: Option<usize>,
-    rope: usize,
 }
 
 /// What the architecture changes in the forward pass. Everything else (the paged cache,
@@ -77,7 +77,7 @@ pub struct Model {
     output_norm: Vec<f32>,
     lm_head: Option<QMatrix>,
     layers: Vec<Layer>,
-    /// RoPE tables: global layers', then (Gemma) local layers'.
+    /// RoPE tables: global layers', then (Gemma) the windowed layers'.
     ropes: Vec<Rope>,
     weight_bytes: usize,
 }
@@ -237,7 +237,6 @@ impl Model {
                 post_attn_norm,
                 post_ffn_norm,
                 window,
-                rope: usize::from(gemma && window.is_some()),
             });
         }
         let weight_bytes = embd.bytes()
@@ -332,11 +331,8 @@ impl Model {
         // A residual add, after the output's own norm where the architecture has one.
         let add_normed = |post: &Option<Vec<f32>>, h: &mut [f32], out: &mut [f32]| {
             if let Some(w) = post {
-                out.par_chunks_exact_mut(d).for_each(|x| {
-                    let mut y = vec![0f32; d];
-                    rms_norm(x, w, c.rms_eps, &mut y);
-                    x.copy_from_slice(&y);
-                });
+                out.par_chunks_exact_mut(d)
+                    .for_each(|x| rms_norm_in_place(x, w, c.rms_eps));
             }
             for (hv, ov) in h.iter_mut().zip(out.iter()) {
                 *hv += ov;
@@ -346,19 +342,13 @@ impl Model {
             norm(&layer.attn_norm, &h, &mut xn);
             linear_into(&layer.wqkv, &xn, n, &mut qkv);
             let w = qd + 2 * kvd;
-            let rope = &self.ropes[layer.rope];
+            let rope = &self.ropes[usize::from(layer.window.is_some())];
             qkv.par_chunks_exact_mut(w)
                 .zip(rows.par_iter())
                 .for_each(|(x, row)| {
                     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                        let mut y = vec![0f32; hd];
-                        for (head, wn) in x[..qd + kvd]
-                            .chunks_exact_mut(hd)
-                            .enumerate()
-                            .map(|(i, hx)| (hx, if i < nh { qn } else { kn }))
-                        {
-                            rms_norm(head, wn, c.rms_eps, &mut y);
-                            head.copy_from_slice(&y);
+                        for (i, head) in x[..qd + kvd].chunks_exact_mut(hd).enumerate() {
+                            rms_norm_in_place(head, if i < nh { qn } else { kn }, c.rms_eps);
                         }
                     }
                     rope.apply(&mut x[..qd + kvd], row.pos)

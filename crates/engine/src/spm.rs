@@ -66,6 +66,28 @@ struct Sym {
     next: Option<usize>,
 }
 
+/// The pieces of type `ty` and their ids, by first byte, longest first (so that the first
+/// match at a position is the longest).
+pub(crate) fn by_first_byte(
+    pieces: &[String],
+    types: &[i32],
+    ty: i32,
+) -> HashMap<u8, Vec<(String, u32)>> {
+    let mut index: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
+    for (i, (p, &t)) in pieces.iter().zip(types).enumerate() {
+        if t == ty && !p.is_empty() {
+            index
+                .entry(p.as_bytes()[0])
+                .or_default()
+                .push((p.clone(), i as u32));
+        }
+    }
+    for v in index.values_mut() {
+        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+    }
+    index
+}
+
 impl Spm {
     pub(crate) fn new(pieces: Vec<String>, scores: Vec<f32>, types: Vec<i32>) -> Self {
         let ids = pieces
@@ -77,17 +99,7 @@ impl Spm {
         for (b, slot) in bytes.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied();
         }
-        let mut user: HashMap<u8, Vec<(String, u32)>> = HashMap::new();
-        for (i, p) in pieces.iter().enumerate() {
-            if types.get(i) == Some(&TYPE_USER_DEFINED) && !p.is_empty() {
-                user.entry(p.as_bytes()[0])
-                    .or_default()
-                    .push((p.clone(), i as u32));
-            }
-        }
-        for v in user.values_mut() {
-            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        }
+        let user = by_first_byte(&pieces, &types, TYPE_USER_DEFINED);
         Self {
             pieces,
             scores,

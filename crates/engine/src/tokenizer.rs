@@ -20,7 +20,8 @@ use tokenizers::AddedToken;
 use crate::error::GgufError;
 use crate::gguf::GgufFile;
 use crate::spm::{
-    Spm, TYPE_CONTROL as TOKEN_TYPE_CONTROL, TYPE_USER_DEFINED as TOKEN_TYPE_USER_DEFINED,
+    by_first_byte, Spm, TYPE_CONTROL as TOKEN_TYPE_CONTROL,
+    TYPE_USER_DEFINED as TOKEN_TYPE_USER_DEFINED,
 };
 
 /// Breaks special-token text inside chat messages (a private-use character; see
@@ -140,18 +141,7 @@ impl Tokenizer {
                 )))
             }
         };
-        let mut specials: std::collections::HashMap<u8, Vec<(String, u32)>> = Default::default();
-        for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
-            if ty == TOKEN_TYPE_CONTROL && !t.is_empty() {
-                specials
-                    .entry(t.as_bytes()[0])
-                    .or_default()
-                    .push((t.clone(), i as u32));
-            }
-        }
-        for v in specials.values_mut() {
-            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        }
+        let specials = by_first_byte(&tokens, &types, TOKEN_TYPE_CONTROL);
         let text_of = |id: Option<u32>| {
             id.and_then(|i| tokens.get(i as usize).cloned())
                 .unwrap_or_default()

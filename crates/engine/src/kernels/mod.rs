@@ -32,11 +32,22 @@ pub(crate) fn reduce8(acc: &[f32; 8]) -> f32 {
 
 /// RMS norm of one row into `out`.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ss = dot_f32(x, x);
-    let scale = 1.0 / ((ss / x.len() as f32) + eps).sqrt();
+    let scale = rms_scale(x, eps);
     for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
         *o = (xi * scale) * wi;
     }
+}
+
+/// [`rms_norm`] of a row in place (the same operations, so the same bits).
+pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let scale = rms_scale(x, eps);
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi = (*xi * scale) * wi;
+    }
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    1.0 / ((dot_f32(x, x) / x.len() as f32) + eps).sqrt()
 }
 
 /// `silu(gate) * up` for one row whose first half is gate and second half up (the
