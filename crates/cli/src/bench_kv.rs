@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use splitserve_engine::{
-    Engine, EngineConfig, Event, KvTransfer, Model, RemoteKv, Request, SamplingParams,
+    Engine, EngineConfig, Event, KvLayout, KvTransfer, Model, RemoteKv, Request, SamplingParams,
 };
 use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 
@@ -203,6 +203,16 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         model.config.n_layer,
         a.kv_cache_dtype
     );
+    let layout = KvLayout::for_model(&model.config, 16, a.kv_cache_dtype);
+    if layout.window.is_some() {
+        let blocks = a.prompt_len.div_ceil(layout.block_size);
+        let kept = layout.layer_blocks(0, a.prompt_len, 0, blocks).len();
+        println!(
+            "  {} of its layers see a window: they send {kept} of the {blocks} blocks ({:.1} MiB with every block)",
+            layout.n_windowed(),
+            (blocks * layout.block_bytes()) as f64 / (1 << 20) as f64
+        );
+    }
     println!("| path | median ms | GiB/s |");
     println!("|---|---|---|");
     println!(

@@ -17,6 +17,8 @@ pub(crate) fn shape_of(path: &Path) -> anyhow::Result<ModelShape> {
 
 impl EconHooks for Hooks {
     fn shape_from_gguf(&self, path: &Path) -> Result<ModelShape, String> {
+        // A preset's name (gemma3-270m) stands for its file, as in `serve --model`.
+        let path = &crate::model_path(&Some(path.to_path_buf())).map_err(|e| e.to_string())?;
         let (c, params) = splitserve_engine::inspect(path).map_err(|e| e.to_string())?;
         Ok(ModelShape {
             name: path
@@ -28,6 +30,12 @@ impl EconHooks for Hooks {
             head_dim: c.head_dim as u64,
             heads: c.n_head as u64,
             params,
+            window: c.sliding_window.map(|w| splitserve_econ::Window {
+                positions: w.window as u64,
+                layers: (0..c.n_layer)
+                    .filter(|&l| c.layer_window(l).is_some())
+                    .count() as u64,
+            }),
         })
     }
 

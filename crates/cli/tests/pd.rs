@@ -381,19 +381,44 @@ async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
 
 /// The second model (Gemma 3 270M: K-quants, sliding-window layers, SentencePiece
 /// tokenizer) through the same pair: token-identical to colocated, greedy and seeded, for
-/// prompts shorter and longer than its 512-position window, and for chat; nothing leaks.
+/// prompts shorter and longer than its 512-position window, and for chat; the local
+/// layers' KV crosses only for the window (bytes counted); nothing leaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma_pair_equals_colocated_and_nothing_leaks() {
+    gemma_pair("TcpConnector").await
+}
+
+/// The same, with the KV read over NIXL: each layer's blocks are read where they lie in the
+/// producer's pool, the local layers' from their window slots.
+#[cfg(feature = "nixl")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma_nixl_pair_equals_colocated_and_nothing_leaks() {
+    gemma_pair("NixlConnector").await
+}
+
+async fn gemma_pair(connector: &str) {
     let preset = splitserve_engine::model_file::preset("gemma3-270m").expect("preset");
     let path = splitserve_engine::model_file::model(preset, true).expect("gemma model");
     let gemma = path.display().to_string();
     let (colo, prod, cons, proxy) =
-        colocated_and_pair("TcpConnector", &["--model", gemma.as_str()]).await;
+        colocated_and_pair(connector, &["--model", gemma.as_str()]).await;
     let (c_url, p_url) = (
         format!("{}/v1/completions", colo.url()),
         format!("{}/v1/completions", proxy.url()),
     );
     let ps = prompts();
+    // The local layers ship only the blocks their window reaches from the next position:
+    // per block and layer, K and V of 16 positions × 1 KV head × 256 dims in f16.
+    let (s, d) = post(&p_url, &body(&ps[7], None, 4)).await;
+    assert_eq!(s, 200, "{d}");
+    let n = d["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+    assert!(n > 512, "{n}");
+    let (all, windowed) = (n.div_ceil(16), n.div_ceil(16) - (n - 512) / 16);
+    assert_eq!(
+        metric(&prod, "kv_transfer_bytes_sent_total").await,
+        ((3 * all + 15 * windowed) * 16_384) as f64,
+        "{n} tokens: {all} blocks in the 3 global layers, {windowed} in the 15 local ones"
+    );
     let mut longest = 0;
     for (i, prompt) in [&ps[0], &ps[2], &ps[7]].into_iter().enumerate() {
         for seeded in [None, Some(40 + i as u64)] {

@@ -21,7 +21,7 @@ pub struct ModelArgs {
     /// SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B or -70B
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// Read the shape from a GGUF file
+    /// Read the shape from a GGUF file (or a model name: gemma3-270m)
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// Layers (overrides the preset's)
@@ -177,6 +177,7 @@ fn shape_of(m: &ModelArgs, hooks: &dyn EconHooks) -> Result<ModelShape, EconErro
             head_dim: 0,
             heads: 0,
             params: 0,
+            window: None,
         },
     };
     s.heads = m.heads.unwrap_or(s.heads);
@@ -285,6 +286,15 @@ pub fn run(args: &EconArgs, hooks: &dyn EconHooks) -> Result<String, EconError> 
                 s.name, s.layers, s.kv_heads, s.head_dim, value_bytes(kv),
                 f.bytes_per_token, f.tokens, f.blocks, f.block_size, f.block_bytes as f64 / MIB, "link", "transfer ms"
             );
+            if let (Some(w), Some(wb)) = (s.window, f.window_blocks) {
+                t.insert_str(
+                    t.find("\n\n").unwrap_or(t.len()),
+                    &format!(
+                        "\n{} of the {} layers see a window of {} positions: they keep {wb} of the {} blocks",
+                        w.layers, s.layers, w.positions, f.blocks
+                    ),
+                );
+            }
             for (n, secs) in links {
                 t.push_str(&format!("{n:<10} {:>12.2}\n", secs * 1e3));
             }

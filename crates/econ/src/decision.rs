@@ -9,7 +9,8 @@ use crate::shape::{freight, KvFormat, ModelShape};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum PrefillRate {
     /// FLOPs model: 2 × params × tokens + attention 2 × layers × tokens² × heads·head_dim
-    /// (causal: half of the 4·n²·d of QKᵀ and AV), at `flops_per_s` (peak × MFU).
+    /// (causal: half of the 4·n²·d of QKᵀ and AV; a windowed layer's queries see at most its
+    /// window), at `flops_per_s` (peak × MFU).
     Flops { flops_per_s: f64 },
     /// Measured (or given) tokens per second of one prefill instance.
     Measured { tokens_per_s: f64 },
@@ -22,7 +23,7 @@ impl PrefillRate {
             PrefillRate::Flops { flops_per_s } => {
                 let n = tokens as f64;
                 let linear = 2.0 * shape.params as f64 * n;
-                let attn = 2.0 * shape.layers as f64 * n * n * q_width as f64;
+                let attn = 4.0 * shape.attention_pairs(n) * q_width as f64;
                 (linear + attn) / flops_per_s
             }
         }

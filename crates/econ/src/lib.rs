@@ -7,7 +7,7 @@ pub mod link;
 pub mod shape;
 
 pub use cli::{run, EconArgs, EconHooks};
-pub use shape::ModelShape;
+pub use shape::{ModelShape, Window};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EconError {

@@ -43,10 +43,12 @@ enum Command {
     Loaded {
         id: String,
         blocks: Vec<u32>,
+        /// The first of `blocks` given slots in the windowed layers.
+        local_from: usize,
         result: Box<Result<RemoteFirst, String>>,
     },
-    /// A reader gave back a held request's blocks.
-    Returned(String, Vec<u32>),
+    /// A reader gave back a held request's blocks (and the first whose slots it held).
+    Returned(String, Vec<u32>, usize),
     /// The last handle is gone: finish what runs, then stop.
     Stop,
     Abort(String),
@@ -92,6 +94,8 @@ struct Seq {
     tokens: Vec<u32>,
     num_computed: usize,
     blocks: Vec<u32>,
+    /// The first of `blocks` whose windowed layers' slots it holds.
+    local_from: usize,
     params: SamplingParams,
     sampler: Sampler,
     return_logits: bool,
@@ -140,6 +144,9 @@ impl Schedulable for Seq {
     fn blocks(&mut self) -> &mut Vec<u32> {
         &mut self.blocks
     }
+    fn local_from(&mut self) -> &mut usize {
+        &mut self.local_from
+    }
     fn set_state(&mut self, s: RequestState) {
         self.state = s;
     }
@@ -179,6 +186,21 @@ fn fresh_seed() -> u64 {
     t ^ SEED_COUNTER
         .fetch_add(1, Ordering::Relaxed)
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Slots for the windowed layers' values: what the running requests' windows and a step's
+/// new blocks can reach at once, and no more than the pool's blocks. A request keeps about
+/// `window / block_size + 1` blocks in those layers however long it grows.
+fn window_slots(layout: &KvLayout, cfg: &EngineConfig) -> usize {
+    let Some(w) = layout.window else {
+        return 0;
+    };
+    let bs = cfg.block_size.max(1);
+    let per_request = w.window.div_ceil(bs) + 2;
+    cfg.max_num_seqs
+        .saturating_mul(per_request)
+        .saturating_add(cfg.max_num_batched_tokens.div_ceil(bs))
+        .min(cfg.num_blocks)
 }
 
 impl Engine {
@@ -240,6 +262,7 @@ impl Engine {
             );
         }
         let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
+        let num_slots = window_slots(&layout, &cfg);
         let stats = Arc::new(EngineStats::default());
         stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);
@@ -290,7 +313,7 @@ impl Engine {
         let mut core = Core {
             model: model.clone(),
             cache: {
-                let mut c = KvCache::new(layout, cfg.num_blocks);
+                let mut c = KvCache::new(layout, cfg.num_blocks, num_slots);
                 c.set_prefix_caching(cfg.enable_prefix_caching);
                 c
             },
@@ -319,6 +342,16 @@ impl Engine {
             stopping: false,
         };
         let kv_mem = core.cache.mem.clone();
+        if let Some((free, total)) = core.cache.slot_counts() {
+            stats.free_window_slots.store(free, Ordering::Relaxed);
+            stats.total_window_slots.store(total, Ordering::Relaxed);
+        }
+        tracing::info!(
+            blocks = cfg.num_blocks,
+            window_slots = num_slots,
+            mib = core.cache.bytes() >> 20,
+            "KV pool allocated"
+        );
         std::thread::Builder::new()
             .name("splitserve-engine".into())
             .spawn(move || match pool {
@@ -416,6 +449,7 @@ impl Engine {
             tokens: req.prompt,
             num_computed: 0,
             blocks: Vec::new(),
+            local_from: 0,
             sampler,
             params: req.params,
             return_logits: req.return_logits,
@@ -480,7 +514,7 @@ impl Engine {
         drop(map);
         let lease = Lease::new(
             self.kv_mem.clone(),
-            h.blocks,
+            (h.blocks, h.local_from),
             id.to_string(),
             self.tx.clone(),
         );
@@ -559,6 +593,8 @@ impl Engine {
         StatsSnapshot {
             free_blocks: s.free_blocks.load(Ordering::Relaxed),
             total_blocks: s.total_blocks.load(Ordering::Relaxed),
+            free_window_slots: s.free_window_slots.load(Ordering::Relaxed),
+            total_window_slots: s.total_window_slots.load(Ordering::Relaxed),
             running: s.running.load(Ordering::Relaxed),
             waiting: s.waiting.load(Ordering::Relaxed),
             prompt_tokens_computed: s.prompt_tokens_computed.load(Ordering::Relaxed),
@@ -652,7 +688,10 @@ impl Core {
     fn publish(&self) {
         let s = &self.stats;
         s.free_blocks
-            .store(self.cache.num_free(), Ordering::Relaxed);
+            .store(self.cache.num_free_blocks(), Ordering::Relaxed);
+        if let Some((free, _)) = self.cache.slot_counts() {
+            s.free_window_slots.store(free, Ordering::Relaxed);
+        }
         s.running.store(self.running.len(), Ordering::Relaxed);
         s.waiting.store(
             self.waiting.len() + self.remote_waiting.len() + self.loading.len(),
@@ -694,8 +733,13 @@ impl Core {
                     self.finish(*seq, FinishReason::Abort, Some(e));
                 }
             },
-            Command::Loaded { id, blocks, result } => self.loaded(id, blocks, *result),
-            Command::Returned(id, mut blocks) => {
+            Command::Loaded {
+                id,
+                blocks,
+                local_from,
+                result,
+            } => self.loaded(id, (blocks, local_from), *result),
+            Command::Returned(id, mut blocks, local_from) => {
                 tracing::debug!(id = %id, blocks = blocks.len(), "held KV read; blocks freed");
                 let n = blocks.len();
                 let _ = self
@@ -704,7 +748,7 @@ impl Core {
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
                         Some(l.saturating_sub(n))
                     });
-                self.cache.release(&mut blocks);
+                self.cache.release(&mut blocks, local_from);
             }
             Command::Stop => self.stopping = true,
             Command::Export(id, reply) => {
@@ -724,7 +768,7 @@ impl Core {
             }
             Command::ReleaseHeld(id) => {
                 if let Some(mut h) = self.take_held(&id) {
-                    self.cache.release(&mut h.blocks);
+                    self.cache.release(&mut h.blocks, h.local_from);
                 }
             }
             Command::Abort(id) => {
@@ -737,7 +781,7 @@ impl Core {
                     }
                 } else if let Some(mut h) = self.take_held(&id) {
                     // The consumer gave up on this request's KV.
-                    self.cache.release(&mut h.blocks);
+                    self.cache.release(&mut h.blocks, h.local_from);
                 } else if let Some(i) = self.remote_waiting.iter().position(|(s, _)| s.id == id) {
                     if let Some((s, remote)) = self.remote_waiting.remove(i) {
                         self.release_remote(remote);

@@ -16,10 +16,17 @@ pub const ARCHITECTURES: [&str; 2] = ["llama", "gemma3"];
 
 /// Local attention: every layer but each `global_every`-th (counting from 1) sees only the
 /// last `window` positions, its own included (Gemma 3's interleaved pattern).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlidingWindow {
     pub window: usize,
     pub global_every: usize,
+}
+
+impl SlidingWindow {
+    /// The window of `layer` (`None`: a global layer).
+    pub fn of_layer(&self, layer: usize) -> Option<usize> {
+        (!(layer + 1).is_multiple_of(self.global_every)).then_some(self.window)
+    }
 }
 
 /// The shape of a model, read from GGUF metadata.
@@ -43,9 +50,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// How many positions layer `layer` sees (`None`: all of them).
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
-        self.sliding_window
-            .filter(|s| !(layer + 1).is_multiple_of(s.global_every))
-            .map(|s| s.window)
+        self.sliding_window.and_then(|s| s.of_layer(layer))
     }
 
     /// Values of K and V stored per token over all layers.

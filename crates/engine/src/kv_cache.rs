@@ -10,6 +10,9 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::gguf::SlidingWindow;
 use crate::prefix_cache::BlockHash;
 
 /// How K and V values are stored.
@@ -316,6 +319,10 @@ pub struct KvLayout {
     pub head_dim: usize,
     pub block_size: usize,
     pub dtype: KvDtype,
+    /// Layers that see only a window of positions keep values only for the blocks that
+    /// window can still reach (`None`: every layer sees everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<SlidingWindow>,
 }
 
 impl KvLayout {
@@ -327,6 +334,7 @@ impl KvLayout {
             head_dim: c.head_dim,
             block_size,
             dtype,
+            window: c.sliding_window,
         }
     }
 
@@ -344,13 +352,87 @@ impl KvLayout {
     pub fn block_bytes(&self) -> usize {
         self.layer_block_bytes() * self.n_layer
     }
+
+    /// Whether `layer` sees only a window of positions.
+    pub fn is_windowed(&self, layer: usize) -> bool {
+        self.window.is_some_and(|w| w.of_layer(layer).is_some())
+    }
+
+    /// Layers that see only a window.
+    pub fn n_windowed(&self) -> usize {
+        (0..self.n_layer).filter(|&l| self.is_windowed(l)).count()
+    }
+
+    /// The first block whose windowed layers a request with the KV of `n` tokens still
+    /// needs: the one holding position `n - window`, the earliest that its query at `n - 1`
+    /// sees (a request resumed from KV may compute its last position again). Blocks before
+    /// it have values in the global layers only.
+    pub fn window_start_block(&self, n: usize) -> usize {
+        self.window
+            .map_or(0, |w| n.saturating_sub(w.window) / self.block_size)
+    }
+
+    /// Of the blocks `from..n_blocks` of a request with the KV of `n_tokens` tokens, those
+    /// with values in `layer` (every one, unless the layer is windowed).
+    pub fn layer_blocks(
+        &self,
+        layer: usize,
+        n_tokens: usize,
+        from: usize,
+        n_blocks: usize,
+    ) -> std::ops::Range<usize> {
+        let first = if self.is_windowed(layer) {
+            self.window_start_block(n_tokens).max(from)
+        } else {
+            from
+        };
+        first.min(n_blocks)..n_blocks
+    }
+
+    /// Whether `layers` are the KV of `n_tokens` tokens as [`KvCache::layers_bytes`] lays
+    /// it out; if not, what they should be.
+    pub fn check_layers(&self, n_tokens: usize, layers: &[Vec<u8>]) -> Result<(), String> {
+        let n_blocks = n_tokens.div_ceil(self.block_size);
+        let want: Vec<usize> = (0..self.n_layer)
+            .map(|l| self.layer_blocks(l, n_tokens, 0, n_blocks).len() * self.layer_block_bytes())
+            .collect();
+        let got: Vec<usize> = layers.iter().map(Vec::len).collect();
+        if got == want {
+            return Ok(());
+        }
+        let total: usize = want.iter().sum();
+        Err(format!(
+            "KV for {n_tokens} tokens should be {} layers, {total} bytes in all",
+            self.n_layer
+        ))
+    }
+
+    /// Bytes of K and V over all layers in the blocks `from..n_blocks` of a request with the
+    /// KV of `n_tokens` tokens: what a transfer of them moves.
+    pub fn kv_bytes(&self, n_tokens: usize, from: usize, n_blocks: usize) -> usize {
+        (0..self.n_layer)
+            .map(|l| self.layer_blocks(l, n_tokens, from, n_blocks).len())
+            .sum::<usize>()
+            * self.layer_block_bytes()
+    }
 }
 
+/// `Memory::slot` of a block whose windowed layers hold nothing.
+const NO_SLOT: u32 = u32::MAX;
+
 /// The K and V regions of every layer, shared by the engine and lease holders.
+///
+/// A global layer's region has a place for every block. A windowed layer's region is
+/// smaller: its places (slots) go only to blocks some request's window still reaches, and
+/// `slot` says which block has which (vLLM's hybrid allocator keeps a block table per layer
+/// group for the same end).
 pub(crate) struct Memory {
     pub layout: KvLayout,
     k: Vec<Region>,
     v: Vec<Region>,
+    /// The windowed layers' slot of each block, or [`NO_SLOT`]. Changed by the engine
+    /// thread only, for blocks no lease holds; atomics keep lease holders' reads defined.
+    slot: Vec<AtomicU32>,
 }
 
 impl Memory {
@@ -366,13 +448,28 @@ impl Memory {
             .collect()
     }
 
+    /// Where `block`'s values lie in `layer`'s region, in blocks (the slot, for a windowed
+    /// layer).
+    pub fn index(&self, layer: usize, block: u32) -> u32 {
+        if self.layout.is_windowed(layer) {
+            let s = self.slot[block as usize].load(Ordering::Relaxed);
+            assert!(
+                s != NO_SLOT,
+                "block {block} has no values in windowed layer {layer}"
+            );
+            s
+        } else {
+            block
+        }
+    }
+
     /// The K range and the V range of `block` in `layer`, as bytes.
     ///
     /// # Safety
     /// The caller has the block to itself (see [`Region`]); nobody writes it meanwhile.
     pub unsafe fn block(&self, layer: usize, block: u32) -> [&[u8]; 2] {
         let n = self.layout.block_values();
-        let at = block as usize * n;
+        let at = self.index(layer, block) as usize * n;
         [self.k[layer].bytes(at, n), self.v[layer].bytes(at, n)]
     }
 
@@ -383,7 +480,7 @@ impl Memory {
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn block_mut(&self, layer: usize, block: u32) -> [&mut [u8]; 2] {
         let n = self.layout.block_values();
-        let at = block as usize * n;
+        let at = self.index(layer, block) as usize * n;
         [
             self.k[layer].bytes_mut(at, n),
             self.v[layer].bytes_mut(at, n),
@@ -391,10 +488,31 @@ impl Memory {
     }
 }
 
+/// The windowed layers' slots: free, owned (by the requests and holds whose windows reach
+/// their block: a reference count per block) or evictable (nobody's window reaches the
+/// block, but it is a cached block whose values a prefix match may still use).
+struct Slots {
+    free: Vec<u32>,
+    refs: Vec<u32>,
+    evictable: BTreeMap<u64, u32>,
+    lru_key: Vec<u64>,
+}
+
+impl Slots {
+    fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+}
+
 /// The block pool. A block is free (no owner, no content worth keeping), owned (by one or
 /// more requests or holds: a reference count), or evictable (no owner, but its content is a
 /// cached full block under its hash; reused by a prefix match or, least recently released
 /// first, taken by an allocation that finds no free block).
+///
+/// With windowed layers, an owner also holds a block's slot (its windowed layers' values)
+/// from the block its window starts at ([`KvLayout::window_start_block`]) on: the
+/// `local_from` index each owner keeps with its block list. Slots of blocks behind every
+/// owner's window go back to the pool while the blocks stay owned.
 pub(crate) struct KvCache {
     pub layout: KvLayout,
     pub mem: std::sync::Arc<Memory>,
@@ -408,17 +526,37 @@ pub(crate) struct KvCache {
     lru_key: Vec<u64>,
     tick: u64,
     prefix_caching: bool,
+    /// `None`: no windowed layers.
+    slots: Option<Slots>,
 }
 
 impl KvCache {
-    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
-        let n = num_blocks * layout.block_values();
+    /// A pool of `num_blocks` blocks; with windowed layers, `num_slots` (at most
+    /// `num_blocks`) of them at a time hold values in those layers.
+    pub fn new(layout: KvLayout, num_blocks: usize, num_slots: usize) -> Self {
+        let windowed = layout.n_windowed() > 0;
+        let num_slots = if windowed {
+            num_slots.clamp(1, num_blocks)
+        } else {
+            0
+        };
+        let values = |l: usize| {
+            let places = if layout.is_windowed(l) {
+                num_slots
+            } else {
+                num_blocks
+            };
+            places * layout.block_values()
+        };
         let mem = Memory {
             k: (0..layout.n_layer)
-                .map(|_| Region::new(layout.dtype, n))
+                .map(|l| Region::new(layout.dtype, values(l)))
                 .collect(),
             v: (0..layout.n_layer)
-                .map(|_| Region::new(layout.dtype, n))
+                .map(|l| Region::new(layout.dtype, values(l)))
+                .collect(),
+            slot: (0..if windowed { num_blocks } else { 0 })
+                .map(|_| AtomicU32::new(NO_SLOT))
                 .collect(),
             layout,
         };
@@ -433,8 +571,33 @@ impl KvCache {
             lru_key: vec![0; num_blocks],
             tick: 0,
             prefix_caching: false,
+            slots: windowed.then(|| Slots {
+                free: (0..num_slots as u32).rev().collect(),
+                refs: vec![0; num_blocks],
+                evictable: BTreeMap::new(),
+                lru_key: vec![0; num_blocks],
+            }),
             layout,
         }
+    }
+
+    /// Bytes the pool's K and V take.
+    pub fn bytes(&self) -> usize {
+        self.mem
+            .k
+            .iter()
+            .chain(&self.mem.v)
+            .map(|r| r.words * 4)
+            .sum()
+    }
+
+    /// Slots of the windowed layers: (available, total); `None` without such layers.
+    pub fn slot_counts(&self) -> Option<(usize, usize)> {
+        let s = self.slots.as_ref()?;
+        let total =
+            self.mem.k[(0..self.layout.n_layer).find(|&l| self.layout.is_windowed(l))?].words * 4
+                / self.layout.dtype.size_of(self.layout.block_values());
+        Some((s.available(), total))
     }
 
     /// Keep released full blocks by their hash for later prompts (off: released blocks are
@@ -455,8 +618,17 @@ impl KvCache {
         &self.mem.v[layer]
     }
 
-    /// Blocks an allocation can take: free ones and evictable cached ones.
+    /// Blocks an allocation can take: free ones and evictable cached ones (and, with
+    /// windowed layers, no more than there are slots to give them).
     pub fn num_free(&self) -> usize {
+        let blocks = self.free.len() + self.evictable.len();
+        self.slots
+            .as_ref()
+            .map_or(blocks, |s| blocks.min(s.available()))
+    }
+
+    /// Blocks free or evictable, whether or not slots remain for them.
+    pub fn num_free_blocks(&self) -> usize {
         self.free.len() + self.evictable.len()
     }
 
@@ -467,34 +639,105 @@ impl KvCache {
     }
 
     /// Takes `n` blocks, or none if fewer can be had; evicts cached blocks, least recently
-    /// released first, when free ones run out.
+    /// released first, when free ones run out. Each has a slot in the windowed layers.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
-        if n > self.num_free() {
-            return None;
-        }
-        let mut got = Vec::with_capacity(n);
-        while got.len() < n {
-            let b = match self.free.pop() {
-                Some(b) => b,
-                None => {
-                    let (_, b) = self.evictable.pop_first()?;
-                    if let Some(h) = self.hash[b as usize].take() {
-                        self.cached.remove(&h);
-                    }
-                    b
-                }
-            };
-            self.refs[b as usize] = 1;
-            got.push(b);
-        }
-        Some(got)
+        self.take(&[], n, 0)
     }
 
-    /// Drops one reference to each block; a block nobody references becomes evictable if it
-    /// is cached, else free. The last block of a request is released first, so that its
-    /// tail, the part least likely shared, is evicted before its head.
-    pub fn release(&mut self, blocks: &mut Vec<u32>) {
-        for b in blocks.drain(..).rev() {
+    /// Takes one block (its windowed layers' slot is not touched).
+    fn pop_block(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.evictable.pop_first()?;
+                if let Some(h) = self.hash[b as usize].take() {
+                    self.cached.remove(&h);
+                }
+                // Its slot, if it kept one, goes with its content.
+                self.drop_slot(b);
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Gives `block` a slot in the windowed layers, taking the least recently released
+    /// evictable one when none is free (its block keeps its other layers).
+    fn give_slot(&mut self, block: u32) {
+        let Some(s) = self.slots.as_mut() else {
+            return;
+        };
+        let slot = match s.free.pop() {
+            Some(x) => x,
+            None => {
+                let Some((_, victim)) = s.evictable.pop_first() else {
+                    debug_assert!(false, "a slot was counted but none is available");
+                    return;
+                };
+                self.mem.slot[victim as usize].swap(NO_SLOT, Ordering::Relaxed)
+            }
+        };
+        self.mem.slot[block as usize].store(slot, Ordering::Relaxed);
+        s.refs[block as usize] = 1;
+    }
+
+    /// Returns an unowned block's slot, if it has one, to the free slots.
+    fn drop_slot(&mut self, block: u32) {
+        let Some(s) = self.slots.as_mut() else {
+            return;
+        };
+        let slot = self.mem.slot[block as usize].swap(NO_SLOT, Ordering::Relaxed);
+        if slot != NO_SLOT {
+            debug_assert_eq!(s.refs[block as usize], 0);
+            s.evictable.remove(&s.lru_key[block as usize]);
+            s.free.push(slot);
+        }
+    }
+
+    /// Takes a reference to `block`'s slot, which it has.
+    fn share_slot(&mut self, block: u32) {
+        let Some(s) = self.slots.as_mut() else {
+            return;
+        };
+        debug_assert!(self.mem.slot[block as usize].load(Ordering::Relaxed) != NO_SLOT);
+        if s.refs[block as usize] == 0 {
+            s.evictable.remove(&s.lru_key[block as usize]);
+        }
+        s.refs[block as usize] += 1;
+    }
+
+    /// Drops a reference to `block`'s slot: a slot nobody references stays with its block
+    /// while the block is cached (evictable), else it is free.
+    fn release_slot(&mut self, block: u32) {
+        let Some(s) = self.slots.as_mut() else {
+            return;
+        };
+        let r = &mut s.refs[block as usize];
+        debug_assert!(*r > 0, "slot of block {block} released twice");
+        *r = r.saturating_sub(1);
+        if *r > 0 {
+            return;
+        }
+        if self.hash[block as usize].is_some() {
+            self.tick += 1;
+            s.lru_key[block as usize] = self.tick;
+            s.evictable.insert(self.tick, block);
+        } else {
+            let slot = self.mem.slot[block as usize].swap(NO_SLOT, Ordering::Relaxed);
+            s.free.push(slot);
+        }
+    }
+
+    /// Drops one reference to each block (and to the slots of those from `local_from`
+    /// on); a block nobody references becomes evictable if it is cached, else free. The
+    /// last block of a request is released first, so that its tail, the part least likely
+    /// shared, is evicted before its head.
+    pub fn release(&mut self, blocks: &mut Vec<u32>, local_from: usize) {
+        for (i, b) in blocks.drain(..).enumerate().rev() {
+            if i >= local_from {
+                self.release_slot(b);
+            }
             let r = &mut self.refs[b as usize];
             debug_assert!(*r > 0, "block {b} released twice");
             *r = r.saturating_sub(1);
@@ -506,9 +749,20 @@ impl KvCache {
                 self.lru_key[b as usize] = self.tick;
                 self.evictable.insert(self.tick, b);
             } else {
+                self.drop_slot(b);
                 self.free.push(b);
             }
         }
+    }
+
+    /// The owner of `blocks` now needs their windowed layers only from block `upto` on:
+    /// the slots of those before it (from `*local_from`) are released.
+    pub fn trim(&mut self, blocks: &[u32], local_from: &mut usize, upto: usize) {
+        let upto = upto.min(blocks.len());
+        for &b in blocks.get(*local_from..upto).unwrap_or(&[]) {
+            self.release_slot(b);
+        }
+        *local_from = (*local_from).max(upto);
     }
 
     /// The blocks of the longest run of `hashes`, from the first, that are cached.
@@ -524,40 +778,81 @@ impl KvCache {
 
     /// The cached blocks a request of `tokens` tokens, whose full blocks hash to `hashes`,
     /// can start from: the longest cached run, leaving at least its last token to compute
-    /// or load.
+    /// or load, whose last blocks still hold what the windowed layers of the next position
+    /// see.
     pub fn cached_prefix(&self, hashes: &[BlockHash], tokens: usize) -> Vec<u32> {
         let max = tokens.saturating_sub(1) / self.layout.block_size;
-        self.lookup(&hashes[..hashes.len().min(max)])
+        let mut run = self.lookup(&hashes[..hashes.len().min(max)]);
+        if self.slots.is_some() {
+            let bs = self.layout.block_size;
+            let mut k = run.len();
+            while k > 0 {
+                let from = self.layout.window_start_block(k * bs);
+                match run[from..k].iter().rposition(|&b| !self.has_slot(b)) {
+                    // A run may end at most at the last block without a slot.
+                    Some(j) => k = from + j,
+                    None => break,
+                }
+            }
+            run.truncate(k);
+        }
+        run
+    }
+
+    /// Whether `block` has values in every layer (it has a slot, or there are no windowed
+    /// layers).
+    pub fn is_whole(&self, block: u32) -> bool {
+        self.slots.is_none() || self.has_slot(block)
+    }
+
+    fn has_slot(&self, block: u32) -> bool {
+        self.mem.slot[block as usize].load(Ordering::Relaxed) != NO_SLOT
     }
 
     /// Shares the cached blocks `hit` and allocates `need` more, or takes nothing if they
-    /// do not both fit (an evictable block in `hit` is not free for the allocation).
-    pub fn take(&mut self, hit: &[u32], need: usize) -> Option<Vec<u32>> {
-        if self.num_free_besides(hit) < need {
+    /// do not both fit (an evictable block in `hit` is not free for the allocation). Of the
+    /// run `hit` then the new blocks, those from `local_from` on get (or share) a slot in
+    /// the windowed layers: a request with the KV of `n` tokens needs them from
+    /// [`KvLayout::window_start_block`] of `n` on.
+    pub fn take(&mut self, hit: &[u32], need: usize, local_from: usize) -> Option<Vec<u32>> {
+        let idle = hit.iter().filter(|&&b| self.refs[b as usize] == 0).count();
+        if self.free.len() + self.evictable.len() - idle < need {
             return None;
         }
-        self.share(hit);
-        let got = self.allocate(need);
-        if got.is_none() {
-            self.release(&mut hit.to_vec());
+        if let Some(s) = &self.slots {
+            let idle_slots = hit
+                .iter()
+                .skip(local_from)
+                .filter(|&&b| s.refs[b as usize] == 0)
+                .count();
+            let want = (hit.len()..hit.len() + need)
+                .filter(|&i| i >= local_from)
+                .count();
+            if s.available() - idle_slots < want {
+                return None;
+            }
         }
-        got
-    }
-
-    /// Blocks an allocation could take if `hit` (blocks about to be shared) were owned.
-    fn num_free_besides(&self, hit: &[u32]) -> usize {
-        let idle = hit.iter().filter(|&&b| self.refs[b as usize] == 0).count();
-        self.num_free() - idle
-    }
-
-    /// Takes a reference to each cached block of `hit` (from [`Self::lookup`]).
-    fn share(&mut self, hit: &[u32]) {
-        for &b in hit {
+        for (i, &b) in hit.iter().enumerate() {
             if self.refs[b as usize] == 0 {
                 self.evictable.remove(&self.lru_key[b as usize]);
             }
             self.refs[b as usize] += 1;
+            if i >= local_from {
+                self.share_slot(b);
+            }
         }
+        let mut got = Vec::with_capacity(need);
+        for i in hit.len()..hit.len() + need {
+            let Some(b) = self.pop_block() else {
+                debug_assert!(false, "blocks were counted but none is available");
+                break;
+            };
+            if i >= local_from {
+                self.give_slot(b);
+            }
+            got.push(b);
+        }
+        Some(got)
     }
 
     /// Records that `block`, owned and fully computed, holds the tokens `hash` names;
@@ -580,9 +875,14 @@ impl KvCache {
         self.refs[block as usize] == 1 && self.hash[block as usize].is_none()
     }
 
-    fn offset(&self, table: &[u32], pos: usize) -> usize {
+    /// Where `block`'s values start in `layer`'s region, in blocks.
+    pub fn index(&self, layer: usize, block: u32) -> usize {
+        self.mem.index(layer, block) as usize
+    }
+
+    fn offset(&self, layer: usize, table: &[u32], pos: usize) -> usize {
         let l = &self.layout;
-        let blk = table[pos / l.block_size] as usize;
+        let blk = self.index(layer, table[pos / l.block_size]);
         (blk * l.block_size + pos % l.block_size) * l.n_kv_head * l.head_dim
     }
 
@@ -593,6 +893,32 @@ impl KvCache {
         let [k, v] = unsafe { self.mem.block(layer, block) };
         out.extend_from_slice(k);
         out.extend_from_slice(v);
+    }
+
+    /// Per layer, the K then V bytes of each block of `blocks` (the KV of `n_tokens`
+    /// tokens) with values in that layer ([`KvLayout::layer_blocks`]), in position order.
+    pub fn layers_bytes(&self, blocks: &[u32], n_tokens: usize) -> Vec<Vec<u8>> {
+        (0..self.layout.n_layer)
+            .map(|l| {
+                let mut out = Vec::new();
+                for i in self.layout.layer_blocks(l, n_tokens, 0, blocks.len()) {
+                    self.block_bytes(l, blocks[i], &mut out);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Writes [`Self::layers_bytes`] of `n_tokens` tokens into `blocks` (checked by
+    /// [`KvLayout::check_layers`]).
+    pub fn set_layers_bytes(&mut self, blocks: &[u32], n_tokens: usize, layers: &[Vec<u8>]) {
+        let per_block = self.layout.layer_block_bytes();
+        for (l, bytes) in layers.iter().enumerate() {
+            let r = self.layout.layer_blocks(l, n_tokens, 0, blocks.len());
+            for (i, chunk) in r.zip(bytes.chunks_exact(per_block)) {
+                self.set_block_bytes(l, blocks[i], chunk);
+            }
+        }
     }
 
     /// Writes one block of one layer from bytes laid out as [`Self::block_bytes`] makes them.
@@ -610,7 +936,7 @@ impl KvCache {
             self.writable(table[pos / self.layout.block_size]),
             "a shared or cached block is never written"
         );
-        let at = self.offset(table, pos);
+        let at = self.offset(layer, table, pos);
         self.mem.k[layer].write(at, k);
         self.mem.v[layer].write(at, v);
     }
@@ -699,6 +1025,73 @@ mod tests {
         assert_eq!(bits(&a), bits(&b));
     }
 
+    /// Layer 0 sees a window of 8 positions (blocks of 4), layer 1 everything: a block
+    /// keeps a slot in layer 0 only while some owner's window reaches it (or, released and
+    /// cached, until the slot is taken), and a cached run counts as a hit only if the
+    /// blocks the next position's window reaches still have their slots. Counts are exact.
+    #[test]
+    fn window_slots_are_freed_taken_and_checked_by_prefix_hits() {
+        let layout = KvLayout {
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 2,
+            block_size: 4,
+            dtype: KvDtype::F32,
+            window: Some(SlidingWindow {
+                window: 8,
+                global_every: 2,
+            }),
+        };
+        assert!(layout.is_windowed(0) && !layout.is_windowed(1));
+        assert_eq!(layout.window_start_block(16), 2);
+        assert_eq!(
+            layout.kv_bytes(16, 0, 4),
+            (4 + 2) * layout.layer_block_bytes()
+        );
+        let mut c = KvCache::new(layout, 10, 4);
+        c.set_prefix_caching(true);
+        let h = |i: u8| [i; 32];
+        assert_eq!((c.num_free(), c.slot_counts()), (4, Some((4, 4))));
+        assert!(c.take(&[], 5, 0).is_none(), "5 blocks, 4 slots");
+        // A 16-token request: 4 blocks, all computed; its next position sees blocks 2 and 3.
+        let mut a = c.take(&[], 4, 0).unwrap_or_default();
+        for (i, &b) in a.iter().enumerate() {
+            assert!(c.register(h(i as u8), b));
+        }
+        let mut a_from = 0;
+        c.trim(&a, &mut a_from, layout.window_start_block(16));
+        assert_eq!(a_from, 2);
+        // Blocks 0 and 1 gave back their slots, which stay with them while evictable.
+        assert_eq!((c.num_free(), c.slot_counts()), (2, Some((2, 4))));
+        assert!(c.is_whole(a[0]) && c.is_whole(a[1]));
+        // Two new blocks take those slots, oldest released first.
+        let mut b = c.allocate(2).unwrap_or_default();
+        assert!(!c.is_whole(a[0]) && !c.is_whole(a[1]));
+        assert_eq!(c.slot_counts(), Some((0, 4)));
+        assert_eq!(c.num_free(), 0);
+        let hashes: Vec<BlockHash> = (0..4).map(h).collect();
+        // Starting at position 16 needs blocks 2 and 3 only: all 4 are a hit.
+        assert_eq!(c.cached_prefix(&hashes, 17), a);
+        // Starting at 8 needs blocks 0 and 1, whose values are gone: no hit at all.
+        assert_eq!(c.cached_prefix(&hashes[..2], 9), Vec::<u32>::new());
+        c.release(&mut b, 0);
+        assert_eq!(c.slot_counts(), Some((2, 4)));
+        // A second request shares all 4 blocks (slots of 2 and 3) and adds one.
+        let hit = c.cached_prefix(&hashes, 17);
+        let mut d = c
+            .take(&hit, 1, layout.window_start_block(16))
+            .unwrap_or_default();
+        assert_eq!(c.slot_counts(), Some((1, 4)));
+        let mut d_all = hit.clone();
+        d_all.append(&mut d);
+        c.release(&mut a, a_from);
+        c.release(&mut d_all, 2);
+        // Everything is free or evictable again; blocks 2 and 3 keep their slots.
+        assert_eq!((c.num_free_blocks(), c.slot_counts()), (10, Some((4, 4))));
+        assert_eq!(c.cached_prefix(&hashes, 17).len(), 4);
+        assert!(c.cached_prefix(&hashes[..2], 9).is_empty());
+    }
+
     #[test]
     fn allocate_and_release_keep_count() {
         let layout = KvLayout {
@@ -707,8 +1100,9 @@ mod tests {
             head_dim: 2,
             block_size: 4,
             dtype: KvDtype::F16,
+            window: None,
         };
-        let mut c = KvCache::new(layout, 10);
+        let mut c = KvCache::new(layout, 10, 0);
         let mut a = c.allocate(3).unwrap_or_default();
         assert_eq!(a, vec![0, 1, 2]);
         assert_eq!(c.num_free(), 7);
@@ -716,8 +1110,8 @@ mod tests {
         assert_eq!(c.num_free(), 7);
         let mut b = c.allocate(7).unwrap_or_default();
         assert_eq!(c.num_free(), 0);
-        c.release(&mut a);
-        c.release(&mut b);
+        c.release(&mut a, 0);
+        c.release(&mut b, 0);
         assert_eq!(c.num_free(), 10);
         assert!(a.is_empty());
     }

@@ -27,6 +27,8 @@ pub(crate) trait Schedulable {
     /// Tokens whose KV is in the cache.
     fn num_computed(&self) -> usize;
     fn blocks(&mut self) -> &mut Vec<u32>;
+    /// The first of its blocks whose windowed layers it holds (see [`KvCache`]).
+    fn local_from(&mut self) -> &mut usize;
     fn set_state(&mut self, s: RequestState);
     /// Forget computed KV (preemption by recompute).
     fn reset_computed(&mut self);
@@ -107,7 +109,8 @@ pub(crate) fn schedule<S: Schedulable>(
         while cache.num_free() < need {
             let victim = running.len() - 1;
             let mut v = running.remove(victim);
-            cache.release(v.blocks());
+            let local_from = std::mem::take(v.local_from());
+            cache.release(v.blocks(), local_from);
             v.reset_computed();
             v.set_state(RequestState::Preempted);
             waiting.push_front(v);
@@ -162,7 +165,14 @@ pub(crate) fn schedule<S: Schedulable>(
             break;
         };
         let need = blocks_for(done + n).saturating_sub(front.blocks().len() + hit.len());
-        let Some(mut got) = cache.take(&hit, need) else {
+        // A request with blocks already (its KV loaded) holds their slots; new blocks come
+        // after them. A prefix hit needs its slots from its window's start on.
+        let local_from = if hit.is_empty() {
+            0
+        } else {
+            cache.layout.window_start_block(done)
+        };
+        let Some(mut got) = cache.take(&hit, need, local_from) else {
             break;
         };
         long_prefills += usize::from(long);
@@ -173,6 +183,9 @@ pub(crate) fn schedule<S: Schedulable>(
             plan.cache_queries += total;
             plan.cache_hits += hit.len() * cfg.block_size;
             s.set_cached(hit.len() * cfg.block_size);
+        }
+        if !hit.is_empty() {
+            *s.local_from() = local_from;
         }
         s.blocks().extend_from_slice(&hit);
         s.blocks().append(&mut got);
@@ -193,6 +206,7 @@ mod tests {
         total: usize,
         done: usize,
         blocks: Vec<u32>,
+        local_from: usize,
         state: RequestState,
         hashes: Vec<BlockHash>,
     }
@@ -205,6 +219,9 @@ mod tests {
         }
         fn blocks(&mut self) -> &mut Vec<u32> {
             &mut self.blocks
+        }
+        fn local_from(&mut self) -> &mut usize {
+            &mut self.local_from
         }
         fn set_state(&mut self, s: RequestState) {
             self.state = s;
@@ -227,8 +244,10 @@ mod tests {
                 head_dim: 2,
                 block_size: 4,
                 dtype: KvDtype::F32,
+                window: None,
             },
             n,
+            0,
         )
     }
     fn s(total: usize) -> S {
@@ -236,6 +255,7 @@ mod tests {
             total,
             done: 0,
             blocks: vec![],
+            local_from: 0,
             state: RequestState::Waiting,
             hashes: vec![],
         }
@@ -375,7 +395,7 @@ mod tests {
             c.register(first.hashes[i], b);
         }
         let owned = first.blocks.clone();
-        c.release(&mut first.blocks);
+        c.release(&mut first.blocks, 0);
         assert_eq!((c.num_free(), c.num_cached()), (6, 3));
         // The same 12 tokens again: 2 blocks come from the cache, the third is computed so
         // that its last token has logits.

@@ -9,9 +9,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::{assert_same, collect, migrated, request, run_all, wait_all_free, Output};
-use splitserve_engine::{
-    ChatMessage, Engine, EngineConfig, Event, KvTransfer, Model, SamplingParams,
-};
+use splitserve_engine::{ChatMessage, Engine, EngineConfig, KvTransfer, Model, SamplingParams};
 
 fn gemma() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -204,6 +202,24 @@ fn greedy() -> SamplingParams {
     }
 }
 
+/// The tokens `d` generates (greedy) for `prompt` from the prompt's KV made elsewhere.
+fn continue_from(
+    d: &Engine,
+    id: &str,
+    prompt: &[u32],
+    kv: splitserve_engine::KvImport,
+) -> Vec<u32> {
+    let rx = d
+        .submit(request(
+            id,
+            prompt,
+            &greedy(),
+            KvTransfer::Import(Box::new(kv)),
+        ))
+        .expect("submit");
+    collect(rx).tokens
+}
+
 #[test]
 fn batched_chunked_preempted_and_disaggregated_runs_match_solo_runs() {
     let m = gemma();
@@ -284,25 +300,8 @@ fn batched_chunked_preempted_and_disaggregated_runs_match_solo_runs() {
                 .expect("submit"),
         );
         let kv = p.export_held(&id).expect("export");
-        let mut rx = d
-            .submit(request(
-                &id,
-                prompt,
-                &greedy(),
-                KvTransfer::Import(Box::new(kv)),
-            ))
-            .expect("submit");
         assert_eq!(out.tokens.len(), 1);
-        let mut tokens = Vec::new();
-        while let Some(ev) = rx.blocking_recv() {
-            match ev {
-                Event::Token(t) => tokens.push(t.token),
-                Event::Finished(f) => {
-                    assert!(f.error.is_none(), "{:?}", f.error);
-                    break;
-                }
-            }
-        }
+        let tokens = continue_from(&d, &id, prompt, kv);
         assert_eq!(tokens, reference[i].tokens, "disaggregated request {i}");
     }
     for e in [&p, &d] {
@@ -332,6 +331,160 @@ fn migrated_request_continues_token_identical() {
         let s = wait_all_free(e);
         assert_eq!(s.free_blocks, s.total_blocks);
     }
+}
+
+/// The long prompt's tokens (1,503: past the window of 512).
+fn long_prompt() -> Vec<u32> {
+    let p = gemma().tokenizer.encode(LONG).expect("encode");
+    assert_eq!(p.len(), 1503);
+    p
+}
+
+/// Blocks of the long prompt (16 tokens each), and those its local layers still need for
+/// its next position: from the one holding position 1,503 − 512 = 991.
+const LONG_BLOCKS: usize = 94;
+const LONG_WINDOW_BLOCKS: usize = LONG_BLOCKS - 991 / 16;
+
+/// The local layers keep values only for the blocks their window reaches: a finished
+/// prompt held for its consumer keeps 33 of its 94 blocks there (the global layers keep all
+/// 94), the KV it ships is that much smaller, counted to the byte, and the consumer goes
+/// on with the colocated tokens. The pool gives those layers slots for what the running
+/// requests' windows can reach, not a place per block.
+#[test]
+fn local_layers_keep_only_their_window_and_ship_only_it() {
+    let m = gemma();
+    let prompt = long_prompt();
+    let cfg = EngineConfig::default();
+    let reference = run_all(&m, cfg.clone(), std::slice::from_ref(&prompt), &greedy())
+        .0
+        .remove(0);
+    let p = Engine::start(m.clone(), cfg.clone(), None).expect("producer");
+    let layout = p.kv_layout();
+    let total = p.stats();
+    // 16 requests' windows (34 blocks each) and a step's 512 new tokens (32 blocks).
+    assert_eq!(total.total_window_slots, 16 * 34 + 32);
+    assert_eq!(total.total_blocks, 2048);
+    let first = SamplingParams {
+        max_tokens: 1,
+        ..greedy()
+    };
+    collect(
+        p.submit(request("held", &prompt, &first, KvTransfer::Hold))
+            .expect("submit"),
+    );
+    let s = p.stats();
+    assert_eq!(s.held_blocks, LONG_BLOCKS);
+    assert_eq!(s.free_blocks, total.total_blocks - LONG_BLOCKS);
+    assert_eq!(
+        s.free_window_slots,
+        total.total_window_slots - LONG_WINDOW_BLOCKS
+    );
+
+    let kv = p.export_held("held").expect("export");
+    let per_block = layout.layer_block_bytes();
+    let global: Vec<usize> = (0..layout.n_layer)
+        .filter(|&l| !layout.is_windowed(l))
+        .collect();
+    assert_eq!(global, [5, 11, 17]);
+    for (l, bytes) in kv.layers.iter().enumerate() {
+        let blocks = if global.contains(&l) {
+            LONG_BLOCKS
+        } else {
+            LONG_WINDOW_BLOCKS
+        };
+        assert_eq!(bytes.len(), blocks * per_block, "layer {l}");
+    }
+    let shipped: usize = kv.layers.iter().map(Vec::len).sum();
+    assert_eq!(shipped, (3 * 94 + 15 * 33) * per_block);
+    assert_eq!(shipped, layout.kv_bytes(prompt.len(), 0, LONG_BLOCKS));
+    assert_eq!(18 * 94 * per_block, LONG_BLOCKS * layout.block_bytes());
+    let s = wait_all_free(&p);
+    assert_eq!(s.free_window_slots, s.total_window_slots);
+
+    let d = Engine::start(m.clone(), cfg, None).expect("consumer");
+    assert_eq!(continue_from(&d, "held", &prompt, kv), reference.tokens);
+    let s = wait_all_free(&d);
+    assert_eq!(s.free_blocks, s.total_blocks);
+    assert_eq!(s.free_window_slots, s.total_window_slots);
+}
+
+/// Two 1,503-token prompts run side by side with 72 slots for the local layers, where each
+/// would need 94 if blocks behind the window kept theirs: the freed slots are reused, with
+/// the tokens and logits of each prompt alone. After a third prompt has taken those slots,
+/// a prompt extending the first finds its prefix cached only as far as the local layers
+/// still have the values its window needs, and gives the uncached tokens; with room to
+/// spare it finds all of it.
+#[test]
+fn freed_window_slots_are_reused_and_prefix_hits_respect_the_window() {
+    let m = gemma();
+    let a = long_prompt();
+    let mut b = a.clone();
+    b[1] = b[1].wrapping_add(1) % 1000 + 1;
+    let mut longer = a.clone();
+    longer.extend(
+        m.tokenizer
+            .encode(" And then?")
+            .expect("encode")
+            .iter()
+            .skip(1),
+    );
+    let no_cache = EngineConfig {
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    };
+    let reference: Vec<Output> = [&a, &b, &longer]
+        .iter()
+        .map(|p| {
+            run_all(&m, no_cache.clone(), std::slice::from_ref(*p), &greedy())
+                .0
+                .remove(0)
+        })
+        .collect();
+
+    let scarce = EngineConfig {
+        num_blocks: 512,
+        max_num_seqs: 2,
+        max_num_batched_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (got, e) = run_all(&m, scarce, &[a.clone(), b.clone()], &greedy());
+    assert_same(&reference[..2], &got, "two long prompts, 72 slots");
+    let s = e.stats();
+    assert_eq!(s.total_window_slots, 2 * 34 + 4);
+    assert_eq!(s.preemptions, 0, "{s:?}");
+    // A third prompt's run takes the slots the first two released: the extension's hit
+    // ends where the values its window needs are gone.
+    let mut c = a.clone();
+    c[2] = c[2].wrapping_add(1) % 1000 + 1;
+    collect(
+        e.submit(request("c", &c, &greedy(), KvTransfer::None))
+            .expect("submit"),
+    );
+    let got = collect(
+        e.submit(request("longer", &longer, &greedy(), KvTransfer::None))
+            .expect("submit"),
+    );
+    assert_eq!(got.tokens, reference[2].tokens);
+    assert_eq!(got.logit_hashes, reference[2].logit_hashes);
+    assert!(got.cached_tokens < 93 * 16, "{}", got.cached_tokens);
+    let s = wait_all_free(&e);
+    assert_eq!(s.free_blocks, s.total_blocks);
+    assert_eq!(s.free_window_slots, s.total_window_slots);
+
+    let roomy = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
+    collect(
+        roomy
+            .submit(request("a", &a, &greedy(), KvTransfer::None))
+            .expect("submit"),
+    );
+    let got = collect(
+        roomy
+            .submit(request("longer", &longer, &greedy(), KvTransfer::None))
+            .expect("submit"),
+    );
+    assert_eq!(got.cached_tokens, 93 * 16);
+    assert_eq!(got.tokens, reference[2].tokens);
+    assert_eq!(got.logit_hashes, reference[2].logit_hashes);
 }
 
 /// A SentencePiece vocabulary that wants a space before the text (Llama 2's form, which the

@@ -196,11 +196,12 @@ impl Nixl {
         Ok(md)
     }
 
-    /// Producer: where `blocks` lie, for a consumer to read.
+    /// Producer: where `blocks` (per layer, their places in its regions) lie, for a
+    /// consumer to read.
     pub(crate) fn at(
         &self,
         regions: &[(usize, usize)],
-        blocks: &[u32],
+        blocks: &[Vec<u32>],
     ) -> Result<Where, NixlError> {
         let md = self.register(regions)?;
         Ok(Where {
@@ -212,9 +213,9 @@ impl Nixl {
     }
 
     /// Consumer: reads the blocks `w` names into `local` (for each layer, the K part of
-    /// every block in position order, then their V parts; every part `part` bytes), within
-    /// `timeout`. Parts that neighbour each other on both sides go as one descriptor.
-    /// Returns the bytes read.
+    /// every block it names for that layer in position order, then their V parts; every
+    /// part `part` bytes), within `timeout`. Parts that neighbour each other on both sides
+    /// go as one descriptor. Returns the bytes read.
     pub(crate) fn read(
         &self,
         w: &Where,
@@ -229,9 +230,10 @@ impl Nixl {
                 w.regions.len()
             )));
         }
-        if local.len() != 2 * n_layer * w.blocks.len() {
+        let offered = 2 * w.blocks.iter().map(Vec::len).sum::<usize>();
+        if w.blocks.len() != n_layer || local.len() != offered {
             return Err(NixlError::Protocol(format!(
-                "{} blocks in {n_layer} layers offered for {} parts",
+                "{offered} parts in {} layers offered for {} parts in {n_layer}",
                 w.blocks.len(),
                 local.len()
             )));
@@ -239,8 +241,8 @@ impl Nixl {
         // Every remote part lies inside its region (the producer's registration would
         // refuse the rest; we do not ask).
         let mut remote = Vec::with_capacity(local.len());
-        for &(base, len) in &w.regions {
-            for &b in &w.blocks {
+        for (i, &(base, len)) in w.regions.iter().enumerate() {
+            for &b in &w.blocks[i / 2] {
                 let off = b as u64 * part as u64;
                 let end = off.checked_add(part as u64);
                 match (end, base.checked_add(off)) {

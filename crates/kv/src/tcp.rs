@@ -86,13 +86,14 @@ struct Meta {
 
 /// Where a held request's blocks lie in the producer's pool, for a NIXL read: the
 /// producer's agent (name, metadata in hex), its pool regions (each layer's K then V, as
-/// address and bytes) and the blocks' ids in position order.
+/// address and bytes) and, per layer, where the blocks sent in that layer lie in its
+/// regions (in blocks), in position order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct NixlWhere {
     pub agent: String,
     pub md: String,
     pub regions: Vec<(u64, u64)>,
-    pub blocks: Vec<u32>,
+    pub blocks: Vec<Vec<u32>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -414,7 +415,7 @@ impl SideChannel {
             return Err(KvError::Peer(m));
         }
         // The consumer has the blocks before `from` in its prefix cache.
-        let blocks = held.n_blocks() - from;
+        let bytes = layout.kv_bytes(held.n_tokens, from, held.n_blocks()) as u64;
         let mut meta = Meta {
             layout,
             n_tokens: held.n_tokens,
@@ -424,7 +425,10 @@ impl SideChannel {
         };
         if nixl {
             // The consumer reads the blocks itself; they stay lent until it says it is done.
-            meta.nixl = Some(self.nixl_where(s, addr, &held.block_ids()[from..])?);
+            let at: Vec<Vec<u32>> = (0..layout.n_layer)
+                .map(|l| held.layer_indices(l, from))
+                .collect();
+            meta.nixl = Some(self.nixl_where(s, addr, &at)?);
             let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
             if json.len() > MAX_CONTROL_PAYLOAD {
                 let m = format!(
@@ -455,7 +459,7 @@ impl SideChannel {
             }
             drop(held);
             write_frame(s, addr, &Frame::Done)?;
-            return Ok((blocks * layout.layer_block_bytes() * layout.n_layer) as u64);
+            return Ok(bytes);
         }
         let json = serde_json::to_vec(&meta).map_err(|e| KvError::Protocol(e.to_string()))?;
         write_frame(s, addr, &Frame::Meta(json))?;
@@ -464,18 +468,20 @@ impl SideChannel {
         // One buffered writer: many small block writes become few syscalls.
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *s);
         for layer in 0..layout.n_layer {
+            // A windowed layer sends only the blocks its window still reaches.
+            let sent = held.layer_blocks(layer, from);
             w.write_all(&Frame::layer_prefix(
                 layer as u32,
-                blocks as u32,
-                blocks * per_block,
+                sent.len() as u32,
+                sent.len() * per_block,
             ))
             .map_err(io(addr))?;
-            for i in from..held.n_blocks() {
+            bytes += (sent.len() * per_block) as u64;
+            for i in sent {
                 for part in held.block(layer, i) {
                     w.write_all(part).map_err(io(addr))?;
                 }
             }
-            bytes += (blocks * per_block) as u64;
         }
         w.flush().map_err(io(addr))?;
         drop(w);
@@ -487,7 +493,12 @@ impl SideChannel {
 
 impl SideChannel {
     /// Where `blocks` lie for a NIXL read, or the refusal the consumer is sent.
-    fn nixl_where(&self, s: &mut Link, addr: &str, blocks: &[u32]) -> Result<NixlWhere, KvError> {
+    fn nixl_where(
+        &self,
+        s: &mut Link,
+        addr: &str,
+        blocks: &[Vec<u32>],
+    ) -> Result<NixlWhere, KvError> {
         #[cfg(feature = "nixl")]
         if let Some(n) = &self.nixl {
             return n
@@ -573,7 +584,6 @@ pub fn load_into(
     let addr = r.addr.as_str();
     let (mut s, meta) = ask(r, fingerprint, secret, tls, target, false)?;
     let layout = target.layout();
-    let blocks = target.n_blocks();
     let per_block = layout.layer_block_bytes();
     let mut r = std::io::BufReader::with_capacity(1 << 20, &mut s);
     let mut bytes = 0u64;
@@ -604,18 +614,20 @@ pub fn load_into(
         r.read_exact(&mut pre).map_err(io(addr))?;
         let got_layer = u32::from_le_bytes([pre[0], pre[1], pre[2], pre[3]]) as usize;
         let got_blocks = u32::from_le_bytes([pre[4], pre[5], pre[6], pre[7]]) as usize;
-        if got_layer != layer || got_blocks != blocks || len != 8 + blocks * per_block {
+        let want = target.layer_blocks(layer);
+        let n = want.len();
+        if got_layer != layer || got_blocks != n || len != 8 + n * per_block {
             return Err(KvError::Protocol(format!(
-                "layer frame {got_layer} with {got_blocks} blocks ({len} bytes) where layer {layer} with {blocks} blocks was due"
+                "layer frame {got_layer} with {got_blocks} blocks ({len} bytes) where layer {layer} with {n} blocks was due"
             )));
         }
         // Straight from the socket into the request's blocks.
-        for i in 0..blocks {
+        for i in want {
             for part in target.block_mut(layer, i) {
                 r.read_exact(part).map_err(io(addr))?;
             }
         }
-        bytes += (blocks * per_block) as u64;
+        bytes += (n * per_block) as u64;
     }
     match read_frame(&mut r, addr)? {
         Frame::Done => {}
@@ -707,20 +719,22 @@ pub fn load_over_nixl(
         .nixl
         .as_ref()
         .ok_or_else(|| KvError::Protocol("no NIXL location in the producer's answer".into()))?;
-    let blocks = target.n_blocks();
-    if w.blocks.len() != blocks {
+    let layout = target.layout();
+    let offered: Vec<usize> = w.blocks.iter().map(Vec::len).collect();
+    let wanted: Vec<usize> = (0..layout.n_layer)
+        .map(|l| target.layer_blocks(l).len())
+        .collect();
+    if offered != wanted {
         return Err(KvError::Protocol(format!(
-            "the producer offers {} blocks; this request loads {blocks}",
-            w.blocks.len()
+            "the producer offers {offered:?} blocks per layer; this request loads {wanted:?}"
         )));
     }
-    let layout = target.layout();
     let part = layout.layer_block_bytes() / 2;
-    let mut local = Vec::with_capacity(2 * layout.n_layer * blocks);
+    let mut local = Vec::with_capacity(2 * wanted.iter().sum::<usize>());
     // Each layer's K parts, then its V parts: the order of the producer's regions.
     for layer in 0..layout.n_layer {
         for kv in 0..2 {
-            for i in 0..blocks {
+            for i in target.layer_blocks(layer) {
                 let p = &mut target.block_mut(layer, i)[kv];
                 if p.len() != part {
                     return Err(KvError::Protocol(

@@ -423,7 +423,7 @@ async fn health(State(state): State<AppState>) -> Response {
     } else {
         (StatusCode::OK, "ok")
     };
-    (code, Json(json!({"status": status, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "held_blocks": s.held_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
+    (code, Json(json!({"status": status, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks, "free_window_slots": s.free_window_slots, "total_window_slots": s.total_window_slots, "held_blocks": s.held_blocks, "running": s.running, "waiting": s.waiting}))).into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

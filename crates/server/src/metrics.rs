@@ -14,6 +14,8 @@ pub struct Metrics {
     waiting: IntGauge,
     free_blocks: IntGauge,
     total_blocks: IntGauge,
+    free_window_slots: IntGauge,
+    total_window_slots: IntGauge,
     usage: prometheus::Gauge,
     prompt_tokens_computed: IntGauge,
     preemptions: IntGauge,
@@ -80,6 +82,14 @@ impl Metrics {
             waiting: g("num_requests_waiting", "Requests waiting to be scheduled."),
             free_blocks: g("kv_cache_free_blocks", "Free KV cache blocks."),
             total_blocks: g("kv_cache_total_blocks", "KV cache blocks in the pool."),
+            free_window_slots: g(
+                "kv_cache_free_window_slots",
+                "Free slots for sliding-window layers' KV (0 without such layers).",
+            ),
+            total_window_slots: g(
+                "kv_cache_total_window_slots",
+                "Slots for sliding-window layers' KV in the pool.",
+            ),
             usage: prometheus::Gauge::new(
                 format!("{PREFIX}kv_cache_usage_perc"),
                 "KV cache usage fraction (1 = full).",
@@ -196,6 +206,8 @@ impl Metrics {
         let _ = r.register(Box::new(m.waiting.clone()));
         let _ = r.register(Box::new(m.free_blocks.clone()));
         let _ = r.register(Box::new(m.total_blocks.clone()));
+        let _ = r.register(Box::new(m.free_window_slots.clone()));
+        let _ = r.register(Box::new(m.total_window_slots.clone()));
         let _ = r.register(Box::new(m.usage.clone()));
         let _ = r.register(Box::new(m.prompt_tokens_computed.clone()));
         let _ = r.register(Box::new(m.preemptions.clone()));
@@ -255,6 +267,8 @@ impl Metrics {
         self.waiting.set(s.waiting as i64);
         self.free_blocks.set(s.free_blocks as i64);
         self.total_blocks.set(s.total_blocks as i64);
+        self.free_window_slots.set(s.free_window_slots as i64);
+        self.total_window_slots.set(s.total_window_slots as i64);
         self.usage
             .set(1.0 - s.free_blocks as f64 / s.total_blocks.max(1) as f64);
         self.prompt_tokens_computed

@@ -306,7 +306,11 @@ pub async fn all_free(p: &Proc, within: Duration) -> Duration {
     let t0 = Instant::now();
     loop {
         let h = health(p).await;
-        if h["free_blocks"] == h["total_blocks"] && h["running"] == 0 && h["waiting"] == 0 {
+        if h["free_blocks"] == h["total_blocks"]
+            && h["free_window_slots"] == h["total_window_slots"]
+            && h["running"] == 0
+            && h["waiting"] == 0
+        {
             return t0.elapsed();
         }
         assert!(

@@ -122,7 +122,8 @@ pub struct KvImport {
     pub layout: KvLayout,
     /// Tokens whose K and V are in `layers` (the prompt).
     pub n_tokens: usize,
-    /// Per layer, each block's K bytes then V bytes, blocks in position order.
+    /// Per layer, each block's K bytes then V bytes, blocks in position order (a windowed
+    /// layer's only from the block its window starts at: `KvLayout::layer_blocks`).
     pub layers: Vec<Vec<u8>>,
     /// Tokens already generated remotely (the producer's first token).
     pub generated: Vec<u32>,
@@ -185,6 +186,9 @@ pub enum Event {
 pub struct EngineStats {
     pub free_blocks: AtomicUsize,
     pub total_blocks: AtomicUsize,
+    /// Slots for the windowed layers' values (0 and 0 without such layers).
+    pub free_window_slots: AtomicUsize,
+    pub total_window_slots: AtomicUsize,
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub prompt_tokens_computed: AtomicU64,
@@ -203,6 +207,8 @@ pub struct EngineStats {
 pub struct StatsSnapshot {
     pub free_blocks: usize,
     pub total_blocks: usize,
+    pub free_window_slots: usize,
+    pub total_window_slots: usize,
     pub running: usize,
     pub waiting: usize,
     pub prompt_tokens_computed: u64,

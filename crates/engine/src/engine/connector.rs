@@ -117,23 +117,38 @@ impl<'a> SavedBlock<'a> {
 pub(super) struct Lease {
     mem: Arc<Memory>,
     blocks: Vec<u32>,
+    /// The first of `blocks` with values in the windowed layers (their slots go back with
+    /// them).
+    local_from: usize,
     id: String,
     back: mpsc::Sender<Command>,
 }
 
 impl Lease {
+    /// Lends `blocks`, of which those from `.1` on have slots in the windowed layers.
     pub(super) fn new(
         mem: Arc<Memory>,
-        blocks: Vec<u32>,
+        (blocks, local_from): (Vec<u32>, usize),
         id: String,
         back: mpsc::Sender<Command>,
     ) -> Self {
         Self {
             mem,
             blocks,
+            local_from,
             id,
             back,
         }
+    }
+
+    /// Lent blocks `from..` with values in `layer`: from `local_from` on in a windowed one.
+    fn layer_blocks(&self, layer: usize, from: usize) -> std::ops::Range<usize> {
+        let first = if self.mem.layout.is_windowed(layer) {
+            from.max(self.local_from)
+        } else {
+            from
+        };
+        first.min(self.blocks.len())..self.blocks.len()
     }
 }
 
@@ -195,6 +210,14 @@ impl LoadTarget {
         self.lease.blocks.len()
     }
 
+    /// The lent blocks with values in `layer`. A windowed layer (Gemma 3's local layers)
+    /// keeps values only in the blocks its window can still reach; the producer sends the
+    /// same range ([`HeldKv::layer_blocks`]): [`KvLayout::layer_blocks`] of the request's
+    /// tokens.
+    pub fn layer_blocks(&self, layer: usize) -> std::ops::Range<usize> {
+        self.lease.layer_blocks(layer, 0)
+    }
+
     /// The engine's whole KV pool as (address, bytes) regions ([`KvLayout`] order: each
     /// layer's K then V), for a transport that registers it once (NIXL).
     pub fn pool_regions(&self) -> Vec<(usize, usize)> {
@@ -202,7 +225,8 @@ impl LoadTarget {
     }
 
     /// The K bytes and the V bytes of lent block `i` (position order, from
-    /// [`LoadTarget::first_block`]) in `layer`, to fill.
+    /// [`LoadTarget::first_block`]) in `layer`, to fill; `i` is in
+    /// [`LoadTarget::layer_blocks`] of `layer`.
     pub fn block_mut(&mut self, layer: usize, i: usize) -> [&mut [u8]; 2] {
         let b = self.lease.blocks[i];
         // SAFETY: the block is lent to this target alone (the engine keeps away until the
@@ -211,12 +235,16 @@ impl LoadTarget {
     }
 
     /// Every layer's K then V bytes of lent block `i`, in layer order, to fill at once (one
-    /// vectored read).
+    /// vectored read); only the layers with values in it (see
+    /// [`LoadTarget::layer_blocks`]; a load from a store gets whole blocks).
     pub fn block_parts_mut(&mut self, i: usize) -> Vec<&mut [u8]> {
         let b = self.lease.blocks[i];
         let n_layer = self.lease.mem.layout.n_layer;
         let mut parts = Vec::with_capacity(2 * n_layer);
         for layer in 0..n_layer {
+            if !self.lease.layer_blocks(layer, 0).contains(&i) {
+                continue;
+            }
             // SAFETY: as in `block_mut`; the layers' regions are disjoint, so the slices
             // never overlap, and `&mut self` keeps them the only borrows.
             parts.extend(unsafe { self.lease.mem.block_mut(layer, b) });
@@ -240,6 +268,7 @@ impl LoadTarget {
         let _ = self.lease.back.send(Command::Loaded {
             id: self.lease.id.clone(),
             blocks: Vec::new(),
+            local_from: 0,
             result: Box::new(Err(message)),
         });
     }
@@ -248,6 +277,7 @@ impl LoadTarget {
         let _ = self.lease.back.send(Command::Loaded {
             id: self.lease.id.clone(),
             blocks: std::mem::take(&mut self.lease.blocks),
+            local_from: self.lease.local_from,
             result: Box::new(result),
         });
     }
@@ -293,13 +323,26 @@ impl HeldKv {
         self.lease.blocks.len()
     }
 
-    /// The pool block ids of the held blocks, in position order (where a transport that
-    /// reads the pool in place, NIXL, finds them).
-    pub fn block_ids(&self) -> &[u32] {
-        &self.lease.blocks
+    /// The held blocks from block `from` on with values in `layer`: every one, unless
+    /// the layer is windowed ([`KvLayout::layer_blocks`] of the held tokens; a consumer
+    /// lends the same range).
+    pub fn layer_blocks(&self, layer: usize, from: usize) -> std::ops::Range<usize> {
+        let n = self.lease.blocks.len();
+        let r = self.layout().layer_blocks(layer, self.n_tokens, from, n);
+        debug_assert!(self.lease.layer_blocks(layer, from).start <= r.start);
+        r
     }
 
-    /// The K bytes and the V bytes of block `i` (position order) in `layer`.
+    /// Where the values of held blocks `from..` with values in `layer` lie in that layer's
+    /// K and V regions, in blocks (for a transport that reads the pool in place, NIXL).
+    pub fn layer_indices(&self, layer: usize, from: usize) -> Vec<u32> {
+        self.layer_blocks(layer, from)
+            .map(|i| self.lease.mem.index(layer, self.lease.blocks[i]))
+            .collect()
+    }
+
+    /// The K bytes and the V bytes of block `i` (position order) in `layer`; `i` is in
+    /// [`HeldKv::layer_blocks`] of `layer`.
     pub fn block(&self, layer: usize, i: usize) -> [&[u8]; 2] {
         let b = self.lease.blocks[i];
         // SAFETY: held blocks are written by nobody: the request finished, and the engine
@@ -313,6 +356,7 @@ impl Drop for HeldKv {
         let _ = self.lease.back.send(Command::Returned(
             self.lease.id.clone(),
             std::mem::take(&mut self.lease.blocks),
+            self.lease.local_from,
         ));
     }
 }

@@ -12,6 +12,8 @@ use crate::sampler::Sampler;
 pub(super) struct Held {
     pub(super) since: Instant,
     pub(super) blocks: Vec<u32>,
+    /// The first of `blocks` whose windowed layers' slots it holds.
+    pub(super) local_from: usize,
     pub(super) n_tokens: usize,
     pub(super) generated: Vec<u32>,
     pub(super) sampler: Sampler,
@@ -41,8 +43,9 @@ impl Holds {
 }
 
 impl Core {
-    /// `blocks` of request `id`, lent out; they come back through the command channel.
-    pub(super) fn lease(&self, blocks: Vec<u32>, id: &str) -> Lease {
+    /// `blocks` of request `id` (slots from `.1` on), lent out; they come back through
+    /// the command channel.
+    pub(super) fn lease(&self, blocks: (Vec<u32>, usize), id: &str) -> Lease {
         Lease::new(
             self.cache.mem.clone(),
             blocks,
@@ -72,7 +75,7 @@ impl Core {
         }
         for (id, mut h) in expired {
             tracing::warn!(id = %id, blocks = h.blocks.len(), "KV hold timed out; freeing blocks");
-            self.cache.release(&mut h.blocks);
+            self.cache.release(&mut h.blocks, h.local_from);
         }
         self.publish();
     }
@@ -82,16 +85,8 @@ impl Core {
             .take_held(id)
             .ok_or_else(|| EngineError::KvMismatch(format!("no KV held for request {id}")))?;
         let layout = self.cache.layout;
-        let layers = (0..layout.n_layer)
-            .map(|l| {
-                let mut out = Vec::new();
-                for &b in &h.blocks {
-                    self.cache.block_bytes(l, b, &mut out);
-                }
-                out
-            })
-            .collect();
-        self.cache.release(&mut h.blocks);
+        let layers = self.cache.layers_bytes(&h.blocks, h.n_tokens);
+        self.cache.release(&mut h.blocks, h.local_from);
         Ok(KvImport {
             layout,
             n_tokens: h.n_tokens,

@@ -45,7 +45,8 @@ impl LiveState {
 }
 
 /// A live request with its KV: per layer, each block's K bytes then V bytes, for the
-/// `kv_tokens.div_ceil(block_size)` blocks in position order.
+/// `kv_tokens.div_ceil(block_size)` blocks in position order (a windowed layer's only from
+/// the block its window starts at: `KvLayout::layer_blocks`).
 #[derive(Debug, Clone)]
 pub struct Migration {
     pub state: LiveState,
@@ -122,15 +123,9 @@ impl Core {
     fn snapshot(&self, s: &Seq) -> Migration {
         let kv_tokens = s.num_computed;
         let n_blocks = kv_tokens.div_ceil(self.cache.layout.block_size);
-        let layers = (0..self.cache.layout.n_layer)
-            .map(|l| {
-                let mut out = Vec::new();
-                for &b in &s.blocks[..n_blocks.min(s.blocks.len())] {
-                    self.cache.block_bytes(l, b, &mut out);
-                }
-                out
-            })
-            .collect();
+        let layers = self
+            .cache
+            .layers_bytes(&s.blocks[..n_blocks.min(s.blocks.len())], kv_tokens);
         Migration {
             state: LiveState {
                 id: s.id.clone(),
@@ -155,7 +150,7 @@ impl Core {
             return;
         };
         if commit {
-            self.cache.release(&mut s.blocks);
+            self.cache.release(&mut s.blocks, s.local_from);
             tracing::debug!(id = %id, "migrated away; blocks freed");
         } else if was_running {
             self.running.push(s);
@@ -192,17 +187,9 @@ impl Core {
             });
         }
         let n_blocks = st.kv_tokens.div_ceil(layout.block_size);
-        let per_block = layout.layer_block_bytes();
-        if m.layers.len() != layout.n_layer
-            || m.layers.iter().any(|l| l.len() != n_blocks * per_block)
-        {
-            return bad(format!(
-                "KV for {} tokens should be {} layers of {} bytes",
-                st.kv_tokens,
-                layout.n_layer,
-                n_blocks * per_block
-            ));
-        }
+        layout
+            .check_layers(st.kv_tokens, &m.layers)
+            .map_err(EngineError::KvMismatch)?;
         if self.is_live(&st.id) {
             return Err(EngineError::DuplicateId(st.id));
         }
@@ -211,15 +198,13 @@ impl Core {
         if needed > free {
             return Err(EngineError::NoFreeBlocks { needed, free });
         }
+        let local_from = layout.window_start_block(st.kv_tokens);
         let blocks = self
             .cache
-            .allocate(n_blocks)
+            .take(&[], n_blocks, local_from)
             .ok_or(EngineError::NoFreeBlocks { needed, free })?;
-        for (layer, bytes) in m.layers.iter().enumerate() {
-            for (b, chunk) in blocks.iter().zip(bytes.chunks_exact(per_block)) {
-                self.cache.set_block_bytes(layer, *b, chunk);
-            }
-        }
+        self.cache
+            .set_layers_bytes(&blocks, st.kv_tokens, &m.layers);
         let (tx, rx) = unbounded_channel();
         // The last known token's KV is computed by the next step, which also samples.
         let num_computed = st.kv_tokens.min(st.tokens.len() - 1);
@@ -229,6 +214,7 @@ impl Core {
             tokens: st.tokens,
             num_computed,
             blocks,
+            local_from,
             params: st.params,
             sampler: st.sampler,
             return_logits: st.return_logits,

@@ -90,7 +90,10 @@ impl Core {
                     let saver = self.connector.as_ref().filter(|c| c.wants_saves());
                     for j in s.cache.registered..full.min(s.cache.hashes.len()) {
                         let new = self.cache.register(s.cache.hashes[j], s.blocks[j]);
-                        if let Some(c) = saver.filter(|_| new) {
+                        // A store keeps whole blocks: not one whose windowed layers were
+                        // never here (loaded behind the window).
+                        let whole = self.cache.is_whole(s.blocks[j]);
+                        if let Some(c) = saver.filter(|_| new && whole) {
                             c.save_block(
                                 &s.cache.hashes[j],
                                 SavedBlock::new(&self.cache.mem, s.blocks[j]),
@@ -100,6 +103,15 @@ impl Core {
                     s.cache.registered = full;
                 }
             }
+            // Blocks now behind the window of its next position give back their windowed
+            // layers' slots; a held request keeps what its reader will need.
+            let kv = if s.hold {
+                s.num_computed.min(s.prompt_len)
+            } else {
+                s.num_computed
+            };
+            let upto = self.cache.layout.window_start_block(kv);
+            self.cache.trim(&s.blocks, &mut s.local_from, upto);
             let Some(lg) = lg else { continue };
             if let Some(reason) = self.sample_into(i, lg) {
                 done.push((i, reason));
@@ -202,12 +214,14 @@ impl Core {
             let n_tokens = s.prompt_len;
             let keep = n_tokens.div_ceil(self.cache.layout.block_size);
             let mut extra = s.blocks.split_off(keep.min(s.blocks.len()));
-            self.cache.release(&mut extra);
+            self.cache
+                .release(&mut extra, s.local_from.saturating_sub(keep));
             let old = self.holds.map().insert(
                 s.id.clone(),
                 Held {
                     since: Instant::now(),
                     blocks: std::mem::take(&mut s.blocks),
+                    local_from: std::mem::take(&mut s.local_from),
                     n_tokens,
                     generated: s.tokens[s.prompt_len..].to_vec(),
                     sampler: s.sampler.clone(),
@@ -216,10 +230,10 @@ impl Core {
             if let Some(mut o) = old {
                 // A second request under the same id: the older hold can never be pulled.
                 tracing::warn!(id = %s.id, "request id reused while its KV was held; freeing the older hold");
-                self.cache.release(&mut o.blocks);
+                self.cache.release(&mut o.blocks, o.local_from);
             }
         }
-        self.cache.release(&mut s.blocks);
+        self.cache.release(&mut s.blocks, s.local_from);
         let queue_time = s
             .first_scheduled
             .map(|t| t.duration_since(s.arrived))

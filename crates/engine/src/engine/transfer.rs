@@ -54,13 +54,24 @@ impl Core {
             }
             // Blocks this engine has cached already are not loaded again; at least one block
             // always is (as a local prompt computes at least its last token).
+            let from_store = remote.get::<StoreLookup>().is_some();
             let hit = match self.remote_waiting.front_mut() {
                 Some((s, _)) if self.cache.prefix_caching() => {
                     self.cache.cached_prefix(s.block_hashes(), n)
                 }
                 _ => Vec::new(),
             };
-            let Some(blocks) = self.cache.take(&hit, n.div_ceil(bs) - hit.len()) else {
+            // The request will have the KV of `n` tokens (or, from a store, perhaps fewer,
+            // computing the rest: those blocks keep every layer).
+            let local_from = if from_store {
+                self.cache.layout.window_start_block(hit.len() * bs)
+            } else {
+                self.cache.layout.window_start_block(n)
+            };
+            let Some(blocks) = self
+                .cache
+                .take(&hit, n.div_ceil(bs) - hit.len(), local_from)
+            else {
                 break;
             };
             let Some((mut s, remote)) = self.remote_waiting.pop_front() else {
@@ -76,9 +87,11 @@ impl Core {
             s.state = RequestState::WaitingForRemoteKvs;
             let first = hit.len();
             s.blocks = hit;
+            s.local_from = local_from;
             let hashes = s.block_hashes();
             let lent =
                 hashes[first.min(hashes.len())..hashes.len().min(first + blocks.len())].to_vec();
+            let blocks = (blocks, local_from.saturating_sub(first));
             let target = LoadTarget::new(self.lease(blocks, &s.id), n, first, lent);
             self.loading.insert(s.id.clone(), (s, n));
             conn.start_load(remote, target);
@@ -90,25 +103,26 @@ impl Core {
     pub(super) fn loaded(
         &mut self,
         id: String,
-        mut blocks: Vec<u32>,
+        (mut blocks, lent_from): (Vec<u32>, usize),
         result: Result<RemoteFirst, String>,
     ) {
         let Some((mut s, n)) = self.loading.remove(&id) else {
             // Aborted while loading.
-            self.cache.release(&mut blocks);
+            self.cache.release(&mut blocks, lent_from);
             return;
         };
         let first = match result {
             Ok(f) => f,
             Err(e) => {
-                self.cache.release(&mut blocks);
+                self.cache.release(&mut blocks, lent_from);
                 if self.load_failure == LoadFailurePolicy::Recompute {
                     tracing::warn!(id = %s.id, error = %e, "KV load failed; computing the prompt here instead");
                     self.stats
                         .load_failures_recomputed
                         .fetch_add(1, Ordering::Relaxed);
                     // From scratch, as a new request: the scheduler looks up the cache again.
-                    self.cache.release(&mut s.blocks);
+                    let local_from = std::mem::take(&mut s.local_from);
+                    self.cache.release(&mut s.blocks, local_from);
                     s.num_computed = 0;
                     s.state = RequestState::Waiting;
                     self.waiting.push_front(s);
@@ -123,7 +137,8 @@ impl Core {
                 // Part of the load arrived: keep its blocks, compute the rest here.
                 let keep = (t / bs).saturating_sub(s.blocks.len()).min(blocks.len());
                 let mut unused = blocks.split_off(keep);
-                self.cache.release(&mut unused);
+                self.cache
+                    .release(&mut unused, lent_from.saturating_sub(keep));
                 ((s.blocks.len() + keep) * bs).min(n)
             }
             _ => n,
@@ -152,30 +167,25 @@ impl Core {
             return fail(self, s, e);
         }
         let n_blocks = i.n_tokens.div_ceil(ours.block_size);
-        let per_block = ours.layer_block_bytes();
-        if i.n_tokens != s.prompt_len
-            || i.layers.len() != ours.n_layer
-            || i.layers.iter().any(|l| l.len() != n_blocks * per_block)
-        {
+        if i.n_tokens != s.prompt_len {
             let e = EngineError::KvMismatch(format!(
-                "imported KV for {} tokens in {} layers does not fit a {}-token prompt",
-                i.n_tokens,
-                i.layers.len(),
-                s.prompt_len
+                "imported KV for {} tokens does not fit a {}-token prompt",
+                i.n_tokens, s.prompt_len
             ));
             return fail(self, s, e);
         }
-        let Some(blocks) = self.cache.allocate(n_blocks) else {
+        if let Err(why) = ours.check_layers(i.n_tokens, &i.layers) {
+            return fail(self, s, EngineError::KvMismatch(why));
+        }
+        let local_from = ours.window_start_block(i.n_tokens);
+        let Some(blocks) = self.cache.take(&[], n_blocks, local_from) else {
             let e = EngineError::Overloaded {
                 waiting: self.waiting.len(),
             };
             return fail(self, s, e);
         };
-        for (layer, bytes) in i.layers.iter().enumerate() {
-            for (b, chunk) in blocks.iter().zip(bytes.chunks_exact(per_block)) {
-                self.cache.set_block_bytes(layer, *b, chunk);
-            }
-        }
+        self.cache.set_layers_bytes(&blocks, i.n_tokens, &i.layers);
+        s.local_from = local_from;
         s.blocks = blocks;
         self.resume_from_kv(s, i.n_tokens, i.generated, Some(i.sampler));
     }

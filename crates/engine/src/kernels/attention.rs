@@ -212,11 +212,12 @@ fn blocks<'a>(
     let (bs, per_slot) = (lay.block_size, lay.n_kv_head * lay.head_dim);
     let used = move |start: usize| bs.min(last_ctx - start);
     (skip.min(table.len())..table.len())
-        .map(move |bi| (bi * bs, table[bi] as usize * bs * per_slot))
+        .map(move |bi| (bi * bs, cache.index(layer, table[bi]) * bs * per_slot))
         .take_while(move |&(start, _)| start < last_ctx)
         .map(move |(start, at)| {
             if let Some(&next) = table.get(start / bs + 1).filter(|_| start + bs < last_ctx) {
-                let (at, n) = (next as usize * bs * per_slot, used(start + bs) * per_slot);
+                let at = cache.index(layer, next) * bs * per_slot;
+                let n = used(start + bs) * per_slot;
                 cache.k(layer).prefetch(at, n);
                 cache.v(layer).prefetch(at, n);
             }
@@ -1353,8 +1354,9 @@ mod tests {
                     head_dim: hd,
                     block_size: bs,
                     dtype,
+                    window: None,
                 };
-                let mut cache = KvCache::new(layout, len / bs + 1);
+                let mut cache = KvCache::new(layout, len / bs + 1, 0);
                 let mut table = cache.allocate(len / bs).expect("blocks");
                 // Blocks out of order in the pool, as a long-running engine has them.
                 table.reverse();
