@@ -200,6 +200,48 @@ fn failed_and_aborted_loads_free_their_blocks() {
     assert_eq!(s.free_blocks, s.total_blocks);
 }
 
+/// A transport that may still be writing into the lent blocks (a NIXL read that never
+/// ended) fails the load but keeps them: the request ends with the message, the blocks stay
+/// counted as used (never handed to another request), and the engine goes on serving.
+#[test]
+fn blocks_of_a_load_that_may_still_land_are_quarantined() {
+    let m = common::real_model();
+    let prompt = m.tokenizer.encode("Hello there, engine.").expect("encode");
+    let blocks = prompt.len().div_ceil(16);
+    let conn = Arc::new(Manual::default());
+    let d = consumer(&conn);
+    let total = d.stats().total_blocks;
+    let params = SamplingParams::greedy(4);
+    let mut rx = d
+        .submit(request("q", &prompt, &params, remote()))
+        .expect("submit");
+    let target = conn.next_load();
+    assert_eq!(target.n_blocks(), blocks);
+    target.fail_keeping_blocks("a read into these blocks did not end".into());
+    match rx.blocking_recv() {
+        Some(Event::Finished(f)) => {
+            assert_eq!(f.reason, FinishReason::Abort);
+            assert_eq!(
+                f.error,
+                Some(EngineError::KvTransfer(
+                    "a read into these blocks did not end".into()
+                ))
+            );
+        }
+        other => panic!("expected the failure, got {other:?}"),
+    }
+    let s = common::wait_stats(&d, |s| s.running == 0 && s.waiting == 0);
+    assert_eq!(s.free_blocks, total - blocks);
+    // Still serving, from the rest of the pool.
+    let out = collect(
+        d.submit(request("after", &prompt, &params, KvTransfer::None))
+            .expect("submit"),
+    );
+    assert_eq!(out.tokens.len(), 4);
+    let s = common::wait_stats(&d, |s| s.running == 0 && s.waiting == 0);
+    assert_eq!(s.free_blocks, total - blocks);
+}
+
 #[test]
 fn a_failed_load_is_recomputed_under_the_recompute_policy() {
     let m = common::real_model();
