@@ -1,10 +1,11 @@
 //! TCP transport: the consumer pulls a held request's KV from the producer's side channel.
 //!
-//! Exchange: both sides send `Hello` (fingerprint and a fresh random nonce), then `Auth`:
-//! an HMAC under the pair's secret over the sender's role and both nonces, the consumer's
-//! first; the producer sends its own only after checking the consumer's. Each side checks
-//! the other's proof before anything else (mutual challenge-response: neither a client
-//! without the secret nor a replayed proof gets further), then compares fingerprints. The
+//! Exchange: both sides send `Hello` (a fresh random nonce), then `Auth`: an HMAC under the
+//! pair's secret over the sender's role and both nonces, the consumer's first; the producer
+//! sends its own only after checking the consumer's. Each side checks the other's proof
+//! before anything else (mutual challenge-response: neither a client without the secret nor
+//! a replayed proof gets further); only then do both send a second `Hello` with their
+//! fingerprint, so a stranger learns nothing of the model, and compare fingerprints. The
 //! consumer then sends `Release` (answered by `Done`: the held blocks are freed unread) or
 //! `Pull`, answered by `Meta`, one `Layer` frame per layer, then `Done` (or `Error` at any
 //! point). Both carry the capability of a grant ([`crate::grant`]), which is served once.
@@ -96,9 +97,12 @@ pub(crate) struct NixlWhere {
     pub blocks: Vec<Vec<u32>>,
 }
 
+/// The first `Hello` carries the nonce, the second (after both proofs) the fingerprint.
 #[derive(Serialize, Deserialize)]
 struct Hello {
-    fingerprint: Fingerprint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<Fingerprint>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     nonce: String,
 }
 
@@ -220,19 +224,14 @@ fn handshake_by(
     role: Role,
 ) -> Result<(), KvError> {
     let nonce = random_bytes(16).map_err(|e| KvError::Protocol(e.to_string()))?;
-    let hello = Hello {
-        fingerprint: ours.clone(),
-        nonce: hex(&nonce),
-    };
-    let json = serde_json::to_vec(&hello).map_err(|e| KvError::Protocol(e.to_string()))?;
-    write_frame(s, addr, &Frame::Hello(json))?;
-    let theirs: Hello = match read_frame(s, addr)? {
-        Frame::Hello(j) => {
-            serde_json::from_slice(&j).map_err(|e| KvError::Protocol(format!("bad hello: {e}")))?
-        }
-        Frame::Error(m) => return Err(KvError::Peer(m)),
-        other => return Err(KvError::Protocol(format!("{other:?} where hello was due"))),
-    };
+    let theirs = exchange_hello(
+        s,
+        addr,
+        &Hello {
+            fingerprint: None,
+            nonce: hex(&nonce),
+        },
+    )?;
     let their_nonce = unhex(&theirs.nonce)
         .filter(|n| n.len() == 16)
         .ok_or_else(|| KvError::Protocol("hello without a 16-byte nonce".into()))?;
@@ -264,11 +263,35 @@ fn handshake_by(
     if matches!(role, Role::Producer) {
         write_frame(s, addr, &proof)?;
     }
-    if let Err(e) = ours.check(&theirs.fingerprint) {
+    // Both proven: now the fingerprints.
+    let theirs = exchange_hello(
+        s,
+        addr,
+        &Hello {
+            fingerprint: Some(ours.clone()),
+            nonce: String::new(),
+        },
+    )?
+    .fingerprint
+    .ok_or_else(|| KvError::Protocol("hello without a fingerprint after the proofs".into()))?;
+    if let Err(e) = ours.check(&theirs) {
         let _ = write_frame(s, addr, &Frame::Error(e.to_string()));
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Sends `ours` and reads the peer's `Hello`.
+fn exchange_hello(s: &mut (impl Read + Write), addr: &str, ours: &Hello) -> Result<Hello, KvError> {
+    let json = serde_json::to_vec(ours).map_err(|e| KvError::Protocol(e.to_string()))?;
+    write_frame(s, addr, &Frame::Hello(json))?;
+    match read_frame(s, addr)? {
+        Frame::Hello(j) => {
+            serde_json::from_slice(&j).map_err(|e| KvError::Protocol(format!("bad hello: {e}")))
+        }
+        Frame::Error(m) => Err(KvError::Peer(m)),
+        other => Err(KvError::Protocol(format!("{other:?} where hello was due"))),
+    }
 }
 
 /// The producer's side channel: serves pulls and releases of granted, held KV.

@@ -1,8 +1,8 @@
-//! Our KV wire format, version 3. Every integer is little-endian.
+//! Our KV wire format, version 4. Every integer is little-endian.
 //!
 //! ```text
 //! frame   := magic "SSKV" (4) | version u16 | kind u8 | flags u8 | payload_len u32 | payload
-//! Hello   (1): JSON {fingerprint, nonce}                — first frame each way
+//! Hello   (1): JSON {nonce}, first frame each way; JSON {fingerprint} after both Auths
 //! Auth    (8): 32-byte HMAC proving the pair's secret    — second frame each way
 //! Pull    (2): id_len u16 | request_id | cap_len u16 | capability | from_block u32
 //!              — the consumer has the blocks before `from_block` already (its prefix cache)
@@ -19,7 +19,7 @@
 //! [`MAX_CONTROL_PAYLOAD`], a layer's size from the layout) before allocating anything.
 
 pub const MAGIC: &[u8; 4] = b"SSKV";
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HEADER: usize = 12;
 /// Largest payload accepted (a layer of a long prompt of a small model fits many times).
 pub const MAX_PAYLOAD: usize = 256 << 20;
@@ -337,7 +337,7 @@ mod tests {
         }
         assert_eq!(
             Frame::Done.encode(),
-            b"SSKV\x03\x00\x04\x00\x00\x00\x00\x00".to_vec()
+            b"SSKV\x04\x00\x04\x00\x00\x00\x00\x00".to_vec()
         );
         let pull = Frame::Pull {
             request_id: "a".into(),

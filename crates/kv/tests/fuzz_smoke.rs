@@ -49,11 +49,13 @@ impl Rng {
 }
 
 fn seeds() -> Vec<Vec<u8>> {
-    let hello = serde_json::json!({"fingerprint": {"format_version": 1, "model_sha256": "0",
-        "architecture": "llama", "n_layer": 30, "n_kv_head": 3, "head_dim": 64,
-        "kv_dtype": "f16", "block_size": 16}, "nonce": "00".repeat(16)});
+    let hello = serde_json::json!({"nonce": "00".repeat(16)});
     let mut handshake = Frame::Hello(serde_json::to_vec(&hello).unwrap()).encode();
     handshake.extend(Frame::Auth(vec![0; 32]).encode());
+    let fingerprint = serde_json::json!({"fingerprint": {"format_version": 1,
+        "model_sha256": "0", "architecture": "llama", "n_layer": 30, "n_kv_head": 3,
+        "head_dim": 64, "kv_dtype": "f16", "block_size": 16}});
+    handshake.extend(Frame::Hello(serde_json::to_vec(&fingerprint).unwrap()).encode());
     vec![
         handshake,
         Frame::Pull {

@@ -74,7 +74,7 @@ fn handshake(p: &Producer, secret: &Secret) -> (TcpStream, Result<(), String>) {
     let mut s = TcpStream::connect(p.addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let nonce = [7u8; 16];
-    let hello = serde_json::json!({"fingerprint": p.fp, "nonce": hex(&nonce)});
+    let hello = serde_json::json!({"nonce": hex(&nonce)});
     s.write_all(&Frame::Hello(serde_json::to_vec(&hello).unwrap()).encode())
         .unwrap();
     let theirs = match read(&mut s) {
@@ -82,6 +82,8 @@ fn handshake(p: &Producer, secret: &Secret) -> (TcpStream, Result<(), String>) {
         other => return (s, Err(format!("{other:?}"))),
     };
     let v: serde_json::Value = serde_json::from_slice(&theirs).unwrap();
+    // Before any proof, a peer learns only a nonce: nothing of the model.
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
     let tn = v["nonce"].as_str().unwrap();
     let tn: Vec<u8> = (0..tn.len())
         .step_by(2)
@@ -91,6 +93,21 @@ fn handshake(p: &Producer, secret: &Secret) -> (TcpStream, Result<(), String>) {
     s.write_all(&Frame::Auth(proof.to_vec()).encode()).unwrap();
     let r = match read(&mut s) {
         Ok(Frame::Auth(_)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    };
+    if r.is_err() {
+        return (s, r);
+    }
+    // Both proven: the fingerprints cross.
+    let ours = serde_json::json!({"fingerprint": p.fp});
+    s.write_all(&Frame::Hello(serde_json::to_vec(&ours).unwrap()).encode())
+        .unwrap();
+    let r = match read(&mut s) {
+        Ok(Frame::Hello(j)) => {
+            let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
+            assert_eq!(v["fingerprint"], serde_json::json!(p.fp));
+            Ok(())
+        }
         other => Err(format!("{other:?}")),
     };
     (s, r)
@@ -276,7 +293,7 @@ fn a_peer_that_drips_its_handshake_is_cut_off_at_the_deadline() {
     assert!(matches!(read(&mut s), Ok(Frame::Hello(_))));
     // A byte per second of a hello: every read ends well within a per-read timeout, but the
     // whole handshake must end within HANDSHAKE_TIMEOUT.
-    let hello = serde_json::json!({"fingerprint": p.fp, "nonce": hex(&[7u8; 16])});
+    let hello = serde_json::json!({"nonce": hex(&[7u8; 16])});
     let frame = Frame::Hello(serde_json::to_vec(&hello).unwrap()).encode();
     let t0 = std::time::Instant::now();
     let mut cut = None;
