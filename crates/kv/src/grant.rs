@@ -17,6 +17,9 @@ use crate::params::KvTransferParams;
 const LABEL: &[u8] = b"splitserve-kv-grant-v1";
 /// Grants outstanding at most; a hold's blocks bound them in practice.
 const MAX_GRANTS: usize = 1 << 16;
+/// How far a consumer's wall clock may run ahead of its producer's before it refuses a
+/// grant by its expiry alone.
+const MAX_CLOCK_SKEW_S: u64 = 120;
 
 /// Why a consumer refuses `kv_transfer_params`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,8 +91,10 @@ impl RemoteAddr {
         if !secret.verify(&signed_parts(host, &pb, request_id, capability, &eb), &tag) {
             return Err(GrantError::Signature);
         }
+        // The producer's own clock decides (it serves a grant only while its hold lives);
+        // this early refusal, on our clock, allows for the two hosts' clocks to differ.
         let now = now_unix();
-        if now > expires {
+        if now > expires.saturating_add(MAX_CLOCK_SKEW_S) {
             return Err(GrantError::Expired(now - expires));
         }
         // Not signed (a vLLM-contract proxy may drop it): checked against the KV's own.
@@ -288,5 +293,19 @@ mod tests {
             RemoteAddr::verify(&kp(&q), g.secret()),
             Err(GrantError::Expired(_))
         ));
+        // A minute past on our clock may be a producer whose clock runs behind ours: its
+        // own hold decides. Ten minutes past is refused here.
+        for (ago, ok) in [(60, true), (600, false)] {
+            let at = now_unix() - ago;
+            let eb = at.to_le_bytes();
+            let tag = g.secret().mac(&signed_parts(host, &pb, "r-0", cap, &eb));
+            q["remote_expires_at"] = json!(at);
+            q["kv_signature"] = json!(hex(&tag));
+            assert_eq!(
+                RemoteAddr::verify(&kp(&q), g.secret()).is_ok(),
+                ok,
+                "{ago} s"
+            );
+        }
     }
 }
