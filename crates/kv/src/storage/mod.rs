@@ -518,7 +518,7 @@ impl StorageRole {
                     Some([t, ..]) => Some(Disk::new(t.path.clone(), t.bytes).map_err(|e| {
                         field(
                             "kv_connector_extra_config.secondary_tiers",
-                            format!("{} is not a writable directory: {e}", t.path.display()),
+                            format!("cannot use {}: {e}", t.path.display()),
                         )
                     })?),
                     _ => None,

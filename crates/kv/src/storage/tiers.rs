@@ -162,11 +162,22 @@ impl<V: Clone> Lru<V> {
 pub(super) struct Disk {
     dir: Dir,
     index: Mutex<Lru<()>>,
+    /// Held locked while this tier lives: a second process on the same directory would
+    /// evict, and delete the half-written files of, this one's blocks.
+    _lock: std::fs::File,
 }
 
 impl Disk {
     pub(super) fn new(path: PathBuf, cap: u64) -> std::io::Result<Self> {
         writable_dir(&path)?;
+        let lock = std::fs::File::create(path.join(".lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(std::io::Error::other(format!(
+                "{} is in use by another instance ({}/.lock is locked): give each its own: {e}",
+                path.display(),
+                path.display()
+            )));
+        }
         let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&path)?.flatten().collect();
         // Temporary files of a run that ended mid-write are no block's.
         for e in &entries {
@@ -191,6 +202,7 @@ impl Disk {
         Ok(Self {
             dir: Dir(path),
             index: Mutex::new(index),
+            _lock: lock,
         })
     }
 
@@ -355,7 +367,11 @@ mod tests {
             (0..6).map(|i| mem.has(&[i; 32])).collect::<Vec<_>>(),
             [false, true, true, true, true, true]
         );
+        // A second instance on the same directory is refused while the first lives.
+        let e = Disk::new(dir.clone(), 200).err().expect("refused");
+        assert!(e.to_string().contains("in use by another instance"), "{e}");
         // A restarted instance finds the disk's files.
+        drop(mem);
         let again = Disk::new(dir.clone(), 200).expect("disk");
         assert_eq!((1..4).filter(|&i| again.has(&[i; 32])).count(), 2);
         let _ = std::fs::remove_dir_all(&dir);
