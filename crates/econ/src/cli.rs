@@ -18,7 +18,7 @@ pub trait EconHooks {
 /// The model's shape. Each help is one line so that `--help` fits a screen (docs/econ.md).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B or -70B
+    /// SmolLM2-135M, Qwen2.5-0.5B, Llama-3.1-8B or -70B, Gemma-3-270M
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Read the shape from a GGUF file (or a model name: gemma3-270m)

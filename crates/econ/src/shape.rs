@@ -92,6 +92,14 @@ pub fn presets() -> Vec<ModelShape> {
         s("Qwen2.5-0.5B", 24, 2, 64, 14, 494_032_768),
         s("Llama-3.1-8B", 32, 8, 128, 32, 8_030_261_248),
         s("Llama-3.1-70B", 80, 8, 128, 64, 70_553_706_496),
+        // 15 of its 18 layers see the last 512 positions (every sixth is global).
+        ModelShape {
+            window: Some(Window {
+                positions: 512,
+                layers: 15,
+            }),
+            ..s("Gemma-3-270M", 18, 1, 256, 4, 268_098_176)
+        },
     ]
 }
 
