@@ -487,6 +487,64 @@ fn freed_window_slots_are_reused_and_prefix_hits_respect_the_window() {
     assert_eq!(got.logit_hashes, reference[2].logit_hashes);
 }
 
+/// A request resumed from a prompt's KV without its first token (vLLM's proxy contract:
+/// the consumer computes the last position again) and migrated before its first step
+/// carries the KV it was given, windowed layers included, and continues with the colocated
+/// tokens. The prompt's length puts the last position's window start on a block boundary,
+/// where computing the last position again needs one block less than the KV has.
+#[test]
+fn a_request_resumed_from_kv_migrates_before_its_first_step() {
+    let m = gemma();
+    let mut prompt = long_prompt();
+    prompt.push(prompt[prompt.len() - 1]);
+    assert_eq!((prompt.len() - 512) % 16, 0);
+    let cfg = EngineConfig::default();
+    let reference = run_all(&m, cfg.clone(), std::slice::from_ref(&prompt), &greedy())
+        .0
+        .remove(0);
+    let start = || Engine::start(m.clone(), cfg.clone(), None).expect("engine");
+    let (p, d, e) = (start(), start(), start());
+    let first = SamplingParams {
+        max_tokens: 1,
+        ..greedy()
+    };
+    collect(
+        p.submit(request("r", &prompt, &first, KvTransfer::Hold))
+            .expect("submit"),
+    );
+    let mut kv = p.export_held("r").expect("export");
+    kv.generated.clear();
+    let rx = d
+        .submit(request(
+            "r",
+            &prompt,
+            &greedy(),
+            KvTransfer::Import(Box::new(kv)),
+        ))
+        .expect("submit");
+    let parked = common::block_on(d.park(&["r"], 0)).expect("park");
+    assert_eq!(parked.migration.state.kv_tokens, prompt.len());
+    let mut from_e = common::block_on(e.adopt(parked.migration)).expect("adopt");
+    d.commit_parked("r");
+    let events = parked.events;
+    let relay = std::thread::spawn(move || {
+        while let Some(ev) = from_e.blocking_recv() {
+            if events.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    let got = collect(rx);
+    relay.join().expect("relay");
+    assert_eq!(got.tokens, reference.tokens);
+    assert_eq!(got.logit_hashes, reference.logit_hashes);
+    for x in [&p, &d, &e] {
+        let s = wait_all_free(x);
+        assert_eq!(s.free_blocks, s.total_blocks);
+        assert_eq!(s.free_window_slots, s.total_window_slots);
+    }
+}
+
 /// A SentencePiece vocabulary that wants a space before the text (Llama 2's form, which the
 /// tokenizer does not build) is refused by name rather than tokenized wrongly.
 #[test]

@@ -121,7 +121,15 @@ impl Core {
     }
 
     fn snapshot(&self, s: &Seq) -> Migration {
-        let kv_tokens = s.num_computed;
+        // A request resumed from KV that computes its last position again (num_computed
+        // one short of its KV) holds its windowed layers only from where that KV's window
+        // starts: it has, and sends, the KV of one token more.
+        let lay = &self.cache.layout;
+        let kv_tokens = if lay.window_start_block(s.num_computed) < s.local_from {
+            (s.num_computed + 1).min(s.tokens.len())
+        } else {
+            s.num_computed
+        };
         let n_blocks = kv_tokens.div_ceil(self.cache.layout.block_size);
         let layers = self
             .cache
