@@ -524,18 +524,7 @@ fn a_request_resumed_from_kv_migrates_before_its_first_step() {
         .expect("submit");
     let parked = common::block_on(d.park(&["r"], 0)).expect("park");
     assert_eq!(parked.migration.state.kv_tokens, prompt.len());
-    let mut from_e = common::block_on(e.adopt(parked.migration)).expect("adopt");
-    d.commit_parked("r");
-    let events = parked.events;
-    let relay = std::thread::spawn(move || {
-        while let Some(ev) = from_e.blocking_recv() {
-            if events.send(ev).is_err() {
-                break;
-            }
-        }
-    });
-    let got = collect(rx);
-    relay.join().expect("relay");
+    let got = common::move_parked(&d, &e, "r", parked, rx);
     assert_eq!(got.tokens, reference.tokens);
     assert_eq!(got.logit_hashes, reference.logit_hashes);
     for x in [&p, &d, &e] {

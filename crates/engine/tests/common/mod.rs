@@ -217,8 +217,20 @@ pub fn migrated(
         n,
         "parked exactly at {n}"
     );
+    move_parked(a, b, "m", parked, rx)
+}
+
+/// `b` adopts request `id` parked on `a`, `a` lets it go, and its client (`rx`, the source's
+/// channel) reads it to the end.
+pub fn move_parked(
+    a: &Engine,
+    b: &Engine,
+    id: &str,
+    parked: splitserve_engine::Parked,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Output {
     let mut from_b = block_on(b.adopt(parked.migration)).expect("adopt");
-    a.commit_parked("m");
+    a.commit_parked(id);
     // What the server's relay does: the target's events go to the source's client channel.
     let events = parked.events;
     let relay = std::thread::spawn(move || {
