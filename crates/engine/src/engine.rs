@@ -191,15 +191,21 @@ fn fresh_seed() -> u64 {
 /// Slots for the windowed layers' values: what the running requests' windows and a step's
 /// new blocks can reach at once, and no more than the pool's blocks. A request keeps about
 /// `window / block_size + 1` blocks in those layers however long it grows.
-fn window_slots(layout: &KvLayout, cfg: &EngineConfig) -> usize {
+fn window_slots(layout: &KvLayout, cfg: &EngineConfig, max_model_len: usize) -> usize {
     let Some(w) = layout.window else {
         return 0;
     };
     let bs = cfg.block_size.max(1);
     let per_request = w.window.div_ceil(bs) + 2;
+    // Without chunked prefill a prompt longer than the budget runs whole in one step.
+    let step = if cfg.enable_chunked_prefill {
+        cfg.max_num_batched_tokens
+    } else {
+        cfg.max_num_batched_tokens.max(max_model_len)
+    };
     cfg.max_num_seqs
         .saturating_mul(per_request)
-        .saturating_add(cfg.max_num_batched_tokens.div_ceil(bs))
+        .saturating_add(step.div_ceil(bs))
         .min(cfg.num_blocks)
 }
 
@@ -262,7 +268,7 @@ impl Engine {
             );
         }
         let layout = KvLayout::for_model(&model.config, cfg.block_size, cfg.kv_dtype);
-        let num_slots = window_slots(&layout, &cfg);
+        let num_slots = window_slots(&layout, &cfg, max_model_len);
         let stats = Arc::new(EngineStats::default());
         stats.free_blocks.store(cfg.num_blocks, Ordering::Relaxed);
         stats.total_blocks.store(cfg.num_blocks, Ordering::Relaxed);

@@ -534,6 +534,36 @@ fn a_request_resumed_from_kv_migrates_before_its_first_step() {
     }
 }
 
+/// Without chunked prefill a prompt runs whole in one step, every block of it still in the
+/// window of some row: the pool gives the windowed layers slots enough for the longest
+/// prompt, and a 2,000-token one (125 blocks, more than the 100 slots that chunked prefill
+/// would need with these settings) runs with the chunked run's tokens.
+#[test]
+fn a_whole_prompt_in_one_step_finds_slots_for_all_its_blocks() {
+    let m = gemma();
+    let long = long_prompt();
+    let prompt: Vec<u32> = long.iter().chain(&long[1..498]).copied().collect();
+    assert_eq!(prompt.len(), 2000);
+    let small = EngineConfig {
+        num_blocks: 512,
+        max_num_seqs: 2,
+        max_model_len: Some(2100),
+        ..EngineConfig::default()
+    };
+    let (chunked, e) = run_all(&m, small.clone(), std::slice::from_ref(&prompt), &greedy());
+    assert_eq!(e.stats().total_window_slots, 2 * 34 + 512 / 16);
+    let whole = EngineConfig {
+        enable_chunked_prefill: false,
+        ..small
+    };
+    let (got, e) = run_all(&m, whole, std::slice::from_ref(&prompt), &greedy());
+    assert_eq!(
+        e.stats().total_window_slots,
+        2 * 34 + 2100_usize.div_ceil(16)
+    );
+    assert_same(&chunked, &got, "whole prompt in one step");
+}
+
 /// A SentencePiece vocabulary that wants a space before the text (Llama 2's form, which the
 /// tokenizer does not build) is refused by name rather than tokenized wrongly.
 #[test]

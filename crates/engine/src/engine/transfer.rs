@@ -34,7 +34,16 @@ impl Core {
                 // A store lookup loads only what beats this engine's own cache.
                 let len = s.prompt_len;
                 let hashes = s.block_hashes();
-                let stored = conn.stored_tokens(hashes).min(len);
+                let mut stored = conn.stored_tokens(hashes).min(len);
+                if let (Some((_, slots)), Some(w)) =
+                    (self.cache.slot_counts(), self.cache.layout.window)
+                {
+                    // Blocks loaded from a store keep every layer until the request's
+                    // first step: no more than the windowed layers' slots can ever hold
+                    // (the rest is computed, window by window).
+                    let cap = slots.saturating_sub(w.window.div_ceil(bs) + 2);
+                    stored = stored.min(cap * bs);
+                }
                 let local = self.cache.cached_prefix(hashes, len).len() * bs;
                 if stored > local {
                     stored
