@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use splitserve_engine::{
-    Engine, EngineConfig, Event, KvLayout, KvTransfer, Model, RemoteKv, Request, SamplingParams,
+    Engine, EngineConfig, Event, KvTransfer, Model, RemoteKv, Request, SamplingParams,
 };
 use splitserve_kv::{Fingerprint, LoadReport, TcpConnector};
 
@@ -203,7 +203,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         model.config.n_layer,
         a.kv_cache_dtype
     );
-    let layout = KvLayout::for_model(&model.config, 16, a.kv_cache_dtype);
+    let layout = engine.kv_layout();
     if layout.window.is_some() {
         let blocks = a.prompt_len.div_ceil(layout.block_size);
         let kept = layout.layer_blocks(0, a.prompt_len, 0, blocks).len();

@@ -125,11 +125,8 @@ async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
     for (i, prompt) in prompts().iter().enumerate() {
         for seeded in [None, Some(1000 + i as u64)] {
             let b = body(prompt, seeded, 24);
-            let (s1, a) = post(&c_url, &b).await;
-            let (s2, d) = post(&p_url, &b).await;
-            assert_eq!((s1, s2), (200, 200), "{a} / {d}");
-            assert_eq!(tokens(&a), tokens(&d), "prompt {i} seeded={seeded:?}");
-            assert_eq!(a["choices"][0]["text"], d["choices"][0]["text"]);
+            let (a, d) =
+                same_answer(&c_url, &p_url, &b, &format!("prompt {i} seeded={seeded:?}")).await;
             assert_eq!(
                 a["choices"][0]["finish_reason"],
                 d["choices"][0]["finish_reason"]
@@ -383,6 +380,17 @@ async fn pair_equals_colocated_and_nothing_leaks(connector: &str) {
 /// tokenizer) through the same pair: token-identical to colocated, greedy and seeded, for
 /// prompts shorter and longer than its 512-position window, and for chat; the local
 /// layers' KV crosses only for the window (bytes counted); nothing leaks.
+/// `b` posted to the colocated engine (`c_url`) and through the pair (`p_url`): both
+/// answer 200 with the same tokens and text; the two answers.
+async fn same_answer(c_url: &str, p_url: &str, b: &Value, what: &str) -> (Value, Value) {
+    let (s1, a) = post(c_url, b).await;
+    let (s2, d) = post(p_url, b).await;
+    assert_eq!((s1, s2), (200, 200), "{a} / {d}");
+    assert_eq!(tokens(&a), tokens(&d), "{what}");
+    assert_eq!(a["choices"][0]["text"], d["choices"][0]["text"]);
+    (a, d)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma_pair_equals_colocated_and_nothing_leaks() {
     gemma_pair("TcpConnector").await
@@ -423,11 +431,8 @@ async fn gemma_pair(connector: &str) {
     for (i, prompt) in [&ps[0], &ps[2], &ps[7]].into_iter().enumerate() {
         for seeded in [None, Some(40 + i as u64)] {
             let b = body(prompt, seeded, 16);
-            let (s1, a) = post(&c_url, &b).await;
-            let (s2, d) = post(&p_url, &b).await;
-            assert_eq!((s1, s2), (200, 200), "{a} / {d}");
-            assert_eq!(tokens(&a), tokens(&d), "prompt {i} seeded={seeded:?}");
-            assert_eq!(a["choices"][0]["text"], d["choices"][0]["text"]);
+            let (a, _) =
+                same_answer(&c_url, &p_url, &b, &format!("prompt {i} seeded={seeded:?}")).await;
             longest = longest.max(a["usage"]["prompt_tokens"].as_u64().unwrap_or(0));
         }
     }

@@ -192,11 +192,10 @@ fn fresh_seed() -> u64 {
 /// new blocks can reach at once, and no more than the pool's blocks. A request keeps about
 /// `window / block_size + 1` blocks in those layers however long it grows.
 fn window_slots(layout: &KvLayout, cfg: &EngineConfig, max_model_len: usize) -> usize {
-    let Some(w) = layout.window else {
+    let Some(per_request) = layout.window_blocks() else {
         return 0;
     };
     let bs = cfg.block_size.max(1);
-    let per_request = w.window.div_ceil(bs) + 2;
     // Without chunked prefill a prompt longer than the budget runs whole in one step.
     let step = if cfg.enable_chunked_prefill {
         cfg.max_num_batched_tokens

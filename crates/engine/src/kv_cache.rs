@@ -372,6 +372,12 @@ impl KvLayout {
             .map_or(0, |w| n.saturating_sub(w.window) / self.block_size)
     }
 
+    /// Blocks whose windowed layers one request holds at most, besides a step's new ones:
+    /// its window's, and one more at either end (`None`: no windowed layers).
+    pub fn window_blocks(&self) -> Option<usize> {
+        self.window.map(|w| w.window.div_ceil(self.block_size) + 2)
+    }
+
     /// Of the blocks `from..n_blocks` of a request with the KV of `n_tokens` tokens, those
     /// with values in `layer` (every one, unless the layer is windowed).
     pub fn layer_blocks(
@@ -488,14 +494,53 @@ impl Memory {
     }
 }
 
+/// Unowned blocks whose content is kept, by release order: the least recently released
+/// is the first taken.
+struct Lru {
+    order: BTreeMap<u64, u32>,
+    /// Each block's key in `order` (stale once it left).
+    key: Vec<u64>,
+    tick: u64,
+}
+
+impl Lru {
+    fn new(num_blocks: usize) -> Self {
+        Self {
+            order: BTreeMap::new(),
+            key: vec![0; num_blocks],
+            tick: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// `block` was released: it is now the newest.
+    fn push(&mut self, block: u32) {
+        self.tick += 1;
+        self.key[block as usize] = self.tick;
+        self.order.insert(self.tick, block);
+    }
+
+    /// `block` is owned again (or gone); nothing if it was not here.
+    fn remove(&mut self, block: u32) {
+        self.order.remove(&self.key[block as usize]);
+    }
+
+    fn pop_oldest(&mut self) -> Option<u32> {
+        self.order.pop_first().map(|(_, b)| b)
+    }
+}
+
 /// The windowed layers' slots: free, owned (by the requests and holds whose windows reach
 /// their block: a reference count per block) or evictable (nobody's window reaches the
-/// block, but it is a cached block whose values a prefix match may still use).
+/// block, but it is a cached block whose values a prefix match may still use; by block).
 struct Slots {
+    total: usize,
     free: Vec<u32>,
     refs: Vec<u32>,
-    evictable: BTreeMap<u64, u32>,
-    lru_key: Vec<u64>,
+    evictable: Lru,
 }
 
 impl Slots {
@@ -521,10 +566,7 @@ pub(crate) struct KvCache {
     /// The hash a cached block is known by.
     hash: Vec<Option<BlockHash>>,
     cached: HashMap<BlockHash, u32>,
-    /// Evictable blocks by release order (oldest first), and each one's key in it.
-    evictable: BTreeMap<u64, u32>,
-    lru_key: Vec<u64>,
-    tick: u64,
+    evictable: Lru,
     prefix_caching: bool,
     /// `None`: no windowed layers.
     slots: Option<Slots>,
@@ -567,15 +609,13 @@ impl KvCache {
             refs: vec![0; num_blocks],
             hash: vec![None; num_blocks],
             cached: HashMap::new(),
-            evictable: BTreeMap::new(),
-            lru_key: vec![0; num_blocks],
-            tick: 0,
+            evictable: Lru::new(num_blocks),
             prefix_caching: false,
             slots: windowed.then(|| Slots {
+                total: num_slots,
                 free: (0..num_slots as u32).rev().collect(),
                 refs: vec![0; num_blocks],
-                evictable: BTreeMap::new(),
-                lru_key: vec![0; num_blocks],
+                evictable: Lru::new(num_blocks),
             }),
             layout,
         }
@@ -594,10 +634,7 @@ impl KvCache {
     /// Slots of the windowed layers: (available, total); `None` without such layers.
     pub fn slot_counts(&self) -> Option<(usize, usize)> {
         let s = self.slots.as_ref()?;
-        let total =
-            self.mem.k[(0..self.layout.n_layer).find(|&l| self.layout.is_windowed(l))?].words * 4
-                / self.layout.dtype.size_of(self.layout.block_values());
-        Some((s.available(), total))
+        Some((s.available(), s.total))
     }
 
     /// Keep released full blocks by their hash for later prompts (off: released blocks are
@@ -621,7 +658,7 @@ impl KvCache {
     /// Blocks an allocation can take: free ones and evictable cached ones (and, with
     /// windowed layers, no more than there are slots to give them).
     pub fn num_free(&self) -> usize {
-        let blocks = self.free.len() + self.evictable.len();
+        let blocks = self.num_free_blocks();
         self.slots
             .as_ref()
             .map_or(blocks, |s| blocks.min(s.available()))
@@ -649,7 +686,7 @@ impl KvCache {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                let (_, b) = self.evictable.pop_first()?;
+                let b = self.evictable.pop_oldest()?;
                 if let Some(h) = self.hash[b as usize].take() {
                     self.cached.remove(&h);
                 }
@@ -671,7 +708,7 @@ impl KvCache {
         let slot = match s.free.pop() {
             Some(x) => x,
             None => {
-                let Some((_, victim)) = s.evictable.pop_first() else {
+                let Some(victim) = s.evictable.pop_oldest() else {
                     debug_assert!(false, "a slot was counted but none is available");
                     return;
                 };
@@ -690,7 +727,7 @@ impl KvCache {
         let slot = self.mem.slot[block as usize].swap(NO_SLOT, Ordering::Relaxed);
         if slot != NO_SLOT {
             debug_assert_eq!(s.refs[block as usize], 0);
-            s.evictable.remove(&s.lru_key[block as usize]);
+            s.evictable.remove(block);
             s.free.push(slot);
         }
     }
@@ -702,7 +739,7 @@ impl KvCache {
         };
         debug_assert!(self.mem.slot[block as usize].load(Ordering::Relaxed) != NO_SLOT);
         if s.refs[block as usize] == 0 {
-            s.evictable.remove(&s.lru_key[block as usize]);
+            s.evictable.remove(block);
         }
         s.refs[block as usize] += 1;
     }
@@ -720,9 +757,7 @@ impl KvCache {
             return;
         }
         if self.hash[block as usize].is_some() {
-            self.tick += 1;
-            s.lru_key[block as usize] = self.tick;
-            s.evictable.insert(self.tick, block);
+            s.evictable.push(block);
         } else {
             let slot = self.mem.slot[block as usize].swap(NO_SLOT, Ordering::Relaxed);
             s.free.push(slot);
@@ -745,9 +780,7 @@ impl KvCache {
                 continue;
             }
             if self.hash[b as usize].is_some() {
-                self.tick += 1;
-                self.lru_key[b as usize] = self.tick;
-                self.evictable.insert(self.tick, b);
+                self.evictable.push(b);
             } else {
                 self.drop_slot(b);
                 self.free.push(b);
@@ -816,7 +849,7 @@ impl KvCache {
     /// [`KvLayout::window_start_block`] of `n` on.
     pub fn take(&mut self, hit: &[u32], need: usize, local_from: usize) -> Option<Vec<u32>> {
         let idle = hit.iter().filter(|&&b| self.refs[b as usize] == 0).count();
-        if self.free.len() + self.evictable.len() - idle < need {
+        if self.num_free_blocks() - idle < need {
             return None;
         }
         if let Some(s) = &self.slots {
@@ -834,7 +867,7 @@ impl KvCache {
         }
         for (i, &b) in hit.iter().enumerate() {
             if self.refs[b as usize] == 0 {
-                self.evictable.remove(&self.lru_key[b as usize]);
+                self.evictable.remove(b);
             }
             self.refs[b as usize] += 1;
             if i >= local_from {

@@ -154,6 +154,17 @@ fn loads_run_beside_decoding_and_continue_identically() {
     assert_eq!(s.free_blocks, total);
 }
 
+/// The request ends, aborted, with the connector's `message`.
+fn expect_load_failure(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, message: &str) {
+    match rx.blocking_recv() {
+        Some(Event::Finished(f)) => {
+            assert_eq!(f.reason, FinishReason::Abort);
+            assert_eq!(f.error, Some(EngineError::KvTransfer(message.into())));
+        }
+        other => panic!("expected the failure, got {other:?}"),
+    }
+}
+
 #[test]
 fn failed_and_aborted_loads_free_their_blocks() {
     let m = common::real_model();
@@ -168,18 +179,7 @@ fn failed_and_aborted_loads_free_their_blocks() {
         .expect("submit");
     conn.next_load()
         .finish(Err("producer 127.0.0.1:1 went away".into()));
-    match rx.blocking_recv() {
-        Some(Event::Finished(f)) => {
-            assert_eq!(f.reason, FinishReason::Abort);
-            assert_eq!(
-                f.error,
-                Some(EngineError::KvTransfer(
-                    "producer 127.0.0.1:1 went away".into()
-                ))
-            );
-        }
-        other => panic!("expected the failure, got {other:?}"),
-    }
+    expect_load_failure(&mut rx, "producer 127.0.0.1:1 went away");
     common::wait_all_free(&d);
 
     // Aborted during its load: finished at once; blocks come back when the load ends.
@@ -218,18 +218,7 @@ fn blocks_of_a_load_that_may_still_land_are_quarantined() {
     let target = conn.next_load();
     assert_eq!(target.n_blocks(), blocks);
     target.fail_keeping_blocks("a read into these blocks did not end".into());
-    match rx.blocking_recv() {
-        Some(Event::Finished(f)) => {
-            assert_eq!(f.reason, FinishReason::Abort);
-            assert_eq!(
-                f.error,
-                Some(EngineError::KvTransfer(
-                    "a read into these blocks did not end".into()
-                ))
-            );
-        }
-        other => panic!("expected the failure, got {other:?}"),
-    }
+    expect_load_failure(&mut rx, "a read into these blocks did not end");
     let s = common::wait_stats(&d, |s| s.running == 0 && s.waiting == 0);
     assert_eq!(s.free_blocks, total - blocks);
     // Still serving, from the rest of the pool.

@@ -333,6 +333,13 @@ fn migrated_request_continues_token_identical() {
     }
 }
 
+/// Once `e` is idle, every block and every window slot is back in its pool.
+fn nothing_held(e: &Engine) {
+    let s = wait_all_free(e);
+    assert_eq!(s.free_blocks, s.total_blocks);
+    assert_eq!(s.free_window_slots, s.total_window_slots);
+}
+
 /// The long prompt's tokens (1,503: past the window of 512).
 fn long_prompt() -> Vec<u32> {
     let p = gemma().tokenizer.encode(LONG).expect("encode");
@@ -403,9 +410,7 @@ fn local_layers_keep_only_their_window_and_ship_only_it() {
 
     let d = Engine::start(m.clone(), cfg, None).expect("consumer");
     assert_eq!(continue_from(&d, "held", &prompt, kv), reference.tokens);
-    let s = wait_all_free(&d);
-    assert_eq!(s.free_blocks, s.total_blocks);
-    assert_eq!(s.free_window_slots, s.total_window_slots);
+    nothing_held(&d);
 }
 
 /// Two 1,503-token prompts run side by side with 72 slots for the local layers, where each
@@ -467,9 +472,7 @@ fn freed_window_slots_are_reused_and_prefix_hits_respect_the_window() {
     assert_eq!(got.tokens, reference[2].tokens);
     assert_eq!(got.logit_hashes, reference[2].logit_hashes);
     assert!(got.cached_tokens < 93 * 16, "{}", got.cached_tokens);
-    let s = wait_all_free(&e);
-    assert_eq!(s.free_blocks, s.total_blocks);
-    assert_eq!(s.free_window_slots, s.total_window_slots);
+    nothing_held(&e);
 
     let roomy = Engine::start(m.clone(), EngineConfig::default(), None).expect("engine");
     collect(
@@ -528,9 +531,7 @@ fn a_request_resumed_from_kv_migrates_before_its_first_step() {
     assert_eq!(got.tokens, reference.tokens);
     assert_eq!(got.logit_hashes, reference.logit_hashes);
     for x in [&p, &d, &e] {
-        let s = wait_all_free(x);
-        assert_eq!(s.free_blocks, s.total_blocks);
-        assert_eq!(s.free_window_slots, s.total_window_slots);
+        nothing_held(x);
     }
 }
 

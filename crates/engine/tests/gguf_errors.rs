@@ -97,13 +97,17 @@ fn missing_tensor_is_named() {
     }
 }
 
+/// Where the type of tensor `blk.0.ffn_up.weight` lies in the file: GGUF v2 tensor info
+/// is the name, u32 n_dims (2), 2 × u64 dims, then the u32 type.
+fn ffn_up_type_at(b: &[u8]) -> usize {
+    let name = b"blk.0.ffn_up.weight";
+    find(b, name) + name.len() + 4 + 16
+}
+
 #[test]
 fn unsupported_tensor_type_is_named() {
     let (_, mut b) = tiny_bytes();
-    let name = b"blk.0.ffn_up.weight";
-    let at = find(&b, name) + name.len();
-    // GGUF v2 tensor info: name, u32 n_dims (2), 2 x u64 dims, u32 type.
-    let ty = at + 4 + 16;
+    let ty = ffn_up_type_at(&b);
     b[ty..ty + 4].copy_from_slice(&99u32.to_le_bytes());
     let e = load_err(&write("type.gguf", &b));
     assert!(matches!(e, GgufError::UnsupportedTensorType { .. }), "{e}");
@@ -128,9 +132,7 @@ fn unsupported_architecture_is_named() {
 #[test]
 fn weights_the_kernels_lack_are_refused_unless_allowed() {
     let (_, mut b) = tiny_bytes();
-    let name = b"blk.0.ffn_up.weight";
-    let at = find(&b, name) + name.len();
-    let ty = at + 4 + 16;
+    let ty = ffn_up_type_at(&b);
     assert_eq!(b[ty..ty + 4], 3u32.to_le_bytes(), "Q4_1 in the tiny model");
     b[ty..ty + 4].copy_from_slice(&1u32.to_le_bytes());
     let p = write("f16.gguf", &b);

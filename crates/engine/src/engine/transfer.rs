@@ -35,13 +35,13 @@ impl Core {
                 let len = s.prompt_len;
                 let hashes = s.block_hashes();
                 let mut stored = conn.stored_tokens(hashes).min(len);
-                if let (Some((_, slots)), Some(w)) =
-                    (self.cache.slot_counts(), self.cache.layout.window)
+                if let (Some((_, slots)), Some(window)) =
+                    (self.cache.slot_counts(), self.cache.layout.window_blocks())
                 {
                     // Blocks loaded from a store keep every layer until the request's
                     // first step: no more than the windowed layers' slots can ever hold
                     // (the rest is computed, window by window).
-                    let cap = slots.saturating_sub(w.window.div_ceil(bs) + 2);
+                    let cap = slots.saturating_sub(window);
                     stored = stored.min(cap * bs);
                 }
                 let local = self.cache.cached_prefix(hashes, len).len() * bs;

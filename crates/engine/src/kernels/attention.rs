@@ -1245,6 +1245,21 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// Gates `g` (SiLU, or GELU with `GELU`) times an up projection at every SIMD level,
+    /// asserts each gives the portable bits, and returns the up projection and those bits.
+    fn gated_levels_agree<const GELU: bool>(g: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
+        let mut want = vec![0f32; g.len()];
+        gated_at::<GELU>(Simd::Portable, g, &u, &mut want);
+        for simd in Simd::runnable() {
+            let mut got = vec![0f32; g.len()];
+            gated_at::<GELU>(simd, g, &u, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{simd:?}");
+        }
+        (u, want)
+    }
+
     /// SiLU gives the portable bits at every SIMD level (a tail shorter than a register
     /// included), over the range activations take and past the exponential's bounds.
     #[test]
@@ -1253,15 +1268,7 @@ mod tests {
             .map(|i| (i as f32 - 101.0) * 0.37)
             .chain([0.0, -0.0, 95.0, -95.0, 1e-30, f32::MIN_POSITIVE])
             .collect();
-        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
-        let mut want = vec![0f32; g.len()];
-        gated_at::<false>(Simd::Portable, &g, &u, &mut want);
-        for simd in Simd::runnable() {
-            let mut got = vec![0f32; g.len()];
-            gated_at::<false>(simd, &g, &u, &mut got);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{simd:?}");
-        }
+        let (u, want) = gated_levels_agree::<false>(&g);
         // And it is SiLU: g·sigmoid(g)·u within the exponential's error.
         for ((&gi, &ui), &w) in g.iter().zip(&u).zip(&want) {
             let exact = gi as f64 / (1.0 + (-gi as f64).exp()) * ui as f64;
@@ -1279,15 +1286,7 @@ mod tests {
             .map(|i| (i as f32 - 101.0) * 0.07)
             .chain([0.0, -0.0, 95.0, -95.0, 1e-30, 3e3, -3e3])
             .collect();
-        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 - i as f32 * 0.013).collect();
-        let mut want = vec![0f32; g.len()];
-        gated_at::<true>(Simd::Portable, &g, &u, &mut want);
-        for simd in Simd::runnable() {
-            let mut got = vec![0f32; g.len()];
-            gated_at::<true>(simd, &g, &u, &mut got);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{simd:?}");
-        }
+        let (u, want) = gated_levels_agree::<true>(&g);
         for ((&gi, &ui), &w) in g.iter().zip(&u).zip(&want).take(203) {
             let x = gi as f64;
             let c = (2.0 / std::f64::consts::PI).sqrt();
