@@ -355,6 +355,7 @@ impl Engine {
             blocks = cfg.num_blocks,
             window_slots = num_slots,
             mib = core.cache.bytes() >> 20,
+            transparent_huge_pages = crate::kv_cache::huge_page_mode(),
             "KV pool allocated"
         );
         std::thread::Builder::new()

@@ -78,7 +78,12 @@ pub(crate) struct Region {
     dtype: KvDtype,
     ptr: *mut u32,
     words: usize,
+    /// Bytes mapped at `ptr` (`words * 4` rounded up to whole huge pages).
+    mapped: usize,
 }
+
+/// The size of a transparent huge page on x86-64 and most aarch64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
 
 // SAFETY: the region owns its allocation; concurrent use is limited to disjoint ranges by
 // the block-ownership rule above.
@@ -89,11 +94,12 @@ impl Region {
     fn new(dtype: KvDtype, n: usize) -> Self {
         // u32 words: aligned for f32 and f16 alike.
         let words = dtype.size_of(n).div_ceil(4);
-        let b: Box<[u32]> = vec![0u32; words].into_boxed_slice();
+        let (ptr, mapped) = map_huge(words * 4);
         Self {
             dtype,
-            ptr: Box::into_raw(b) as *mut u32,
+            ptr: ptr as *mut u32,
             words,
+            mapped,
         }
     }
 
@@ -295,14 +301,74 @@ unsafe fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
     }
 }
 
+/// Zeroed memory for `bytes`, on a huge-page boundary and advised to use huge pages.
+/// Returns the address and the bytes mapped.
+///
+/// Why: a block's bytes are copied whole between processes (NIXL's CMA reads, TCP), and
+/// with 4 KiB pages the kernel pins and maps every page of both sides: on a 2-vCPU Xeon a
+/// 44 MiB `process_vm_readv` ran at 3.4–3.8 GiB/s on 4 KiB pages and 6.4–6.9 on 2 MiB ones.
+/// Attention's reads of the pool take fewer TLB misses too. Pages are still taken only
+/// when first touched; where transparent huge pages are off the advice does nothing.
+/// Regions smaller than a huge page (small test pools) keep small pages.
+fn map_huge(bytes: usize) -> (*mut u8, usize) {
+    let huge = bytes >= HUGE_PAGE;
+    let align = if huge { HUGE_PAGE } else { 4096 };
+    let mapped = bytes.max(1).next_multiple_of(align);
+    let want = mapped + align - 4096;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is named.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            want,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        let layout = std::alloc::Layout::from_size_align(mapped, align)
+            .unwrap_or(std::alloc::Layout::new::<u8>());
+        std::alloc::handle_alloc_error(layout);
+    }
+    let start = (base as usize).next_multiple_of(align);
+    let (head, tail) = (
+        start - base as usize,
+        base as usize + want - (start + mapped),
+    );
+    // SAFETY: the head and tail lie inside the mapping just made and nothing uses them;
+    // what stays mapped is [start, start + mapped). madvise is a hint, its failure harmless.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + mapped) as *mut libc::c_void, tail);
+        }
+        #[cfg(target_os = "linux")]
+        if huge {
+            libc::madvise(start as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE);
+        }
+    }
+    (start as *mut u8, mapped)
+}
+
+/// The kernel's transparent-huge-page mode (`always`, `madvise` or `never`), for the start
+/// log: with `never` the pool stays on small pages and NIXL reads run slower.
+pub(crate) fn huge_page_mode() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.split_once('[')?;
+            Some(rest.split_once(']')?.0.to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `Box::into_raw` of a slice of `words` u32s.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.ptr, self.words,
-            )))
-        };
+        // SAFETY: `ptr` and `mapped` are the mapping `map_huge` made; nothing uses it now.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.mapped) };
     }
 }
 
@@ -1147,5 +1213,31 @@ mod tests {
         c.release(&mut b, 0);
         assert_eq!(c.num_free(), 10);
         assert!(a.is_empty());
+    }
+
+    #[test]
+    fn large_regions_lie_on_huge_pages_and_start_zeroed() {
+        let layout = KvLayout {
+            n_layer: 2,
+            n_kv_head: 3,
+            head_dim: 64,
+            block_size: 16,
+            dtype: KvDtype::F16,
+            window: None,
+        };
+        // 700 blocks of 6 KiB: 4.1 MiB per region, three huge pages' worth mapped.
+        let big = KvCache::new(layout, 700, 0);
+        let regions = big.mem.regions();
+        assert_eq!(regions.len(), 4);
+        for &(at, len) in &regions {
+            assert_eq!((at % HUGE_PAGE, len), (0, 700 * 6144));
+            // SAFETY: the region is `len` bytes the pool owns; no block is in use.
+            let bytes = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
+            assert!(bytes.iter().all(|&b| b == 0));
+        }
+        assert_eq!(big.mem.k[0].mapped, 3 * HUGE_PAGE);
+        // A small test pool keeps small pages and maps no more than it needs.
+        let small = KvCache::new(layout, 10, 0);
+        assert_eq!(small.mem.k[0].mapped, 61_440);
     }
 }

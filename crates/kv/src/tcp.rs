@@ -735,9 +735,11 @@ pub fn load_over_nixl(
     target: &mut LoadTarget,
 ) -> Result<Loaded, KvError> {
     let transport = |e: crate::nixl::NixlError| KvError::Transport(e.to_string());
+    let t0 = Instant::now();
     nixl.register(&target.pool_regions()).map_err(transport)?;
     let addr = r.addr.as_str();
     let (mut s, meta) = ask(r, fingerprint, secret, tls, target, true)?;
+    let t_ask = Instant::now();
     let w = meta
         .nixl
         .as_ref()
@@ -768,6 +770,7 @@ pub fn load_over_nixl(
             }
         }
     }
+    let t_read = Instant::now();
     let bytes = match nixl.read(w, part, &local, NIXL_READ_TIMEOUT) {
         Ok(b) => b,
         Err(e) => {
@@ -784,6 +787,14 @@ pub fn load_over_nixl(
         Frame::Error(m) => return Err(KvError::Peer(m)),
         other => return Err(KvError::Protocol(format!("{other:?} after the NIXL read"))),
     }
+    let t_done = Instant::now();
+    tracing::debug!(
+        ask_us = (t_ask - t0).as_micros() as u64,
+        locate_us = (t_read - t_ask).as_micros() as u64,
+        read_us = (t_done - t_read).as_micros() as u64,
+        md_bytes = w.md.len() / 2,
+        "NIXL load"
+    );
     Ok(Loaded {
         n_tokens: meta.n_tokens,
         generated: meta.generated,
