@@ -78,7 +78,8 @@ pub(crate) struct Region {
     dtype: KvDtype,
     ptr: *mut u32,
     words: usize,
-    /// Bytes mapped at `ptr` (`words * 4` rounded up to whole huge pages).
+    /// Bytes mapped at `ptr`: `words * 4` rounded up to whole pages (huge ones for a
+    /// region of at least one).
     mapped: usize,
 }
 
@@ -304,17 +305,18 @@ unsafe fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
 /// Zeroed memory for `bytes`, on a huge-page boundary and advised to use huge pages.
 /// Returns the address and the bytes mapped.
 ///
-/// Why: a block's bytes are copied whole between processes (NIXL's CMA reads, TCP), and
-/// with 4 KiB pages the kernel pins and maps every page of both sides: on a 2-vCPU Xeon a
-/// 44 MiB `process_vm_readv` ran at 3.4–3.8 GiB/s on 4 KiB pages and 6.4–6.9 on 2 MiB ones.
-/// Attention's reads of the pool take fewer TLB misses too. Pages are still taken only
-/// when first touched; where transparent huge pages are off the advice does nothing.
-/// Regions smaller than a huge page (small test pools) keep small pages.
+/// Why: NIXL reads blocks between processes on one host by CMA, and the kernel pins and
+/// maps every page of both sides: on a 2-vCPU Xeon a 44 MiB `process_vm_readv` ran at
+/// 3.4–3.8 GiB/s on 4 KiB pages and 6.0–7.7 on 2 MiB ones. Pages are still taken only when
+/// first touched; where transparent huge pages are off the advice does nothing. Regions
+/// smaller than a huge page (small test pools) keep small pages.
 fn map_huge(bytes: usize) -> (*mut u8, usize) {
-    let huge = bytes >= HUGE_PAGE;
-    let align = if huge { HUGE_PAGE } else { 4096 };
+    // SAFETY: sysconf reads a constant of the system.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let huge = bytes >= HUGE_PAGE && HUGE_PAGE > page;
+    let align = if huge { HUGE_PAGE } else { page };
     let mapped = bytes.max(1).next_multiple_of(align);
-    let want = mapped + align - 4096;
+    let want = mapped + align - page;
     // SAFETY: a fresh private anonymous mapping; no existing memory is named.
     let base = unsafe {
         libc::mmap(
@@ -1238,6 +1240,8 @@ mod tests {
         assert_eq!(big.mem.k[0].mapped, 3 * HUGE_PAGE);
         // A small test pool keeps small pages and maps no more than it needs.
         let small = KvCache::new(layout, 10, 0);
-        assert_eq!(small.mem.k[0].mapped, 61_440);
+        // SAFETY: sysconf reads a constant of the system.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        assert_eq!(small.mem.k[0].mapped, 61_440usize.next_multiple_of(page));
     }
 }
