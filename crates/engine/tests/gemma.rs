@@ -220,6 +220,18 @@ fn continue_from(
     collect(rx).tokens
 }
 
+/// Prefills `prompt` on `p` as a producer does (one token, greedy) and holds its KV.
+fn prefill_held(p: &Engine, id: &str, prompt: &[u32]) -> Output {
+    let first = SamplingParams {
+        max_tokens: 1,
+        ..greedy()
+    };
+    collect(
+        p.submit(request(id, prompt, &first, KvTransfer::Hold))
+            .expect("submit"),
+    )
+}
+
 #[test]
 fn batched_chunked_preempted_and_disaggregated_runs_match_solo_runs() {
     let m = gemma();
@@ -290,15 +302,8 @@ fn batched_chunked_preempted_and_disaggregated_runs_match_solo_runs() {
         Engine::start(m.clone(), EngineConfig::default(), None).expect("consumer"),
     );
     for (i, prompt) in ps.iter().enumerate().skip(3) {
-        let first = SamplingParams {
-            max_tokens: 1,
-            ..greedy()
-        };
         let id = format!("pd{i}");
-        let out = collect(
-            p.submit(request(&id, prompt, &first, KvTransfer::Hold))
-                .expect("submit"),
-        );
+        let out = prefill_held(&p, &id, prompt);
         let kv = p.export_held(&id).expect("export");
         assert_eq!(out.tokens.len(), 1);
         let tokens = continue_from(&d, &id, prompt, kv);
@@ -371,14 +376,7 @@ fn local_layers_keep_only_their_window_and_ship_only_it() {
     // 16 requests' windows (34 blocks each) and a step's 512 new tokens (32 blocks).
     assert_eq!(total.total_window_slots, 16 * 34 + 32);
     assert_eq!(total.total_blocks, 2048);
-    let first = SamplingParams {
-        max_tokens: 1,
-        ..greedy()
-    };
-    collect(
-        p.submit(request("held", &prompt, &first, KvTransfer::Hold))
-            .expect("submit"),
-    );
+    prefill_held(&p, "held", &prompt);
     let s = p.stats();
     assert_eq!(s.held_blocks, LONG_BLOCKS);
     assert_eq!(s.free_blocks, total.total_blocks - LONG_BLOCKS);
@@ -507,14 +505,7 @@ fn a_request_resumed_from_kv_migrates_before_its_first_step() {
         .remove(0);
     let start = || Engine::start(m.clone(), cfg.clone(), None).expect("engine");
     let (p, d, e) = (start(), start(), start());
-    let first = SamplingParams {
-        max_tokens: 1,
-        ..greedy()
-    };
-    collect(
-        p.submit(request("r", &prompt, &first, KvTransfer::Hold))
-            .expect("submit"),
-    );
+    prefill_held(&p, "r", &prompt);
     let mut kv = p.export_held("r").expect("export");
     kv.generated.clear();
     let rx = d
