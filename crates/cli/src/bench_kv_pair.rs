@@ -1,6 +1,7 @@
 //! `bench kv --connector NixlConnector`: one prompt's KV loaded between two processes on
-//! this host, NixlConnector beside TcpConnector (each a producer and a consumer `serve`,
-//! the pairs alternating rep by rep) and beside a raw loopback TCP copy of the same bytes.
+//! this host, NixlConnector (with its default threads, and with the loading thread alone)
+//! beside TcpConnector (each a producer and a consumer `serve`, the pairs alternating rep by
+//! rep) and beside a raw loopback TCP copy of the same bytes.
 //! A load's time is the consumer's own `kv_transfer_seconds` (handshake to last byte).
 
 use std::time::Duration;
@@ -26,11 +27,18 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     let max_len = (a.prompt_len + 8).to_string();
     let dtype = a.kv_cache_dtype.to_string();
-    let base = free_ports(8)?;
-    let serve = |port: u16, role: &str, connector: &str, side: u16| -> Result<crate::child::Kill> {
+    let base = free_ports(12)?;
+    let serve = |port: u16,
+                 role: &str,
+                 (connector, threads): (&str, Option<usize>),
+                 side: u16|
+     -> Result<crate::child::Kill> {
+        let mut extra = json!({"side_channel_port": side, "secret_env": "SPLITSERVE_KV_SECRET"});
+        if let Some(t) = threads {
+            extra["num_threads"] = json!(t);
+        }
         let kv = json!({"kv_connector": connector, "kv_role": role,
-                        "kv_connector_extra_config": {"side_channel_port": side,
-                            "secret_env": "SPLITSERVE_KV_SECRET"}});
+                        "kv_connector_extra_config": extra});
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["serve", "--model", &model.display().to_string()])
             .args(["--port", &port.to_string(), "--threads", "1"])
@@ -41,12 +49,21 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
             .env("SPLITSERVE_KV_SECRET", &secret);
         crate::child::spawn_quiet(cmd).with_context(|| format!("starting a {connector} {role}"))
     };
-    let connectors = ["TcpConnector", "NixlConnector"];
+    // Each with its label: TcpConnector, NixlConnector as configured by default, and
+    // NixlConnector with the loading thread copying alone.
+    let connectors = [
+        (("TcpConnector", None), "TcpConnector"),
+        (
+            ("NixlConnector", None),
+            "NixlConnector (default: num_threads 4)",
+        ),
+        (("NixlConnector", Some(0)), "NixlConnector, num_threads 0"),
+    ];
     let mut pairs = Vec::new();
-    for (i, c) in connectors.iter().enumerate() {
+    for (i, (c, _)) in connectors.iter().enumerate() {
         let p = base + 4 * i as u16;
-        let producer = serve(p, "kv_producer", c, p + 2)?;
-        let consumer = serve(p + 1, "kv_consumer", c, p + 3)?;
+        let producer = serve(p, "kv_producer", *c, p + 2)?;
+        let consumer = serve(p + 1, "kv_consumer", *c, p + 3)?;
         pairs.push((
             format!("http://127.0.0.1:{p}"),
             format!("http://127.0.0.1:{}", p + 1),
@@ -100,7 +117,7 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
             ensure!(
                 delta("kv_transfer_seconds_count") == 1.0,
                 "{}: {} KV transfers for one request",
-                connectors[k],
+                connectors[k].1,
                 delta("kv_transfer_seconds_count")
             );
             bytes = delta("kv_transfer_bytes_received_total");
@@ -123,7 +140,7 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     println!("| path | median ms | GiB/s |");
     println!("|---|---|---|");
     let mut rates = Vec::new();
-    for (c, t) in connectors.iter().zip(took.iter_mut()) {
+    for ((_, c), t) in connectors.iter().zip(took.iter_mut()) {
         let ms = crate::bench_kv::median(t);
         rates.push(gib / (ms / 1e3));
         println!(
@@ -135,15 +152,18 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     let rg = gib / (rms / 1e3);
     println!("| raw loopback TCP copy, same bytes | {rms:.1} | {rg:.2} |");
     println!(
-        "NixlConnector / TcpConnector: {:.2}x; NixlConnector / raw copy: {:.2}x (median of {} reps)",
+        "NixlConnector / TcpConnector: {:.2}x; NixlConnector / raw copy: {:.2}x; with num_threads 0: {:.2}x and {:.2}x (median of {} reps)",
         rates[1] / rates[0],
         rates[1] / rg,
+        rates[2] / rates[0],
+        rates[2] / rg,
         a.reps
     );
     if let Some(j) = &a.json {
         let v = json!({"prompt_len": a.prompt_len, "bytes": bytes, "reps": a.reps,
-                       "tcp_ms": took[0], "nixl_ms": took[1], "raw_ms": raw,
-                       "tcp_gib_s": rates[0], "nixl_gib_s": rates[1], "raw_gib_s": rg});
+                       "tcp_ms": took[0], "nixl_ms": took[1], "nixl_one_thread_ms": took[2],
+                       "raw_ms": raw, "tcp_gib_s": rates[0], "nixl_gib_s": rates[1],
+                       "nixl_one_thread_gib_s": rates[2], "raw_gib_s": rg});
         std::fs::write(j, serde_json::to_string_pretty(&v)?)?;
         println!("wrote {}", j.display());
     }

@@ -632,10 +632,23 @@ fn pairs(dir: &Path, redis: Option<&RedisServer>) -> Vec<(&'static str, PairConf
         ),
     ];
     #[cfg(feature = "nixl")]
-    v.push((
-        "NixlConnector",
-        Box::new(|role, side| kv_config_for("NixlConnector", role, side, 30.0)),
-    ));
+    {
+        v.push((
+            "NixlConnector",
+            Box::new(|role, side| kv_config_for("NixlConnector", role, side, 30.0)),
+        ));
+        // By default UCX's threads share a read; here the loading thread copies alone.
+        v.push((
+            "NixlConnector with num_threads 0",
+            Box::new(|role, side| {
+                let mut c: Value =
+                    serde_json::from_str(&kv_config_for("NixlConnector", role, side, 30.0))
+                        .expect("a config");
+                c["kv_connector_extra_config"]["num_threads"] = json!(0);
+                c.to_string()
+            }),
+        ));
+    }
     if let Some(r) = redis {
         let url = format!("redis://127.0.0.1:{}", r.1);
         v.push((
@@ -731,7 +744,7 @@ async fn every_connector_passes_the_same_conformance_suite() {
     eprintln!("conformance passed: {passed:?}");
     assert_eq!(
         passed.len(),
-        3 + usize::from(redis.is_some()) + usize::from(cfg!(feature = "nixl"))
+        3 + usize::from(redis.is_some()) + 2 * usize::from(cfg!(feature = "nixl"))
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -125,6 +125,10 @@ pub struct ExtraConfig {
     /// `NixlConnector`: the NIXL backends to create (default `["UCX"]`).
     #[serde(default)]
     pub backends: Option<Vec<String>>,
+    /// `NixlConnector`, consumer: UCX threads that share each read between them (vLLM's
+    /// name and default, 4); 0 leaves the whole read to the loading thread.
+    #[serde(default)]
+    pub num_threads: Option<usize>,
     /// `MultiConnector`: the connectors it chains, each a `--kv-transfer-config` object
     /// (`kv_role` taken from the outer one when absent).
     #[serde(default)]
@@ -147,6 +151,12 @@ pub struct SecondaryTier {
     pub path: std::path::PathBuf,
     pub bytes: u64,
 }
+
+/// `num_threads` above this is a mistake, not a tuning.
+const MAX_NIXL_THREADS: usize = 64;
+
+/// vLLM's default for `num_threads`.
+pub const DEFAULT_NIXL_THREADS: usize = 4;
 
 fn default_host() -> String {
     "127.0.0.1".into()
@@ -179,6 +189,7 @@ impl Default for ExtraConfig {
             connectors: None,
             secondary_tiers: None,
             backends: None,
+            num_threads: None,
         }
     }
 }
@@ -274,6 +285,21 @@ impl KvTransferConfig {
                 field: "kv_connector_extra_config.backends",
                 reason: format!("{} has no NIXL backends", c.kv_connector),
             });
+        }
+        match c.kv_connector_extra_config.num_threads {
+            Some(_) if c.kind != ConnectorKind::Nixl => {
+                return Err(ConfigError::Field {
+                    field: "kv_connector_extra_config.num_threads",
+                    reason: format!("{} has no NIXL threads", c.kv_connector),
+                })
+            }
+            Some(n) if n > MAX_NIXL_THREADS => {
+                return Err(ConfigError::Field {
+                    field: "kv_connector_extra_config.num_threads",
+                    reason: format!("{n} threads; at most {MAX_NIXL_THREADS}"),
+                })
+            }
+            _ => {}
         }
         let dir = c.kind == ConnectorKind::SharedStorage;
         if c.kind == ConnectorKind::Offloading
@@ -539,6 +565,23 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(err.contains("backends"), "{err}");
+        let other = r#"{"kv_connector":"TcpConnector","kv_role":"kv_consumer",
+                        "kv_connector_extra_config":{"num_threads":2}}"#;
+        let err = KvTransferConfig::parse(other)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("num_threads") && err.contains("TcpConnector has no NIXL threads"),
+            "{err}"
+        );
+        if cfg!(feature = "nixl") {
+            let many = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer",
+                           "kv_connector_extra_config":{"num_threads":65}}"#;
+            let err = KvTransferConfig::parse(many)
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("65 threads; at most 64"), "{err}");
+        }
     }
 
     use super::*;

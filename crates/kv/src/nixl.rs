@@ -23,6 +23,11 @@ use nixl_sys::{
 /// 30 layers, scattered, is 491,520; more than this is a lie.
 const MAX_DESCS: usize = 1 << 20;
 
+/// A read of at least this many descriptors is shared among the UCX threads (NIXL's
+/// `split_batch_size`; its default, 1,024, would never split ours: merged neighbours leave
+/// about two per layer).
+const SPLIT_AT: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NixlError {
     #[error("NixlConnector needs NIXL's libnixl_capi.so, which this process cannot load ({0}). Install it: `pip download nixl-cu12==1.5.1`, unzip the wheel, keep its folders .nixl_cu12.mesonpy.libs/ and nixl_cu12.libs/ side by side, and put the first on LD_LIBRARY_PATH (on a CPU-only host also set UCX_MODULES=^ib); docs/pd.md")]
@@ -72,6 +77,8 @@ pub struct Nixl {
     agent: Agent,
     name: String,
     registered: Mutex<Option<Registered>>,
+    /// UCX has threads to share large reads among.
+    split: bool,
     /// Reads of our blocks under way (producer): while there are any, a thread of ours
     /// drives the agent, which transports that are not one-sided (UCX over TCP) need.
     serving: (Mutex<usize>, Condvar),
@@ -119,8 +126,10 @@ fn library() -> Result<(), NixlError> {
 
 impl Nixl {
     /// An agent with `backends` (e.g. `["UCX"]`), no progress thread (a busy-polling one
-    /// costs a core on a small machine; whoever waits for a transfer drives it).
-    pub fn new(role: &str, backends: &[String]) -> Result<Arc<Self>, NixlError> {
+    /// costs a core on a small machine; whoever waits for a transfer drives it). UCX
+    /// shares a read of [`SPLIT_AT`] descriptors or more among `threads` threads of its
+    /// own, which sleep between reads: one thread copies at about half the rate two do.
+    pub fn new(role: &str, backends: &[String], threads: usize) -> Result<Arc<Self>, NixlError> {
         library()?;
         let name = format!(
             "splitserve-{role}-{}-{}",
@@ -142,15 +151,25 @@ impl Nixl {
                 params
                     .set("ucx_error_handling_mode", "none")
                     .map_err(call("UCX parameters"))?;
+                if threads > 0 {
+                    params
+                        .set("num_threads", &threads.to_string())
+                        .map_err(call("UCX parameters"))?;
+                    params
+                        .set("split_batch_size", &SPLIT_AT.to_string())
+                        .map_err(call("UCX parameters"))?;
+                }
             }
             agent
                 .create_backend(b, &params)
                 .map_err(call("create backend"))?;
         }
-        tracing::info!(agent = %name, ?backends, "NIXL agent ready");
+        tracing::info!(agent = %name, ?backends, threads, "NIXL agent ready");
+        let split = threads > 0 && backends.iter().any(|b| b == "UCX");
         let this = Arc::new(Self {
             agent,
             name,
+            split,
             registered: Mutex::new(None),
             serving: (Mutex::new(0), Condvar::new()),
         });
@@ -302,6 +321,10 @@ impl Nixl {
             .map_err(call("transfer request"))?;
         let t_post = Instant::now();
         let deadline = Instant::now() + timeout;
+        // A split read runs in UCX's threads and ends only when all its parts have (so an
+        // error leaves none of them writing); this thread only watches, and must leave them
+        // the cores. Otherwise this thread drives the copy.
+        let split = self.split && runs >= SPLIT_AT;
         let mut going = self.agent.post_xfer_req(&req, None).map_err(call("post"))?;
         while going {
             if Instant::now() > deadline {
@@ -311,12 +334,15 @@ impl Nixl {
                 XferStatus::InProgress => true,
                 XferStatus::Success => false,
             };
-            if going {
+            if going && split {
+                std::thread::sleep(Duration::from_micros(50));
+            } else if going {
                 std::thread::yield_now();
             }
         }
         tracing::debug!(
             descriptors = runs,
+            split,
             prepare_us = (t_post - t_req).as_micros() as u64,
             transfer_us = t_post.elapsed().as_micros() as u64,
             "NIXL read"

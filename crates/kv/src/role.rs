@@ -153,7 +153,16 @@ impl TcpRole {
                 .backends
                 .clone()
                 .unwrap_or_else(|| vec!["UCX".into()]);
-            let n = crate::nixl::Nixl::new(role.as_str(), &backends).map_err(|e| {
+            // Only a reader uses the threads.
+            let threads = match role.consumes() {
+                true => s
+                    .config
+                    .kv_connector_extra_config
+                    .num_threads
+                    .unwrap_or(crate::config::DEFAULT_NIXL_THREADS),
+                false => 0,
+            };
+            let n = crate::nixl::Nixl::new(role.as_str(), &backends, threads).map_err(|e| {
                 ConfigError::Field {
                     field: "kv_connector",
                     reason: e.to_string(),
