@@ -1,7 +1,8 @@
 //! `bench kv --connector NixlConnector`: one prompt's KV loaded between two processes on
 //! this host, NixlConnector (with its default threads, and with the loading thread alone)
 //! beside TcpConnector (each a producer and a consumer `serve`, the pairs alternating rep by
-//! rep) and beside a raw loopback TCP copy of the same bytes.
+//! rep), beside a raw loopback TCP copy of the same bytes and beside the copy a one-host
+//! NIXL read comes down to (`process_vm_readv` between buffers on 2 MiB pages).
 //! A load's time is the consumer's own `kv_transfer_seconds` (handshake to last byte).
 
 use std::time::Duration;
@@ -93,6 +94,9 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     let mut took = vec![Vec::new(); pairs.len()];
     let mut raw = Vec::new();
     let mut bytes = 0.0;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cma: Option<Cma> = None;
+    let mut cma_ms = Vec::new();
     for rep in 0..a.reps + 1 {
         for (k, (p, d, ..)) in pairs.iter().enumerate() {
             let prompt: Vec<u32> = (0..a.prompt_len as u32)
@@ -127,8 +131,14 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
             }
         }
         let r = crate::bench_kv::raw_copy(bytes as usize)?;
+        let c = match &cma {
+            Some(c) => c,
+            None => cma.insert(Cma::new(bytes as usize, threads)?),
+        }
+        .copy(bytes as usize)?;
         if rep > 0 {
             raw.push(r.as_secs_f64() * 1e3);
+            cma_ms.push(c.as_secs_f64() * 1e3);
         }
     }
     let gib = bytes / (1u64 << 30) as f64;
@@ -151,6 +161,11 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
     let rms = crate::bench_kv::median(&mut raw);
     let rg = gib / (rms / 1e3);
     println!("| raw loopback TCP copy, same bytes | {rms:.1} | {rg:.2} |");
+    let cms = crate::bench_kv::median(&mut cma_ms);
+    let cg = gib / (cms / 1e3);
+    println!(
+        "| process_vm_readv copy, same bytes, {threads} threads (one host's ceiling) | {cms:.1} | {cg:.2} |"
+    );
     println!(
         "NixlConnector / TcpConnector: {:.2}x; NixlConnector / raw copy: {:.2}x; with num_threads 0: {:.2}x and {:.2}x (median of {} reps)",
         rates[1] / rates[0],
@@ -159,13 +174,135 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
         rates[2] / rg,
         a.reps
     );
+    println!(
+        "NixlConnector / process_vm_readv ceiling: {:.2}x",
+        rates[1] / cg
+    );
     if let Some(j) = &a.json {
         let v = json!({"prompt_len": a.prompt_len, "bytes": bytes, "reps": a.reps,
                        "tcp_ms": took[0], "nixl_ms": took[1], "nixl_one_thread_ms": took[2],
                        "raw_ms": raw, "tcp_gib_s": rates[0], "nixl_gib_s": rates[1],
-                       "nixl_one_thread_gib_s": rates[2], "raw_gib_s": rg});
+                       "nixl_one_thread_gib_s": rates[2], "raw_gib_s": rg,
+                       "cma_ms": cma_ms, "cma_gib_s": cg, "cma_threads": threads});
         std::fs::write(j, serde_json::to_string_pretty(&v)?)?;
         println!("wrote {}", j.display());
     }
     Ok(())
+}
+
+/// What a one-host NIXL read comes down to: UCX's CMA transport copies with
+/// `process_vm_readv` in 512 KiB calls, between pools on 2 MiB pages. Here both buffers are
+/// this process's (the kernel takes the same path), touched once and then left to go cold
+/// between reps, as a pool's blocks do between prefill and load; `threads` threads share
+/// the calls.
+struct Cma {
+    src: HugeBuf,
+    dst: HugeBuf,
+    threads: usize,
+}
+
+impl Cma {
+    fn new(bytes: usize, threads: usize) -> Result<Self> {
+        let (src, dst) = (HugeBuf::new(bytes)?, HugeBuf::new(bytes)?);
+        // SAFETY: both mappings are `bytes` long, writable, and ours alone.
+        unsafe {
+            std::ptr::write_bytes(src.ptr, 7, bytes);
+            std::ptr::write_bytes(dst.ptr, 1, bytes);
+        }
+        Ok(Self { src, dst, threads })
+    }
+
+    fn copy(&self, bytes: usize) -> Result<Duration> {
+        ensure!(
+            bytes <= self.src.len,
+            "{bytes} bytes in a {}-byte buffer",
+            self.src.len
+        );
+        const SEG: usize = 512 << 10;
+        let segs = bytes.div_ceil(SEG);
+        let (src, dst) = (self.src.ptr as usize, self.dst.ptr as usize);
+        let (pid, threads) = (std::process::id() as libc::pid_t, self.threads);
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            let parts: Vec<_> = (0..threads)
+                .map(|k| {
+                    s.spawn(move || -> std::io::Result<()> {
+                        for i in (k..segs).step_by(threads) {
+                            let (off, n) = (i * SEG, SEG.min(bytes - i * SEG));
+                            let local = libc::iovec {
+                                iov_base: (dst + off) as *mut libc::c_void,
+                                iov_len: n,
+                            };
+                            let remote = libc::iovec {
+                                iov_base: (src + off) as *mut libc::c_void,
+                                iov_len: n,
+                            };
+                            // SAFETY: both ranges lie inside live mappings of this process;
+                            // the threads write disjoint parts of `dst`.
+                            let got =
+                                unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+                            if got != n as isize {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for p in parts {
+                p.join()
+                    .map_err(|_| anyhow::anyhow!("a copying thread panicked"))?
+                    .context("process_vm_readv")?;
+            }
+            anyhow::Ok(())
+        })?;
+        Ok(t0.elapsed())
+    }
+}
+
+/// Anonymous memory on a 2 MiB boundary, advised onto 2 MiB pages (as the engine's pool).
+struct HugeBuf {
+    ptr: *mut u8,
+    len: usize,
+    base: *mut libc::c_void,
+    mapped: usize,
+}
+
+impl HugeBuf {
+    fn new(len: usize) -> Result<Self> {
+        const HUGE: usize = 2 << 20;
+        let mapped = len + HUGE;
+        // SAFETY: a fresh private anonymous mapping; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(
+            base != libc::MAP_FAILED,
+            "mmap of {mapped} bytes: {}",
+            std::io::Error::last_os_error()
+        );
+        let ptr = (base as usize).next_multiple_of(HUGE) as *mut u8;
+        // SAFETY: [ptr, ptr + len) lies inside the mapping; the advice is a hint.
+        unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        Ok(Self {
+            ptr,
+            len,
+            base,
+            mapped,
+        })
+    }
+}
+
+impl Drop for HugeBuf {
+    fn drop(&mut self) {
+        // SAFETY: the whole mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base, self.mapped) };
+    }
 }

@@ -171,10 +171,12 @@ impl KvConnector for TcpConnector {
                 took: t0.elapsed(),
                 error: outcome.as_ref().err().cloned(),
             };
-            target.finish(outcome);
+            // Counted before the engine hears of it: whoever sees the response sees the
+            // transfer in the metrics too.
             if let Some(o) = observer {
                 o(&report);
             }
+            target.finish(outcome);
         });
     }
 
