@@ -128,7 +128,8 @@ impl Nixl {
     /// An agent with `backends` (e.g. `["UCX"]`), no progress thread (a busy-polling one
     /// costs a core on a small machine; whoever waits for a transfer drives it). UCX
     /// shares a read of [`SPLIT_AT`] descriptors or more among `threads` threads of its
-    /// own, which sleep between reads: one thread copies at about half the rate two do.
+    /// own, which sleep between reads: the copy waits on memory, so two threads move more
+    /// than one even on two cores.
     pub fn new(role: &str, backends: &[String], threads: usize) -> Result<Arc<Self>, NixlError> {
         library()?;
         let name = format!(
@@ -276,6 +277,7 @@ impl Nixl {
                 }
             }
         }
+        let t_md = Instant::now();
         let md = unhex(&w.md).ok_or_else(|| NixlError::Protocol("metadata is not hex".into()))?;
         let peer = if self.agent.check_remote_metadata(&w.agent, None) {
             w.agent.clone()
@@ -343,6 +345,7 @@ impl Nixl {
         tracing::debug!(
             descriptors = runs,
             split,
+            peer_us = (t_req - t_md).as_micros() as u64,
             prepare_us = (t_post - t_req).as_micros() as u64,
             transfer_us = t_post.elapsed().as_micros() as u64,
             "NIXL read"

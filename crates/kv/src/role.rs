@@ -154,13 +154,11 @@ impl TcpRole {
                 .clone()
                 .unwrap_or_else(|| vec!["UCX".into()]);
             // Only a reader uses the threads.
-            let threads = match role.consumes() {
-                true => s
-                    .config
-                    .kv_connector_extra_config
-                    .num_threads
-                    .unwrap_or(crate::config::DEFAULT_NIXL_THREADS),
-                false => 0,
+            let threads = if role.consumes() {
+                let x = &s.config.kv_connector_extra_config;
+                x.num_threads.unwrap_or(crate::config::DEFAULT_NIXL_THREADS)
+            } else {
+                0
             };
             let n = crate::nixl::Nixl::new(role.as_str(), &backends, threads).map_err(|e| {
                 ConfigError::Field {
