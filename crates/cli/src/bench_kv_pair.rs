@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+use splitserve_engine::PageMapping;
 
 use crate::bench_kv::BenchKvArgs;
 
@@ -133,7 +134,7 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
         let r = crate::bench_kv::raw_copy(bytes as usize)?;
         let c = match &cma {
             Some(c) => c,
-            None => cma.insert(Cma::new(bytes as usize, threads)?),
+            None => cma.insert(Cma::new(bytes as usize, threads)),
         }
         .copy(bytes as usize)?;
         if rep > 0 {
@@ -196,31 +197,31 @@ pub fn run(a: &BenchKvArgs) -> Result<()> {
 /// between reps, as a pool's blocks do between prefill and load; `threads` threads share
 /// the calls.
 struct Cma {
-    src: HugeBuf,
-    dst: HugeBuf,
+    src: PageMapping,
+    dst: PageMapping,
     threads: usize,
 }
 
 impl Cma {
-    fn new(bytes: usize, threads: usize) -> Result<Self> {
-        let (src, dst) = (HugeBuf::new(bytes)?, HugeBuf::new(bytes)?);
-        // SAFETY: both mappings are `bytes` long, writable, and ours alone.
+    fn new(bytes: usize, threads: usize) -> Self {
+        let (src, dst) = (PageMapping::new(bytes), PageMapping::new(bytes));
+        // SAFETY: both mappings are at least `bytes` long, writable, and ours alone.
         unsafe {
-            std::ptr::write_bytes(src.ptr, 7, bytes);
-            std::ptr::write_bytes(dst.ptr, 1, bytes);
+            std::ptr::write_bytes(src.as_ptr(), 7, bytes);
+            std::ptr::write_bytes(dst.as_ptr(), 1, bytes);
         }
-        Ok(Self { src, dst, threads })
+        Self { src, dst, threads }
     }
 
     fn copy(&self, bytes: usize) -> Result<Duration> {
         ensure!(
-            bytes <= self.src.len,
+            bytes <= self.src.len(),
             "{bytes} bytes in a {}-byte buffer",
-            self.src.len
+            self.src.len()
         );
         const SEG: usize = 512 << 10;
         let segs = bytes.div_ceil(SEG);
-        let (src, dst) = (self.src.ptr as usize, self.dst.ptr as usize);
+        let (src, dst) = (self.src.as_ptr() as usize, self.dst.as_ptr() as usize);
         let (pid, threads) = (std::process::id() as libc::pid_t, self.threads);
         let t0 = std::time::Instant::now();
         std::thread::scope(|s| {
@@ -257,52 +258,5 @@ impl Cma {
             anyhow::Ok(())
         })?;
         Ok(t0.elapsed())
-    }
-}
-
-/// Anonymous memory on a 2 MiB boundary, advised onto 2 MiB pages (as the engine's pool).
-struct HugeBuf {
-    ptr: *mut u8,
-    len: usize,
-    base: *mut libc::c_void,
-    mapped: usize,
-}
-
-impl HugeBuf {
-    fn new(len: usize) -> Result<Self> {
-        const HUGE: usize = 2 << 20;
-        let mapped = len + HUGE;
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        ensure!(
-            base != libc::MAP_FAILED,
-            "mmap of {mapped} bytes: {}",
-            std::io::Error::last_os_error()
-        );
-        let ptr = (base as usize).next_multiple_of(HUGE) as *mut u8;
-        // SAFETY: [ptr, ptr + len) lies inside the mapping; the advice is a hint.
-        unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
-        Ok(Self {
-            ptr,
-            len,
-            base,
-            mapped,
-        })
-    }
-}
-
-impl Drop for HugeBuf {
-    fn drop(&mut self) {
-        // SAFETY: the whole mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.base, self.mapped) };
     }
 }

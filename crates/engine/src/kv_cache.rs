@@ -76,11 +76,44 @@ impl std::fmt::Display for KvDtype {
 /// until the lease comes back).
 pub(crate) struct Region {
     dtype: KvDtype,
-    ptr: *mut u32,
+    /// `words * 4` bytes rounded up to whole pages (huge ones for a region of at least one).
+    map: PageMapping,
     words: usize,
-    /// Bytes mapped at `ptr`: `words * 4` rounded up to whole pages (huge ones for a
-    /// region of at least one).
+}
+
+/// Zeroed anonymous memory from [`map_huge`], unmapped on drop: the pool's kind of memory,
+/// public so that benchmarks can copy between buffers like its regions.
+pub struct PageMapping {
+    ptr: *mut u8,
     mapped: usize,
+}
+
+impl PageMapping {
+    /// At least `bytes` bytes, on 2 MiB pages where `bytes` reaches one and the kernel allows.
+    pub fn new(bytes: usize) -> Self {
+        let (ptr, mapped) = map_huge(bytes);
+        Self { ptr, mapped }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The bytes mapped: the size asked for, rounded up to whole pages.
+    pub fn len(&self) -> usize {
+        self.mapped
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapped == 0
+    }
+}
+
+impl Drop for PageMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map_huge` made; its owner is gone, so nothing uses it now.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.mapped) };
+    }
 }
 
 /// The size of a transparent huge page on x86-64 and most aarch64 kernels.
@@ -95,12 +128,10 @@ impl Region {
     fn new(dtype: KvDtype, n: usize) -> Self {
         // u32 words: aligned for f32 and f16 alike.
         let words = dtype.size_of(n).div_ceil(4);
-        let (ptr, mapped) = map_huge(words * 4);
         Self {
             dtype,
-            ptr: ptr as *mut u32,
+            map: PageMapping::new(words * 4),
             words,
-            mapped,
         }
     }
 
@@ -110,7 +141,7 @@ impl Region {
     /// Nobody writes these values while the slice lives.
     unsafe fn bytes(&self, at: usize, n: usize) -> &[u8] {
         let (at, n) = self.byte_range(at, n);
-        std::slice::from_raw_parts((self.ptr as *const u8).add(at), n)
+        std::slice::from_raw_parts(self.map.ptr.cast_const().add(at), n)
     }
 
     /// Byte offset and length of values `at..at + n`.
@@ -133,7 +164,7 @@ impl Region {
     #[allow(clippy::mut_from_ref)]
     unsafe fn bytes_mut(&self, at: usize, n: usize) -> &mut [u8] {
         let (at, n) = self.byte_range(at, n);
-        std::slice::from_raw_parts_mut((self.ptr as *mut u8).add(at), n)
+        std::slice::from_raw_parts_mut(self.map.ptr.add(at), n)
     }
 
     /// Stores `src` at values `at..`; the caller owns those values' block (engine thread).
@@ -165,7 +196,7 @@ impl Region {
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             let end = self.dtype.size_of(at + n).min(self.words * 4);
-            let base = self.ptr as *const i8;
+            let base = self.map.ptr as *const i8;
             let mut b = self.dtype.size_of(at);
             while b < end {
                 // SAFETY: the address is inside the allocation; a prefetch never faults.
@@ -367,13 +398,6 @@ pub(crate) fn huge_page_mode() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` and `mapped` are the mapping `map_huge` made; nothing uses it now.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.mapped) };
-    }
-}
-
 // The wire format is little-endian and KV bytes travel as stored: refuse big-endian
 // targets at compile time rather than byte-swap silently.
 #[cfg(not(target_endian = "little"))]
@@ -518,7 +542,7 @@ impl Memory {
             .iter()
             .zip(&self.v)
             .flat_map(|(k, v)| [k, v])
-            .map(|r| (r.ptr as usize, r.words * 4))
+            .map(|r| (r.map.ptr as usize, r.words * 4))
             .collect()
     }
 
@@ -1237,11 +1261,11 @@ mod tests {
             let bytes = unsafe { std::slice::from_raw_parts(at as *const u8, len) };
             assert!(bytes.iter().all(|&b| b == 0));
         }
-        assert_eq!(big.mem.k[0].mapped, 3 * HUGE_PAGE);
+        assert_eq!(big.mem.k[0].map.len(), 3 * HUGE_PAGE);
         // A small test pool keeps small pages and maps no more than it needs.
         let small = KvCache::new(layout, 10, 0);
         // SAFETY: sysconf reads a constant of the system.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        assert_eq!(small.mem.k[0].mapped, 61_440usize.next_multiple_of(page));
+        assert_eq!(small.mem.k[0].map.len(), 61_440usize.next_multiple_of(page));
     }
 }

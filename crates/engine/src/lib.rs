@@ -27,7 +27,7 @@ pub use engine::{
 pub use error::{EngineError, FetchError, GgufError};
 pub use gguf::{inspect, ModelConfig, SlidingWindow};
 pub use kernels::quant::int8_peak;
-pub use kv_cache::{KvDtype, KvLayout};
+pub use kv_cache::{KvDtype, KvLayout, PageMapping};
 pub use model::{LoadOptions, Model};
 pub use sampler::{argmax, Sampler, SamplingParams};
 pub use scheduler::RequestState;
